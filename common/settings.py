@@ -1,0 +1,63 @@
+"""All settings, read from DIFFBATCH_* environment variables; the embedded defaults need none."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUILTIN_MODEL = "builtin"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DIFFBATCH_", extra="ignore")
+
+    data_dir: Path = Path("diffbatch-data")
+    database_url: str | None = None  # default: SQLite file in data_dir
+    broker_url: str | None = None  # default: kombu's SQLAlchemy transport on a SQLite file in data_dir
+    model: str = BUILTIN_MODEL  # a local checkpoint folder, or "builtin"
+    model_name: str | None = None  # the name clients put in body.model; default: the folder name
+    device: str = "cpu"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    max_batch_size: int = 32
+    chunk_size: int = 64  # requests per Celery message
+    max_attempts: int = 3  # claims of one request before it ends as an error line
+    heartbeat_s: int = 10
+    stale_after_s: int = 120  # a running request whose heartbeat is older is reclaimed
+    requeue_after_s: int = 600  # a chunk with pending requests is enqueued again after this
+    reconcile_every_s: int = 30
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    dedupe_window_s: int = 10  # identical batch creates this close together return the first batch
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'diffbatch.sqlite').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+
+    @property
+    def model_path(self) -> Path:
+        if self.model == BUILTIN_MODEL:
+            return self.data_dir / "models" / "diffbatch-tiny-random"
+        return Path(self.model)
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or self.model_path.name
+
+
+def queue_for_model(model_name: str) -> str:
+    """One queue per model, so a worker only receives chunks for the model it holds."""
+    return "diffbatch." + re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)
+
+
+CONTROL_QUEUE = "diffbatch.control"

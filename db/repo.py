@@ -1,0 +1,252 @@
+"""Repository functions: keyword-only, one statement of intent each. Callers own the transaction.
+
+Every state change that could race (two workers, a retry, a reconciler) is a conditional UPDATE whose
+row count says who won, so a result is written once and a batch is finalized once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy.orm import Session
+
+from db.models import (OPEN_REQUEST_STATUSES, Batch, BatchStatus, Chunk, File, Request, RequestStatus,
+                       Worker)
+
+# ---------------------------------------------------------------------------------------- files
+
+
+def add_file(session: Session, *, file_id: str, filename: str, purpose: str, size: int,
+             storage_path: str, now: int, idempotency_key: str | None = None) -> File:
+    row = File(id=file_id, filename=filename, purpose=purpose, bytes=size, created_at=now,
+               storage_path=storage_path, idempotency_key=idempotency_key)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_file(session: Session, *, file_id: str) -> File | None:
+    return session.get(File, file_id)
+
+
+def find_file_by_idempotency_key(session: Session, *, key: str) -> File | None:
+    return session.scalar(select(File).where(File.idempotency_key == key))
+
+
+def list_files(session: Session, *, purpose: str | None, after: str | None, limit: int,
+               newest_first: bool = True) -> list[File]:
+    query = select(File)
+    if purpose:
+        query = query.where(File.purpose == purpose)
+    order = (File.created_at.desc(), File.id.desc()) if newest_first else (File.created_at, File.id)
+    if after and (cursor := session.get(File, after)) is not None:
+        key = (File.created_at, File.id)
+        query = query.where(_past_cursor(key, (cursor.created_at, cursor.id), newest_first))
+    return list(session.scalars(query.order_by(*order).limit(limit)))
+
+
+def delete_file(session: Session, *, file_id: str) -> bool:
+    row = session.get(File, file_id)
+    if row is None:
+        return False
+    session.delete(row)
+    return True
+
+
+# -------------------------------------------------------------------------------------- batches
+
+
+def add_batch(session: Session, **fields: Any) -> Batch:
+    row = Batch(**fields)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_batch(session: Session, *, batch_id: str, for_update: bool = False) -> Batch | None:
+    query = select(Batch).where(Batch.id == batch_id)
+    if for_update:
+        query = query.with_for_update()
+    return session.scalar(query)
+
+
+def find_batch_by_idempotency_key(session: Session, *, key: str) -> Batch | None:
+    return session.scalar(select(Batch).where(Batch.idempotency_key == key))
+
+
+def find_recent_batch(session: Session, *, request_hash: str, since: int) -> Batch | None:
+    return session.scalar(select(Batch).where(Batch.request_hash == request_hash,
+                                              Batch.created_at >= since).order_by(Batch.created_at))
+
+
+def list_batches(session: Session, *, after: str | None, limit: int) -> list[Batch]:
+    query = select(Batch)
+    if after and (cursor := session.get(Batch, after)) is not None:
+        query = query.where(_past_cursor((Batch.created_at, Batch.id), (cursor.created_at, cursor.id), True))
+    return list(session.scalars(query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)))
+
+
+def transition(session: Session, *, batch_id: str, from_: Iterable[BatchStatus], to: BatchStatus,
+               now: int, **fields: Any) -> bool:
+    """Move a batch between statuses only if it is still in one of `from_`; True if this call did it."""
+    stamp = {f"{to.value}_at": now} if hasattr(Batch, f"{to.value}_at") else {}
+    result = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status.in_(list(from_)))
+                             .values(status=to, touched_at=now, **stamp, **fields))
+    return result.rowcount == 1
+
+
+def touch_batch(session: Session, *, batch_id: str, now: int) -> None:
+    session.execute(update(Batch).where(Batch.id == batch_id).values(touched_at=now))
+
+
+def batches_in(session: Session, *, statuses: Sequence[BatchStatus], touched_before: int | None = None,
+               limit: int = 1000) -> list[Batch]:
+    query = select(Batch).where(Batch.status.in_(list(statuses)))
+    if touched_before is not None:
+        query = query.where(Batch.touched_at < touched_before)
+    return list(session.scalars(query.order_by(Batch.created_at).limit(limit)))
+
+
+# ------------------------------------------------------------------------------------- requests
+
+
+def add_requests(session: Session, *, rows: list[dict[str, Any]]) -> None:
+    session.execute(Request.__table__.insert(), rows)
+
+
+def add_chunk(session: Session, *, batch_id: str, queue: str, size: int, now: int) -> int:
+    chunk = Chunk(batch_id=batch_id, queue=queue, size=size, enqueued_at=now)
+    session.add(chunk)
+    session.flush()
+    return chunk.id
+
+
+def get_chunk(session: Session, *, chunk_id: int) -> Chunk | None:
+    return session.get(Chunk, chunk_id)
+
+
+def chunks_of(session: Session, *, batch_id: str) -> list[Chunk]:
+    return list(session.scalars(select(Chunk).where(Chunk.batch_id == batch_id).order_by(Chunk.id)))
+
+
+def claim_requests(session: Session, *, chunk_id: int, worker: str, now: int,
+                   stale_before: int) -> list[Request]:
+    """Take the chunk's pending requests (and running ones whose worker stopped beating) for `worker`."""
+    claimable = and_(Request.chunk_id == chunk_id,
+                     (Request.status == RequestStatus.pending)
+                     | ((Request.status == RequestStatus.running) & (Request.heartbeat_at < stale_before)))
+    ids = list(session.scalars(select(Request.id).where(claimable)))
+    if not ids:
+        return []
+    session.execute(update(Request).where(Request.id.in_(ids), claimable)
+                    .values(status=RequestStatus.running, worker=worker, heartbeat_at=now,
+                            attempts=Request.attempts + 1))
+    return list(session.scalars(select(Request).where(Request.id.in_(ids), Request.worker == worker,
+                                                      Request.status == RequestStatus.running)
+                                .order_by(Request.line)))
+
+
+def heartbeat(session: Session, *, request_ids: Sequence[int], worker: str, now: int) -> None:
+    session.execute(update(Request).where(Request.id.in_(list(request_ids)), Request.worker == worker,
+                                          Request.status == RequestStatus.running)
+                    .values(heartbeat_at=now))
+
+
+def finish_request(session: Session, *, request_id: int, status: RequestStatus, now: int,
+                   response: dict[str, Any] | None = None, error_code: str | None = None,
+                   error_message: str | None = None, prompt_tokens: int = 0,
+                   completion_tokens: int = 0, forward_passes: int = 0) -> bool:
+    """Write a terminal result once: a request that is already terminal is left as it is."""
+    result = session.execute(
+        update(Request).where(Request.id == request_id, Request.status.in_(OPEN_REQUEST_STATUSES))
+        .values(status=status, response=response, error_code=error_code, error_message=error_message,
+                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                forward_passes=forward_passes, finished_at=now))
+    if result.rowcount != 1:
+        return False
+    batch_id = session.scalar(select(Request.batch_id).where(Request.id == request_id))
+    succeeded = status == RequestStatus.succeeded
+    session.execute(update(Batch).where(Batch.id == batch_id).values(
+        completed=Batch.completed + int(succeeded), failed=Batch.failed + int(not succeeded),
+        input_tokens=Batch.input_tokens + prompt_tokens,
+        output_tokens=Batch.output_tokens + completion_tokens))
+    return True
+
+
+def close_open_requests(session: Session, *, batch_id: str, status: RequestStatus, code: str,
+                        message: str, now: int, include_running: bool) -> int:
+    """End every open request of a batch as an error line (cancelled, expired)."""
+    statuses = list(OPEN_REQUEST_STATUSES) if include_running else [RequestStatus.pending]
+    result = session.execute(update(Request).where(Request.batch_id == batch_id,
+                                                   Request.status.in_(statuses))
+                             .values(status=status, error_code=code, error_message=message,
+                                     finished_at=now))
+    session.execute(update(Batch).where(Batch.id == batch_id)
+                    .values(failed=Batch.failed + result.rowcount))
+    return result.rowcount
+
+
+def count_requests(session: Session, *, batch_id: str, statuses: Sequence[RequestStatus]) -> int:
+    return session.scalar(select(func.count()).select_from(Request)
+                          .where(Request.batch_id == batch_id, Request.status.in_(list(statuses))))
+
+
+def requests_of(session: Session, *, batch_id: str, statuses: Sequence[RequestStatus],
+                after_line: int = -1, limit: int = 1000) -> list[Request]:
+    return list(session.scalars(select(Request).where(Request.batch_id == batch_id,
+                                                      Request.status.in_(list(statuses)),
+                                                      Request.line > after_line)
+                                .order_by(Request.line).limit(limit)))
+
+
+def reclaim_stale(session: Session, *, stale_before: int) -> int:
+    """Running requests whose worker stopped beating go back to pending."""
+    result = session.execute(update(Request).where(Request.status == RequestStatus.running,
+                                                   Request.heartbeat_at < stale_before)
+                             .values(status=RequestStatus.pending, worker=None))
+    return result.rowcount
+
+
+def chunks_to_requeue(session: Session, *, enqueued_before: int, now: int) -> list[Chunk]:
+    """Chunks of running batches that still hold pending requests and were enqueued long ago."""
+    has_pending = exists().where(Request.chunk_id == Chunk.id, Request.status == RequestStatus.pending)
+    query = (select(Chunk).join(Batch, Batch.id == Chunk.batch_id)
+             .where(Batch.status == BatchStatus.in_progress, Chunk.enqueued_at < enqueued_before,
+                    has_pending))
+    chunks = list(session.scalars(query))
+    if chunks:
+        session.execute(update(Chunk).where(Chunk.id.in_([c.id for c in chunks])).values(enqueued_at=now))
+    return chunks
+
+
+# -------------------------------------------------------------------------------------- workers
+
+
+def upsert_worker(session: Session, *, name: str, model: str, queue: str, max_positions: int,
+                  now: int) -> None:
+    row = session.get(Worker, name)
+    if row is None:
+        session.add(Worker(name=name, model=model, queue=queue, max_positions=max_positions,
+                           started_at=now, heartbeat_at=now))
+    else:
+        row.model, row.queue, row.max_positions, row.heartbeat_at = model, queue, max_positions, now
+
+
+def beat_worker(session: Session, *, name: str, now: int) -> None:
+    session.execute(update(Worker).where(Worker.name == name).values(heartbeat_at=now))
+
+
+def known_workers(session: Session, *, since: int | None = None) -> list[Worker]:
+    query = select(Worker)
+    if since is not None:
+        query = query.where(Worker.heartbeat_at >= since)
+    return list(session.scalars(query.order_by(Worker.model)))
+
+
+def _past_cursor(columns, values, descending: bool):
+    (c1, c2), (v1, v2) = columns, values
+    if descending:
+        return (c1 < v1) | ((c1 == v1) & (c2 < v2))
+    return (c1 > v1) | ((c1 == v1) & (c2 > v2))

@@ -1,0 +1,1 @@
+"""Alembic migrations; `diffbatch db upgrade` runs them (see db/migrate.py)."""
