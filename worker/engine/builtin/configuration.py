@@ -1,0 +1,46 @@
+"""Configuration of the built-in block-causal masked diffusion model.
+
+transformers 5 turns every ``PreTrainedConfig`` subclass into a keyword-only dataclass, so the
+fields are declared as annotated class attributes rather than through a hand-written ``__init__``.
+"""
+
+from transformers import PretrainedConfig
+
+
+class DiffbatchMDMConfig(PretrainedConfig):
+    """A small pre-norm transformer trained as a block-causal masked diffusion model.
+
+    ``block_length`` is the block size used in training: tokens attend bidirectionally within a
+    block and causally across blocks. ``mask_token_id`` is the [MASK] id the denoiser fills in.
+    """
+
+    model_type = "diffbatch_mdm"
+
+    vocab_size: int = 263
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 176
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    block_length: int = 32
+    mask_token_id: int | None = None
+    pad_token_id: int | None = None
+    eos_token_id: int | None = None
+    bos_token_id: int | None = None
+    tie_word_embeddings: bool = True
+    # The engine picks its attention layout from the family; the name labels the model in the API.
+    diffbatch_family: str = "block_causal"
+    diffbatch_name: str | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        if (self.hidden_size // self.num_attention_heads) % 2 != 0:
+            raise ValueError("the head dimension must be even for rotary position embeddings")
+        super().__post_init__(**kwargs)

@@ -1,0 +1,201 @@
+"""The built-in block-causal masked diffusion transformer.
+
+A small pre-norm transformer (RMSNorm, rotary positions, SwiGLU MLP) with no built-in causal mask:
+the caller passes the attention layout. The denoising engine builds a block-causal mask (a
+bidirectional prompt block, then bidirectional generation blocks that see only earlier blocks), the
+layout of SDAR / Fast-dLLM v2 style block diffusion models.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import MaskedLMOutput
+
+from .configuration import DiffbatchMDMConfig
+
+
+class DiffbatchMDMRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 so bf16 activations do not lose the variance.
+        x = hidden.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(hidden.dtype)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables for ``position_ids`` (B, L), each (B, L, head_dim).
+
+    Computed on the fly rather than kept in a buffer: it is cheap, and non-persistent buffers are
+    easy to lose when transformers materialises a model from meta tensors.
+    """
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    )
+    freqs = position_ids[..., None].float() * inv_freq  # (B, L, head_dim / 2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, L, head_dim)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (B, H, L, D) by the position tables (B, L, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class DiffbatchMDMAttention(nn.Module):
+    def __init__(self, config: DiffbatchMDMConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, hidden, cos, sin, attention_mask):
+        batch, length, _ = hidden.shape
+
+        def heads(proj):  # (B, L, hidden) -> (B, H, L, D)
+            return proj(hidden).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q = apply_rotary(heads(self.q_proj), cos, sin)
+        k = apply_rotary(heads(self.k_proj), cos, sin)
+        v = heads(self.v_proj)
+        # No is_causal: masked diffusion attends both ways; the mask alone decides the layout.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # (B, H, L, D)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class DiffbatchMDMMLP(nn.Module):
+    def __init__(self, config: DiffbatchMDMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, hidden):
+        return self.down_proj(F.silu(self.gate_proj(hidden)) * self.up_proj(hidden))
+
+
+class DiffbatchMDMLayer(nn.Module):
+    def __init__(self, config: DiffbatchMDMConfig):
+        super().__init__()
+        self.input_layernorm = DiffbatchMDMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = DiffbatchMDMAttention(config)
+        self.post_attention_layernorm = DiffbatchMDMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = DiffbatchMDMMLP(config)
+
+    def forward(self, hidden, cos, sin, attention_mask):
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, attention_mask)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class DiffbatchMDMPreTrainedModel(PreTrainedModel):
+    config_class = DiffbatchMDMConfig
+    config: DiffbatchMDMConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["DiffbatchMDMLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        # transformers' init helpers skip tensors already loaded from a checkpoint.
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, DiffbatchMDMRMSNorm):
+            init.ones_(module.weight)
+
+
+class DiffbatchMDMModel(DiffbatchMDMPreTrainedModel):
+    """The transformer body: token ids in, final normalised hidden states out."""
+
+    def __init__(self, config: DiffbatchMDMConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DiffbatchMDMLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = DiffbatchMDMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        batch, length = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+        attention_mask = _as_attention_mask(attention_mask, batch, length)
+        hidden = self.embed_tokens(input_ids)  # (B, L, hidden)
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        cos, sin = rotary_cos_sin(position_ids, head_dim, self.config.rope_theta, hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, attention_mask)
+        return self.norm(hidden)
+
+
+def _as_attention_mask(attention_mask, batch: int, length: int):
+    """Normalise the mask to a bool (B, 1, Lq, Lk) tensor, True = may attend; None = full attention.
+
+    A 2-D (B, L) mask is read as key padding (True/1 = real token), the usual transformers meaning.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        if attention_mask.shape != (batch, length):
+            raise ValueError(f"a 2-D attention_mask must be (B, L) = {(batch, length)}")
+        return attention_mask.bool()[:, None, None, :]
+    if attention_mask.dim() != 4 or attention_mask.shape[-1] != length:
+        raise ValueError(
+            f"attention_mask must be (B, L) or (B, 1, Lq, Lk) with Lk = {length}, "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    if attention_mask.dtype != torch.bool:
+        raise ValueError("a 4-D attention_mask must be a bool tensor (True = may attend)")
+    return attention_mask
+
+
+class DiffbatchMDMForMaskedDiffusion(DiffbatchMDMPreTrainedModel):
+    """The mask predictor: logits over the vocabulary at every (kept) position.
+
+    ``logits_to_keep`` (int) projects only the last N positions, so a denoising step pays for the
+    vocabulary projection of the active block only.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DiffbatchMDMConfig):
+        super().__init__(config)
+        self.model = DiffbatchMDMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> MaskedLMOutput:
+        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return MaskedLMOutput(logits=self.lm_head(hidden))  # (B, L or logits_to_keep, V)

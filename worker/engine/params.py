@@ -1,0 +1,86 @@
+"""Sampling parameters, requests and results: the engine's public data types (no torch here).
+
+Error messages name fields the way the wire format does: OpenAI fields by their plain name
+(``max_tokens``), diffusion-only fields under ``diffusion.`` (``diffusion.block_length``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+SAMPLERS = ("reference",)  # later: "threshold", "factor"
+MAX_STOP_SEQUENCES = 4  # as OpenAI's chat/completions API
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 0.0
+    # Nucleus filtering before the Gumbel draw; only matters when temperature > 0.
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    # None means seed 0: a request without a seed is still reproducible.
+    seed: int | None = None
+    sampler: str = "reference"
+    block_length: int = 32
+    # Denoising steps per block; None = block_length, one token per step (the exact reference).
+    steps: int | None = None
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.block_length if self.steps is None else self.steps
+
+    @property
+    def effective_seed(self) -> int:
+        return 0 if self.seed is None else self.seed
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError("max_tokens must be a positive integer")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise ValueError("temperature must be a finite number >= 0")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be a number in (0, 1]")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError("stop must be a tuple of non-empty strings")
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"stop may hold at most {MAX_STOP_SEQUENCES} strings")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+            raise ValueError("seed must be an integer in [0, 2**63)")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"diffusion.sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
+        if not _is_int(self.block_length) or self.block_length < 1:
+            raise ValueError("diffusion.block_length must be a positive integer")
+        if self.steps is not None and (
+            not _is_int(self.steps) or not 1 <= self.steps <= self.block_length
+        ):
+            raise ValueError(
+                f"diffusion.steps must be an integer in [1, block_length={self.block_length}]"
+            )
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    forward_passes: int
+    elapsed_s: float
