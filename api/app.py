@@ -1,0 +1,26 @@
+"""create_app(settings): the FastAPI application, its routers and OpenAI-style error handling."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.queue import Queue
+from api.routes import batches, files, system
+from common.settings import Settings
+from common.storage import BlobStore
+from db.session import make_engine, make_session_factory
+
+
+def create_app(settings: Settings | None = None, *, queue: Queue | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(title="diffbatch", version="0.1.0",
+                  description="OpenAI Batch API compatible batch generation for diffusion LMs")
+    app.state.settings = settings
+    app.state.session_factory = make_session_factory(make_engine(settings.resolved_database_url))
+    app.state.blobs = BlobStore(settings.files_dir)
+    app.state.queue = queue or Queue(settings)
+    install_error_handlers(app)
+    for module in (files, batches, system):
+        app.include_router(module.router)
+    return app

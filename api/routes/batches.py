@@ -1,0 +1,94 @@
+"""/v1/batches: create, read, list and cancel batches. Validation itself runs on a worker."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query
+from sqlalchemy.exc import IntegrityError
+
+from api.deps import QueueDep, SessionDep, SettingsDep
+from api.errors import ApiError
+from api.schemas import CreateBatch, batch_object, page
+from common.ids import new_id, now
+from db import repo
+from db.models import TERMINAL_BATCH_STATUSES, BatchStatus
+
+router = APIRouter(prefix="/v1/batches")
+WINDOW_S = {"24h": 24 * 3600}
+
+
+def _request_hash(body: CreateBatch) -> str:
+    return hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
+
+
+@router.post("")
+def create_batch(session: SessionDep, settings: SettingsDep, queue: QueueDep, body: CreateBatch,
+                 idempotency_key: Annotated[str | None, Header()] = None):
+    # The OpenAI SDK retries POSTs: a key, or an identical body moments ago, returns the first batch.
+    request_hash = _request_hash(body)
+    existing = (repo.find_batch_by_idempotency_key(session, key=idempotency_key) if idempotency_key
+                else repo.find_recent_batch(session, request_hash=request_hash,
+                                            since=now() - settings.dedupe_window_s))
+    if existing:
+        return batch_object(existing)
+    source = repo.get_file(session, file_id=body.input_file_id)
+    if source is None:
+        raise ApiError(404, f"No such File object: {body.input_file_id}", param="input_file_id",
+                       code="file_not_found")
+    if source.purpose != "batch":
+        raise ApiError(400, f"File {source.id} has purpose {source.purpose!r}, not 'batch'.",
+                       param="input_file_id", code="invalid_file_purpose")
+    created = now()
+    try:
+        row = repo.add_batch(
+            session, id=new_id("batch_"), status=BatchStatus.validating, endpoint=body.endpoint,
+            input_file_id=source.id, completion_window=body.completion_window, metadata_=body.metadata,
+            idempotency_key=idempotency_key, request_hash=request_hash, created_at=created,
+            expires_at=created + WINDOW_S[body.completion_window], touched_at=created,
+            total=0, completed=0, failed=0, input_tokens=0, output_tokens=0, priority=0)
+        session.commit()
+    except IntegrityError:  # a concurrent retry with the same key won the insert
+        session.rollback()
+        return batch_object(repo.find_batch_by_idempotency_key(session, key=idempotency_key))
+    queue.validate_batch(row.id)
+    return batch_object(row)
+
+
+@router.get("")
+def list_batches(session: SessionDep, after: str | None = None,
+                 limit: Annotated[int, Query(ge=1, le=100)] = 20):
+    rows = repo.list_batches(session, after=after, limit=limit + 1)
+    return page([batch_object(r) for r in rows[:limit]], has_more=len(rows) > limit)
+
+
+def _get(session, batch_id: str):
+    row = repo.get_batch(session, batch_id=batch_id)
+    if row is None:
+        raise ApiError(404, f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
+    return row
+
+
+@router.get("/{batch_id}")
+def get_batch(session: SessionDep, batch_id: str):
+    return batch_object(_get(session, batch_id))
+
+
+@router.post("/{batch_id}/cancel")
+def cancel_batch(session: SessionDep, queue: QueueDep, batch_id: str):
+    row = _get(session, batch_id)
+    if row.status in (BatchStatus.cancelling, BatchStatus.cancelled):
+        return batch_object(row)
+    if row.status in TERMINAL_BATCH_STATUSES or row.status == BatchStatus.finalizing:
+        raise ApiError(409, f"Cannot cancel a batch with status {row.status.value!r}.",
+                       param="batch_id", code="batch_not_cancellable")
+    if not repo.transition(session, batch_id=batch_id, from_=[BatchStatus.validating, BatchStatus.in_progress],
+                           to=BatchStatus.cancelling, now=now()):
+        session.rollback()
+        return batch_object(_get(session, batch_id))
+    session.commit()
+    queue.finalize_batch(batch_id)  # closes the pending requests; running ones finish first
+    session.refresh(row)
+    return batch_object(row)

@@ -1,0 +1,152 @@
+"""The input line of a batch file and the bodies it may carry (OpenAI Batch API compatible).
+
+Every model forbids unknown fields: an option diffbatch does not implement is an error naming the field,
+never silently ignored. `parse_line` turns one raw line into a `ParsedLine` or a `LineError` that names
+the line and the field, the shape of OpenAI's `batch.errors.data[]`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+SAMPLERS = ("reference",)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DiffusionOptions(_Strict):
+    """Diffusion-specific options, all under `body.diffusion`."""
+
+    sampler: Literal[SAMPLERS] = "reference"  # type: ignore[valid-type]
+    block_length: int = Field(32, ge=1, le=1024)
+    steps: int | None = Field(None, ge=1, le=1024, description="denoising steps per block")
+
+
+class _SamplingBody(_Strict):
+    model: str = Field(min_length=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: Literal[1] = 1
+    stream: Literal[False] = False
+    user: str | None = None
+    diffusion: DiffusionOptions = Field(default_factory=DiffusionOptions)
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        return value
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionBody(_SamplingBody):
+    prompt: str = Field(min_length=1)
+    max_tokens: int = Field(16, ge=1, le=8192)  # OpenAI's default for /v1/completions
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]]
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, content: str | list[dict[str, Any]]) -> str:
+        """Multimodal parts are out of scope: say so instead of dropping them."""
+        if isinstance(content, str):
+            return content
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"only text content parts are supported, got type {part.get('type')!r}")
+        return "".join(part["text"] for part in content)
+
+
+class ChatBody(_SamplingBody):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=8192)
+    max_completion_tokens: int | None = Field(None, ge=1, le=8192)
+
+    def output_limit(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or 256
+
+
+class _Line(_Strict):
+    custom_id: str = Field(min_length=1, max_length=512)
+    method: Literal["POST"]
+    url: Literal[ENDPOINTS]  # type: ignore[valid-type]
+    body: dict[str, Any]
+
+
+BODY_FOR_URL: dict[str, type[_SamplingBody]] = {
+    "/v1/completions": CompletionBody, "/v1/chat/completions": ChatBody}
+
+
+@dataclass(frozen=True)
+class ParsedLine:
+    line: int
+    custom_id: str
+    url: str
+    body: dict[str, Any]  # the validated body, defaults filled in, as stored with the request
+    model: str
+
+
+@dataclass(frozen=True)
+class LineError:
+    line: int
+    code: str
+    message: str
+    param: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "line": self.line, "message": self.message, "param": self.param}
+
+
+def parse_body(url: str, body: dict[str, Any]) -> _SamplingBody:
+    return BODY_FOR_URL[url].model_validate(body)
+
+
+def parse_line(raw: bytes, line: int) -> ParsedLine | LineError:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return LineError(line, "invalid_encoding", f"Line {line}: not valid UTF-8 (byte {exc.start}).")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return LineError(line, "invalid_json_line", f"Line {line}: not valid JSON: {exc.msg}.")
+    if not isinstance(data, dict):
+        return LineError(line, "invalid_json_line", f"Line {line}: must be a JSON object.")
+    try:
+        envelope = _Line.model_validate(data)
+    except ValidationError as exc:
+        return _from_validation_error(exc, line, prefix="")
+    try:
+        body = parse_body(envelope.url, envelope.body)
+    except ValidationError as exc:
+        return _from_validation_error(exc, line, prefix="body.")
+    return ParsedLine(line=line, custom_id=envelope.custom_id, url=envelope.url,
+                      body=body.model_dump(mode="json", exclude_none=True), model=body.model)
+
+
+def _from_validation_error(exc: ValidationError, line: int, prefix: str) -> LineError:
+    first = exc.errors(include_url=False)[0]
+    param = prefix + ".".join(str(part) for part in first["loc"]) if first["loc"] else None
+    kind = first["type"]
+    code = {"missing": "missing_required_parameter", "extra_forbidden": "unknown_parameter"}.get(
+        kind, "invalid_value")
+    if param == "url":
+        code = "invalid_url"
+    return LineError(line, code, f"Line {line}: {param}: {first['msg']}.", param)
