@@ -1,0 +1,66 @@
+"""Turn a row's denoised tokens into the kept tokens, text and finish reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class FinishedRow:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length"
+
+
+def apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """Cut ``text`` before the earliest occurrence of any stop string; say whether one was found."""
+    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+    if not cuts:
+        return text, False
+    return text[: min(cuts)], True
+
+
+def cut_at_eos(token_ids: list[int], eos_token_id: int | None) -> tuple[list[int], bool]:
+    """Tokens before the first EOS, and whether an EOS was found."""
+    if eos_token_id is not None and eos_token_id in token_ids:
+        return token_ids[: token_ids.index(eos_token_id)], True
+    return token_ids, False
+
+
+def covering_prefix(tokenizer, token_ids: list[int], text: str) -> list[int]:
+    """The shortest prefix of ``token_ids`` whose decoded text starts with ``text``.
+
+    Used after a stop-string cut, so the kept tokens are the ones that produced the kept text
+    (a token straddling the cut is kept). Decoded prefixes only grow, so a bisection suffices.
+    """
+    def covers(n: int) -> bool:
+        return tokenizer.decode(token_ids[:n], skip_special_tokens=True).startswith(text)
+
+    low, high = 0, len(token_ids)
+    if not covers(high):
+        return token_ids
+    while low < high:
+        mid = (low + high) // 2
+        if covers(mid):
+            high = mid
+        else:
+            low = mid + 1
+    return token_ids[:low]
+
+
+def finish_row(
+    generated: list[int],
+    *,
+    max_tokens: int,
+    eos_token_id: int | None,
+    stop: tuple[str, ...],
+    tokenizer,
+) -> FinishedRow:
+    """Cut at max_tokens, then at the first EOS, then at the earliest stop string."""
+    token_ids, hit_eos = cut_at_eos(generated[:max_tokens], eos_token_id)
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    text, hit_stop = apply_stop(text, stop)
+    if hit_stop:
+        token_ids = covering_prefix(tokenizer, token_ids, text)
+    finish_reason = "stop" if hit_eos or hit_stop else "length"
+    return FinishedRow(token_ids=token_ids, text=text, finish_reason=finish_reason)

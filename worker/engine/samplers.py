@@ -1,0 +1,134 @@
+"""The reference sampler: LLaDA's semi-autoregressive low-confidence remasking, batched.
+
+Algorithm from Nie et al. 2025, "Large Language Diffusion Models" (arXiv:2502.09992), as written
+in the authors' ``generate.py`` (github.com/ML-GSAI/LLaDA): every block starts fully masked and is
+denoised in a fixed number of steps; each step predicts x0 for every position (Gumbel-max at the
+temperature), scores each prediction by its softmax probability, and commits the most confident
+still-masked positions of the block, as many as the linear schedule allows.
+
+What differs from ``generate.py``: a batch of rows with their own temperature, top_p, steps and
+seed; top-k selection by rank against a per-row k instead of a loop; noise drawn for the active
+block only (see ``RowNoise``); [MASK] is never predicted (see ``predict_x0``); no asserts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .noise import RowNoise
+
+
+def num_transfer_schedule(block_length: int, steps: list[int]) -> list[list[int]]:
+    """Tokens to commit at each step, per row: (B, max(steps)), zero past a row's own steps.
+
+    LLaDA's linear noise schedule moves the same expected number of tokens at every step, so the
+    block's masked count is split evenly and the remainder goes to the first steps.
+    """
+    num_steps = max(steps)
+    schedule = []
+    for row_steps in steps:
+        base, remainder = divmod(block_length, row_steps)
+        row = [base + (s < remainder) for s in range(row_steps)]
+        schedule.append(row + [0] * (num_steps - row_steps))
+    return schedule
+
+
+def top_p_filter(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set logits outside each row's nucleus of softmax(logits / T) to -inf.
+
+    logits (B, K, V) float64; temperature, top_p (B,). Rows with T == 0 or top_p == 1 pass through.
+    """
+    rows = (temperature > 0) & (top_p < 1)  # (B,)
+    safe_t = torch.where(rows, temperature, torch.ones_like(temperature))[:, None, None]
+    probs = torch.softmax(logits / safe_t, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # Keep a token while the mass before it is below top_p; the most likely token always stays.
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop_sorted = mass_before >= top_p[:, None, None]
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # (B, K, V)
+    drop &= rows[:, None, None]
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def predict_x0(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    gumbel_denominator: torch.Tensor,
+    mask_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 and its confidence for every position of the block.
+
+    The [MASK] token is never a prediction: committing it would leave the position masked and
+    break the schedule. A trained model gives it ~zero probability anyway (so this matches
+    LLaDA's output there), but an untrained one, whose tied embeddings echo the input, prefers it.
+
+    logits (B, K, V); gumbel_denominator (B, K, V) float64 = (-log u) ** T, all ones for rows
+    without noise. Gumbel-max in float64 as LLaDA (low precision hurts quality,
+    arXiv:2409.02908): argmax of exp(logits) / (-log u) ** T samples softmax(logits / T).
+    Returns x0 (B, K) and confidence (B, K) = softmax(logits)[x0], LLaDA's low-confidence score.
+    """
+    logits64 = logits.to(torch.float64, copy=True)  # never write into the model's logits
+    logits64[..., mask_token_id] = float("-inf")
+    filtered = top_p_filter(logits64, temperature, top_p)
+    noisy = (temperature > 0)[:, None, None]
+    scores = torch.where(noisy, filtered.exp() / gumbel_denominator, logits64)
+    x0 = scores.argmax(dim=-1)  # (B, K)
+    probs = torch.softmax(logits64, dim=-1)
+    confidence = probs.gather(-1, x0[..., None]).squeeze(-1)  # (B, K)
+    return x0, confidence
+
+
+def select_transfer(confidence: torch.Tensor, mask_index: torch.Tensor, num_transfer: torch.Tensor) -> torch.Tensor:
+    """The num_transfer[b] most confident masked positions of each row: (B, K) bool.
+
+    Ranking via a sort keeps it one batched op whatever each row's k is.
+    """
+    confidence = confidence.masked_fill(~mask_index, float("-inf"))
+    order = confidence.argsort(dim=-1, descending=True, stable=True)  # (B, K)
+    positions = torch.arange(confidence.shape[1], device=confidence.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)  # rank[b, i] of position i
+    return (rank < num_transfer[:, None]) & mask_index
+
+
+def reference_denoise_block(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    start: int,
+    end: int,
+    *,
+    mask_token_id: int,
+    steps: list[int],
+    temperature: list[float],
+    top_p: list[float],
+    active: list[bool],
+    noise: RowNoise,
+) -> int:
+    """Denoise x[:, start:end] in place; return the number of forward passes.
+
+    ``forward(x[:, :end])`` returns the logits of the block only, (B, end - start, V): with
+    block-causal attention nothing after ``end`` can change them. Inactive rows (finished
+    earlier) get no tokens and draw no noise, so they cost only their share of the forward pass.
+    """
+    block_length = end - start
+    row_steps = [s if on else 1 for s, on in zip(steps, active)]
+    schedule = num_transfer_schedule(block_length, row_steps)
+    schedule = [row if on else [0] * len(row) for row, on in zip(schedule, active)]
+    num_steps = max((s for s, on in zip(steps, active) if on), default=0)
+    device = x.device
+    temperature_t = torch.tensor(temperature, dtype=torch.float64, device=device)  # (B,)
+    top_p_t = torch.tensor(top_p, dtype=torch.float64, device=device)  # (B,)
+    schedule_t = torch.tensor(schedule, dtype=torch.long, device=device)  # (B, S)
+
+    for step in range(num_steps):
+        logits = forward(x[:, :end])  # (B, K, V)
+        block = x[:, start:end]  # (B, K)
+        mask_index = block == mask_token_id
+        noisy_rows = [r for r, row in enumerate(schedule) if row[step] > 0 and temperature[r] > 0]
+        denominator = noise.gumbel_denominator(noisy_rows, temperature, logits.shape[1:], logits.shape[0])
+        x0, confidence = predict_x0(logits, temperature_t, top_p_t, denominator, mask_token_id)
+        transfer = select_transfer(confidence, mask_index, schedule_t[:, step])
+        x[:, start:end] = torch.where(transfer, x0, block)
+    return num_steps
