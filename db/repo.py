@@ -250,3 +250,10 @@ def _past_cursor(columns, values, descending: bool):
     if descending:
         return (c1 < v1) | ((c1 == v1) & (c2 < v2))
     return (c1 > v1) | ((c1 == v1) & (c2 > v2))
+
+
+def release_requests(session: Session, *, request_ids: Sequence[int], worker: str) -> None:
+    """Hand claimed requests back to pending (their attempt stays counted)."""
+    session.execute(update(Request).where(Request.id.in_(list(request_ids)), Request.worker == worker,
+                                          Request.status == RequestStatus.running)
+                    .values(status=RequestStatus.pending, worker=None))

@@ -1,0 +1,166 @@
+"""`diffbatch` command line. Each subcommand is a real entry point used by compose.yaml and `serve`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from common.settings import CONTROL_QUEUE, Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings(**({"data_dir": args.data_dir} if getattr(args, "data_dir", None) else {}))
+    return args.handler(settings, args) or 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffbatch", description=__doc__)
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, handler, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--data-dir", type=Path, help="data folder (default ./diffbatch-data, "
+                       "or DIFFBATCH_DATA_DIR)")
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("run", _run, "run a whole batch file through diffbatch and write the results")
+    p.add_argument("input", type=Path, help="batch input file (OpenAI Batch JSONL)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="where to write the result lines")
+    p.add_argument("--errors", type=Path, help="where to write error lines (default OUTPUT.errors.jsonl)")
+    p.add_argument("--url", help="use a running diffbatch server instead of starting the embedded one")
+    p = command("serve", _serve, "start API, worker and scheduler (embedded: SQLite, no servers)")
+    p.add_argument("--port", type=int)
+    p = command("api", _api, "start the HTTP API")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    command("worker", _worker, "start a worker for DIFFBATCH_MODEL (one per GPU)")
+    command("beat", _beat, "start the scheduler (periodic reconcile); run exactly one")
+    p = command("db", _db, "database maintenance")
+    p.add_argument("action", choices=["upgrade"])
+    p = command("init-model", _init_model, "write the tiny random built-in model to a folder")
+    p.add_argument("path", type=Path, nargs="?")
+    return parser
+
+
+def _run(settings: Settings, args) -> int:
+    from cli.client import ServerError, run_batch
+    from cli.stack import EmbeddedStack, free_port
+
+    if not args.input.is_file():
+        print(f"diffbatch run: no such file: {args.input}", file=sys.stderr)
+        return 2
+    errors = args.errors or args.output.with_name(args.output.stem + ".errors.jsonl")
+    try:
+        if args.url:
+            return run_batch(args.url, args.input, args.output, errors)
+        with EmbeddedStack(settings, port=free_port()) as stack:
+            print(f"starting the embedded stack in {settings.data_dir} (logs in {stack.log_dir}) ...",
+                  file=sys.stderr)
+            stack.wait_ready()
+            return run_batch(stack.url, args.input, args.output, errors)
+    except (ServerError, RuntimeError, TimeoutError) as exc:
+        print(f"diffbatch run: {exc}", file=sys.stderr)
+        return 1
+
+
+def _serve(settings: Settings, args) -> int:
+    from cli.stack import EmbeddedStack
+
+    stack = EmbeddedStack(settings, port=args.port or settings.api_port)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    with stack:
+        try:
+            stack.wait_ready()
+            print(f"diffbatch is serving at {stack.url}/v1 (data in {settings.data_dir}); Ctrl-C stops it",
+                  flush=True)
+            while True:
+                stack._check_alive()
+                time.sleep(1)
+        except KeyboardInterrupt:
+            print("stopping ...", file=sys.stderr)
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"diffbatch serve: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _api(settings: Settings, args) -> int:
+    import uvicorn
+
+    from api.app import create_app
+
+    uvicorn.run(create_app(settings), host=args.host or settings.api_host, port=args.port or settings.api_port,
+                log_level="info")
+    return 0
+
+
+def _worker(settings: Settings, args) -> int:
+    from common.ids import now
+    from db import repo
+    from worker.celery_app import app
+    from worker.reconcile import reconcile
+    from worker.runtime import Runtime, set_runtime
+
+    runtime = Runtime(settings, celery=app)
+    set_runtime(runtime)
+    engine = runtime.engine  # load the model before taking work
+    with runtime.session() as session, session.begin():
+        repo.upsert_worker(session, name=runtime.name, model=runtime.model_name, queue=runtime.model_queue,
+                           max_positions=engine.max_positions, now=now())
+    threading.Thread(target=_beat_worker_row, args=(runtime,), daemon=True).start()
+    reconcile(runtime)  # pick up whatever a previous run left behind
+    app.worker_main(["worker", "--pool", "solo", "--queues", f"{CONTROL_QUEUE},{runtime.model_queue}",
+                     "--hostname", f"{runtime.model_name}@{runtime.name}", "--loglevel", "INFO",
+                     "--without-gossip", "--without-mingle"])
+    return 0
+
+
+def _beat_worker_row(runtime) -> None:
+    from common.ids import now
+    from db import repo
+
+    while True:
+        time.sleep(runtime.settings.heartbeat_s)
+        try:
+            with runtime.session() as session, session.begin():
+                repo.beat_worker(session, name=runtime.name, now=now())
+        except Exception:  # noqa: BLE001 - the next beat tries again
+            logging.getLogger("diffbatch.worker").warning("worker heartbeat failed", exc_info=True)
+
+
+def _beat(settings: Settings, args) -> int:
+    from worker.celery_app import app
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app.start(["beat", "--schedule", str(settings.data_dir / "celerybeat-schedule"), "--loglevel", "INFO"])
+    return 0
+
+
+def _db(settings: Settings, args) -> int:
+    from db.migrate import upgrade
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url)
+    print(f"database at head: {settings.resolved_database_url.split('@')[-1]}")
+    return 0
+
+
+def _init_model(settings: Settings, args) -> int:
+    from worker.engine.builtin.create import create_tiny_random_model
+
+    path = create_tiny_random_model(args.path or settings.model_path)
+    print(f"wrote a tiny RANDOMLY INITIALISED model (its output is noise) to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

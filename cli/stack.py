@@ -1,0 +1,85 @@
+"""The embedded stack: API, worker and scheduler as separate child processes sharing one data folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from common.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class EmbeddedStack:
+    """Starts `diffbatch api`, `diffbatch worker` and `diffbatch beat`; stops them all on exit."""
+
+    def __init__(self, settings: Settings, *, port: int, log_dir: Path | None = None) -> None:
+        self.settings, self.port = settings, port
+        self.url = f"http://{settings.api_host}:{port}"
+        self.log_dir = log_dir or settings.data_dir / "logs"
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> EmbeddedStack:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        from db.migrate import upgrade
+
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(self.settings.resolved_database_url)  # once, before three processes race to do it
+        env = {**os.environ, "DIFFBATCH_DATA_DIR": str(self.settings.data_dir.resolve())}
+        for role, args in (("worker", []), ("beat", []),
+                           ("api", ["--host", self.settings.api_host, "--port", str(self.port)])):
+            log = open(self.log_dir / f"{role}.log", "ab")
+            self.processes.append(subprocess.Popen(
+                [sys.executable, "-m", "cli.main", role, *args], env=env, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True))
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Wait until the API answers and a worker has registered its model."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                models = httpx.get(f"{self.url}/v1/models", timeout=2).json()["data"]
+                if models:
+                    return
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"the embedded stack was not ready after {timeout:.0f} s; see {self.log_dir}")
+
+    def _check_alive(self) -> None:
+        for process in self.processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"`{' '.join(process.args[3:4])}` exited with {process.returncode}; "
+                                   f"see {self.log_dir}")
+
+    def stop(self, grace: float = 15.0) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for process in self.processes:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.processes.clear()

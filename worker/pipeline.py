@@ -1,0 +1,94 @@
+"""run_chunk: claim a chunk's requests -> run the engine -> write each result once -> maybe finalize."""
+
+from __future__ import annotations
+
+import logging
+
+from common.ids import now
+from common.queue import RUN_CHUNK
+from db import repo
+from db.models import BatchStatus, Request, RequestStatus
+from worker.finalize import maybe_finalize
+from worker.heartbeat import Heartbeat
+from worker.responses import response_body, to_generation_request
+from worker.runtime import Runtime
+
+log = logging.getLogger("diffbatch.worker")
+
+
+def run_chunk(rt: Runtime, chunk_id: int) -> int:
+    """Process what is still open in a chunk; returns how many results this call wrote."""
+    with rt.session() as session, session.begin():
+        chunk = repo.get_chunk(session, chunk_id=chunk_id)
+        batch = chunk and repo.get_batch(session, batch_id=chunk.batch_id)
+        if batch is None or batch.status != BatchStatus.in_progress:
+            claimed = []
+        else:
+            claimed = repo.claim_requests(session, chunk_id=chunk_id, worker=rt.name, now=now(),
+                                          stale_before=now() - rt.settings.stale_after_s)
+    if chunk is None:
+        return 0
+    written = 0
+    if claimed:
+        with Heartbeat(rt, [r.id for r in claimed]):
+            written = _process(rt, chunk_id, batch.model, claimed)
+    maybe_finalize(rt, chunk.batch_id)
+    return written
+
+
+def _process(rt: Runtime, chunk_id: int, model: str, claimed: list[Request]) -> int:
+    runnable, written = [], 0
+    for request in claimed:
+        if request.attempts > rt.settings.max_attempts:  # a poison request ends as an error line
+            written += _fail(rt, request, "max_attempts_exceeded",
+                             f"Gave up after {rt.settings.max_attempts} attempts (the worker kept failing).")
+            continue
+        try:
+            runnable.append((request, to_generation_request(rt.engine, request.url, request.body)))
+        except ValueError as exc:
+            written += _fail(rt, request, "invalid_request", str(exc))
+    size = rt.settings.max_batch_size
+    for start in range(0, len(runnable), size):
+        group = runnable[start:start + size]
+        if _batch_status(rt, claimed[0].batch_id) != BatchStatus.in_progress:
+            _release(rt, [r for r, _ in runnable[start:]])  # cancelled or expired: finalize closes them
+            break
+        try:
+            results = rt.engine.generate([g for _, g in group])
+        except Exception:
+            # Unexpected engine failure (out of memory, a bad kernel): hand the rest back and retry
+            # soon; the attempt count in the database bounds the retries.
+            _release(rt, [r for r, _ in runnable[start:]])
+            rt.celery.send_task(RUN_CHUNK, args=(chunk_id,), queue=rt.model_queue, countdown=5)
+            raise
+        written += _store(rt, model, group, results)
+    return written
+
+
+def _store(rt: Runtime, model: str, group, results) -> int:
+    written = 0
+    with rt.session() as session, session.begin():
+        for (request, _), result in zip(group, results):
+            written += repo.finish_request(
+                session, request_id=request.id, status=RequestStatus.succeeded, now=now(),
+                response=response_body(request.url, model, result), prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens, forward_passes=result.forward_passes)
+    return written
+
+
+def _fail(rt: Runtime, request: Request, code: str, message: str) -> int:
+    with rt.session() as session, session.begin():
+        return int(repo.finish_request(session, request_id=request.id, status=RequestStatus.failed,
+                                       now=now(), error_code=code, error_message=message))
+
+
+def _release(rt: Runtime, requests: list[Request]) -> None:
+    with rt.session() as session, session.begin():
+        repo.release_requests(session, request_ids=[r.id for r in requests], worker=rt.name)
+
+
+def _batch_status(rt: Runtime, batch_id: str) -> BatchStatus | None:
+    with rt.session() as session:
+        batch = repo.get_batch(session, batch_id=batch_id)
+        expired = batch is not None and now() >= batch.expires_at
+        return BatchStatus.expired if expired else (batch.status if batch else None)

@@ -1,0 +1,60 @@
+"""Engine inputs from request bodies, and OpenAI response bodies from engine results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common.ids import new_id, now
+from common.lines import CompletionBody, parse_body
+from worker.engine.params import GenerationRequest, GenerationResult, SamplingParams
+
+
+def to_generation_request(engine, url: str, body: dict[str, Any]) -> GenerationRequest:
+    """Raise ValueError (a per-line error) if the body cannot run on this engine."""
+    parsed = parse_body(url, body)
+    if isinstance(parsed, CompletionBody):
+        prompt_ids, max_tokens = engine.encode_completion(parsed.prompt), parsed.max_tokens
+    else:
+        messages = [{"role": m.role, "content": m.content} for m in parsed.messages]
+        prompt_ids, max_tokens = engine.encode_chat(messages), parsed.output_limit()
+    options = parsed.diffusion
+    params = SamplingParams(max_tokens=max_tokens, temperature=parsed.temperature, top_p=parsed.top_p,
+                            stop=tuple(parsed.stop_list()), seed=parsed.seed, sampler=options.sampler,
+                            block_length=options.block_length, steps=options.steps)
+    request = GenerationRequest(prompt_ids=prompt_ids, params=params)
+    engine.check(request)
+    return request
+
+
+def usage(result: GenerationResult) -> dict[str, Any]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+        # diffbatch extension: what the denoiser spent on this request.
+        "diffusion": {"forward_passes": result.forward_passes,
+                      "tokens_per_forward": round(result.completion_tokens / max(result.forward_passes, 1), 3),
+                      "wall_time_s": round(result.elapsed_s, 4)},
+    }
+
+
+def response_body(url: str, model: str, result: GenerationResult) -> dict[str, Any]:
+    if url == "/v1/completions":
+        return {"id": new_id("cmpl-"), "object": "text_completion", "created": now(), "model": model,
+                "choices": [{"index": 0, "text": result.text, "logprobs": None,
+                             "finish_reason": result.finish_reason}],
+                "usage": usage(result)}
+    return {"id": new_id("chatcmpl-"), "object": "chat.completion", "created": now(), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                         "logprobs": None, "finish_reason": result.finish_reason}],
+            "usage": usage(result)}
+
+
+def output_line(request, *, succeeded: bool) -> dict[str, Any]:
+    """One line of the output (succeeded) or error file (anything else)."""
+    if succeeded:
+        return {"id": request.public_id, "custom_id": request.custom_id,
+                "response": {"status_code": 200, "request_id": request.public_id, "body": request.response},
+                "error": None}
+    return {"id": request.public_id, "custom_id": request.custom_id, "response": None,
+            "error": {"code": request.error_code, "message": request.error_message}}

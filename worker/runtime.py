@@ -1,0 +1,79 @@
+"""The per-process state of a worker: settings, database, blob store, Celery client and the engine.
+
+The engine (model weights) loads lazily, once per process, on first use: not in worker_process_init,
+which Celery limits to 4 seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from common.queue import make_celery
+from common.settings import BUILTIN_MODEL, Settings, queue_for_model
+from common.storage import BlobStore
+from db.session import make_engine, make_session_factory
+
+if TYPE_CHECKING:
+    from worker.engine.engine import Engine
+
+log = logging.getLogger("diffbatch.worker")
+
+
+class Runtime:
+    def __init__(self, settings: Settings, celery=None) -> None:
+        self.settings = settings
+        self.session = make_session_factory(make_engine(settings.resolved_database_url))
+        self.blobs = BlobStore(settings.files_dir)
+        self.celery = celery or make_celery(settings)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.model_name = settings.served_model_name
+        self.model_queue = queue_for_model(self.model_name)
+        self._lock = threading.Lock()
+
+    @cached_property
+    def engine(self) -> Engine:
+        with self._lock:
+            return self._load_engine()
+
+    def _load_engine(self) -> Engine:
+        from worker.engine.engine import Engine
+        from worker.engine.loader import load_model
+
+        path = ensure_model(self.settings)
+        log.info("loading model %s from %s on %s", self.model_name, path, self.settings.device)
+        loaded = load_model(str(path), device=self.settings.device, dtype=self.settings.dtype,
+                            trust_remote_code=self.settings.trust_remote_code)
+        return Engine(loaded, max_batch_size=self.settings.max_batch_size)
+
+
+def ensure_model(settings: Settings):
+    """The checkpoint folder; for the built-in default, create the tiny random model on first use."""
+    path = settings.model_path
+    if settings.model == BUILTIN_MODEL and not (path / "config.json").exists():
+        from worker.engine.builtin.create import create_tiny_random_model
+
+        log.warning("creating the built-in model at %s: a tiny RANDOMLY INITIALISED model whose output "
+                    "is noise, until the trained built-in model ships", path)
+        create_tiny_random_model(path)
+    return path
+
+
+_runtime: Runtime | None = None
+
+
+def get_runtime() -> Runtime:
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime(Settings())
+    return _runtime
+
+
+def set_runtime(runtime: Runtime | None) -> None:
+    """Tests and the CLI install a runtime built from their own settings."""
+    global _runtime
+    _runtime = runtime

@@ -1,0 +1,150 @@
+"""Validate a batch's input file, store its requests in chunks, and ring one doorbell per chunk.
+
+Two streaming passes over the file: the first collects every structural error (so the user sees them
+all at once, as OpenAI's `errors.data[]`); the second inserts the requests in one transaction, so a
+crash half-way leaves the batch `validating` for the reconciler to retry, never half-stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from common.ids import new_id, now
+from common.lines import LineError, ParsedLine, parse_line
+from common.queue import RUN_CHUNK
+from common.settings import queue_for_model
+from db import repo
+from db.models import BatchStatus, RequestStatus
+from worker.responses import to_generation_request
+from worker.runtime import Runtime
+
+log = logging.getLogger("diffbatch.worker")
+MAX_LISTED_ERRORS = 100
+INSERT_ROWS = 1000
+
+
+def validate_batch(rt: Runtime, batch_id: str) -> None:
+    with rt.session() as session:
+        batch = repo.get_batch(session, batch_id=batch_id)
+        if batch is None or batch.status != BatchStatus.validating:
+            return
+        source = repo.get_file(session, file_id=batch.input_file_id)
+        endpoint = batch.endpoint
+    if source is None or not rt.blobs.path(source.id).exists():
+        return _fail(rt, batch_id, [LineError(0, "file_not_found", "The input file no longer exists.")])
+    errors, model, count = _check_lines(rt, source.id, endpoint)
+    if not errors:
+        errors = _store(rt, batch_id, source.id, model, count)
+    if errors:
+        _fail(rt, batch_id, errors)
+
+
+def _lines(rt: Runtime, file_id: str) -> Iterator[ParsedLine | LineError]:
+    for number, raw in enumerate(rt.blobs.lines(file_id), start=1):
+        if raw.strip():  # blank lines (a trailing newline, say) carry no request
+            yield parse_line(raw, number)
+
+
+def _check_lines(rt: Runtime, file_id: str, endpoint: str) -> tuple[list[LineError], str | None, int]:
+    errors: list[LineError] = []
+    seen: set[str] = set()
+    model, count = None, 0
+    for item in _lines(rt, file_id):
+        count += 1
+        if isinstance(item, LineError):
+            errors.append(item)
+        elif item.url != endpoint:
+            errors.append(LineError(item.line, "mismatched_endpoint",
+                                    f"Line {item.line}: url {item.url!r} differs from the batch's endpoint "
+                                    f"{endpoint!r}.", "url"))
+        elif item.custom_id in seen:
+            errors.append(LineError(item.line, "duplicate_custom_id",
+                                    f"Line {item.line}: custom_id {item.custom_id!r} appears more than once.",
+                                    "custom_id"))
+        elif model is not None and item.model != model:
+            errors.append(LineError(item.line, "mismatched_model",
+                                    f"Line {item.line}: body.model {item.model!r} differs from {model!r}; "
+                                    "a batch uses one model.", "body.model"))
+        else:
+            model = item.model
+        if isinstance(item, ParsedLine):
+            seen.add(item.custom_id)
+    if count == 0:
+        errors.append(LineError(0, "empty_file", "The input file has no requests."))
+    elif model is not None and not errors and model not in _served_models(rt):
+        errors.append(LineError(1, "model_not_found",
+                                f"Line 1: body.model {model!r} is not served by any worker "
+                                f"(served: {', '.join(sorted(_served_models(rt))) or 'none'}).",
+                                "body.model"))
+    return errors, model, count
+
+
+def _served_models(rt: Runtime) -> set[str]:
+    with rt.session() as session:
+        live = repo.known_workers(session, since=now() - rt.settings.stale_after_s)
+    return {w.model for w in live} | {rt.model_name}
+
+
+def _store(rt: Runtime, batch_id: str, file_id: str, model: str, count: int) -> list[LineError]:
+    """Insert requests and chunks; return per-line errors found only now (prompt too long)."""
+    queue, size = queue_for_model(model), rt.settings.chunk_size
+    errors: list[LineError] = []
+    rows: list[dict] = []
+    chunk_ids: list[int] = []
+    if model == rt.model_name:
+        rt.engine  # load before the transaction: SQLite holds its write lock until commit
+    with rt.session() as session:
+        try:
+            with session.begin():
+                for index, item in enumerate(_lines(rt, file_id)):
+                    if index % size == 0:
+                        chunk_ids.append(repo.add_chunk(session, batch_id=batch_id, queue=queue,
+                                                        size=min(size, count - index), now=now()))
+                    if model == rt.model_name and (error := _fits_model(rt, item)):
+                        errors.append(error)
+                    rows.append(_request_row(batch_id, chunk_ids[-1], item))
+                    if len(rows) >= INSERT_ROWS:
+                        repo.add_requests(session, rows=rows)
+                        rows = []
+                if rows:
+                    repo.add_requests(session, rows=rows)
+                if errors or not repo.transition(session, batch_id=batch_id, from_=[BatchStatus.validating],
+                                                 to=BatchStatus.in_progress, now=now(), model=model,
+                                                 total=count):
+                    raise _Discard  # a line does not fit the model, or the batch was cancelled meanwhile
+        except _Discard:
+            return errors
+    for chunk_id in chunk_ids:
+        rt.celery.send_task(RUN_CHUNK, args=(chunk_id,), queue=queue)
+    log.info("batch %s: %d requests in %d chunks on %s", batch_id, count, len(chunk_ids), queue)
+    return []
+
+
+class _Discard(Exception):
+    """Roll the insert transaction back."""
+
+
+def _request_row(batch_id: str, chunk_id: int, item: ParsedLine) -> dict:
+    return {"public_id": new_id("batch_req_"), "batch_id": batch_id, "chunk_id": chunk_id,
+            "custom_id": item.custom_id, "line": item.line, "url": item.url, "body": item.body,
+            "status": RequestStatus.pending, "attempts": 0}
+
+
+def _fits_model(rt: Runtime, item: ParsedLine) -> LineError | None:
+    try:
+        to_generation_request(rt.engine, item.url, item.body)
+    except ValueError as exc:
+        return LineError(item.line, "invalid_request", f"Line {item.line}: {exc}", "body")
+    return None
+
+
+def _fail(rt: Runtime, batch_id: str, errors: list[LineError]) -> None:
+    listed = [e.as_dict() for e in errors[:MAX_LISTED_ERRORS]]
+    if len(errors) > MAX_LISTED_ERRORS:
+        listed.append({"code": "too_many_errors", "line": None, "param": None,
+                       "message": f"{len(errors) - MAX_LISTED_ERRORS} more errors not listed."})
+    with rt.session() as session, session.begin():
+        repo.transition(session, batch_id=batch_id, from_=[BatchStatus.validating], to=BatchStatus.failed,
+                        now=now(), errors=listed)
+    log.info("batch %s failed validation: %s", batch_id, listed[0]["message"])
