@@ -11,8 +11,8 @@ log = logging.getLogger("diffbatch.api")
 
 
 class Queue:
-    def __init__(self, settings: Settings) -> None:
-        self.celery = make_celery(settings)
+    def __init__(self, settings: Settings, celery=None) -> None:
+        self.celery = celery or make_celery(settings)
 
     def _send(self, name: str, *args) -> bool:
         # The row is already committed: if the broker is down, the reconciler sends this again later,

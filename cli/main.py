@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("httpx", "alembic"):  # one line per poll or migration step drowns the progress bar
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     settings = Settings(**({"data_dir": args.data_dir} if getattr(args, "data_dir", None) else {}))
     return args.handler(settings, args) or 0
 
