@@ -35,6 +35,11 @@ class SamplingParams:
     # Denoising steps per block; None = block_length, one token per step (the exact reference).
     steps: int | None = None
 
+    def __post_init__(self):
+        # Callers (JSON bodies) pass lists; keep the frozen dataclass hashable.
+        if isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+
     @property
     def steps_per_block(self) -> int:
         return self.block_length if self.steps is None else self.steps

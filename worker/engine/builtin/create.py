@@ -34,6 +34,7 @@ def create_tiny_random_model(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_byte_tokenizer()
+    tokenizer.model_max_length = TINY_SHAPE["max_position_embeddings"]
     config = DiffbatchMDMConfig(
         vocab_size=len(tokenizer),
         mask_token_id=tokenizer.mask_token_id,

@@ -1,0 +1,106 @@
+"""The built-in model, its tokenizer and the tiny checkpoint writer."""
+
+import importlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForMaskedLM
+
+import worker.engine.builtin as builtin
+from worker.engine.builtin.create import create_tiny_random_model
+from worker.engine.loader import load_model
+
+
+def test_checkpoint_folder_is_complete(tiny_path):
+    names = {p.name for p in tiny_path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    config = json.loads((tiny_path / "config.json").read_text())
+    assert config["model_type"] == "diffbatch_mdm"
+    assert config["diffbatch_family"] == "block_causal"
+    assert config["block_length"] == 32
+    assert config["vocab_size"] == 263
+
+
+def test_creation_is_deterministic_per_seed(tmp_path, tiny_path):
+    again = load_file(create_tiny_random_model(tmp_path / "a", seed=0) / "model.safetensors")
+    other = load_file(create_tiny_random_model(tmp_path / "b", seed=1) / "model.safetensors")
+    original = load_file(tiny_path / "model.safetensors")
+    assert all(torch.equal(original[k], again[k]) for k in original)
+    assert not torch.equal(original["model.embed_tokens.weight"], other["model.embed_tokens.weight"])
+
+
+def test_loader_fields(loaded):
+    assert loaded.name == "diffbatch-tiny-random"
+    assert loaded.family == "block_causal"
+    assert loaded.max_positions == 2048
+    tokenizer = loaded.tokenizer
+    assert loaded.mask_token_id == tokenizer.convert_tokens_to_ids("<|mask|>")
+    assert loaded.eos_token_id == tokenizer.convert_tokens_to_ids("<|eos|>")
+    assert loaded.pad_token_id == tokenizer.convert_tokens_to_ids("<|pad|>")
+    assert loaded.model.dtype == torch.float32 and not loaded.model.training
+
+
+def test_save_and_reload_gives_identical_logits(loaded, tmp_path):
+    model = loaded.model
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
+    ids = torch.tensor([[1, 40, 50, 60, 3, 3, 3], [1, 70, 80, 90, 100, 3, 3]])
+    with torch.no_grad():
+        before = model(ids).logits
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    with torch.no_grad():
+        after = reloaded(ids).logits
+    assert before.shape == (2, 7, 263)
+    assert torch.equal(before, after)
+
+
+def test_registration_is_idempotent(tiny_path):
+    importlib.reload(builtin)
+    assert load_model(str(tiny_path)).family == "block_causal"
+
+
+def test_attention_mask_is_honoured(loaded):
+    """Keys hidden by the mask must not change a query's logits (what the engine relies on)."""
+    model = loaded.model
+    ids = torch.randint(7, 263, (1, 8), generator=torch.Generator().manual_seed(0))
+    changed = ids.clone()
+    changed[0, 6:] = 3
+    blocks = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    mask = (blocks[None, :] <= blocks[:, None])[None, None]  # (1, 1, L, L)
+    with torch.no_grad():
+        a = model(ids, attention_mask=mask).logits
+        b = model(changed, attention_mask=mask).logits
+    assert torch.allclose(a[0, :6], b[0, :6], atol=1e-6)
+    assert not torch.allclose(a[0, 6:], b[0, 6:])
+
+
+def test_tokenizer_round_trips_unicode(loaded):
+    tokenizer = loaded.tokenizer
+    text = "Grüße, 世界! 🎉 émoji\n\ttabs  and\x00nul — ok"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert tokenizer(text)["input_ids"][0] == tokenizer.bos_token_id
+
+
+def test_chat_template_produces_ids(engine, loaded):
+    ids = engine.encode_chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    tokenizer = loaded.tokenizer
+    assert ids[0] == tokenizer.bos_token_id
+    text = tokenizer.decode(ids)
+    assert text == "<|bos|><|system|>\nbe brief<|eos|>\n<|user|>\nhi<|eos|>\n<|assistant|>\n"
+
+
+@pytest.mark.parametrize(
+    "messages, error",
+    [
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+         "only text message content is supported"),
+        ([{"role": "wizard", "content": "hi"}], "unsupported chat role"),
+        ([], "non-empty"),
+    ],
+)
+def test_chat_rejects_bad_messages(engine, messages, error):
+    with pytest.raises(ValueError, match=error):
+        engine.encode_chat(messages)

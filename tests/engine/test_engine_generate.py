@@ -1,0 +1,147 @@
+"""Engine behaviour: batching invariance, lengths, EOS, stop strings, request checks."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from worker.engine.engine import Engine
+from worker.engine.params import GenerationRequest, SamplingParams
+
+MIXED = [
+    ("a", dict(max_tokens=40, temperature=0.0, seed=None)),
+    ("a much longer prompt than the others", dict(max_tokens=7, temperature=1.0, seed=3)),
+    ("mid length", dict(max_tokens=64, temperature=0.8, seed=11, steps=4)),
+    ("ünïcode ✓", dict(max_tokens=33, temperature=1.2, seed=5, top_p=0.9)),
+    ("short", dict(max_tokens=1, temperature=0.0, seed=2, steps=16)),
+]
+
+
+def requests_for(engine, specs):
+    return [GenerationRequest(engine.encode_completion(t), SamplingParams(**kw)) for t, kw in specs]
+
+
+def test_batch_of_n_equals_n_batches_of_one(engine):
+    requests = requests_for(engine, MIXED)
+    batched = engine.generate(requests)
+    for request, together in zip(requests, batched):
+        alone = engine.generate([request])[0]
+        assert together.token_ids == alone.token_ids
+        assert together.text == alone.text
+        assert together.finish_reason == alone.finish_reason
+
+
+def test_results_keep_input_order_across_batches(loaded):
+    small = Engine(loaded, max_batch_size=2)
+    specs = MIXED + [("other block size", dict(max_tokens=20, block_length=8, temperature=0.5, seed=1))]
+    requests = requests_for(small, specs)
+    results = small.generate(requests)
+    assert [r.prompt_tokens for r in results] == [len(r.prompt_ids) for r in requests]
+    for request, result in zip(requests, results):
+        assert result.token_ids == small.generate([request])[0].token_ids
+
+
+def test_max_tokens_and_counts(engine):
+    results = engine.generate(requests_for(engine, MIXED))
+    for (_, kw), result in zip(MIXED, results):
+        assert len(result.token_ids) <= kw["max_tokens"]
+        assert result.completion_tokens == len(result.token_ids)
+        if result.finish_reason == "length":
+            assert len(result.token_ids) == kw["max_tokens"]
+    assert results[4].token_ids and len(results[4].token_ids) == 1
+    # The batch's longest request (64 tokens = 2 blocks) sets the passes: 32 + 32 steps at most.
+    assert {r.forward_passes for r in results} == {64}
+    assert len({r.elapsed_s for r in results}) == 1
+
+
+def test_steps_set_forward_passes(engine):
+    prompt = engine.encode_completion("steps")
+    result = engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=96, steps=4))])[0]
+    assert result.forward_passes == 3 * 4
+    assert len(result.token_ids) == 96 and result.finish_reason == "length"
+
+
+class EosAtPosition(nn.Module):
+    """Wraps the model so that EOS is overwhelmingly likely at one absolute position."""
+
+    def __init__(self, model, eos_id, position):
+        super().__init__()
+        self.inner, self.eos_id, self.position = model, eos_id, position
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep):
+        output = self.inner(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            logits_to_keep=logits_to_keep)
+        kept_positions = position_ids[:, -output.logits.shape[1]:]  # (B, K)
+        output.logits[..., self.eos_id] += 100.0 * (kept_positions == self.position)
+        return output
+
+
+def test_eos_cuts_output_and_stops_early(loaded):
+    prompt = loaded.tokenizer("eos please")["input_ids"]
+    wrapped = dataclasses.replace(
+        loaded, model=EosAtPosition(loaded.model, loaded.eos_token_id, len(prompt) + 5)
+    )
+    engine = Engine(wrapped)
+    result = engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=128))])[0]
+    assert len(result.token_ids) == 5
+    assert loaded.eos_token_id not in result.token_ids
+    assert result.finish_reason == "stop"
+    assert result.completion_tokens == 5
+    assert result.forward_passes == 32  # stopped after the first of four blocks
+
+
+def test_stop_string_trims_text(engine):
+    prompt = engine.encode_completion("stop me")
+    plain = engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=48, temperature=1.0, seed=4))])[0]
+    stop = next(plain.text[i : i + 2] for i in range(3, len(plain.text)) if "\ufffd" not in plain.text[i : i + 2])
+    cut = plain.text[: plain.text.index(stop)]
+    params = SamplingParams(max_tokens=48, temperature=1.0, seed=4, stop=("never there", stop))
+    result = engine.generate([GenerationRequest(prompt, params)])[0]
+    assert result.text == cut
+    assert result.finish_reason == "stop"
+    assert result.token_ids == plain.token_ids[: len(result.token_ids)]
+    assert engine.tokenizer.decode(result.token_ids, skip_special_tokens=True).startswith(cut)
+    assert result.completion_tokens == len(result.token_ids) < len(plain.token_ids)
+
+
+def test_tiny_top_p_is_greedy(engine):
+    prompt = engine.encode_completion("nucleus")
+    greedy, nucleus = engine.generate([
+        GenerationRequest(prompt, SamplingParams(max_tokens=40)),
+        GenerationRequest(prompt, SamplingParams(max_tokens=40, temperature=1.0, top_p=1e-9, seed=9)),
+    ])
+    assert greedy.token_ids == nucleus.token_ids
+
+
+def test_prompt_too_long(engine):
+    prompt = [10] * 2000
+    request = GenerationRequest(prompt, SamplingParams(max_tokens=49))  # rounded up to 64
+    with pytest.raises(ValueError, match=r"2000 tokens.*64.*2064 positions.*2048"):
+        engine.check(request)
+    with pytest.raises(ValueError, match="2048"):
+        engine.generate([request])
+    engine.check(GenerationRequest(prompt, SamplingParams(max_tokens=48, block_length=16)))  # 2048 fits
+
+
+@pytest.mark.parametrize(
+    "prompt, error",
+    [([], "at least one token"), ([1, 263], r"\[0, 263\)"), ([1, -1], "token ids"), ("abc", "at least one")],
+)
+def test_bad_prompt_ids(engine, prompt, error):
+    with pytest.raises(ValueError, match=error):
+        engine.check(GenerationRequest(prompt, SamplingParams()))
+
+
+def test_one_bad_request_is_rejected_before_any_work(engine):
+    good = GenerationRequest(engine.encode_completion("ok"), SamplingParams(max_tokens=4))
+    bad = GenerationRequest(engine.encode_completion("ok"), SamplingParams(max_tokens=0))
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.generate([good, bad])
+
+
+def test_engine_exposes_model_name_and_limits(engine):
+    assert engine.name == "diffbatch-tiny-random"
+    assert engine.max_positions == 2048
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Engine(engine.loaded, max_batch_size=0)
