@@ -1,0 +1,92 @@
+"""Building blocks: the transfer schedule, top-k by rank, nucleus filter, layout, stop/EOS cuts."""
+
+import pytest
+import torch
+
+from worker.engine.builtin.tokenizer import build_byte_tokenizer
+from worker.engine.layout import build_layout
+from worker.engine.postprocess import apply_stop, covering_prefix, cut_at_eos, finish_row
+from worker.engine.samplers import num_transfer_schedule, select_transfer, top_p_filter
+
+
+def test_schedule_splits_block_evenly_remainder_first():
+    assert num_transfer_schedule(32, [32]) == [[1] * 32]
+    assert num_transfer_schedule(32, [5, 2, 1]) == [
+        [7, 7, 6, 6, 6], [16, 16, 0, 0, 0], [32, 0, 0, 0, 0],
+    ]
+    assert all(sum(row) == 32 for row in num_transfer_schedule(32, [3, 7, 32]))
+
+
+def test_select_transfer_takes_top_k_masked_per_row():
+    confidence = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.4, 0.3, 0.2, 0.1]], dtype=torch.float64)
+    mask_index = torch.tensor([[True, False, True, True], [True, True, True, True]])
+    transfer = select_transfer(confidence, mask_index, torch.tensor([2, 1]))
+    assert transfer.tolist() == [[False, False, True, True], [True, False, False, False]]
+    none = select_transfer(confidence, mask_index, torch.tensor([0, 0]))
+    assert not none.any()
+
+
+def test_top_p_filter_keeps_nucleus_only_for_sampling_rows():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    logits = probs.log().expand(3, 1, 4)  # (B, K, V)
+    filtered = top_p_filter(logits, torch.tensor([1.0, 1.0, 0.0]).double(), torch.tensor([0.7, 0.85, 0.1]).double())
+    kept = torch.isfinite(filtered[:, 0]).tolist()
+    assert kept[0] == [True, True, False, False]  # 0.5 < 0.7 so the second token is still needed
+    assert kept[1] == [True, True, True, False]  # 0.8 < 0.85 needs the third
+    assert kept[2] == [True, True, True, True]  # temperature 0: argmax, no filtering
+
+
+def test_layout_pads_left_and_builds_block_causal_mask():
+    layout = build_layout([[5, 6, 7], [8]], gen_length=4, block_length=2, pad_token_id=0,
+                          mask_token_id=3, device="cpu")
+    assert layout.x.tolist() == [[5, 6, 7, 3, 3, 3, 3], [0, 0, 8, 3, 3, 3, 3]]
+    assert layout.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 1, 2, 3, 4]]
+    assert layout.num_blocks == 2 and layout.block_span(1) == (5, 7)
+    mask = layout.attention_mask[:, 0].int().tolist()
+    # Row 0: the prompt block (cols 0-2) sees itself; block 1 (cols 3-4) sees prompt + itself ...
+    assert mask[0][0] == [1, 1, 1, 0, 0, 0, 0]
+    assert mask[0][3] == [1, 1, 1, 1, 1, 0, 0]
+    assert mask[0][6] == [1, 1, 1, 1, 1, 1, 1]
+    # ... and row 1 never attends to its two padding columns.
+    assert mask[1][2] == [0, 0, 1, 0, 0, 0, 0]
+    assert mask[1][5] == [0, 0, 1, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="multiple of block_length"):
+        build_layout([[1]], gen_length=3, block_length=2, pad_token_id=0, mask_token_id=3, device="cpu")
+
+
+def test_apply_stop_cuts_at_earliest_stop():
+    assert apply_stop("abc STOP def END", ("END", "STOP")) == ("abc ", True)
+    assert apply_stop("abc", ("x",)) == ("abc", False)
+    assert apply_stop("abc", ()) == ("abc", False)
+    assert apply_stop("STOP", ("STOP",)) == ("", True)
+
+
+def test_cut_at_eos():
+    assert cut_at_eos([5, 6, 2, 7, 2], 2) == ([5, 6], True)
+    assert cut_at_eos([5, 6], 2) == ([5, 6], False)
+    assert cut_at_eos([5, 6], None) == ([5, 6], False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_byte_tokenizer()
+
+
+def test_finish_row_orders_max_tokens_eos_stop(tokenizer):
+    ids = tokenizer("héllo wörld STOP more", add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    row = finish_row(ids + [eos, 50], max_tokens=100, eos_token_id=eos, stop=("STOP",), tokenizer=tokenizer)
+    assert (row.text, row.finish_reason) == ("héllo wörld ", "stop")
+    assert row.token_ids == tokenizer("héllo wörld ", add_special_tokens=False)["input_ids"]
+    row = finish_row(ids + [eos], max_tokens=100, eos_token_id=eos, stop=(), tokenizer=tokenizer)
+    assert (row.text, row.finish_reason, row.token_ids) == ("héllo wörld STOP more", "stop", ids)
+    row = finish_row(ids + [eos], max_tokens=3, eos_token_id=eos, stop=(), tokenizer=tokenizer)
+    assert (row.token_ids, row.finish_reason) == (ids[:3], "length")  # EOS beyond max_tokens
+
+
+def test_covering_prefix_keeps_straddling_multibyte_token(tokenizer):
+    ids = tokenizer("aé", add_special_tokens=False)["input_ids"]  # é is two byte tokens
+    assert len(ids) == 3
+    assert covering_prefix(tokenizer, ids, "a") == ids[:1]
+    assert covering_prefix(tokenizer, ids, "aé") == ids
+    assert covering_prefix(tokenizer, ids, "") == []
