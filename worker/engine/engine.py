@@ -9,10 +9,9 @@ import torch
 
 from .layout import build_layout
 from .loader import LoadedModel
-from .noise import RowNoise
 from .params import GenerationRequest, GenerationResult
 from .postprocess import finish_row
-from .samplers import reference_denoise_block
+from .samplers import RowNoise, reference_denoise_block
 
 SUPPORTED_FAMILIES = ("block_causal",)
 
@@ -26,7 +25,9 @@ class Engine:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError("max_batch_size must be a positive integer")
         if loaded.family not in SUPPORTED_FAMILIES:
-            raise ValueError(f"model family {loaded.family!r} is not supported yet: {list(SUPPORTED_FAMILIES)}")
+            raise ValueError(
+                f"model family {loaded.family!r} is not supported yet; supported: {list(SUPPORTED_FAMILIES)}"
+            )
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -161,9 +162,10 @@ class Engine:
         length = generated.shape[1]
         limit = torch.tensor(max_tokens, device=generated.device)[:, None]  # (B, 1)
         within = torch.arange(length, device=generated.device)[None, :] < limit  # (B, T)
-        eos = self.loaded.eos_token_id
-        hit_eos = ((generated == eos) & within).any(dim=1) if eos is not None else torch.zeros_like(limit[:, 0], dtype=torch.bool)
-        return ((limit[:, 0] <= length) | hit_eos).tolist()
+        done = limit[:, 0] <= length  # (B,)
+        if self.loaded.eos_token_id is not None:
+            done |= ((generated == self.loaded.eos_token_id) & within).any(dim=1)
+        return done.tolist()
 
     def _result(self, request, generated: list[int], forward_passes: int, elapsed: float) -> GenerationResult:
         params = request.params

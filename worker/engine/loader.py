@@ -17,7 +17,12 @@ import worker.engine.builtin  # noqa: F401
 
 # model_type -> attention family, for checkpoints that do not record `diffbatch_family`.
 FAMILIES_BY_MODEL_TYPE = {"diffbatch_mdm": "block_causal"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 @dataclass

@@ -8,7 +8,7 @@ still-masked positions of the block, as many as the linear schedule allows.
 
 What differs from ``generate.py``: a batch of rows with their own temperature, top_p, steps and
 seed; top-k selection by rank against a per-row k instead of a loop; noise drawn for the active
-block only (see ``RowNoise``); [MASK] is never predicted (see ``predict_x0``); no asserts.
+block only; [MASK] is never predicted (see ``predict_x0``); no asserts.
 """
 
 from __future__ import annotations
@@ -17,7 +17,34 @@ from collections.abc import Callable
 
 import torch
 
-from .noise import RowNoise
+
+class RowNoise:
+    """Per-request random streams, so a request's tokens never depend on its batch-mates.
+
+    Noise convention (the contract the tests' oracle follows): each request owns a
+    ``torch.Generator`` on the model's device seeded with its seed (0 when unset). At every denoising
+    step in which the request commits tokens and has temperature > 0, exactly one tensor
+    ``u = torch.rand((block_length, vocab_size), dtype=float64, generator=g)`` is drawn for the
+    positions of the active block; nothing else draws from ``g``. The Gumbel-max denominator is
+    ``(-log u) ** temperature`` as in LLaDA's ``add_gumbel_noise``.
+    """
+
+    def __init__(self, seeds: list[int], device: torch.device | str):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
+
+    def gumbel_denominator(
+        self, rows: list[int], temperature: list[float], shape: torch.Size, batch_size: int
+    ) -> torch.Tensor | None:
+        """(B, K, V) float64: (-log u) ** T for ``rows``, ones elsewhere; None if no row samples."""
+        if not rows:
+            return None
+        denominator = torch.ones((batch_size, *shape), dtype=torch.float64, device=self.device)
+        # One draw per row from its own generator: the only per-row loop of a step.
+        for r in rows:
+            u = torch.rand(shape, dtype=torch.float64, device=self.device, generator=self.generators[r])
+            denominator[r] = (-torch.log(u)) ** temperature[r]
+        return denominator
 
 
 def num_transfer_schedule(block_length: int, steps: list[int]) -> list[list[int]]:
@@ -55,8 +82,8 @@ def top_p_filter(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.T
 def predict_x0(
     logits: torch.Tensor,
     temperature: torch.Tensor,
-    top_p: torch.Tensor,
-    gumbel_denominator: torch.Tensor,
+    top_p: torch.Tensor | None,
+    gumbel_denominator: torch.Tensor | None,
     mask_token_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x0 and its confidence for every position of the block.
@@ -65,23 +92,30 @@ def predict_x0(
     break the schedule. A trained model gives it ~zero probability anyway (so this matches
     LLaDA's output there), but an untrained one, whose tied embeddings echo the input, prefers it.
 
-    logits (B, K, V); gumbel_denominator (B, K, V) float64 = (-log u) ** T, all ones for rows
-    without noise. Gumbel-max in float64 as LLaDA (low precision hurts quality,
-    arXiv:2409.02908): argmax of exp(logits) / (-log u) ** T samples softmax(logits / T).
+    logits (B, K, V); gumbel_denominator (B, K, V) float64 = (-log u) ** T, ones for rows
+    without noise, None when no row samples (then every row is greedy). top_p (B,), or None when
+    no row asks for a nucleus, which skips a sort over the vocabulary. Gumbel-max runs in float64
+    as in LLaDA (low precision hurts quality, arXiv:2409.02908): argmax of
+    exp(logits) / (-log u) ** T samples softmax(logits / T).
     Returns x0 (B, K) and confidence (B, K) = softmax(logits)[x0], LLaDA's low-confidence score.
     """
     logits64 = logits.to(torch.float64, copy=True)  # never write into the model's logits
     logits64[..., mask_token_id] = float("-inf")
-    filtered = top_p_filter(logits64, temperature, top_p)
-    noisy = (temperature > 0)[:, None, None]
-    scores = torch.where(noisy, filtered.exp() / gumbel_denominator, logits64)
-    x0 = scores.argmax(dim=-1)  # (B, K)
+    if gumbel_denominator is None:
+        x0 = logits64.argmax(dim=-1)  # (B, K)
+    else:
+        filtered = logits64 if top_p is None else top_p_filter(logits64, temperature, top_p)
+        noisy = (temperature > 0)[:, None, None]
+        scores = torch.where(noisy, filtered.exp() / gumbel_denominator, logits64)
+        x0 = scores.argmax(dim=-1)  # (B, K)
     probs = torch.softmax(logits64, dim=-1)
     confidence = probs.gather(-1, x0[..., None]).squeeze(-1)  # (B, K)
     return x0, confidence
 
 
-def select_transfer(confidence: torch.Tensor, mask_index: torch.Tensor, num_transfer: torch.Tensor) -> torch.Tensor:
+def select_transfer(
+    confidence: torch.Tensor, mask_index: torch.Tensor, num_transfer: torch.Tensor
+) -> torch.Tensor:
     """The num_transfer[b] most confident masked positions of each row: (B, K) bool.
 
     Ranking via a sort keeps it one batched op whatever each row's k is.
@@ -119,7 +153,8 @@ def reference_denoise_block(
     num_steps = max((s for s, on in zip(steps, active) if on), default=0)
     device = x.device
     temperature_t = torch.tensor(temperature, dtype=torch.float64, device=device)  # (B,)
-    top_p_t = torch.tensor(top_p, dtype=torch.float64, device=device)  # (B,)
+    use_top_p = any(t > 0 and p < 1 for t, p in zip(temperature, top_p))
+    top_p_t = torch.tensor(top_p, dtype=torch.float64, device=device) if use_top_p else None  # (B,)
     schedule_t = torch.tensor(schedule, dtype=torch.long, device=device)  # (B, S)
 
     for step in range(num_steps):
