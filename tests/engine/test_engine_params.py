@@ -32,7 +32,7 @@ def test_stop_list_becomes_tuple():
         (dict(stop=("",)), "stop"),
         (dict(stop=("a", 3)), "stop"),
         (dict(stop=("a", "b", "c", "d", "e")), "stop may hold at most 4"),
-        (dict(seed=-1), "seed"),
+        (dict(seed=2**64), "seed"),
         (dict(seed="1"), "seed"),
         (dict(sampler="threshold"), "diffusion.sampler"),
         (dict(block_length=0), "diffusion.block_length must be a positive integer"),
@@ -48,4 +48,6 @@ def test_invalid_params_raise_value_error_naming_field(kwargs, message):
 
 
 def test_valid_variants():
-    SamplingParams(max_tokens=1, temperature=2, top_p=0.5, stop=("x",), seed=2**62, block_length=4, steps=4).validate()
+    SamplingParams(max_tokens=1, temperature=2, top_p=0.5, stop=("x",), seed=2**64 - 1, block_length=4,
+                   steps=4).validate()
+    SamplingParams(seed=-(2**63)).validate()

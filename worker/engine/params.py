@@ -60,8 +60,9 @@ class SamplingParams:
             raise ValueError("stop must be a tuple of non-empty strings")
         if len(self.stop) > MAX_STOP_SEQUENCES:
             raise ValueError(f"stop may hold at most {MAX_STOP_SEQUENCES} strings")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
-            raise ValueError("seed must be an integer in [0, 2**63)")
+        # The range torch.Generator.manual_seed accepts.
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
+            raise ValueError("seed must be an integer in [-2**63, 2**64)")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"diffusion.sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
         if not _is_int(self.block_length) or self.block_length < 1:
