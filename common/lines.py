@@ -28,6 +28,14 @@ class DiffusionOptions(_Strict):
     block_length: int = Field(32, ge=1, le=1024)
     steps: int | None = Field(None, ge=1, le=1024, description="denoising steps per block")
 
+    @field_validator("steps")
+    @classmethod
+    def _steps_fit_block(cls, steps: int | None, info) -> int | None:
+        block = info.data.get("block_length", 32)
+        if steps is not None and steps > block:
+            raise ValueError(f"must be at most block_length ({block}): each step commits at least one token")
+        return steps
+
 
 class _SamplingBody(_Strict):
     model: str = Field(min_length=1)

@@ -1,0 +1,115 @@
+"""Malformed input ends as a `failed` batch naming the line and field, or as a 4xx; never a 500."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.harness import Service, chat_line, completion_line
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_model):
+    """One service for the module: every case is a separate batch, so they do not interfere."""
+    with Service.embedded(tmp_path_factory.mktemp("validation"), tiny_model) as svc:
+        yield svc
+
+GOOD = completion_line("ok")
+
+
+def _raw(*lines: dict | bytes | str) -> bytes:
+    out = []
+    for line in lines:
+        out.append(line if isinstance(line, bytes) else
+                   line.encode() if isinstance(line, str) else json.dumps(line).encode())
+    return b"\n".join(out) + b"\n"
+
+
+CASES = {
+    "not json": (_raw(GOOD, "{not json"), 2, "invalid_json_line", None),
+    "missing custom_id": (_raw({"method": "POST", "url": "/v1/completions", "body": GOOD["body"]}),
+                          1, "missing_required_parameter", "custom_id"),
+    "missing prompt": (_raw(GOOD, {**GOOD, "custom_id": "b", "body": {"model": "tiny"}}),
+                       2, "missing_required_parameter", "body.prompt"),
+    "duplicate custom_id": (_raw(GOOD, completion_line("x"), completion_line("ok")), 3,
+                            "duplicate_custom_id", "custom_id"),
+    "wrong url": (_raw({**GOOD, "url": "/v1/embeddings"}), 1, "invalid_url", "url"),
+    "url differs from endpoint": (_raw(GOOD, chat_line("c")), 2, "mismatched_endpoint", "url"),
+    "unknown model": (_raw(completion_line("a", model="gpt-7")), 1, "model_not_found", "body.model"),
+    "two models": (_raw(GOOD, completion_line("b", model="other")), 2, "mismatched_model", "body.model"),
+    "unknown diffusion option": (_raw(completion_line("a", diffusion={"stepz": 4})), 1,
+                                 "unknown_parameter", "body.diffusion.stepz"),
+    "unsupported sampler": (_raw(completion_line("a", diffusion={"sampler": "magic"})), 1,
+                            "invalid_value", "body.diffusion.sampler"),
+    "unknown body field": (_raw(completion_line("a", logprobs=3)), 1, "unknown_parameter", "body.logprobs"),
+    "bad max_tokens": (_raw(completion_line("a", max_tokens=0)), 1, "invalid_value", "body.max_tokens"),
+    "only blank lines": (b"\n\n  \n", 0, "empty_file", None),
+    "non-UTF-8 line": (_raw(GOOD, b'{"custom_id": "\xff\xfe"}'), 2, "invalid_encoding", None),
+    "not an object": (_raw("[1, 2]"), 1, "invalid_json_line", None),
+    "prompt longer than the model allows": (_raw(completion_line("a", prompt="x" * 5000)), 1,
+                                            "context_length_exceeded", "body.prompt"),
+    "steps beyond block": (_raw(completion_line("a", diffusion={"block_length": 8, "steps": 9})), 1,
+                           "invalid_value", "body.diffusion.steps"),
+}
+
+
+@pytest.mark.parametrize("content,line,code,param", CASES.values(), ids=CASES.keys())
+def test_bad_file_fails_the_batch_naming_line_and_field(service, content, line, code, param):
+    batch = service.wait(service.submit(content)["id"])
+    assert batch["status"] == "failed"
+    assert batch["failed_at"] is not None and batch["output_file_id"] is None
+    first = batch["errors"]["data"][0]
+    assert (first["line"], first["code"], first["param"]) == (line, code, param), first
+    if line:
+        assert first["message"].startswith(f"Line {line}:")
+    if param:
+        assert param in first["message"]
+
+
+def test_chat_image_content_is_rejected_with_a_clear_error(service):
+    line = chat_line("img")
+    line["body"]["messages"][0]["content"] = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    batch = service.wait(service.submit([line], endpoint="/v1/chat/completions")["id"])
+    error = batch["errors"]["data"][0]
+    assert batch["status"] == "failed" and error["param"] == "body.messages.0.content"
+    assert "only text content" in error["message"]
+
+
+def test_all_errors_are_listed_not_only_the_first(service):
+    batch = service.wait(service.submit(_raw("nope", GOOD, "{", completion_line("ok")))["id"])
+    assert [(e["line"], e["code"]) for e in batch["errors"]["data"]] == [
+        (1, "invalid_json_line"), (3, "invalid_json_line"), (4, "duplicate_custom_id")]
+
+
+def test_zero_byte_upload_is_a_400(service):
+    response = service.client.post("/v1/files", files={"file": ("empty.jsonl", b"")}, data={"purpose": "batch"})
+    assert response.status_code == 400
+    assert response.json()["error"] == {"message": "The uploaded file is empty (0 bytes).",
+                                        "type": "invalid_request_error", "param": "file", "code": "empty_file"}
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"input_file_id": "file-x", "endpoint": "/v1/embeddings"}, "endpoint"),
+    ({"input_file_id": "file-x", "endpoint": "/v1/completions", "completion_window": "1h"}, "completion_window"),
+    ({"endpoint": "/v1/completions"}, "input_file_id"),
+    ({"input_file_id": "file-x", "endpoint": "/v1/completions", "surprise": 1}, "surprise"),
+])
+def test_bad_create_body_is_a_400_naming_the_field(service, body, param):
+    response = service.client.post("/v1/batches", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    assert response.json()["error"]["message"].startswith(param)
+
+
+def test_create_with_unknown_file_is_a_404(service):
+    response = service.client.post("/v1/batches", json={"input_file_id": "file-nope", "endpoint": "/v1/completions"})
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "file_not_found"
+
+
+def test_non_json_create_body_is_a_400(service):
+    response = service.client.post("/v1/batches", content=b"\xff not json",
+                                   headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
