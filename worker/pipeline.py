@@ -10,7 +10,7 @@ from db import repo
 from db.models import BatchStatus, Request, RequestStatus
 from worker.finalize import maybe_finalize
 from worker.heartbeat import Heartbeat
-from worker.responses import response_body, to_generation_request
+from worker.responses import error_code_and_param, response_body, to_generation_request
 from worker.runtime import Runtime
 
 log = logging.getLogger("diffbatch.worker")
@@ -46,7 +46,8 @@ def _process(rt: Runtime, chunk_id: int, model: str, claimed: list[Request]) -> 
         try:
             runnable.append((request, to_generation_request(rt.engine, request.url, request.body)))
         except ValueError as exc:
-            written += _fail(rt, request, "invalid_request", str(exc))
+            code, param = error_code_and_param(exc, request.url)
+            written += _fail(rt, request, code, f"{param}: {exc}")
     size = rt.settings.max_batch_size
     for start in range(0, len(runnable), size):
         group = runnable[start:start + size]

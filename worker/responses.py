@@ -6,7 +6,7 @@ from typing import Any
 
 from common.ids import new_id, now
 from common.lines import CompletionBody, parse_body
-from worker.engine.params import GenerationRequest, GenerationResult, SamplingParams
+from worker.engine.params import ContextLengthError, GenerationRequest, GenerationResult, SamplingParams
 
 
 def to_generation_request(engine, url: str, body: dict[str, Any]) -> GenerationRequest:
@@ -24,6 +24,13 @@ def to_generation_request(engine, url: str, body: dict[str, Any]) -> GenerationR
     request = GenerationRequest(prompt_ids=prompt_ids, params=params)
     engine.check(request)
     return request
+
+
+def error_code_and_param(error: ValueError, url: str) -> tuple[str, str]:
+    """How a request the engine refused is reported: OpenAI's code and the body field at fault."""
+    if isinstance(error, ContextLengthError):
+        return "context_length_exceeded", "body.prompt" if url == "/v1/completions" else "body.messages"
+    return "invalid_request", "body"
 
 
 def usage(result: GenerationResult) -> dict[str, Any]:

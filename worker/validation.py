@@ -16,7 +16,7 @@ from common.queue import RUN_CHUNK
 from common.settings import queue_for_model
 from db import repo
 from db.models import BatchStatus, RequestStatus
-from worker.responses import to_generation_request
+from worker.responses import error_code_and_param, to_generation_request
 from worker.runtime import Runtime
 
 log = logging.getLogger("diffbatch.worker")
@@ -135,7 +135,8 @@ def _fits_model(rt: Runtime, item: ParsedLine) -> LineError | None:
     try:
         to_generation_request(rt.engine, item.url, item.body)
     except ValueError as exc:
-        return LineError(item.line, "invalid_request", f"Line {item.line}: {exc}", "body")
+        code, param = error_code_and_param(exc, item.url)
+        return LineError(item.line, code, f"Line {item.line}: {param}: {exc}", param)
     return None
 
 

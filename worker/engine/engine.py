@@ -9,7 +9,7 @@ import torch
 
 from .layout import build_layout
 from .loader import LoadedModel
-from .params import GenerationRequest, GenerationResult
+from .params import ContextLengthError, GenerationRequest, GenerationResult
 from .postprocess import finish_row
 from .samplers import RowNoise, reference_denoise_block
 
@@ -72,7 +72,7 @@ class Engine:
             raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
         gen_length = _round_up(params.max_tokens, params.block_length)
         if len(prompt) + gen_length > self.max_positions:
-            raise ValueError(
+            raise ContextLengthError(
                 f"prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} (rounded up to "
                 f"{gen_length}, a multiple of diffusion.block_length={params.block_length}) needs "
                 f"{len(prompt) + gen_length} positions; the model supports {self.max_positions}"

@@ -21,6 +21,10 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+class ContextLengthError(ValueError):
+    """The prompt plus the tokens to generate do not fit the model's positions."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 128

@@ -1,0 +1,136 @@
+"""Nothing accepted is lost or returned twice: cancel, expiry, lost messages, dead workers, poison requests.
+
+These drive the pipeline functions directly (no worker thread), so every interleaving is deterministic.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import update
+
+from common.ids import now
+from db import repo
+from db.models import Batch, Chunk, RequestStatus
+from tests.harness import Service, completion_line
+from worker import finalize, pipeline, reconcile, validation
+
+
+@pytest.fixture
+def svc(tmp_path, tiny_model):
+    return Service.embedded(tmp_path, tiny_model, chunk_size=2, requeue_after_s=60, stale_after_s=60)
+
+
+def _validated(svc: Service, n: int) -> tuple[str, list[int]]:
+    batch_id = svc.submit([completion_line(f"r{i}", seed=i) for i in range(n)])["id"]
+    validation.validate_batch(svc.runtime, batch_id)
+    with svc.runtime.session() as session:
+        return batch_id, [c.id for c in repo.chunks_of(session, batch_id=batch_id)]
+
+
+def _custom_ids(svc: Service, file_id: str | None) -> list[str]:
+    return [line["custom_id"] for line in svc.lines_of(file_id)]
+
+
+def test_cancel_keeps_finished_results_and_closes_the_rest(svc):
+    batch_id, chunks = _validated(svc, 5)
+    pipeline.run_chunk(svc.runtime, chunks[0])
+    cancelled = svc.client.post(f"/v1/batches/{batch_id}/cancel").json()
+    assert cancelled["status"] == "cancelling" and cancelled["cancelling_at"]
+    assert pipeline.run_chunk(svc.runtime, chunks[1]) == 0  # a cancelling batch starts no new work
+    finalize.maybe_finalize(svc.runtime, batch_id)  # what the cancel's message does (idempotent)
+    batch = svc.client.get(f"/v1/batches/{batch_id}").json()
+    assert batch["status"] == "cancelled" and batch["cancelled_at"]
+    assert _custom_ids(svc, batch["output_file_id"]) == ["r0", "r1"]
+    errors = svc.lines_of(batch["error_file_id"])
+    assert [e["custom_id"] for e in errors] == ["r2", "r3", "r4"]
+    assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+    assert batch["request_counts"] == {"total": 5, "completed": 2, "failed": 3}
+    assert svc.client.post(f"/v1/batches/{batch_id}/cancel").json()["status"] == "cancelled"
+
+
+def test_completed_batch_cannot_be_cancelled(svc):
+    batch_id, chunks = _validated(svc, 1)
+    pipeline.run_chunk(svc.runtime, chunks[0])
+    response = svc.client.post(f"/v1/batches/{batch_id}/cancel")
+    assert response.status_code == 409 and "completed" in response.json()["error"]["message"]
+
+
+def test_cancel_while_validating_stores_nothing(svc):
+    batch_id = svc.submit([completion_line("a")])["id"]
+    svc.client.post(f"/v1/batches/{batch_id}/cancel")
+    validation.validate_batch(svc.runtime, batch_id)
+    finalize.maybe_finalize(svc.runtime, batch_id)
+    batch = svc.client.get(f"/v1/batches/{batch_id}").json()
+    assert batch["status"] == "cancelled" and batch["request_counts"]["total"] == 0
+
+
+def test_expired_batch_keeps_results_and_reports_the_rest(svc):
+    batch_id, chunks = _validated(svc, 3)
+    pipeline.run_chunk(svc.runtime, chunks[0])
+    with svc.runtime.session() as session, session.begin():
+        session.execute(update(Batch).where(Batch.id == batch_id).values(expires_at=now() - 1))
+    reconcile.reconcile(svc.runtime)
+    batch = svc.client.get(f"/v1/batches/{batch_id}").json()
+    assert batch["status"] == "expired" and batch["expired_at"]
+    assert _custom_ids(svc, batch["output_file_id"]) == ["r0", "r1"]
+    assert [e["error"]["code"] for e in svc.lines_of(batch["error_file_id"])] == ["batch_expired"]
+
+
+def test_lost_messages_are_sent_again_and_nothing_is_lost(svc):
+    batch_id, chunks = _validated(svc, 4)
+    svc.celery.control.purge()  # the broker lost every message (a Redis restart, say)
+    with svc.runtime.session() as session, session.begin():
+        session.execute(update(Chunk).values(enqueued_at=now() - 3600))
+    assert reconcile.reconcile(svc.runtime)["requeued"] == 2
+    with svc:  # a worker starts and works through the re-sent messages
+        batch = svc.wait(batch_id)
+    assert batch["status"] == "completed"
+    assert _custom_ids(svc, batch["output_file_id"]) == ["r0", "r1", "r2", "r3"]
+
+
+def test_dead_workers_requests_are_reclaimed_and_written_once(svc):
+    batch_id, chunks = _validated(svc, 2)
+    with svc.runtime.session() as session, session.begin():
+        claimed = repo.claim_requests(session, chunk_id=chunks[0], worker="dead:1", now=now() - 600,
+                                      stale_before=0)
+    assert len(claimed) == 2
+    assert pipeline.run_chunk(svc.runtime, chunks[0]) == 2  # heartbeat is stale: claimed again
+    batch = svc.client.get(f"/v1/batches/{batch_id}").json()
+    assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 2
+    with svc.runtime.session() as session, session.begin():
+        rows = repo.requests_of(session, batch_id=batch_id, statuses=[RequestStatus.succeeded])
+        assert [r.attempts for r in rows] == [2, 2]
+        # The dead worker wakes up and tries to write its result: refused, counts unchanged.
+        assert not repo.finish_request(session, request_id=rows[0].id, status=RequestStatus.failed,
+                                       now=now(), error_code="late", error_message="late")
+    assert svc.client.get(f"/v1/batches/{batch_id}").json()["request_counts"] == {
+        "total": 2, "completed": 2, "failed": 0}
+
+
+def test_poison_request_ends_as_an_error_line_not_a_loop(svc):
+    svc.runtime.settings.max_attempts = 2
+    batch_id, chunks = _validated(svc, 1)
+    for _ in range(2):  # two workers died while holding it
+        with svc.runtime.session() as session, session.begin():
+            repo.claim_requests(session, chunk_id=chunks[0], worker="dead", now=now() - 600, stale_before=now())
+    pipeline.run_chunk(svc.runtime, chunks[0])
+    batch = svc.client.get(f"/v1/batches/{batch_id}").json()
+    assert batch["status"] == "completed" and batch["output_file_id"] is None
+    [error] = svc.lines_of(batch["error_file_id"])
+    assert error["custom_id"] == "r0" and error["error"]["code"] == "max_attempts_exceeded"
+
+
+def test_engine_failure_hands_requests_back(svc, monkeypatch):
+    batch_id, chunks = _validated(svc, 2)
+
+    def broken(_requests):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(svc.runtime.engine, "generate", broken)
+    with pytest.raises(RuntimeError):
+        pipeline.run_chunk(svc.runtime, chunks[0])
+    with svc.runtime.session() as session:
+        rows = repo.requests_of(session, batch_id=batch_id, statuses=[RequestStatus.pending])
+    assert [r.custom_id for r in rows] == ["r0", "r1"]  # back to pending, to be retried
+    monkeypatch.undo()
+    assert pipeline.run_chunk(svc.runtime, chunks[0]) == 2
