@@ -1,0 +1,103 @@
+"""The commands a user types: `diffbatch run` (README's first command) and `diffbatch serve` + the openai SDK."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cli.stack import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFBATCH_")}
+    return {**env, **extra}
+
+
+def _custom_ids(path: Path) -> list[str]:
+    return [json.loads(line)["custom_id"] for line in path.read_text().splitlines()]
+
+
+def test_readme_first_command_writes_one_line_per_request(tmp_path):
+    output = tmp_path / "out.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "run", "examples/batch.jsonl", "-o", str(output),
+         "--data-dir", str(tmp_path / "data")],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _custom_ids(output) == _custom_ids(REPO / "examples/batch.jsonl")
+    assert "completed" in result.stderr
+    first = json.loads(output.read_text().splitlines()[0])
+    assert first["response"]["body"]["model"] == "diffbatch-tiny-random"  # says plainly what answered
+
+
+def test_run_reports_a_failed_batch_and_exits_non_zero(tmp_path, tiny_model):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"custom_id": "a"}\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "run", str(bad), "-o", str(tmp_path / "out.jsonl"),
+         "--data-dir", str(tmp_path / "data")],
+        cwd=REPO, env=_env(DIFFBATCH_MODEL=str(tiny_model)), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "failed" in result.stderr and "Line 1: method: Field required" in result.stderr
+
+
+@pytest.fixture
+def served(tmp_path, tiny_model):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+        cwd=REPO, env=_env(DIFFBATCH_MODEL=str(tiny_model)), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=1).json()["data"]:
+                break
+        except (httpx.HTTPError, ValueError, KeyError):
+            time.sleep(0.3)
+    yield url, process
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_openai_sdk_against_diffbatch_serve_and_clean_stop(served, tmp_path):
+    from openai import OpenAI
+
+    url, process = served
+    assert process.poll() is None, process.stdout.read()
+    client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    lines = [{"custom_id": f"sdk-{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "tiny", "messages": [{"role": "user", "content": f"Hello {i}"}], "max_tokens": 8}}
+             for i in range(3)]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    uploaded = client.files.create(file=source.open("rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h", metadata={"job": "sdk-test"})
+    deadline = time.monotonic() + 120
+    while batch.status not in ("completed", "failed", "expired", "cancelled") and time.monotonic() < deadline:
+        time.sleep(0.3)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch
+    assert batch.request_counts.completed == 3 and batch.metadata == {"job": "sdk-test"}
+    output = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(line["custom_id"] for line in output) == ["sdk-0", "sdk-1", "sdk-2"]
+    assert all(line["response"]["body"]["object"] == "chat.completion" for line in output)
+    assert batch.id in [b.id for b in client.batches.list(limit=5).data]
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C stops API, worker and scheduler
+    assert process.wait(timeout=60) == 0
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/healthz", timeout=1)
