@@ -78,7 +78,7 @@ def _serve(settings: Settings, args) -> int:
     from cli.stack import EmbeddedStack
 
     stack = EmbeddedStack(settings, port=args.port or settings.api_port)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the stack as Ctrl-C does
     with stack:
         try:
             stack.wait_ready()
@@ -93,6 +93,10 @@ def _serve(settings: Settings, args) -> int:
             print(f"diffbatch serve: {exc}", file=sys.stderr)
             return 1
     return 0
+
+
+def _interrupt(*_args) -> None:
+    raise KeyboardInterrupt
 
 
 def _api(settings: Settings, args) -> int:

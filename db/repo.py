@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy import and_, delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import (OPEN_REQUEST_STATUSES, Batch, BatchStatus, Chunk, File, Request, RequestStatus,
@@ -201,6 +201,19 @@ def requests_of(session: Session, *, batch_id: str, statuses: Sequence[RequestSt
                                 .order_by(Request.line).limit(limit)))
 
 
+def release_requests(session: Session, *, request_ids: Sequence[int], worker: str) -> None:
+    """Hand claimed requests back to pending (their attempt stays counted)."""
+    session.execute(update(Request).where(Request.id.in_(list(request_ids)), Request.worker == worker,
+                                          Request.status == RequestStatus.running)
+                    .values(status=RequestStatus.pending, worker=None))
+
+
+def discard_requests(session: Session, *, batch_id: str) -> None:
+    """Remove a batch's requests and chunks (a validation that did not finish)."""
+    session.execute(delete(Request).where(Request.batch_id == batch_id))
+    session.execute(delete(Chunk).where(Chunk.batch_id == batch_id))
+
+
 def reclaim_stale(session: Session, *, stale_before: int) -> int:
     """Running requests whose worker stopped beating go back to pending."""
     result = session.execute(update(Request).where(Request.status == RequestStatus.running,
@@ -250,10 +263,3 @@ def _past_cursor(columns, values, descending: bool):
     if descending:
         return (c1 < v1) | ((c1 == v1) & (c2 < v2))
     return (c1 > v1) | ((c1 == v1) & (c2 > v2))
-
-
-def release_requests(session: Session, *, request_ids: Sequence[int], worker: str) -> None:
-    """Hand claimed requests back to pending (their attempt stays counted)."""
-    session.execute(update(Request).where(Request.id.in_(list(request_ids)), Request.worker == worker,
-                                          Request.status == RequestStatus.running)
-                    .values(status=RequestStatus.pending, worker=None))

@@ -134,3 +134,18 @@ def test_engine_failure_hands_requests_back(svc, monkeypatch):
     assert [r.custom_id for r in rows] == ["r0", "r1"]  # back to pending, to be retried
     monkeypatch.undo()
     assert pipeline.run_chunk(svc.runtime, chunks[0]) == 2
+
+
+def test_interrupted_validation_is_retried_from_scratch(svc):
+    batch_id = svc.submit([completion_line(f"r{i}") for i in range(3)])["id"]
+    with svc.runtime.session() as session, session.begin():  # a validator died after storing one chunk
+        chunk_id = repo.add_chunk(session, batch_id=batch_id, queue="q", size=1, now=now())
+        repo.add_requests(session, rows=[{"public_id": "batch_req_x", "batch_id": batch_id, "chunk_id": chunk_id,
+                                          "custom_id": "r0", "line": 1, "url": "/v1/completions", "body": {},
+                                          "status": RequestStatus.pending, "attempts": 0}])
+        session.execute(update(Batch).where(Batch.id == batch_id).values(touched_at=now() - 3600))
+    assert reconcile.reconcile(svc.runtime)["revalidated"] == 1
+    with svc:
+        batch = svc.wait(batch_id)
+    assert batch["status"] == "completed" and batch["request_counts"]["total"] == 3
+    assert _custom_ids(svc, batch["output_file_id"]) == ["r0", "r1", "r2"]

@@ -45,6 +45,11 @@ def _enter_finalizing(rt: Runtime, batch_id: str) -> bool:
         batch = repo.get_batch(session, batch_id=batch_id, for_update=True)
         if batch is None:
             return False
+        if batch.status == BatchStatus.cancelling and batch.in_progress_at is None:
+            # Cancelled while validating: nothing was accepted, so there are no files to write.
+            repo.transition(session, batch_id=batch_id, from_=[BatchStatus.cancelling],
+                            to=BatchStatus.cancelled, now=t)
+            return False
         if batch.status == BatchStatus.in_progress and t >= batch.expires_at:
             repo.close_open_requests(session, batch_id=batch_id, status=RequestStatus.expired,
                                      code="batch_expired", message="The batch expired before this "

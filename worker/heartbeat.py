@@ -31,6 +31,5 @@ class Heartbeat:
             try:
                 with self.rt.session() as session, session.begin():
                     repo.heartbeat(session, request_ids=self.request_ids, worker=self.rt.name, now=now())
-                    repo.beat_worker(session, name=self.rt.name, now=now())
             except Exception:  # noqa: BLE001 - a missed beat only risks a harmless reclaim
                 log.warning("heartbeat failed", exc_info=True)

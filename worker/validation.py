@@ -1,12 +1,14 @@
 """Validate a batch's input file, store its requests in chunks, and ring one doorbell per chunk.
 
-Two streaming passes over the file: the first collects every structural error (so the user sees them
-all at once, as OpenAI's `errors.data[]`); the second inserts the requests in one transaction, so a
-crash half-way leaves the batch `validating` for the reconciler to retry, never half-stored.
+Two streaming passes over the file: the first collects every error (so the user sees them all at once,
+as OpenAI's `errors.data[]`); the second inserts the requests a chunk at a time. The batch turns
+`in_progress` only after the last chunk is stored, so a crash half-way leaves it `validating` for the
+reconciler to retry from scratch; no chunk is dispatched before every request is stored.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 
@@ -21,7 +23,7 @@ from worker.runtime import Runtime
 
 log = logging.getLogger("diffbatch.worker")
 MAX_LISTED_ERRORS = 100
-INSERT_ROWS = 1000
+TOUCH_EVERY_LINES = 10_000  # a long validation shows it is alive, so the reconciler leaves it be
 
 
 def validate_batch(rt: Runtime, batch_id: str) -> None:
@@ -33,11 +35,11 @@ def validate_batch(rt: Runtime, batch_id: str) -> None:
         endpoint = batch.endpoint
     if source is None or not rt.blobs.path(source.id).exists():
         return _fail(rt, batch_id, [LineError(0, "file_not_found", "The input file no longer exists.")])
-    errors, model, count = _check_lines(rt, source.id, endpoint)
-    if not errors:
-        errors = _store(rt, batch_id, source.id, model, count)
+    errors, model, count = _check_lines(rt, batch_id, source.id, endpoint)
     if errors:
         _fail(rt, batch_id, errors)
+    else:
+        _store(rt, batch_id, source.id, model, count)
 
 
 def _lines(rt: Runtime, file_id: str) -> Iterator[ParsedLine | LineError]:
@@ -46,12 +48,15 @@ def _lines(rt: Runtime, file_id: str) -> Iterator[ParsedLine | LineError]:
             yield parse_line(raw, number)
 
 
-def _check_lines(rt: Runtime, file_id: str, endpoint: str) -> tuple[list[LineError], str | None, int]:
+def _check_lines(rt: Runtime, batch_id: str, file_id: str,
+                 endpoint: str) -> tuple[list[LineError], str | None, int]:
     errors: list[LineError] = []
     seen: set[str] = set()
     model, count = None, 0
     for item in _lines(rt, file_id):
         count += 1
+        if count % TOUCH_EVERY_LINES == 0:
+            _touch(rt, batch_id)
         if isinstance(item, LineError):
             errors.append(item)
         elif item.url != endpoint:
@@ -66,6 +71,8 @@ def _check_lines(rt: Runtime, file_id: str, endpoint: str) -> tuple[list[LineErr
             errors.append(LineError(item.line, "mismatched_model",
                                     f"Line {item.line}: body.model {item.model!r} differs from {model!r}; "
                                     "a batch uses one model.", "body.model"))
+        elif item.model == rt.model_name and (error := _fits_model(rt, item)):
+            errors.append(error)
         else:
             model = item.model
         if isinstance(item, ParsedLine):
@@ -80,49 +87,41 @@ def _check_lines(rt: Runtime, file_id: str, endpoint: str) -> tuple[list[LineErr
     return errors, model, count
 
 
+def _touch(rt: Runtime, batch_id: str) -> None:
+    with rt.session() as session, session.begin():
+        repo.touch_batch(session, batch_id=batch_id, now=now())
+
+
 def _served_models(rt: Runtime) -> set[str]:
     with rt.session() as session:
         live = repo.known_workers(session, since=now() - rt.settings.stale_after_s)
     return {w.model for w in live} | {rt.model_name}
 
 
-def _store(rt: Runtime, batch_id: str, file_id: str, model: str, count: int) -> list[LineError]:
-    """Insert requests and chunks; return per-line errors found only now (prompt too long)."""
+def _store(rt: Runtime, batch_id: str, file_id: str, model: str, count: int) -> None:
+    """Insert the requests one chunk per transaction (short write locks), then open the batch.
+
+    Leftovers of an interrupted earlier attempt are discarded first, so a retry starts clean.
+    """
     queue, size = queue_for_model(model), rt.settings.chunk_size
-    errors: list[LineError] = []
-    rows: list[dict] = []
+    with rt.session() as session, session.begin():
+        repo.discard_requests(session, batch_id=batch_id)
     chunk_ids: list[int] = []
-    if model == rt.model_name:
-        rt.engine  # load before the transaction: SQLite holds its write lock until commit
-    with rt.session() as session:
-        try:
-            with session.begin():
-                for index, item in enumerate(_lines(rt, file_id)):
-                    if index % size == 0:
-                        chunk_ids.append(repo.add_chunk(session, batch_id=batch_id, queue=queue,
-                                                        size=min(size, count - index), now=now()))
-                    if model == rt.model_name and (error := _fits_model(rt, item)):
-                        errors.append(error)
-                    rows.append(_request_row(batch_id, chunk_ids[-1], item))
-                    if len(rows) >= INSERT_ROWS:
-                        repo.add_requests(session, rows=rows)
-                        rows = []
-                if rows:
-                    repo.add_requests(session, rows=rows)
-                if errors or not repo.transition(session, batch_id=batch_id, from_=[BatchStatus.validating],
-                                                 to=BatchStatus.in_progress, now=now(), model=model,
-                                                 total=count):
-                    raise _Discard  # a line does not fit the model, or the batch was cancelled meanwhile
-        except _Discard:
-            return errors
+    lines = _lines(rt, file_id)
+    while group := list(itertools.islice(lines, size)):
+        with rt.session() as session, session.begin():
+            chunk_id = repo.add_chunk(session, batch_id=batch_id, queue=queue, size=len(group), now=now())
+            repo.add_requests(session, rows=[_request_row(batch_id, chunk_id, item) for item in group])
+            repo.touch_batch(session, batch_id=batch_id, now=now())
+        chunk_ids.append(chunk_id)
+    with rt.session() as session, session.begin():
+        if not repo.transition(session, batch_id=batch_id, from_=[BatchStatus.validating],
+                               to=BatchStatus.in_progress, now=now(), model=model, total=count):
+            repo.discard_requests(session, batch_id=batch_id)  # cancelled meanwhile: keep nothing
+            return
     for chunk_id in chunk_ids:
         rt.celery.send_task(RUN_CHUNK, args=(chunk_id,), queue=queue)
     log.info("batch %s: %d requests in %d chunks on %s", batch_id, count, len(chunk_ids), queue)
-    return []
-
-
-class _Discard(Exception):
-    """Roll the insert transaction back."""
 
 
 def _request_row(batch_id: str, chunk_id: int, item: ParsedLine) -> dict:
