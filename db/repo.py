@@ -214,6 +214,10 @@ def discard_requests(session: Session, *, batch_id: str) -> None:
     session.execute(delete(Chunk).where(Chunk.batch_id == batch_id))
 
 
+def get_request(session: Session, *, public_id: str) -> Request | None:
+    return session.scalar(select(Request).where(Request.public_id == public_id))
+
+
 def reclaim_stale(session: Session, *, stale_before: int) -> int:
     """Running requests whose worker stopped beating go back to pending."""
     result = session.execute(update(Request).where(Request.status == RequestStatus.running,

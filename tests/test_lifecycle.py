@@ -149,3 +149,16 @@ def test_interrupted_validation_is_retried_from_scratch(svc):
         batch = svc.wait(batch_id)
     assert batch["status"] == "completed" and batch["request_counts"]["total"] == 3
     assert _custom_ids(svc, batch["output_file_id"]) == ["r0", "r1", "r2"]
+
+
+def test_partial_results_while_the_batch_runs(svc):
+    batch_id, chunks = _validated(svc, 5)
+    assert svc.client.get(f"/v1/batches/{batch_id}/results").json()["data"] == []
+    pipeline.run_chunk(svc.runtime, chunks[0])
+    first = svc.client.get(f"/v1/batches/{batch_id}/results?limit=1").json()
+    assert [line["custom_id"] for line in first["data"]] == ["r0"] and first["has_more"] is True
+    rest = svc.client.get(f"/v1/batches/{batch_id}/results?after={first['last_id']}").json()
+    assert [line["custom_id"] for line in rest["data"]] == ["r1"] and rest["has_more"] is False
+    assert rest["data"][0]["response"]["status_code"] == 200
+    bad = svc.client.get(f"/v1/batches/{batch_id}/results?after=batch_req_nope")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "after"

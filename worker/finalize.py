@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from common.ids import now
 from db import repo
 from db.models import OPEN_REQUEST_STATUSES, BatchStatus, RequestStatus
-from worker.responses import output_line
+from common.results import output_line
 from worker.runtime import Runtime
 
 log = logging.getLogger("diffbatch.worker")
@@ -71,7 +71,7 @@ def _enter_finalizing(rt: Runtime, batch_id: str) -> bool:
 
 def _write_file(rt: Runtime, batch_id: str, kind: str, statuses) -> str | None:
     file_id = f"file-{batch_id.removeprefix('batch_')}-{kind}"
-    lines = _result_lines(rt, batch_id, statuses, succeeded=kind == "output")
+    lines = _result_lines(rt, batch_id, statuses)
     size = rt.blobs.write(file_id, lines)
     with rt.session() as session, session.begin():
         existing = repo.get_file(session, file_id=file_id)
@@ -86,7 +86,7 @@ def _write_file(rt: Runtime, batch_id: str, kind: str, statuses) -> str | None:
     return file_id
 
 
-def _result_lines(rt: Runtime, batch_id: str, statuses, *, succeeded: bool) -> Iterator[bytes]:
+def _result_lines(rt: Runtime, batch_id: str, statuses) -> Iterator[bytes]:
     """Result lines in input order, read a page at a time so a million lines never sit in memory."""
     after = -1
     while True:
@@ -95,5 +95,5 @@ def _result_lines(rt: Runtime, batch_id: str, statuses, *, succeeded: bool) -> I
                                     limit=PAGE)
         if not page:
             return
-        yield b"".join(json.dumps(output_line(r, succeeded=succeeded)).encode() + b"\n" for r in page)
+        yield b"".join(json.dumps(output_line(r)).encode() + b"\n" for r in page)
         after = page[-1].line

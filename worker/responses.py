@@ -55,13 +55,3 @@ def response_body(url: str, model: str, result: GenerationResult) -> dict[str, A
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                          "logprobs": None, "finish_reason": result.finish_reason}],
             "usage": usage(result)}
-
-
-def output_line(request, *, succeeded: bool) -> dict[str, Any]:
-    """One line of the output (succeeded) or error file (anything else)."""
-    if succeeded:
-        return {"id": request.public_id, "custom_id": request.custom_id,
-                "response": {"status_code": 200, "request_id": request.public_id, "body": request.response},
-                "error": None}
-    return {"id": request.public_id, "custom_id": request.custom_id, "response": None,
-            "error": {"code": request.error_code, "message": request.error_message}}

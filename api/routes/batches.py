@@ -14,10 +14,12 @@ from api.errors import ApiError
 from api.schemas import CreateBatch, batch_object, page
 from common.ids import new_id, now
 from db import repo
-from db.models import TERMINAL_BATCH_STATUSES, BatchStatus
+from common.results import output_line
+from db.models import OPEN_REQUEST_STATUSES, TERMINAL_BATCH_STATUSES, BatchStatus, RequestStatus
 
 router = APIRouter(prefix="/v1/batches")
 WINDOW_S = {"24h": 24 * 3600}
+FINISHED = [status for status in RequestStatus if status not in OPEN_REQUEST_STATUSES]
 
 
 def _request_hash(body: CreateBatch) -> str:
@@ -74,6 +76,22 @@ def _get(session, batch_id: str):
 @router.get("/{batch_id}")
 def get_batch(session: SessionDep, batch_id: str):
     return batch_object(_get(session, batch_id))
+
+
+@router.get("/{batch_id}/results")
+def partial_results(session: SessionDep, batch_id: str, after: str | None = None,
+                    limit: Annotated[int, Query(ge=1, le=1000)] = 100):
+    """diffbatch extension: finished result lines so far, in input order, while the batch runs."""
+    _get(session, batch_id)
+    after_line = -1
+    if after:
+        cursor = repo.get_request(session, public_id=after)
+        if cursor is None or cursor.batch_id != batch_id:
+            raise ApiError(400, f"after: {after!r} is not a request of batch {batch_id}", param="after")
+        after_line = cursor.line
+    rows = repo.requests_of(session, batch_id=batch_id, statuses=FINISHED, after_line=after_line,
+                            limit=limit + 1)
+    return page([output_line(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
 
 @router.post("/{batch_id}/cancel")
