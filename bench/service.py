@@ -5,7 +5,10 @@ embedded stack (SQLite database, SQLAlchemy broker) and the production stack (Po
 The service is timed from upload to downloaded output; its start-up is reported apart. The engine
 runs again after each service run and a service's ratio uses the engine runs on either side of it;
 every mode runs --repeat times and the medians are reported: on a shared VM one 10 s run of the same
-code varies by up to 30%, more than the effect being measured.
+code varies by up to 30%, more than the effect being measured. Most of that variance is glibc malloc
+returning torch's freed buffers to the OS (1-3.5 million page faults per 1000 requests); run with
+GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295 (or
+LD_PRELOAD=libjemalloc.so.2) exported for steady numbers: all processes inherit it.
 Exits 1 if any mode lost or duplicated a custom_id.
 
     python bench/service.py [--requests 1000] [--repeat 3] [--chunk-size 64] [--skip-production]
@@ -228,6 +231,8 @@ def print_report(rows: list[Row], argv: list[str]) -> None:
     print(f"\ncommand: {shlex.join([sys.executable, *argv])}")
     print(f"machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}")
+    allocator = {k: os.environ[k] for k in ("GLIBC_TUNABLES", "LD_PRELOAD") if os.environ.get(k)}
+    print(f"allocator: {' '.join(f'{k}={v}' for k, v in allocator.items()) or 'glibc malloc defaults'}")
     print("runs, in order: " + ", ".join(f"{row.mode.split()[0]} {row.rate:.0f}" for row in rows) + " tokens/s")
     ratios = {i: row.rate * 2 / (rows[i - 1].rate + rows[i + 1].rate)
               for i, row in enumerate(rows) if row.ready_s is not None}
