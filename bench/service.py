@@ -6,9 +6,9 @@ The service is timed from upload to downloaded output; its start-up is reported 
 runs again after each service run and a service's ratio uses the engine runs on either side of it;
 every mode runs --repeat times and the medians are reported: on a shared VM one 10 s run of the same
 code varies by up to 30%, more than the effect being measured. Most of that variance is glibc malloc
-returning torch's freed buffers to the OS (1-3.5 million page faults per 1000 requests); run with
-GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295 (or
-LD_PRELOAD=libjemalloc.so.2) exported for steady numbers: all processes inherit it.
+returning torch's freed buffers to the OS (1-3.5 million page faults per 1000 requests), so the
+bench re-executes itself with cli.stack.CPU_ALLOCATOR (what the embedded CPU worker gets) unless
+GLIBC_TUNABLES or LD_PRELOAD is already set: baseline and service run under the same allocator.
 Exits 1 if any mode lost or duplicated a custom_id.
 
     python bench/service.py [--requests 1000] [--repeat 3] [--chunk-size 64] [--skip-production]
@@ -27,7 +27,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,8 @@ from statistics import median
 
 import torch
 
+from cli.client import run_batch
+from cli.stack import CPU_ALLOCATOR
 from common.settings import Settings
 
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -121,10 +122,9 @@ def bench_service(mode: str, input_path: Path, data_dir: Path, lines: list[dict]
     began = time.perf_counter()
     with EmbeddedStack(Settings(data_dir=data_dir), port=free_port()) as stack:
         stack.wait_ready()
-        wait_consumer(stack)
         ready_s = time.perf_counter() - began
         started = time.perf_counter()
-        run_watched(stack, input_path, output, errors, poll_s)
+        run_batch(stack.url, input_path, output, errors, poll_s=poll_s, check=stack.check_alive)
         seconds = time.perf_counter() - started
     results = [json.loads(raw) for path in (output, errors) if path.exists()
                for raw in path.read_text().splitlines() if raw.strip()]
@@ -132,44 +132,6 @@ def bench_service(mode: str, input_path: Path, data_dir: Path, lines: list[dict]
                  if r.get("response") and r["response"].get("status_code") == 200)
     failed = sum(1 for r in results if r.get("error"))
     return Row(mode, len(lines), tokens, seconds, ready_s, count_id_faults(lines, results), failed)
-
-
-def wait_consumer(stack, timeout: float = 60.0) -> None:
-    """wait_ready() returns once the worker row exists, before Celery consumes. A batch submitted in
-    that gap races the worker's first queue declaration on the SQLite broker: the worker can die
-    (IntegrityError on kombu_queue.name) or the API's doorbell is lost until the reconciler's
-    requeue_after_s. Wait for Celery's "ready." line so the timed run starts from a ready service."""
-    log_path, deadline = stack.log_dir / "worker.log", time.monotonic() + timeout
-    while " ready." not in log_path.read_text(errors="replace"):
-        stack._check_alive()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the worker's Celery consumer was not ready after {timeout:.0f} s")
-        time.sleep(0.1)
-
-
-def run_watched(stack, input_path: Path, output: Path, errors: Path, poll_s: float,
-                timeout: float = 3600.0) -> None:
-    """cli.client.run_batch, but give up if a stack process dies (run_batch would poll forever)."""
-    from cli.client import run_batch
-
-    outcome: dict = {}
-
-    def client() -> None:
-        try:
-            outcome["rc"] = run_batch(stack.url, input_path, output, errors, poll_s=poll_s)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=client, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while thread.is_alive():
-        thread.join(1.0)
-        stack._check_alive()  # raises RuntimeError naming the dead process
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the batch did not finish within {timeout:.0f} s")
-    if "error" in outcome:
-        raise outcome["error"]
 
 
 def count_id_faults(lines: list[dict], results: list[dict]) -> int:
@@ -283,6 +245,10 @@ def run_modes(args: argparse.Namespace, model_path: Path, work: Path) -> list[Ro
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
+    if "GLIBC_TUNABLES" not in os.environ and "LD_PRELOAD" not in os.environ:
+        # The embedded worker runs with CPU_ALLOCATOR; the engine-alone baseline must too (glibc reads
+        # tunables only at start-up, hence the re-exec).
+        os.execve(sys.executable, [sys.executable, *argv], {**os.environ, **CPU_ALLOCATOR})
     args = parse_args(argv[1:])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the stack's processes on the way out
     work = Path(tempfile.mkdtemp(prefix="diffbatch-bench-"))

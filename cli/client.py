@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -29,7 +30,8 @@ def first_endpoint(path: Path) -> str:
 
 
 def run_batch(base_url: str, input_path: Path, output_path: Path, errors_path: Path,
-              poll_s: float = 0.5) -> int:
+              poll_s: float = 0.5, check: Callable[[], None] = lambda: None) -> int:
+    """Submit, follow, download, summarise; `check` raises if the server side died meanwhile."""
     with httpx.Client(base_url=base_url.rstrip("/") + "/v1", timeout=60) as http:
         with open(input_path, "rb") as src:
             uploaded = _ok(http.post("/files", files={"file": (input_path.name, src)},
@@ -38,7 +40,7 @@ def run_batch(base_url: str, input_path: Path, output_path: Path, errors_path: P
                                                 "endpoint": first_endpoint(input_path)}))
         console.print(f"batch [bold]{batch['id']}[/] submitted ({input_path}, {uploaded['bytes']} bytes)")
         started = time.monotonic()
-        batch = _follow(http, batch, poll_s)
+        batch = _follow(http, batch, poll_s, check)
         elapsed = time.monotonic() - started
         for key, path in (("output_file_id", output_path), ("error_file_id", errors_path)):
             if batch.get(key):
@@ -47,7 +49,7 @@ def run_batch(base_url: str, input_path: Path, output_path: Path, errors_path: P
     return _summary(batch, elapsed, output_path, errors_path)
 
 
-def _follow(http: httpx.Client, batch: dict, poll_s: float) -> dict:
+def _follow(http: httpx.Client, batch: dict, poll_s: float, check: Callable[[], None]) -> dict:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]:>8.1f} tok/s"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -55,6 +57,7 @@ def _follow(http: httpx.Client, batch: dict, poll_s: float) -> dict:
         began = time.monotonic()
         while batch["status"] not in TERMINAL:
             time.sleep(poll_s)
+            check()
             batch = _ok(http.get(f"/batches/{batch['id']}"))
             counts = batch["request_counts"]
             rate = batch["usage"]["output_tokens"] / max(time.monotonic() - began, 1e-6)

@@ -68,7 +68,7 @@ def _run(settings: Settings, args) -> int:
             print(f"starting the embedded stack in {settings.data_dir} (logs in {stack.log_dir}) ...",
                   file=sys.stderr)
             stack.wait_ready()
-            return run_batch(stack.url, args.input, args.output, errors)
+            return run_batch(stack.url, args.input, args.output, errors, check=stack.check_alive)
     except (ServerError, RuntimeError, TimeoutError) as exc:
         print(f"diffbatch run: {exc}", file=sys.stderr)
         return 1
@@ -85,7 +85,7 @@ def _serve(settings: Settings, args) -> int:
             print(f"diffbatch is serving at {stack.url}/v1 (data in {settings.data_dir}); Ctrl-C stops it",
                   flush=True)
             while True:
-                stack._check_alive()
+                stack.check_alive()
                 time.sleep(1)
         except KeyboardInterrupt:
             print("stopping ...", file=sys.stderr)
@@ -110,6 +110,8 @@ def _api(settings: Settings, args) -> int:
 
 
 def _worker(settings: Settings, args) -> int:
+    from celery.signals import worker_ready
+
     from common.ids import now
     from db import repo
     from worker.celery_app import app
@@ -119,11 +121,16 @@ def _worker(settings: Settings, args) -> int:
     runtime = Runtime(settings, celery=app)
     set_runtime(runtime)
     engine = runtime.engine  # load the model before taking work
-    with runtime.session() as session, session.begin():
-        repo.upsert_worker(session, name=runtime.name, model=runtime.model_name, queue=runtime.model_queue,
-                           max_positions=engine.max_positions, now=now())
-    threading.Thread(target=_beat_worker_row, args=(runtime,), daemon=True).start()
-    reconcile(runtime)  # pick up whatever a previous run left behind
+
+    @worker_ready.connect
+    def _register(**_kwargs) -> None:
+        # Only now is Celery consuming: `/v1/models` lists this model once work sent to it is taken.
+        with runtime.session() as session, session.begin():
+            repo.upsert_worker(session, name=runtime.name, model=runtime.model_name,
+                               queue=runtime.model_queue, max_positions=engine.max_positions, now=now())
+        threading.Thread(target=_beat_worker_row, args=(runtime,), daemon=True).start()
+        reconcile(runtime)  # pick up whatever a previous run left behind
+
     app.worker_main(["worker", "--pool", "solo", "--queues", f"{CONTROL_QUEUE},{runtime.model_queue}",
                      "--hostname", f"{runtime.model_name}@{runtime.name}", "--loglevel", "INFO",
                      "--without-gossip", "--without-mingle"])

@@ -7,8 +7,13 @@ on the same configuration (worker/celery_app.py), so both ends agree on one sour
 from __future__ import annotations
 
 from celery import Celery
+from kombu import Queue
+from kombu.transport import TRANSPORT_ALIASES
 
 from common.settings import CONTROL_QUEUE, Settings
+
+# The embedded broker: kombu's SQLAlchemy transport with a 0.1 s poll (see common/sqla_broker.py).
+TRANSPORT_ALIASES.setdefault("diffbatch-sqla", "common.sqla_broker:Transport")
 
 VALIDATE_BATCH = "diffbatch.validate_batch"
 RUN_CHUNK = "diffbatch.run_chunk"
@@ -18,6 +23,8 @@ RECONCILE = "diffbatch.reconcile"
 
 def make_celery(settings: Settings) -> Celery:
     broker = settings.resolved_broker_url
+    if broker.startswith("sqla+"):
+        broker = "diffbatch-" + broker
     app = Celery("diffbatch", broker=broker, set_as_current=False)
     options: dict = {}
     if broker.startswith("redis"):
@@ -39,3 +46,10 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
     )
     return app
+
+
+def declare_queues(app: Celery, names: list[str]) -> None:
+    """Create queues up front: on the SQLite broker, two processes creating one queue at once collide."""
+    with app.connection_for_write() as conn:
+        for name in names:
+            Queue(name, routing_key=name).bind(conn.default_channel).declare()

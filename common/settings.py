@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUILTIN_MODEL = "builtin"
@@ -31,6 +32,14 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     dedupe_window_s: int = 10  # identical batch creates this close together return the first batch
+
+    @model_validator(mode="after")
+    def _chunk_fills_a_batch(self) -> Settings:
+        # A chunk smaller than a forward batch caps the batch: measured 0.75 vs 0.80 of engine speed.
+        if self.chunk_size < self.max_batch_size:
+            raise ValueError(f"DIFFBATCH_CHUNK_SIZE ({self.chunk_size}) must be at least "
+                             f"DIFFBATCH_MAX_BATCH_SIZE ({self.max_batch_size})")
+        return self
 
     @property
     def files_dir(self) -> Path:

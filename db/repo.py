@@ -154,25 +154,34 @@ def heartbeat(session: Session, *, request_ids: Sequence[int], worker: str, now:
                     .values(heartbeat_at=now))
 
 
-def finish_request(session: Session, *, request_id: int, status: RequestStatus, now: int,
-                   response: dict[str, Any] | None = None, error_code: str | None = None,
-                   error_message: str | None = None, prompt_tokens: int = 0,
-                   completion_tokens: int = 0, forward_passes: int = 0) -> bool:
-    """Write a terminal result once: a request that is already terminal is left as it is."""
-    result = session.execute(
-        update(Request).where(Request.id == request_id, Request.status.in_(OPEN_REQUEST_STATUSES))
-        .values(status=status, response=response, error_code=error_code, error_message=error_message,
-                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                forward_passes=forward_passes, finished_at=now))
-    if result.rowcount != 1:
-        return False
-    batch_id = session.scalar(select(Request.batch_id).where(Request.id == request_id))
-    succeeded = status == RequestStatus.succeeded
+def outcome(request_id: int, status: RequestStatus, now: int, *, response: dict[str, Any] | None = None,
+            error_code: str | None = None, error_message: str | None = None, prompt_tokens: int = 0,
+            completion_tokens: int = 0, forward_passes: int = 0) -> dict[str, Any]:
+    """The terminal result of one request, as `finish_requests` writes it."""
+    return {"id": request_id, "status": status, "finished_at": now, "response": response,
+            "error_code": error_code, "error_message": error_message, "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens, "forward_passes": forward_passes}
+
+
+def finish_requests(session: Session, *, batch_id: str, outcomes: Sequence[dict[str, Any]]) -> int:
+    """Write terminal results once: requests already terminal are skipped. Returns how many were written.
+
+    Three statements for a whole engine batch: lock the still-open rows, update them by primary key,
+    add their counts and tokens to the batch.
+    """
+    ids = [o["id"] for o in outcomes]
+    still_open = set(session.scalars(select(Request.id).where(
+        Request.id.in_(ids), Request.status.in_(OPEN_REQUEST_STATUSES)).with_for_update()))
+    fresh = [o for o in outcomes if o["id"] in still_open]
+    if not fresh:
+        return 0
+    session.execute(update(Request), fresh)
+    succeeded = sum(o["status"] == RequestStatus.succeeded for o in fresh)
     session.execute(update(Batch).where(Batch.id == batch_id).values(
-        completed=Batch.completed + int(succeeded), failed=Batch.failed + int(not succeeded),
-        input_tokens=Batch.input_tokens + prompt_tokens,
-        output_tokens=Batch.output_tokens + completion_tokens))
-    return True
+        completed=Batch.completed + succeeded, failed=Batch.failed + len(fresh) - succeeded,
+        input_tokens=Batch.input_tokens + sum(o["prompt_tokens"] for o in fresh),
+        output_tokens=Batch.output_tokens + sum(o["completion_tokens"] for o in fresh)))
+    return len(fresh)
 
 
 def close_open_requests(session: Session, *, batch_id: str, status: RequestStatus, code: str,

@@ -142,4 +142,4 @@ def services_settings(tmp_path: Path, model: Path):
     redis.Redis.from_url(REDIS_URL).flushdb()
     with fresh_postgres_database() as database_url:
         yield Settings(data_dir=tmp_path / "data", model=str(model), database_url=database_url,
-                       broker_url=REDIS_URL, chunk_size=3)
+                       broker_url=REDIS_URL, chunk_size=3, max_batch_size=3)

@@ -19,7 +19,7 @@ def _check_complete(service: Service, batch: dict, custom_ids: list[str]) -> lis
 
 
 def test_completions_batch_in_several_chunks(tmp_path, tiny_model):
-    with Service.embedded(tmp_path, tiny_model, chunk_size=2) as service:
+    with Service.embedded(tmp_path, tiny_model, chunk_size=2, max_batch_size=2) as service:
         ids = [f"req-{i}" for i in range(5)]
         batch = service.submit([completion_line(i, prompt=f"x = {n}\n", seed=n) for n, i in enumerate(ids)])
         assert batch["status"] == "validating" and batch["object"] == "batch"

@@ -17,7 +17,7 @@ from worker import finalize, pipeline, reconcile, validation
 
 @pytest.fixture
 def svc(tmp_path, tiny_model):
-    return Service.embedded(tmp_path, tiny_model, chunk_size=2, requeue_after_s=60, stale_after_s=60)
+    return Service.embedded(tmp_path, tiny_model, chunk_size=2, max_batch_size=2, requeue_after_s=60, stale_after_s=60)
 
 
 def _validated(svc: Service, n: int) -> tuple[str, list[int]]:
@@ -101,8 +101,8 @@ def test_dead_workers_requests_are_reclaimed_and_written_once(svc):
         rows = repo.requests_of(session, batch_id=batch_id, statuses=[RequestStatus.succeeded])
         assert [r.attempts for r in rows] == [2, 2]
         # The dead worker wakes up and tries to write its result: refused, counts unchanged.
-        assert not repo.finish_request(session, request_id=rows[0].id, status=RequestStatus.failed,
-                                       now=now(), error_code="late", error_message="late")
+        late = repo.outcome(rows[0].id, RequestStatus.failed, now(), error_code="late", error_message="late")
+        assert repo.finish_requests(session, batch_id=batch_id, outcomes=[late]) == 0
     assert svc.client.get(f"/v1/batches/{batch_id}").json()["request_counts"] == {
         "total": 2, "completed": 2, "failed": 0}
 

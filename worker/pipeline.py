@@ -67,20 +67,19 @@ def _process(rt: Runtime, chunk_id: int, model: str, claimed: list[Request]) -> 
 
 
 def _store(rt: Runtime, model: str, group, results) -> int:
-    written = 0
+    outcomes = [repo.outcome(request.id, RequestStatus.succeeded, now(),
+                             response=response_body(request.url, model, result),
+                             prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                             forward_passes=result.forward_passes)
+                for (request, _), result in zip(group, results)]
     with rt.session() as session, session.begin():
-        for (request, _), result in zip(group, results):
-            written += repo.finish_request(
-                session, request_id=request.id, status=RequestStatus.succeeded, now=now(),
-                response=response_body(request.url, model, result), prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens, forward_passes=result.forward_passes)
-    return written
+        return repo.finish_requests(session, batch_id=group[0][0].batch_id, outcomes=outcomes)
 
 
 def _fail(rt: Runtime, request: Request, code: str, message: str) -> int:
     with rt.session() as session, session.begin():
-        return int(repo.finish_request(session, request_id=request.id, status=RequestStatus.failed,
-                                       now=now(), error_code=code, error_message=message))
+        return repo.finish_requests(session, batch_id=request.batch_id, outcomes=[
+            repo.outcome(request.id, RequestStatus.failed, now(), error_code=code, error_message=message)])
 
 
 def _release(rt: Runtime, requests: list[Request]) -> None:

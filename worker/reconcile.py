@@ -25,8 +25,9 @@ def reconcile(rt: Runtime) -> dict[str, int]:
     with rt.session() as session, session.begin():
         reclaimed = repo.reclaim_stale(session, stale_before=t - s.stale_after_s)
         chunks = repo.chunks_to_requeue(session, enqueued_before=t - s.requeue_after_s, now=t)
+        # Validation touches its batch as it goes, so a quiet one lost its message or its worker.
         stuck = repo.batches_in(session, statuses=[BatchStatus.validating],
-                                touched_before=t - s.requeue_after_s)
+                                touched_before=t - s.stale_after_s)
         for batch in stuck:
             repo.touch_batch(session, batch_id=batch.id, now=t)
         open_batches = repo.batches_in(session, statuses=[BatchStatus.in_progress, BatchStatus.cancelling,
