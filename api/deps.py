@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from api.queue import Queue
 from common.settings import Settings
 from common.storage import BlobStore
 
@@ -25,11 +26,11 @@ def get_blobs(request: Request) -> BlobStore:
     return request.app.state.blobs
 
 
-def get_queue(request: Request):
+def get_queue(request: Request) -> Queue:
     return request.app.state.queue
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
-QueueDep = Annotated[object, Depends(get_queue)]
+QueueDep = Annotated[Queue, Depends(get_queue)]
