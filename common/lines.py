@@ -128,7 +128,7 @@ def parse_body(url: str, body: dict[str, Any]) -> _SamplingBody:
 
 def parse_line(raw: bytes, line: int) -> ParsedLine | LineError:
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not an error
     except UnicodeDecodeError as exc:
         return LineError(line, "invalid_encoding", f"Line {line}: not valid UTF-8 (byte {exc.start}).")
     try:

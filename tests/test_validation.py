@@ -82,6 +82,13 @@ def test_all_errors_are_listed_not_only_the_first(service):
         (1, "invalid_json_line"), (3, "invalid_json_line"), (4, "duplicate_custom_id")]
 
 
+def test_windows_line_endings_and_byte_order_mark_are_accepted(service):
+    content = b"\xef\xbb\xbf" + json.dumps(completion_line("a")).encode() + b"\r\n" + \
+        json.dumps(completion_line("b")).encode() + b"\r\n"
+    batch = service.wait(service.submit(content)["id"])
+    assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 2
+
+
 def test_zero_byte_upload_is_a_400(service):
     response = service.client.post("/v1/files", files={"file": ("empty.jsonl", b"")}, data={"purpose": "batch"})
     assert response.status_code == 400
