@@ -11,10 +11,12 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
-SAMPLERS = ("reference",)
+SAMPLERS = ("reference", "threshold", "factor")
+# Options that belong to one sampler: giving one to another sampler is an error, not silently unused.
+SAMPLER_OPTIONS = {"steps": "reference", "threshold": "threshold", "factor": "factor"}
 
 
 class _Strict(BaseModel):
@@ -28,6 +30,9 @@ class DiffusionOptions(_Strict):
     block_length: int = Field(32, ge=1, le=1024)
     steps: int | None = Field(None, ge=1, le=1024, description="denoising steps per block")
 
+    threshold: float | None = Field(None, gt=0.0, le=1.0, description="threshold sampler: commit at this confidence")
+    factor: float | None = Field(None, gt=0.0, description="factor sampler: (n + 1)(1 - c_n) < factor")
+
     @field_validator("steps")
     @classmethod
     def _steps_fit_block(cls, steps: int | None, info) -> int | None:
@@ -35,6 +40,13 @@ class DiffusionOptions(_Strict):
         if steps is not None and steps > block:
             raise ValueError(f"must be at most block_length ({block}): each step commits at least one token")
         return steps
+
+    @model_validator(mode="after")
+    def _options_match_sampler(self) -> DiffusionOptions:
+        for option, sampler in SAMPLER_OPTIONS.items():
+            if getattr(self, option) is not None and self.sampler != sampler:
+                raise ValueError(f"{option} applies to sampler {sampler!r}, not {self.sampler!r}")
+        return self
 
 
 class _SamplingBody(_Strict):

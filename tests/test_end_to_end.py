@@ -36,6 +36,16 @@ def test_completions_batch_in_several_chunks(tmp_path, tiny_model):
     assert body["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def test_parallel_samplers_travel_the_service(service):
+    lines = [completion_line("t", max_tokens=32, diffusion={"sampler": "threshold", "threshold": 0.5}),
+             completion_line("f", max_tokens=32, diffusion={"sampler": "factor", "factor": 4.0}),
+             completion_line("r", max_tokens=32)]
+    output = _check_complete(service, service.wait(service.submit(lines)["id"]), ["t", "f", "r"])
+    stats = {line["custom_id"]: line["response"]["body"]["usage"]["diffusion"] for line in output}
+    assert stats["r"]["forward_passes"] == 32  # reference: one token per pass by default
+    assert stats["f"]["forward_passes"] == 11 and stats["f"]["tokens_per_forward"] > 2.5  # 3 a pass
+
+
 def test_chat_batch(service):
     batch = service.wait(service.submit([chat_line("a"), chat_line("b", "Write code.")],
                                         endpoint="/v1/chat/completions")["id"])

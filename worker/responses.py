@@ -18,9 +18,10 @@ def to_generation_request(engine, url: str, body: dict[str, Any]) -> GenerationR
         messages = [{"role": m.role, "content": m.content} for m in parsed.messages]
         prompt_ids, max_tokens = engine.encode_chat(messages), parsed.output_limit()
     options = parsed.diffusion
+    chosen = {name: value for name in ("threshold", "factor") if (value := getattr(options, name)) is not None}
     params = SamplingParams(max_tokens=max_tokens, temperature=parsed.temperature, top_p=parsed.top_p,
                             stop=tuple(parsed.stop_list()), seed=parsed.seed, sampler=options.sampler,
-                            block_length=options.block_length, steps=options.steps)
+                            block_length=options.block_length, steps=options.steps, **chosen)
     request = GenerationRequest(prompt_ids=prompt_ids, params=params)
     engine.check(request)
     return request

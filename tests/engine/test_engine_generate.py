@@ -50,8 +50,12 @@ def test_max_tokens_and_counts(engine):
         if result.finish_reason == "length":
             assert len(result.token_ids) == kw["max_tokens"]
     assert results[4].token_ids and len(results[4].token_ids) == 1
-    # The batch's longest request (64 tokens = 2 blocks) sets the passes: 32 + 32 steps at most.
-    assert {r.forward_passes for r in results} == {64}
+    # A row counts the passes that worked on it: its blocks times its steps per block (fewer if it
+    # met EOS at an earlier block boundary), whatever its batch-mates needed.
+    for (_, kw), result in zip(MIXED, results):
+        block = kw.get("block_length", 32)
+        full = -(-kw["max_tokens"] // block) * (kw.get("steps") or block)
+        assert result.forward_passes == full if result.finish_reason == "length" else result.forward_passes <= full
     assert len({r.elapsed_s for r in results}) == 1
 
 

@@ -92,3 +92,70 @@ def test_sampling_depends_on_seed_only(engine):
     ])
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids
+
+
+def parallel_oracle(model, prompt, *, max_tokens, block_length, rule, cutoff, temperature, seed, mask_id):
+    """Fast-dLLM's parallel acceptance (arXiv:2505.22618 §3.3), one prompt, full recomputation.
+
+    Each step commits the most confident masked positions: all with confidence >= cutoff (rule
+    "threshold"), or the n most confident with (n + 1)(1 - c_n) < cutoff (rule "factor"); always at
+    least one. Noise as above: one draw per step while the block still has masks.
+    """
+    gen_length = math.ceil(max_tokens / block_length) * block_length
+    x = list(prompt) + [mask_id] * gen_length
+    total = len(x)
+    block_of = [0] * len(prompt) + [1 + j // block_length for j in range(gen_length)]
+    allowed = torch.tensor([[block_of[k] <= block_of[q] for k in range(total)] for q in range(total)])
+    generator = torch.Generator().manual_seed(seed)
+    passes = 0
+    for lo in range(len(prompt), total, block_length):
+        while mask_id in x[lo:lo + block_length]:
+            passes += 1
+            with torch.no_grad():
+                logits = model(torch.tensor([x]), attention_mask=allowed[None, None],
+                               position_ids=torch.arange(total)[None]).logits[0].double()
+            logits[:, mask_id] = -math.inf
+            block_logits = logits[lo:lo + block_length]
+            if temperature > 0:
+                u = torch.rand(block_logits.shape, dtype=torch.float64, generator=generator)
+                x0 = (block_logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
+            else:
+                x0 = block_logits.argmax(-1)
+            probs = torch.softmax(block_logits, -1)
+            masked = [j for j in range(block_length) if x[lo + j] == mask_id]
+            ranked = sorted(masked, key=lambda j: -float(probs[j, x0[j]]))
+            confidences = [float(probs[j, x0[j]]) for j in ranked]
+            if rule == "threshold":
+                n = sum(c >= cutoff for c in confidences)
+            else:
+                n = sum((i + 2) * (1 - c) < cutoff for i, c in enumerate(confidences))
+            for j in ranked[:max(n, 1)]:
+                x[lo + j] = int(x0[j])
+    return x[len(prompt):], passes
+
+
+@pytest.mark.parametrize("rule, cutoff, temperature", [
+    ("threshold", 0.0045, 0.0), ("threshold", 0.004, 0.8), ("factor", 4.0, 0.0), ("factor", 6.0, 1.0)])
+def test_parallel_samplers_match_oracle(engine, loaded, rule, cutoff, temperature):
+    for seed, text in enumerate(PROMPTS):
+        prompt = engine.encode_completion(text)
+        params = SamplingParams(max_tokens=40, temperature=temperature, seed=seed, sampler=rule,
+                                **{rule: cutoff})
+        expected, passes = parallel_oracle(
+            loaded.model, prompt, max_tokens=40, block_length=params.block_length, rule=rule,
+            cutoff=cutoff, temperature=temperature, seed=seed, mask_id=loaded.mask_token_id)
+        result = engine.generate([GenerationRequest(prompt, params)])[0]
+        assert result.token_ids == kept_tokens(expected, 40, loaded.eos_token_id), text
+        if result.finish_reason == "length":
+            assert result.forward_passes == passes
+
+
+def test_factor_sampler_commits_several_tokens_per_pass(engine):
+    """Even the untrained model (confidence ~1/V) gets (n + 1)(1 - c) < 4 for n <= 2: 3 tokens a pass."""
+    prompt = engine.encode_completion("def f():")
+    reference, factor = engine.generate([
+        GenerationRequest(prompt, SamplingParams(max_tokens=64)),
+        GenerationRequest(prompt, SamplingParams(max_tokens=64, sampler="factor", factor=4.0)),
+    ])
+    assert reference.forward_passes == 64
+    assert factor.forward_passes == 2 * math.ceil(32 / 3)

@@ -10,7 +10,7 @@ def test_defaults_are_valid_and_exact_reference():
     params.validate()
     assert params.steps_per_block == params.block_length == 32
     assert params.effective_seed == 0
-    assert SAMPLERS == ("reference",)
+    assert params.sampler == "reference" and SAMPLERS == ("reference", "threshold", "factor")
 
 
 def test_stop_list_becomes_tuple():
@@ -34,7 +34,11 @@ def test_stop_list_becomes_tuple():
         (dict(stop=("a", "b", "c", "d", "e")), "stop may hold at most 4"),
         (dict(seed=2**64), "seed"),
         (dict(seed="1"), "seed"),
-        (dict(sampler="threshold"), "diffusion.sampler"),
+        (dict(sampler="greedy"), "diffusion.sampler"),
+        (dict(sampler="threshold", steps=4), "diffusion.steps applies to the reference sampler only"),
+        (dict(sampler="threshold", threshold=0.0), "diffusion.threshold"),
+        (dict(sampler="threshold", threshold=1.5), "diffusion.threshold"),
+        (dict(sampler="factor", factor=0), "diffusion.factor"),
         (dict(block_length=0), "diffusion.block_length must be a positive integer"),
         (dict(block_length=None), "diffusion.block_length"),
         (dict(steps=0), "diffusion.steps"),

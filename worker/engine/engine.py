@@ -11,7 +11,7 @@ from .layout import build_layout
 from .loader import LoadedModel
 from .params import ContextLengthError, GenerationRequest, GenerationResult
 from .postprocess import finish_row
-from .samplers import RowNoise, reference_denoise_block
+from .samplers import RowNoise, denoise_block
 
 SUPPORTED_FAMILIES = ("block_causal",)
 
@@ -118,19 +118,15 @@ class Engine:
         noise = RowNoise([p.effective_seed for p in params], self.device)
         forward = self._block_forward(layout)
 
-        forward_passes = 0
+        forward_passes = [0] * len(requests)
         done = [False] * len(requests)
         for block in range(layout.num_blocks):
             start, end = layout.block_span(block)
-            forward_passes += reference_denoise_block(
-                forward, layout.x, start, end,
-                mask_token_id=self.loaded.mask_token_id,
-                steps=[p.steps_per_block for p in params],
-                temperature=[float(p.temperature) for p in params],
-                top_p=[float(p.top_p) for p in params],
-                active=[not d for d in done],
-                noise=noise,
+            block_passes = denoise_block(
+                forward, layout.x, start, end, mask_token_id=self.loaded.mask_token_id,
+                rows=params, active=[not d for d in done], noise=noise,
             )
+            forward_passes = [total + n for total, n in zip(forward_passes, block_passes)]
             done = self._rows_done(layout.x[:, layout.prompt_length : end], max_tokens)
             if all(done):
                 break
@@ -138,8 +134,8 @@ class Engine:
         elapsed = time.perf_counter() - started
         generated = layout.x[:, layout.prompt_length :].tolist()
         return [
-            self._result(request, row, forward_passes, elapsed)
-            for request, row in zip(requests, generated)
+            self._result(request, row, passes, elapsed)
+            for request, row, passes in zip(requests, generated, forward_passes)
         ]
 
     def _block_forward(self, layout):

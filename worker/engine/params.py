@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SAMPLERS = ("reference",)  # later: "threshold", "factor"
+# reference: fixed steps per block (LLaDA), the exactness baseline; threshold and factor: Fast-dLLM's
+# confidence-aware parallel acceptance, as many tokens per forward pass as the model is sure of.
+SAMPLERS = ("reference", "threshold", "factor")
 MAX_STOP_SEQUENCES = 4  # as OpenAI's chat/completions API
 
 
@@ -38,6 +40,10 @@ class SamplingParams:
     block_length: int = 32
     # Denoising steps per block; None = block_length, one token per step (the exact reference).
     steps: int | None = None
+    # threshold sampler: commit every masked position whose confidence is at least this.
+    threshold: float = 0.9
+    # factor sampler: commit the n most confident where (n + 1) * (1 - c_n) < factor.
+    factor: float = 1.0
 
     def __post_init__(self):
         # Callers (JSON bodies) pass lists; keep the frozen dataclass hashable.
@@ -77,6 +83,12 @@ class SamplingParams:
             raise ValueError(
                 f"diffusion.steps must be an integer in [1, block_length={self.block_length}]"
             )
+        if self.steps is not None and self.sampler != "reference":
+            raise ValueError("diffusion.steps applies to the reference sampler only")
+        if not _is_number(self.threshold) or not 0 < self.threshold <= 1:
+            raise ValueError("diffusion.threshold must be a number in (0, 1]")
+        if not _is_number(self.factor) or self.factor <= 0:
+            raise ValueError("diffusion.factor must be a number > 0")
 
 
 @dataclass

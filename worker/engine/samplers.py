@@ -1,4 +1,4 @@
-"""The reference sampler: LLaDA's semi-autoregressive low-confidence remasking, batched.
+"""Block denoising samplers, batched: LLaDA's reference remasking and Fast-dLLM's parallel acceptance.
 
 Algorithm from Nie et al. 2025, "Large Language Diffusion Models" (arXiv:2502.09992), as written
 in the authors' ``generate.py`` (github.com/ML-GSAI/LLaDA): every block starts fully masked and is
@@ -9,6 +9,12 @@ still-masked positions of the block, as many as the linear schedule allows.
 What differs from ``generate.py``: a batch of rows with their own temperature, top_p, steps and
 seed; top-k selection by rank against a per-row k instead of a loop; noise drawn for the active
 block only; [MASK] is never predicted (see ``predict_x0``); no asserts.
+
+The parallel samplers (Wu et al. 2025, "Fast-dLLM", arXiv:2505.22618, §3.3) keep the same x0 and
+confidence but decide per step how many positions to commit from the confidences themselves:
+``threshold`` commits every masked position with confidence >= tau, ``factor`` commits the n most
+confident where (n + 1)(1 - c_(n)) < f for the n-th highest confidence c_(n); both commit at least
+the single most confident position, so a block always finishes. Rows of one batch may mix samplers.
 """
 
 from __future__ import annotations
@@ -127,43 +133,73 @@ def select_transfer(
     return (rank < num_transfer[:, None]) & mask_index
 
 
-def reference_denoise_block(
+def parallel_transfer_count(
+    confidence: torch.Tensor, mask_index: torch.Tensor, by_threshold: torch.Tensor,
+    threshold: torch.Tensor, factor: torch.Tensor,
+) -> torch.Tensor:
+    """Positions to commit this step under Fast-dLLM's rules: (B,) long, at least 1 where masks remain.
+
+    confidence, mask_index (B, K); by_threshold (B,) bool (else the factor rule); threshold, factor (B,).
+    Both rules keep a prefix of the confidences sorted high to low ((n + 1)(1 - c_(n)) grows with n),
+    so counting the positions that pass is enough.
+    """
+    ranked = confidence.masked_fill(~mask_index, float("-inf")).sort(dim=-1, descending=True).values
+    n = torch.arange(1, ranked.shape[1] + 1, device=ranked.device, dtype=ranked.dtype)  # (K,)
+    passing_threshold = (ranked >= threshold[:, None]).sum(dim=-1)
+    passing_factor = ((n + 1) * (1 - ranked) < factor[:, None]).sum(dim=-1)
+    count = torch.where(by_threshold, passing_threshold, passing_factor)
+    return torch.where(mask_index.any(dim=-1), count.clamp(min=1), torch.zeros_like(count))
+
+
+def denoise_block(
     forward: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     start: int,
     end: int,
     *,
     mask_token_id: int,
-    steps: list[int],
-    temperature: list[float],
-    top_p: list[float],
+    rows: list,
     active: list[bool],
     noise: RowNoise,
 ) -> int:
-    """Denoise x[:, start:end] in place; return the number of forward passes.
+    """Denoise x[:, start:end] in place until no active row has a mask left.
 
-    ``forward(x[:, :end])`` returns the logits of the block only, (B, end - start, V): with
-    block-causal attention nothing after ``end`` can change them. Inactive rows (finished
-    earlier) get no tokens and draw no noise, so they cost only their share of the forward pass.
+    Returns, per row, the forward passes in which it still had masks (the batch ran max of them).
+
+    ``rows`` holds each row's SamplingParams. ``forward(x[:, :end])`` returns the logits of the
+    block only, (B, end - start, V): with block-causal attention nothing after ``end`` can change
+    them. Inactive rows (finished earlier) get no tokens and draw no noise, so they cost only their
+    share of the forward pass. A reference row finishes in exactly its ``steps``; a parallel one in
+    as few as the model's confidence allows.
     """
-    block_length = end - start
-    row_steps = [s if on else 1 for s, on in zip(steps, active)]
-    schedule = num_transfer_schedule(block_length, row_steps)
-    schedule = [row if on else [0] * len(row) for row, on in zip(schedule, active)]
-    num_steps = max((s for s, on in zip(steps, active) if on), default=0)
-    device = x.device
-    temperature_t = torch.tensor(temperature, dtype=torch.float64, device=device)  # (B,)
-    use_top_p = any(t > 0 and p < 1 for t, p in zip(temperature, top_p))
-    top_p_t = torch.tensor(top_p, dtype=torch.float64, device=device) if use_top_p else None  # (B,)
-    schedule_t = torch.tensor(schedule, dtype=torch.long, device=device)  # (B, S)
+    block_length, device = end - start, x.device
+    as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+    temperature = [float(p.temperature) for p in rows]
+    temperature_t = as_tensor(temperature, torch.float64)  # (B,)
+    use_top_p = any(p.temperature > 0 and p.top_p < 1 for p in rows)
+    top_p_t = as_tensor([float(p.top_p) for p in rows], torch.float64) if use_top_p else None  # (B,)
+    is_reference = as_tensor([p.sampler == "reference" for p in rows], torch.bool)  # (B,)
+    by_threshold = as_tensor([p.sampler == "threshold" for p in rows], torch.bool)  # (B,)
+    threshold_t = as_tensor([float(p.threshold) for p in rows], torch.float64)  # (B,)
+    factor_t = as_tensor([float(p.factor) for p in rows], torch.float64)  # (B,)
+    schedule = num_transfer_schedule(block_length, [p.steps_per_block for p in rows])
+    schedule_t = as_tensor([row + [0] * (block_length - len(row)) for row in schedule], torch.long)  # (B, K)
+    active_t = as_tensor(active, torch.bool)[:, None]  # (B, 1)
+    passes = [0] * len(rows)
 
-    for step in range(num_steps):
-        logits = forward(x[:, :end])  # (B, K, V)
+    for step in range(block_length):
         block = x[:, start:end]  # (B, K)
-        mask_index = block == mask_token_id
-        noisy_rows = [r for r, row in enumerate(schedule) if row[step] > 0 and temperature[r] > 0]
+        mask_index = (block == mask_token_id) & active_t  # (B, K)
+        has_mask = mask_index.any(dim=-1).tolist()  # the step's one host sync: who is still working
+        if not any(has_mask):
+            break
+        passes = [n + working for n, working in zip(passes, has_mask)]
+        logits = forward(x[:, :end])  # (B, K, V)
+        noisy_rows = [r for r, working in enumerate(has_mask) if working and temperature[r] > 0]
         denominator = noise.gumbel_denominator(noisy_rows, temperature, logits.shape[1:], logits.shape[0])
         x0, confidence = predict_x0(logits, temperature_t, top_p_t, denominator, mask_token_id)
-        transfer = select_transfer(confidence, mask_index, schedule_t[:, step])
+        parallel = parallel_transfer_count(confidence, mask_index, by_threshold, threshold_t, factor_t)
+        num_transfer = torch.where(is_reference, schedule_t[:, step], parallel)  # (B,)
+        transfer = select_transfer(confidence, mask_index, num_transfer)
         x[:, start:end] = torch.where(transfer, x0, block)
-    return num_steps
+    return passes
