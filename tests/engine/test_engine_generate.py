@@ -73,9 +73,8 @@ class EosAtPosition(nn.Module):
         super().__init__()
         self.inner, self.eos_id, self.position = model, eos_id, position
 
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep):
-        output = self.inner(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            logits_to_keep=logits_to_keep)
+    def forward(self, input_ids, attention_mask, position_ids, **kwargs):
+        output = self.inner(input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         kept_positions = position_ids[:, -output.logits.shape[1]:]  # (B, K)
         output.logits[..., self.eos_id] += 100.0 * (kept_positions == self.position)
         return output
@@ -149,3 +148,14 @@ def test_engine_exposes_model_name_and_limits(engine):
     assert engine.max_positions == 2048
     with pytest.raises(ValueError, match="max_batch_size"):
         Engine(engine.loaded, max_batch_size=0)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(max_tokens=70, temperature=0.0), dict(max_tokens=40, temperature=0.9, seed=4, steps=8),
+    dict(max_tokens=64, sampler="factor", factor=4.0), dict(max_tokens=33, sampler="threshold", threshold=0.004,
+                                                          temperature=0.5, seed=2)])
+def test_exact_block_cache_gives_the_tokens_of_full_recomputation(loaded, kw):
+    cached, recomputed = Engine(loaded, max_batch_size=4), Engine(loaded, max_batch_size=4, kv_cache=False)
+    requests = requests_for(cached, [(text, kw) for text in ("a", "a longer prompt here", "ünï", "x = 1\n")])
+    for a, b in zip(cached.generate(requests), recomputed.generate(requests)):
+        assert a.token_ids == b.token_ids and a.forward_passes == b.forward_passes

@@ -7,6 +7,7 @@ from collections import defaultdict
 
 import torch
 
+from .cache import ExactBlockCache, Recompute
 from .layout import build_layout
 from .loader import LoadedModel
 from .params import ContextLengthError, GenerationRequest, GenerationResult
@@ -21,7 +22,9 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32):
+    def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32, kv_cache: bool = True):
+        """``kv_cache``: reuse finished blocks' keys and values (exact for block-causal models);
+        False recomputes the whole prefix at every step, the baseline the cache is tested against."""
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError("max_batch_size must be a positive integer")
         if loaded.family not in SUPPORTED_FAMILIES:
@@ -34,6 +37,7 @@ class Engine:
         self.name = loaded.name
         self.max_positions = loaded.max_positions
         self.max_batch_size = max_batch_size
+        self.kv_cache = kv_cache
         self.vocab_size = int(loaded.config.vocab_size)
         self.device = next(self.model.parameters()).device
 
@@ -116,7 +120,7 @@ class Engine:
             device=self.device,
         )
         noise = RowNoise([p.effective_seed for p in params], self.device)
-        forward = self._block_forward(layout)
+        forward = (ExactBlockCache if self.kv_cache else Recompute)(self.model, layout)
 
         forward_passes = [0] * len(requests)
         done = [False] * len(requests)
@@ -137,21 +141,6 @@ class Engine:
             self._result(request, row, passes, elapsed)
             for request, row, passes in zip(requests, generated, forward_passes)
         ]
-
-    def _block_forward(self, layout):
-        """forward(x[:, :end]) -> logits of the last block only, (B, block_length, V)."""
-
-        def forward(prefix: torch.Tensor) -> torch.Tensor:
-            end = prefix.shape[1]
-            output = self.model(
-                input_ids=prefix,
-                attention_mask=layout.attention_mask[:, :, :end, :end],
-                position_ids=layout.position_ids[:, :end],
-                logits_to_keep=layout.block_length,
-            )
-            return output.logits[:, -layout.block_length :]
-
-        return forward
 
     def _rows_done(self, generated: torch.Tensor, max_tokens: list[int]) -> list[bool]:
         """A row is done once it reached max_tokens or emitted EOS within them. generated (B, T)."""

@@ -8,12 +8,14 @@ layout of SDAR / Fast-dLLM v2 style block diffusion models.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import MaskedLMOutput
+from transformers.utils import ModelOutput
 
 from .configuration import DiffbatchMDMConfig
 
@@ -62,7 +64,8 @@ class DiffbatchMDMAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden, cos, sin, attention_mask):
+    def forward(self, hidden, cos, sin, attention_mask, past=None):
+        """Returns the output and (keys, values) of past + these tokens, (B, H, Lpast + L, D) each."""
         batch, length, _ = hidden.shape
 
         def heads(proj):  # (B, L, hidden) -> (B, H, L, D)
@@ -71,9 +74,11 @@ class DiffbatchMDMAttention(nn.Module):
         q = apply_rotary(heads(self.q_proj), cos, sin)
         k = apply_rotary(heads(self.k_proj), cos, sin)
         v = heads(self.v_proj)
+        if past is not None:  # keys of earlier, finished blocks: exact, they never attend forward
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         # No is_causal: masked diffusion attends both ways; the mask alone decides the layout.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # (B, H, L, D)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), (k, v)
 
 
 class DiffbatchMDMMLP(nn.Module):
@@ -95,9 +100,10 @@ class DiffbatchMDMLayer(nn.Module):
         self.post_attention_layernorm = DiffbatchMDMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = DiffbatchMDMMLP(config)
 
-    def forward(self, hidden, cos, sin, attention_mask):
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, attention_mask)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden, cos, sin, attention_mask, past=None):
+        attended, kv = self.self_attn(self.input_layernorm(hidden), cos, sin, attention_mask, past)
+        hidden = hidden + attended
+        return hidden + self.mlp(self.post_attention_layernorm(hidden)), kv
 
 
 class DiffbatchMDMPreTrainedModel(PreTrainedModel):
@@ -126,20 +132,30 @@ class DiffbatchMDMModel(DiffbatchMDMPreTrainedModel):
         self.norm = DiffbatchMDMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None):
+        """Hidden states (B, L, hidden) and, per layer, (keys, values) of past + these tokens.
+
+        ``past_key_values``: per layer (keys, values) of earlier positions, (B, H, Lpast, D); the
+        mask then covers Lpast + L keys and ``position_ids`` must be given.
+        """
         batch, length = input_ids.shape
+        past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         if position_ids is None:
-            position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
-        attention_mask = _as_attention_mask(attention_mask, batch, length)
+            position_ids = torch.arange(past_length, past_length + length,
+                                        device=input_ids.device).expand(batch, length)
+        attention_mask = _as_attention_mask(attention_mask, batch, length, past_length + length)
         hidden = self.embed_tokens(input_ids)  # (B, L, hidden)
         head_dim = self.config.hidden_size // self.config.num_attention_heads
         cos, sin = rotary_cos_sin(position_ids, head_dim, self.config.rope_theta, hidden.dtype)
-        for layer in self.layers:
-            hidden = layer(hidden, cos, sin, attention_mask)
-        return self.norm(hidden)
+        key_values = []
+        for i, layer in enumerate(self.layers):
+            hidden, kv = layer(hidden, cos, sin, attention_mask, None if past_key_values is None
+                               else past_key_values[i])
+            key_values.append(kv)
+        return self.norm(hidden), key_values
 
 
-def _as_attention_mask(attention_mask, batch: int, length: int):
+def _as_attention_mask(attention_mask, batch: int, length: int, key_length: int):
     """Normalise the mask to a bool (B, 1, Lq, Lk) tensor, True = may attend; None = full attention.
 
     A 2-D (B, L) mask is read as key padding (True/1 = real token), the usual transformers meaning.
@@ -147,17 +163,28 @@ def _as_attention_mask(attention_mask, batch: int, length: int):
     if attention_mask is None:
         return None
     if attention_mask.dim() == 2:
-        if attention_mask.shape != (batch, length):
-            raise ValueError(f"a 2-D attention_mask must be (B, L) = {(batch, length)}")
+        if attention_mask.shape != (batch, key_length):
+            raise ValueError(f"a 2-D attention_mask must be (B, Lk) = {(batch, key_length)}")
         return attention_mask.bool()[:, None, None, :]
-    if attention_mask.dim() != 4 or attention_mask.shape[-1] != length:
+    if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (length, key_length):
         raise ValueError(
-            f"attention_mask must be (B, L) or (B, 1, Lq, Lk) with Lk = {length}, "
+            f"attention_mask must be (B, Lk) or (B, 1, Lq, Lk) with Lq = {length}, Lk = {key_length}, "
             f"got {tuple(attention_mask.shape)}"
         )
     if attention_mask.dtype != torch.bool:
         raise ValueError("a 4-D attention_mask must be a bool tensor (True = may attend)")
     return attention_mask
+
+
+@dataclass
+class DiffbatchMDMOutput(ModelOutput):
+    """Logits, and with ``use_cache`` the per-layer (keys, values) of past + input positions.
+
+    (Not named ``past_key_values``: transformers 5's ModelOutput renames that field to ``cache``.)
+    """
+
+    logits: torch.Tensor | None = None
+    key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class DiffbatchMDMForMaskedDiffusion(DiffbatchMDMPreTrainedModel):
@@ -193,9 +220,13 @@ class DiffbatchMDMForMaskedDiffusion(DiffbatchMDMPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        past_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        use_cache: bool = False,
         **kwargs,
-    ) -> MaskedLMOutput:
-        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    ) -> DiffbatchMDMOutput:
+        hidden, key_values = self.model(input_ids, attention_mask=attention_mask,
+                                        position_ids=position_ids, past_key_values=past_key_values)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return MaskedLMOutput(logits=self.lm_head(hidden))  # (B, L or logits_to_keep, V)
+        return DiffbatchMDMOutput(logits=self.lm_head(hidden),  # (B, L or logits_to_keep, V)
+                                  key_values=key_values if use_cache else None)
