@@ -1,0 +1,175 @@
+"""Engine speed, side by side in one run: samplers, KV cache, an autoregressive baseline, FLOP/s.
+
+    python bench/engine.py [--device cpu|cuda] [--new-tokens 256] [--batches 1,32] [--prompts 32]
+
+Prints tokens/s and ratios for, at each batch size:
+  - the reference sampler (LLaDA, one token a pass) with full recomputation: the published baseline;
+  - the reference sampler with the exact block KV cache;
+  - the parallel samplers (threshold, factor) with the cache;
+  - an autoregressive Llama of the same width and depth decoding with its KV cache
+    (transformers' generate, greedy, exactly --new-tokens tokens);
+and, per engine mode, forward passes per token, achieved FLOP/s as a share of this machine's
+measured matmul peak, and peak memory (CUDA: allocated bytes; CPU: process RSS high-water mark).
+The model is the built-in one (`--model PATH` for another); with random weights the confidences are
+~1/V, so the parallel samplers are run at cut-offs that accept several tokens a pass on such a model
+(printed); a trained model is needed for quality figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+from common.settings import Settings
+from worker.engine.engine import Engine
+from worker.engine.loader import load_model
+from worker.engine.params import GenerationRequest, SamplingParams
+from worker.runtime import ensure_model
+
+PROMPT = 'def {name}(items, key=None):\n    """Return the {name} of items, by key if given."""\n'
+NAMES = ("median", "mode", "largest", "smallest", "first_duplicate", "running_total", "histogram", "spread")
+MODES = {  # label: (sampler options, kv_cache)
+    "reference, recompute": ({}, False),
+    "reference, kv cache": ({}, True),
+    "threshold, kv cache": ({"sampler": "threshold", "threshold": 0.005}, True),
+    "factor, kv cache": ({"sampler": "factor", "factor": 4.0}, True),
+}
+
+
+def count_flops(model) -> dict:
+    """Matmul FLOPs of every forward: 2 x weights x tokens, plus attention scores and values."""
+    config, total = model.config, {"flops": 0.0}
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    weights = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and p.dim() == 2)
+
+    def hook(_module, args, kwargs, output) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        queries = ids.numel()
+        keys = kwargs["attention_mask"].shape[-1] if kwargs.get("attention_mask") is not None else ids.shape[1]
+        logits = output.logits.shape[0] * output.logits.shape[1]
+        total["flops"] += 2 * (weights - config.vocab_size * hidden) * queries  # layers
+        total["flops"] += 2 * config.vocab_size * hidden * logits  # kept logits only
+        total["flops"] += 4 * layers * hidden * queries * keys  # QK^T and AV
+
+    model.register_forward_hook(hook, with_kwargs=True)
+    return total
+
+
+def matmul_peak(device: str, dtype: torch.dtype, size: int = 2048, repeat: int = 10) -> float:
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    sync(device)
+    return 2 * size**3 * repeat / (time.perf_counter() - start)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def run_engine(loaded, device, batch, prompts, new_tokens, options, kv_cache, counter) -> dict:
+    engine = Engine(loaded, max_batch_size=batch, kv_cache=kv_cache)
+    requests = [GenerationRequest(engine.encode_completion(p), SamplingParams(max_tokens=new_tokens, **options))
+                for p in prompts]
+    engine.generate(requests[:batch])  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    counter["flops"] = 0.0
+    sync(device)
+    start = time.perf_counter()
+    results = engine.generate(requests)
+    sync(device)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(r.token_ids) for r in results)
+    passes = sum(r.forward_passes for r in results) / len(results)
+    return {"tokens": tokens, "seconds": seconds, "passes_per_token": passes / new_tokens,
+            "flops": counter["flops"], "memory_mb": peak_memory_mb(device)}
+
+
+def run_autoregressive(config, device, dtype, batch, prompts, new_tokens, tokenizer) -> dict:
+    """A Llama of the same width and depth, random weights, greedy, KV cache: tokens/s only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ar_config = LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                            intermediate_size=config.intermediate_size,
+                            num_hidden_layers=config.num_hidden_layers,
+                            num_attention_heads=config.num_attention_heads,
+                            max_position_embeddings=config.max_position_embeddings,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=None, bos_token_id=None)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ar_config).to(device=device, dtype=dtype).eval()
+    tokens, seconds = 0, 0.0
+    for first in range(0, len(prompts), batch):
+        tokenizer.padding_side = "left"
+        encoded = tokenizer(prompts[first:first + batch], return_tensors="pt", padding=True).to(device)
+        with torch.inference_mode():
+            sync(device)
+            start = time.perf_counter()
+            out = model.generate(**encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, use_cache=True)
+            sync(device)
+        seconds += time.perf_counter() - start
+        tokens += (out.shape[1] - encoded["input_ids"].shape[1]) * out.shape[0]
+    return {"tokens": tokens, "seconds": seconds}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", help="checkpoint folder (default: the built-in model)")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
+    parser.add_argument("--prompts", type=int, default=32, help="requests per measurement (>= each batch)")
+    args = parser.parse_args(argv[1:])
+    path = args.model or str(ensure_model(Settings()))
+    loaded = load_model(path, device=args.device)
+    dtype = next(loaded.model.parameters()).dtype
+    counter = count_flops(loaded.model)
+    peak = matmul_peak(args.device, dtype)
+    print(f"command: {' '.join([sys.executable, *argv])}")
+    print(f"machine: {os.cpu_count()} CPUs {platform.machine()}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), device {args.device}, {dtype}; model {path}")
+    print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s ({dtype}, 2048x2048)\n")
+    print(f"{'batch':>5} {'mode':28} {'tokens':>7} {'seconds':>8} {'tok/s':>9} {'vs ref':>7} "
+          f"{'passes/tok':>10} {'GFLOP/s':>8} {'% peak':>7} {'peak MB':>8}")
+    for batch in [int(b) for b in args.batches.split(",")]:
+        prompts = [PROMPT.format(name=NAMES[i % len(NAMES)]) for i in range(max(args.prompts, batch))]
+        baseline = None
+        for label, (options, kv_cache) in MODES.items():
+            row = run_engine(loaded, args.device, batch, prompts, args.new_tokens, options, kv_cache, counter)
+            rate = row["tokens"] / row["seconds"]
+            baseline = baseline or rate
+            achieved = row["flops"] / row["seconds"]
+            print(f"{batch:>5} {label:28} {row['tokens']:>7} {row['seconds']:>8.2f} {rate:>9.1f} "
+                  f"{rate / baseline:>6.2f}x {row['passes_per_token']:>10.3f} {achieved / 1e9:>8.2f} "
+                  f"{100 * achieved / peak:>6.1f}% {row['memory_mb']:>8.0f}")
+        ar = run_autoregressive(loaded.config, args.device, dtype, batch, prompts, args.new_tokens,
+                                loaded.tokenizer)
+        rate = ar["tokens"] / ar["seconds"]
+        print(f"{batch:>5} {'autoregressive (generate)':28} {ar['tokens']:>7} {ar['seconds']:>8.2f} "
+              f"{rate:>9.1f} {rate / baseline:>6.2f}x {1.0:>10.3f}")
+    print("\nvs ref: tokens/s over 'reference, recompute' at the same batch size. passes/tok: denoising "
+          "passes per generated token per request (cache-filling passes not counted).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
