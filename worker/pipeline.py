@@ -48,21 +48,25 @@ def _process(rt: Runtime, chunk_id: int, model: str, claimed: list[Request]) -> 
         except ValueError as exc:
             code, param = error_code_and_param(exc, request.url)
             written += _fail(rt, request, code, f"{param}: {exc}")
-    size = rt.settings.max_batch_size
-    for start in range(0, len(runnable), size):
-        group = runnable[start:start + size]
-        if _batch_status(rt, claimed[0].batch_id) != BatchStatus.in_progress:
-            _release(rt, [r for r, _ in runnable[start:]])  # cancelled or expired: finalize closes them
-            break
-        try:
-            results = rt.engine.generate([g for _, g in group])
-        except Exception:
-            # Unexpected engine failure (out of memory, a bad kernel): hand the rest back and retry
-            # soon; the attempt count in the database bounds the retries.
-            _release(rt, [r for r, _ in runnable[start:]])
-            rt.celery.send_task(RUN_CHUNK, args=(chunk_id,), queue=rt.model_queue, countdown=5)
-            raise
-        written += _store(rt, model, group, results)
+    size, stores = rt.settings.max_batch_size, []
+    try:
+        for start in range(0, len(runnable), size):
+            group = runnable[start:start + size]
+            if _batch_status(rt, claimed[0].batch_id) != BatchStatus.in_progress:
+                _release(rt, [r for r, _ in runnable[start:]])  # cancelled or expired: finalize closes them
+                break
+            try:
+                results = rt.engine.generate([g for _, g in group])
+            except Exception:
+                # Unexpected engine failure (out of memory, a bad kernel): hand the rest back and retry
+                # soon; the attempt count in the database bounds the retries.
+                _release(rt, [r for r, _ in runnable[start:]])
+                rt.celery.send_task(RUN_CHUNK, args=(chunk_id,), queue=rt.model_queue, countdown=5)
+                raise
+            # The writer thread stores this group while the engine runs the next one.
+            stores.append(rt.writer.submit(_store, rt, model, group, results))
+    finally:
+        written += sum(store.result() for store in stores)
     return written
 
 

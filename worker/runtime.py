@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,8 @@ class Runtime:
         self.model_name = settings.served_model_name
         self.model_queue = queue_for_model(self.model_name)
         self._lock = threading.Lock()
+        # One thread writes results, so the engine never waits for the database between batches.
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffbatch-writer")
 
     @cached_property
     def engine(self) -> Engine:
