@@ -159,3 +159,15 @@ def test_exact_block_cache_gives_the_tokens_of_full_recomputation(loaded, kw):
     requests = requests_for(cached, [(text, kw) for text in ("a", "a longer prompt here", "ünï", "x = 1\n")])
     for a, b in zip(cached.generate(requests), recomputed.generate(requests)):
         assert a.token_ids == b.token_ids and a.forward_passes == b.forward_passes
+
+
+def test_stop_string_ends_generation_at_the_block_where_it_appears(engine):
+    prompt = engine.encode_completion("stop early")
+    plain = engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=96, temperature=1.0, seed=9))])[0]
+    first_block_text = engine.tokenizer.decode(plain.token_ids[:32], skip_special_tokens=True)
+    stop = next(first_block_text[i:i + 2] for i in range(4, len(first_block_text) - 2)
+                if "\ufffd" not in first_block_text[i:i + 2])
+    params = SamplingParams(max_tokens=96, temperature=1.0, seed=9, stop=(stop,))
+    stopped = engine.generate([GenerationRequest(prompt, params)])[0]
+    assert plain.forward_passes == 96 and stopped.forward_passes == 32  # blocks 2 and 3 never ran
+    assert stopped.text == plain.text[: plain.text.index(stop)] and stopped.finish_reason == "stop"

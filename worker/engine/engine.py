@@ -11,7 +11,7 @@ from .cache import ExactBlockCache, Recompute
 from .layout import build_layout
 from .loader import LoadedModel
 from .params import ContextLengthError, GenerationRequest, GenerationResult
-from .postprocess import finish_row
+from .postprocess import apply_stop, cut_at_eos, finish_row
 from .samplers import RowNoise, denoise_block
 
 SUPPORTED_FAMILIES = ("block_causal",)
@@ -132,6 +132,7 @@ class Engine:
             )
             forward_passes = [total + n for total, n in zip(forward_passes, block_passes)]
             done = self._rows_done(layout.x[:, layout.prompt_length : end], max_tokens)
+            done = self._hit_stop_string(layout.x[:, layout.prompt_length : end], params, done)
             if all(done):
                 break
 
@@ -151,6 +152,15 @@ class Engine:
         if self.loaded.eos_token_id is not None:
             done |= ((generated == self.loaded.eos_token_id) & within).any(dim=1)
         return done.tolist()
+
+    def _hit_stop_string(self, generated: torch.Tensor, params: list, done: list[bool]) -> list[bool]:
+        """Also done: rows whose committed text already holds a stop string (block-causal attention
+        means later blocks cannot change it, so stopping here only saves their compute)."""
+        rows = [r for r, p in enumerate(params) if p.stop and not done[r]]
+        for r, token_ids in zip(rows, generated[rows].tolist()):
+            kept, _ = cut_at_eos(token_ids[: params[r].max_tokens], self.loaded.eos_token_id)
+            done[r] = apply_stop(self.tokenizer.decode(kept, skip_special_tokens=True), params[r].stop)[1]
+        return done
 
     def _result(self, request, generated: list[int], forward_passes: int, elapsed: float) -> GenerationResult:
         params = request.params
