@@ -21,33 +21,41 @@ import torch
 from worker.engine.params import GenerationRequest, SamplingParams
 
 
-def oracle_generate(model, prompt, *, max_tokens, block_length, steps, temperature, seed, mask_id):
+def new_canvas(prompt, max_tokens, block_length, mask_id):
+    """The prompt then masked blocks, and the block-causal mask: (x, allowed (L, L) bool)."""
     gen_length = math.ceil(max_tokens / block_length) * block_length
     x = list(prompt) + [mask_id] * gen_length
-    total = len(x)
     block_of = [0] * len(prompt) + [1 + j // block_length for j in range(gen_length)]
-    allowed = torch.tensor([[block_of[k] <= block_of[q] for k in range(total)] for q in range(total)])
+    allowed = torch.tensor([[block_of[k] <= block_of[q] for k in range(len(x))] for q in range(len(x))])
+    return x, allowed
+
+
+def predict_block(model, x, allowed, lo, hi, *, temperature, generator, mask_id):
+    """Full recomputation; x0 and softmax probabilities for columns [lo, hi), Gumbel-max at T."""
+    with torch.no_grad():
+        logits = model(torch.tensor([x]), attention_mask=allowed[None, None],
+                       position_ids=torch.arange(len(x))[None]).logits[0].double()  # (L, V)
+    logits[:, mask_id] = -math.inf
+    block_logits = logits[lo:hi]  # (K, V)
+    if temperature > 0:
+        u = torch.rand(block_logits.shape, dtype=torch.float64, generator=generator)
+        x0 = (block_logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
+    else:
+        x0 = block_logits.argmax(-1)
+    return x0, torch.softmax(block_logits, -1)
+
+
+def oracle_generate(model, prompt, *, max_tokens, block_length, steps, temperature, seed, mask_id):
+    x, allowed = new_canvas(prompt, max_tokens, block_length, mask_id)
     generator = torch.Generator().manual_seed(seed)
 
-    for block in range(gen_length // block_length):
-        lo = len(prompt) + block * block_length
+    for lo in range(len(prompt), len(x), block_length):
         hi = lo + block_length
         masked = sum(t == mask_id for t in x[lo:hi])
         per_step = [masked // steps + (1 if i < masked % steps else 0) for i in range(steps)]
         for i in range(steps):
-            with torch.no_grad():
-                logits = model(
-                    torch.tensor([x]), attention_mask=allowed[None, None],
-                    position_ids=torch.arange(total)[None],
-                ).logits[0].double()  # (L, V)
-            logits[:, mask_id] = -math.inf
-            block_logits = logits[lo:hi]  # (K, V)
-            if temperature > 0:
-                u = torch.rand(block_logits.shape, dtype=torch.float64, generator=generator)
-                x0 = (block_logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
-            else:
-                x0 = block_logits.argmax(-1)
-            probs = torch.softmax(block_logits, -1)
+            x0, probs = predict_block(model, x, allowed, lo, hi, temperature=temperature,
+                                      generator=generator, mask_id=mask_id)
             confidence = torch.full((block_length,), -math.inf, dtype=torch.float64)
             for j in range(block_length):
                 if x[lo + j] == mask_id:
@@ -101,27 +109,14 @@ def parallel_oracle(model, prompt, *, max_tokens, block_length, rule, cutoff, te
     "threshold"), or the n most confident with (n + 1)(1 - c_n) < cutoff (rule "factor"); always at
     least one. Noise as above: one draw per step while the block still has masks.
     """
-    gen_length = math.ceil(max_tokens / block_length) * block_length
-    x = list(prompt) + [mask_id] * gen_length
-    total = len(x)
-    block_of = [0] * len(prompt) + [1 + j // block_length for j in range(gen_length)]
-    allowed = torch.tensor([[block_of[k] <= block_of[q] for k in range(total)] for q in range(total)])
+    x, allowed = new_canvas(prompt, max_tokens, block_length, mask_id)
     generator = torch.Generator().manual_seed(seed)
     passes = 0
-    for lo in range(len(prompt), total, block_length):
+    for lo in range(len(prompt), len(x), block_length):
         while mask_id in x[lo:lo + block_length]:
             passes += 1
-            with torch.no_grad():
-                logits = model(torch.tensor([x]), attention_mask=allowed[None, None],
-                               position_ids=torch.arange(total)[None]).logits[0].double()
-            logits[:, mask_id] = -math.inf
-            block_logits = logits[lo:lo + block_length]
-            if temperature > 0:
-                u = torch.rand(block_logits.shape, dtype=torch.float64, generator=generator)
-                x0 = (block_logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
-            else:
-                x0 = block_logits.argmax(-1)
-            probs = torch.softmax(block_logits, -1)
+            x0, probs = predict_block(model, x, allowed, lo, lo + block_length, temperature=temperature,
+                                      generator=generator, mask_id=mask_id)
             masked = [j for j in range(block_length) if x[lo + j] == mask_id]
             ranked = sorted(masked, key=lambda j: -float(probs[j, x0[j]]))
             confidences = [float(probs[j, x0[j]]) for j in ranked]
