@@ -115,6 +115,7 @@ def _worker(settings: Settings, args) -> int:
     from common.ids import now
     from db import repo
     from worker.celery_app import app
+    from worker.heartbeat import beat_worker_row
     from worker.reconcile import reconcile
     from worker.runtime import Runtime, set_runtime
 
@@ -128,26 +129,13 @@ def _worker(settings: Settings, args) -> int:
         with runtime.session() as session, session.begin():
             repo.upsert_worker(session, name=runtime.name, model=runtime.model_name,
                                queue=runtime.model_queue, max_positions=engine.max_positions, now=now())
-        threading.Thread(target=_beat_worker_row, args=(runtime,), daemon=True).start()
+        threading.Thread(target=beat_worker_row, args=(runtime,), daemon=True).start()
         reconcile(runtime)  # pick up whatever a previous run left behind
 
     app.worker_main(["worker", "--pool", "solo", "--queues", f"{CONTROL_QUEUE},{runtime.model_queue}",
                      "--hostname", f"{runtime.model_name}@{runtime.name}", "--loglevel", "INFO",
                      "--without-gossip", "--without-mingle"])
     return 0
-
-
-def _beat_worker_row(runtime) -> None:
-    from common.ids import now
-    from db import repo
-
-    while True:
-        time.sleep(runtime.settings.heartbeat_s)
-        try:
-            with runtime.session() as session, session.begin():
-                repo.beat_worker(session, name=runtime.name, now=now())
-        except Exception:  # noqa: BLE001 - the next beat tries again
-            logging.getLogger("diffbatch.worker").warning("worker heartbeat failed", exc_info=True)
 
 
 def _beat(settings: Settings, args) -> int:

@@ -1,9 +1,10 @@
-"""A background thread that keeps claimed requests' heartbeat fresh while the engine works on them."""
+"""Heartbeats: claimed requests' while the engine works on them, and the worker row's while it lives."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 
 from common.ids import now
@@ -33,3 +34,14 @@ class Heartbeat:
                     repo.heartbeat(session, request_ids=self.request_ids, worker=self.rt.name, now=now())
             except Exception:  # noqa: BLE001 - a missed beat only risks a harmless reclaim
                 log.warning("heartbeat failed", exc_info=True)
+
+
+def beat_worker_row(rt) -> None:
+    """Run forever in a daemon thread: keeps this worker listed in /v1/models and validation."""
+    while True:
+        time.sleep(rt.settings.heartbeat_s)
+        try:
+            with rt.session() as session, session.begin():
+                repo.beat_worker(session, name=rt.name, now=now())
+        except Exception:  # noqa: BLE001 - the next beat tries again
+            log.warning("worker heartbeat failed", exc_info=True)

@@ -79,11 +79,10 @@ def _check_lines(rt: Runtime, batch_id: str, file_id: str,
             seen.add(item.custom_id)
     if count == 0:
         errors.append(LineError(0, "empty_file", "The input file has no requests."))
-    elif model is not None and not errors and model not in _served_models(rt):
+    elif model is not None and not errors and model not in (served := _served_models(rt)):
         errors.append(LineError(1, "model_not_found",
                                 f"Line 1: body.model {model!r} is not served by any worker "
-                                f"(served: {', '.join(sorted(_served_models(rt))) or 'none'}).",
-                                "body.model"))
+                                f"(served: {', '.join(sorted(served)) or 'none'}).", "body.model"))
     return errors, model, count
 
 
