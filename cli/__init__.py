@@ -1,1 +1,1 @@
-"""The `diffbatch` command: serve, run, worker, api, beat, db, init-model."""
+"""The `diffbatch` command: serve, run, worker, api, beat, db, train-builtin."""

@@ -48,9 +48,18 @@ def _parser() -> argparse.ArgumentParser:
     command("beat", _beat, "start the scheduler (periodic reconcile); run exactly one")
     p = command("db", _db, "database maintenance")
     p.add_argument("action", choices=["upgrade"])
-    p = command("init-model", _init_model, "write the tiny random built-in model to a folder")
-    p.add_argument("path", type=Path, nargs="?")
+    p = command("train-builtin", _train_builtin, "train the built-in model on this Python's standard "
+                "library (resumes from OUT/state.pt)")
+    p.add_argument("--out", type=Path, default=Path("train-builtin"), help="run folder (default ./train-builtin)")
+    p.add_argument("--steps", type=int, default=TRAIN_STEPS, help="length of the learning-rate schedule")
+    p.add_argument("--max-minutes", type=float, help="stop (resumably) after this many minutes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     return parser
+
+
+# The shipped checkpoint's schedule (see worker/engine/builtin/diffbatch-py-mini/README.md).
+TRAIN_STEPS = 1600
 
 
 def _run(settings: Settings, args) -> int:
@@ -155,11 +164,18 @@ def _db(settings: Settings, args) -> int:
     return 0
 
 
-def _init_model(settings: Settings, args) -> int:
-    from worker.engine.builtin.create import create_tiny_random_model
+def _train_builtin(settings: Settings, args) -> int:
+    import json
 
-    path = create_tiny_random_model(args.path or settings.model_path)
-    print(f"wrote a tiny RANDOMLY INITIALISED model (its output is noise) to {path}")
+    import torch
+
+    from training.loop import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = train(TrainConfig(out_dir=args.out, steps=args.steps, max_minutes=args.max_minutes, seed=args.seed))
+    print(json.dumps(result))
+    print(f"model written to {args.out / 'model'}; serve it with DIFFBATCH_MODEL={args.out / 'model'}")
     return 0
 
 

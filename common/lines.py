@@ -14,9 +14,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
-SAMPLERS = ("reference", "threshold", "factor")
-# Options that belong to one sampler: giving one to another sampler is an error, not silently unused.
-SAMPLER_OPTIONS = {"steps": "reference", "threshold": "threshold", "factor": "factor"}
+SAMPLERS = ("reference", "threshold", "factor", "entropy_bound")
+# Options that belong to some samplers: giving one to another sampler is an error, not silently unused.
+# The DiffusionGemma options also serve its "reference" sampler (model.generate()); whether an option
+# fits the served model's family is the engine's check.
+DIFFUSION_GEMMA_SAMPLERS = ("reference", "entropy_bound")
+SAMPLER_OPTIONS = {"steps": ("reference",), "threshold": ("threshold",), "factor": ("factor",),
+                   "max_steps": DIFFUSION_GEMMA_SAMPLERS, "entropy_bound": DIFFUSION_GEMMA_SAMPLERS,
+                   "t_min": DIFFUSION_GEMMA_SAMPLERS, "t_max": DIFFUSION_GEMMA_SAMPLERS}
 
 
 class _Strict(BaseModel):
@@ -24,29 +29,50 @@ class _Strict(BaseModel):
 
 
 class DiffusionOptions(_Strict):
-    """Diffusion-specific options, all under `body.diffusion`."""
+    """Diffusion-specific options, all under `body.diffusion`.
 
-    sampler: Literal[SAMPLERS] = "reference"  # type: ignore[valid-type]
-    block_length: int = Field(32, ge=1, le=1024)
+    ``sampler`` and ``block_length`` left unset mean the served model's defaults (the block-causal
+    models: reference, 32; DiffusionGemma: entropy_bound, its canvas length).
+    """
+
+    sampler: Literal[SAMPLERS] | None = None  # type: ignore[valid-type]
+    block_length: int | None = Field(None, ge=1, le=1024)
     steps: int | None = Field(None, ge=1, le=1024, description="denoising steps per block")
 
     threshold: float | None = Field(None, gt=0.0, le=1.0, description="threshold sampler: commit at this confidence")
     factor: float | None = Field(None, gt=0.0, description="factor sampler: (n + 1)(1 - c_n) < factor")
 
+    # DiffusionGemma; unset = the checkpoint's generation_config.json.
+    max_steps: int | None = Field(None, ge=1, le=1024, description="most denoising steps per canvas")
+    entropy_bound: float | None = Field(None, gt=0.0, description="entropy_bound sampler: acceptance bound")
+    t_min: float | None = Field(None, ge=0.0, le=10.0, description="temperature at the last denoising step")
+    t_max: float | None = Field(None, gt=0.0, le=10.0, description="temperature at the first denoising step")
+
     @field_validator("steps")
     @classmethod
     def _steps_fit_block(cls, steps: int | None, info) -> int | None:
-        block = info.data.get("block_length", 32)
+        block = info.data.get("block_length") or 32
         if steps is not None and steps > block:
             raise ValueError(f"must be at most block_length ({block}): each step commits at least one token")
         return steps
 
     @model_validator(mode="after")
     def _options_match_sampler(self) -> DiffusionOptions:
-        for option, sampler in SAMPLER_OPTIONS.items():
-            if getattr(self, option) is not None and self.sampler != sampler:
-                raise ValueError(f"{option} applies to sampler {sampler!r}, not {self.sampler!r}")
+        # An unset sampler is checked again once the model's default is known (with_default_sampler).
+        for option, samplers in SAMPLER_OPTIONS.items():
+            if getattr(self, option) is not None and self.sampler is not None and self.sampler not in samplers:
+                names = " or ".join(repr(s) for s in samplers)
+                raise ValueError(f"{option} applies to sampler {names}, not {self.sampler!r}")
+        if self.t_min is not None and self.t_max is not None and self.t_max <= self.t_min:
+            raise ValueError("t_max must be greater than t_min")
         return self
+
+    def with_default_sampler(self, default: str) -> DiffusionOptions:
+        """These options with an unset sampler replaced by the model's ``default``; ValueError (a
+        pydantic ValidationError) if an option does not belong to that sampler."""
+        if self.sampler is not None:
+            return self
+        return DiffusionOptions.model_validate({**self.model_dump(exclude_none=True), "sampler": default})
 
 
 class _SamplingBody(_Strict):

@@ -9,6 +9,9 @@ from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUILTIN_MODEL = "builtin"
+# The checkpoint this project trained and ships (package data of worker.engine.builtin; only its
+# path is named here, nothing is imported).
+BUILTIN_MODEL_PATH = Path(__file__).resolve().parent.parent / "worker" / "engine" / "builtin" / "diffbatch-py-mini"
 
 
 class Settings(BaseSettings):
@@ -56,7 +59,7 @@ class Settings(BaseSettings):
     @property
     def model_path(self) -> Path:
         if self.model == BUILTIN_MODEL:
-            return self.data_dir / "models" / "diffbatch-tiny-random"
+            return BUILTIN_MODEL_PATH
         return Path(self.model)
 
     @property

@@ -37,7 +37,7 @@ def test_readme_first_command_writes_one_line_per_request(tmp_path):
     assert _custom_ids(output) == _custom_ids(REPO / "examples/batch.jsonl")
     assert "completed" in result.stderr
     first = json.loads(output.read_text().splitlines()[0])
-    assert first["response"]["body"]["model"] == "diffbatch-tiny-random"  # says plainly what answered
+    assert first["response"]["body"]["model"] == "diffbatch-py-mini"  # the shipped trained model answered
 
 
 def test_run_reports_a_failed_batch_and_exits_non_zero(tmp_path, tiny_model):

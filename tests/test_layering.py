@@ -29,7 +29,10 @@ def test_api_process_runs_without_torch_or_worker():
     assert not loaded & {"torch", "transformers", "worker"}
 
 
-@pytest.mark.parametrize("module", ["worker.engine.engine", "worker.engine.loader", "worker.engine.builtin"])
+@pytest.mark.parametrize("module", ["worker.engine.engine", "worker.engine.loader", "worker.engine.builtin",
+                                    "worker.engine.factory", "worker.engine.diffusion_gemma.engine",
+                                    "worker.engine.diffusion_gemma.tiny", "worker.engine.families",
+                                    "worker.engine.approx_cache"])
 def test_engine_is_a_pure_torch_library(module):
     loaded = _top(_modules_after(f"import {module}"))
     assert not loaded & {*SERVICE_PACKAGES, "db", "api", "common", "pydantic", "cli"}

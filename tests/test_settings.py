@@ -14,7 +14,7 @@ def test_embedded_defaults_need_no_variable(monkeypatch, tmp_path):
     settings = Settings()
     assert settings.resolved_database_url == f"sqlite:///{tmp_path}/diffbatch-data/diffbatch.sqlite"
     assert settings.resolved_broker_url.startswith("sqla+sqlite:///")
-    assert settings.served_model_name == "diffbatch-tiny-random"
+    assert settings.served_model_name == "diffbatch-py-mini"  # the shipped trained model
     # The embedded broker is the SQLAlchemy transport with a fast poll.
     with make_celery(settings).connection_for_write() as conn:
         assert conn.transport.polling_interval == 0.1

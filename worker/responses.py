@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from common.ids import new_id, now
@@ -17,11 +18,13 @@ def to_generation_request(engine, url: str, body: dict[str, Any]) -> GenerationR
     else:
         messages = [{"role": m.role, "content": m.content} for m in parsed.messages]
         prompt_ids, max_tokens = engine.encode_chat(messages), parsed.output_limit()
-    options = parsed.diffusion
-    chosen = {name: value for name in ("threshold", "factor") if (value := getattr(options, name)) is not None}
+    options = parsed.diffusion.with_default_sampler(engine.default_sampler)
+    chosen = {name: value for name in ("threshold", "factor", "max_steps", "entropy_bound", "t_min", "t_max")
+              if (value := getattr(options, name)) is not None}
+    block_length = engine.default_block_length if options.block_length is None else options.block_length
     params = SamplingParams(max_tokens=max_tokens, temperature=parsed.temperature, top_p=parsed.top_p,
                             stop=tuple(parsed.stop_list()), seed=parsed.seed, sampler=options.sampler,
-                            block_length=options.block_length, steps=options.steps, **chosen)
+                            block_length=block_length, steps=options.steps, **chosen)
     request = GenerationRequest(prompt_ids=prompt_ids, params=params)
     engine.check(request)
     return request
@@ -31,7 +34,12 @@ def error_code_and_param(error: ValueError, url: str) -> tuple[str, str]:
     """How a request the engine refused is reported: OpenAI's code and the body field at fault."""
     if isinstance(error, ContextLengthError):
         return "context_length_exceeded", "body.prompt" if url == "/v1/completions" else "body.messages"
-    return "invalid_request", "body"
+    # Engine messages start with the field they are about, e.g. "diffusion.sampler 'factor' does not ...".
+    named = _FIELD_AT_START.match(str(error))
+    return "invalid_request", f"body.{named.group(1)}" if named else "body"
+
+
+_FIELD_AT_START = re.compile(r"(diffusion\.[a-z_]+|temperature|top_p|max_tokens|stop|seed)\b")
 
 
 def usage(result: GenerationResult) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from common.storage import BlobStore
 from db.session import make_engine, make_session_factory
 
 if TYPE_CHECKING:
-    from worker.engine.engine import Engine
+    from worker.engine.engine import Engine  # or the DiffusionGemma engine: the same interface
 
 log = logging.getLogger("diffbatch.worker")
 
@@ -44,25 +44,23 @@ class Runtime:
             return self._load_engine()
 
     def _load_engine(self) -> Engine:
-        from worker.engine.engine import Engine
+        from worker.engine.factory import make_engine
         from worker.engine.loader import load_model
 
         path = ensure_model(self.settings)
         log.info("loading model %s from %s on %s", self.model_name, path, self.settings.device)
         loaded = load_model(str(path), device=self.settings.device, dtype=self.settings.dtype,
                             trust_remote_code=self.settings.trust_remote_code)
-        return Engine(loaded, max_batch_size=self.settings.max_batch_size)
+        return make_engine(loaded, max_batch_size=self.settings.max_batch_size)
 
 
 def ensure_model(settings: Settings):
-    """The checkpoint folder; for the built-in default, create the tiny random model on first use."""
+    """The checkpoint folder, or a ValueError that says what is missing."""
     path = settings.model_path
-    if settings.model == BUILTIN_MODEL and not (path / "config.json").exists():
-        from worker.engine.builtin.create import create_tiny_random_model
-
-        log.warning("creating the built-in model at %s: a tiny RANDOMLY INITIALISED model whose output "
-                    "is noise, until the trained built-in model ships", path)
-        create_tiny_random_model(path)
+    if not (path / "config.json").is_file():
+        hint = (" (the built-in checkpoint is missing from this install: reinstall diffbatch, or train it "
+                "with `diffbatch train-builtin`)" if settings.model == BUILTIN_MODEL else "")
+        raise ValueError(f"no model checkpoint at {path}{hint}")
     return path
 
 

@@ -56,7 +56,20 @@ def test_max_tokens_and_counts(engine):
         block = kw.get("block_length", 32)
         full = -(-kw["max_tokens"] // block) * (kw.get("steps") or block)
         assert result.forward_passes == full if result.finish_reason == "length" else result.forward_passes <= full
-    assert len({r.elapsed_s for r in results}) == 1
+
+
+def test_short_requests_leave_the_batch_early_and_waiting_ones_take_their_place(loaded):
+    """Continuous batching: results stream out as rows finish, and a batch of 2 serves 5 requests
+    without waiting for its longest row."""
+    engine = Engine(loaded, max_batch_size=2)
+    specs = [("long one", dict(max_tokens=96)), ("short", dict(max_tokens=5)), ("another short", dict(max_tokens=8)),
+             ("mid", dict(max_tokens=40)), ("last", dict(max_tokens=3))]
+    requests = requests_for(engine, specs)
+    order = [i for i, _ in engine.stream(requests)]
+    assert sorted(order) == [0, 1, 2, 3, 4]
+    assert order.index(0) == 4  # the 96-token row (3 blocks) finishes last, the others pass it
+    alone = [engine.generate([r])[0].token_ids for r in requests]
+    assert [r.token_ids for r in engine.generate(requests)] == alone
 
 
 def test_steps_set_forward_passes(engine):

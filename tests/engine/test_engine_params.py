@@ -10,7 +10,7 @@ def test_defaults_are_valid_and_exact_reference():
     params.validate()
     assert params.steps_per_block == params.block_length == 32
     assert params.effective_seed == 0
-    assert params.sampler == "reference" and SAMPLERS == ("reference", "threshold", "factor")
+    assert params.sampler == "reference" and SAMPLERS == ("reference", "threshold", "factor", "entropy_bound")
 
 
 def test_stop_list_becomes_tuple():

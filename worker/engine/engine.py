@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 
-from .cache import ExactBlockCache, Recompute
+from .approx_cache import make_forward, resolve_cache_mode
 from .layout import build_layout
-from .loader import LoadedModel
-from .params import ContextLengthError, GenerationRequest, GenerationResult
+from .loader import FULL_ATTENTION_FAMILIES, LOGITS_SHIFT, LoadedModel
+from .params import DIFFUSION_GEMMA_OPTIONS, ContextLengthError, GenerationRequest, GenerationResult
 from .postprocess import apply_stop, cut_at_eos, finish_row
+from .prompts import encode_chat, encode_completion
 from .samplers import RowNoise, denoise_block
+from .scheduler import BlockScheduler
 
-SUPPORTED_FAMILIES = ("block_causal",)
+SUPPORTED_FAMILIES = ("block_causal", *FULL_ATTENTION_FAMILIES)
+SAMPLERS = ("reference", "threshold", "factor")  # entropy_bound is DiffusionGemma's
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -22,9 +26,17 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32, kv_cache: bool = True):
+    default_sampler = "reference"
+    default_block_length = 32
+
+    def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32, kv_cache: bool = True,
+                 cache: str | None = None, max_batch_tokens: int | None = None):
         """``kv_cache``: reuse finished blocks' keys and values (exact for block-causal models);
-        False recomputes the whole prefix at every step, the baseline the cache is tested against."""
+        False recomputes the whole prefix at every step, the baseline the cache is tested against.
+        ``cache``: "exact" | "none" for block-causal models, "prefix" | "dual" | "none" (Fast-dLLM's
+        approximate caches, approx_cache.py) for full-attention ones; None picks from ``kv_cache``.
+        With the exact cache, rows are batched continuously (scheduler.py); ``max_batch_tokens`` caps
+        rows x cached positions of the running batch (default: max_batch_size x the model's positions)."""
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError("max_batch_size must be a positive integer")
         if loaded.family not in SUPPORTED_FAMILIES:
@@ -38,30 +50,24 @@ class Engine:
         self.max_positions = loaded.max_positions
         self.max_batch_size = max_batch_size
         self.kv_cache = kv_cache
+        # Full-attention families (LLaDA, Dream): padding-only mask, whole canvas in every forward.
+        self.full_attention = loaded.family in FULL_ATTENTION_FAMILIES
+        self.cache_mode = resolve_cache_mode(cache, full_attention=self.full_attention, kv_cache=kv_cache)
+        self.logits_shift = LOGITS_SHIFT.get(loaded.family, 0)
         self.vocab_size = int(loaded.config.vocab_size)
         self.device = next(self.model.parameters()).device
+        self.scheduler = BlockScheduler(
+            self.model, tokenizer=self.tokenizer, mask_token_id=loaded.mask_token_id,
+            pad_token_id=loaded.pad_token_id, eos_token_id=loaded.eos_token_id, max_batch_size=max_batch_size,
+            max_batch_tokens=max_batch_tokens or max_batch_size * self.max_positions, device=self.device)
 
     # ---- prompts -------------------------------------------------------------------------
 
     def encode_completion(self, prompt: str) -> list[int]:
-        if not isinstance(prompt, str):
-            raise ValueError("prompt must be a string")
-        return list(self.tokenizer(prompt)["input_ids"])
+        return encode_completion(self.tokenizer, prompt)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("messages must be a non-empty list")
-        for message in messages:
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise ValueError("each message must be an object with a string role")
-            if not isinstance(message.get("content"), str):
-                raise ValueError("only text message content is supported")
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as error:  # jinja raises its own types, e.g. for an unknown role
-            raise ValueError(f"chat template failed: {error}") from error
-        # The template writes the special tokens itself.
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode_chat(self.tokenizer, messages)
 
     # ---- generation ----------------------------------------------------------------------
 
@@ -69,6 +75,12 @@ class Engine:
         """Raise ValueError if ``request`` cannot run; lets a caller reject one request alone."""
         params = request.params
         params.validate()
+        if params.sampler not in SAMPLERS:
+            raise ValueError(f"diffusion.sampler {params.sampler!r} applies to DiffusionGemma models only; "
+                             f"this model takes one of {list(SAMPLERS)}")
+        for name in DIFFUSION_GEMMA_OPTIONS:
+            if getattr(params, name) is not None:
+                raise ValueError(f"diffusion.{name} applies to DiffusionGemma models only")
         prompt = request.prompt_ids
         if not isinstance(prompt, list) or not prompt:
             raise ValueError("prompt must contain at least one token")
@@ -84,14 +96,29 @@ class Engine:
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Results in the order of ``requests``; raises ValueError if any request is invalid."""
+        results: list[GenerationResult | None] = [None] * len(requests)
+        for i, result in self.stream(requests):
+            results[i] = result
+        return results
+
+    def stream(self, requests: list[GenerationRequest]) -> Iterator[tuple[int, GenerationResult]]:
+        """Yield (index in ``requests``, result) as each request finishes.
+
+        With the exact KV cache, rows are scheduled continuously (scheduler.BlockScheduler): a
+        finished row leaves at the next block boundary and a waiting one takes its place. Without
+        it (the recompute baseline), fixed batches run to the end.
+        """
         for request in requests:
             self.check(request)
-        results: list[GenerationResult | None] = [None] * len(requests)
+        if self.cache_mode == "exact":  # continuous batching is for block-causal models' exact cache
+            groups: dict[int, list[tuple[int, GenerationRequest]]] = defaultdict(list)
+            for i, request in enumerate(requests):
+                groups[request.params.block_length].append((i, request))
+            for group in groups.values():
+                yield from self.scheduler.run(group)
+            return
         for indices in self._plan_batches(requests):
-            batch_results = self._generate_batch([requests[i] for i in indices])
-            for i, result in zip(indices, batch_results):
-                results[i] = result
-        return results
+            yield from zip(indices, self._generate_batch([requests[i] for i in indices]))
 
     def _plan_batches(self, requests: list[GenerationRequest]) -> list[list[int]]:
         """Rows of one batch share block_length; sorting by prompt length limits padding."""
@@ -118,9 +145,10 @@ class Engine:
             pad_token_id=self.loaded.pad_token_id,
             mask_token_id=self.loaded.mask_token_id,
             device=self.device,
+            full_attention=self.full_attention,
         )
         noise = RowNoise([p.effective_seed for p in params], self.device)
-        forward = (ExactBlockCache if self.kv_cache else Recompute)(self.model, layout)
+        forward = make_forward(self.cache_mode, self.model, layout, logits_shift=self.logits_shift)
 
         forward_passes = [0] * len(requests)
         done = [False] * len(requests)

@@ -26,6 +26,7 @@ class BatchLayout:
     prompt_length: int  # P
     gen_length: int  # G
     block_length: int
+    full_attention: bool = False  # padding-only mask: every column sees every real column
 
     @property
     def num_blocks(self) -> int:
@@ -45,7 +46,10 @@ def build_layout(
     pad_token_id: int,
     mask_token_id: int,
     device: torch.device | str,
+    full_attention: bool = False,
 ) -> BatchLayout:
+    """``full_attention`` (LLaDA, Dream): every token attends to every real token, the whole canvas,
+    prompt and all blocks, as those models were trained; the mask then only hides padding."""
     if gen_length % block_length != 0:
         raise ValueError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
     batch = len(prompts)
@@ -67,6 +71,8 @@ def build_layout(
         columns < prompt_length, 0, 1 + (columns - prompt_length) // block_length
     )  # (L,)
     causal_blocks = block_index[None, :] <= block_index[:, None]  # (Lq, Lk)
+    if full_attention:
+        causal_blocks = torch.ones_like(causal_blocks)
     attention_mask = causal_blocks[None, None] & is_real[:, None, None, :]  # (B, 1, Lq, Lk)
 
     return BatchLayout(
@@ -76,4 +82,5 @@ def build_layout(
         prompt_length=prompt_length,
         gen_length=gen_length,
         block_length=block_length,
+        full_attention=full_attention,
     )

@@ -1,10 +1,13 @@
 """Load a local checkpoint folder: the only place the engine touches the disk.
 
 Everything is read with ``local_files_only=True``: workers run on-prem without a hub connection.
+Two kinds of checkpoints: masked diffusion models (AutoModelForMaskedLM, e.g. the built-in
+block-causal one) and DiffusionGemma (``DiffusionGemmaForBlockDiffusion``, native in transformers).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +18,23 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 # Registers the built-in model type with the Auto classes before anything is loaded.
 import worker.engine.builtin  # noqa: F401
 
+# Registers diffbatch's own LLaDA ("llada") and Dream ("Dream") implementations likewise.
+import worker.engine.families  # noqa: F401
+
 # model_type -> attention family, for checkpoints that do not record `diffbatch_family`.
-FAMILIES_BY_MODEL_TYPE = {"diffbatch_mdm": "block_causal"}
+FAMILIES_BY_MODEL_TYPE = {
+    "diffbatch_mdm": "block_causal",
+    "diffusion_gemma": "diffusion_gemma",
+    "llada": "llada",  # LLaDA-8B, LLaDA-1.5: full attention, logits at the mask's position
+    "Dream": "dream",  # Dream-v0, DiffuCoder: full attention, logits shifted by one
+}
+# Families whose every token attends to every token (approximate prefix / dual KV caches).
+FULL_ATTENTION_FAMILIES = ("llada", "dream")
+# Families whose logit for position i is read at position i - LOGITS_SHIFT (AR-initialised models).
+LOGITS_SHIFT = {"dream": 1}
+# Model types diffbatch implements itself: their folders' remote code (written for transformers 4)
+# is never run, whatever the caller's trust_remote_code.
+OWN_MODEL_TYPES = ("diffbatch_mdm", "llada", "Dream")
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -33,9 +51,11 @@ class LoadedModel:
     name: str
     family: str
     max_positions: int
-    mask_token_id: int
+    mask_token_id: int | None  # None for uniform-noise models (DiffusionGemma has no [MASK])
     eos_token_id: int | None
     pad_token_id: int
+    # Every end-of-sequence id (chat checkpoints often have several, e.g. <eos> and <end_of_turn>).
+    eos_token_ids: tuple[int, ...] = ()
 
 
 def load_model(
@@ -52,12 +72,16 @@ def load_model(
         raise ValueError(f"model path {str(path)!r} has no config.json")
     torch_dtype = _resolve_dtype(dtype, device)
 
+    if _model_type(folder) in OWN_MODEL_TYPES:
+        trust_remote_code = False
     kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(folder, **kwargs)
     family = getattr(config, "diffbatch_family", None) or FAMILIES_BY_MODEL_TYPE.get(config.model_type)
     if family is None:
         raise ValueError(f"model type {config.model_type!r} is not a supported diffusion model family")
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    if family == "diffusion_gemma":
+        return _load_diffusion_gemma(folder, config, tokenizer, device=device, dtype=torch_dtype)
     mask_token_id = _first_id(getattr(config, "mask_token_id", None), tokenizer.mask_token_id)
     if mask_token_id is None:
         raise ValueError(f"model at {str(path)!r} defines no mask token (config.mask_token_id)")
@@ -78,7 +102,56 @@ def load_model(
         mask_token_id=mask_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
+        eos_token_ids=() if eos_token_id is None else (eos_token_id,),
     )
+
+
+def _load_diffusion_gemma(folder: Path, config, tokenizer, *, device: str, dtype: torch.dtype) -> LoadedModel:
+    """DiffusionGemma: text only; ids from generation_config.json first (what ``generate`` uses)."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    # sdpa: the DiffusionGemma engine passes explicit boolean 4D masks (per-row prefixes).
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+        folder, config=config, dtype=dtype, local_files_only=True, attn_implementation="sdpa")
+    model.to(device).eval()
+    text_config = config.get_text_config()
+    generation = model.generation_config
+    eos_ids = _all_ids(generation.eos_token_id, text_config.eos_token_id, tokenizer.eos_token_id)
+    pad_token_id = _first_id(generation.pad_token_id, text_config.pad_token_id, tokenizer.pad_token_id,
+                             eos_ids[0] if eos_ids else None)
+    if pad_token_id is None:
+        raise ValueError(f"model at {str(folder)!r} defines neither a pad nor an eos token")
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        name=getattr(config, "diffbatch_name", None) or folder.resolve().name,
+        family="diffusion_gemma",
+        max_positions=int(text_config.max_position_embeddings),
+        mask_token_id=None,
+        eos_token_id=eos_ids[0] if eos_ids else None,
+        pad_token_id=pad_token_id,
+        eos_token_ids=eos_ids,
+    )
+
+
+def _all_ids(*candidates) -> tuple[int, ...]:
+    """The first candidate that is set, as a tuple (an id or a list of ids)."""
+    for candidate in candidates:
+        if candidate is None:
+            continue
+        ids = candidate if isinstance(candidate, (list, tuple)) else [candidate]
+        if ids:
+            return tuple(int(i) for i in ids)
+    return ()
+
+
+def _model_type(folder: Path) -> str | None:
+    """config.json's model_type, read before transformers resolves any remote code."""
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # let AutoConfig report the broken file
 
 
 def _resolve_dtype(dtype: str, device: str) -> torch.dtype:

@@ -10,8 +10,12 @@ import math
 from dataclasses import dataclass
 
 # reference: fixed steps per block (LLaDA), the exactness baseline; threshold and factor: Fast-dLLM's
-# confidence-aware parallel acceptance, as many tokens per forward pass as the model is sure of.
-SAMPLERS = ("reference", "threshold", "factor")
+# confidence-aware parallel acceptance, as many tokens per forward pass as the model is sure of;
+# entropy_bound: DiffusionGemma's acceptance with renoising and adaptive stop, continuously batched
+# (for DiffusionGemma, "reference" is its batch-synchronous ``model.generate()``, token for token).
+SAMPLERS = ("reference", "threshold", "factor", "entropy_bound")
+# DiffusionGemma-only options; None means the checkpoint's generation_config.json value.
+DIFFUSION_GEMMA_OPTIONS = ("max_steps", "entropy_bound", "t_min", "t_max")
 MAX_STOP_SEQUENCES = 4  # as OpenAI's chat/completions API
 
 
@@ -44,6 +48,12 @@ class SamplingParams:
     threshold: float = 0.9
     # factor sampler: commit the n most confident where (n + 1) * (1 - c_n) < factor.
     factor: float = 1.0
+    # DiffusionGemma: most denoising steps per canvas, the entropy bound of the acceptance rule, and
+    # the linear temperature schedule's last (t_min) and first (t_max) temperatures.
+    max_steps: int | None = None
+    entropy_bound: float | None = None
+    t_min: float | None = None
+    t_max: float | None = None
 
     def __post_init__(self):
         # Callers (JSON bodies) pass lists; keep the frozen dataclass hashable.
@@ -89,6 +99,23 @@ class SamplingParams:
             raise ValueError("diffusion.threshold must be a number in (0, 1]")
         if not _is_number(self.factor) or self.factor <= 0:
             raise ValueError("diffusion.factor must be a number > 0")
+        self._validate_diffusion_gemma_options()
+
+    def _validate_diffusion_gemma_options(self) -> None:
+        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1):
+            raise ValueError("diffusion.max_steps must be a positive integer")
+        if self.entropy_bound is not None and (not _is_number(self.entropy_bound) or self.entropy_bound <= 0):
+            raise ValueError("diffusion.entropy_bound must be a number > 0")
+        for name in ("t_min", "t_max"):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or value < 0):
+                raise ValueError(f"diffusion.{name} must be a finite number >= 0")
+        if self.t_min is not None and self.t_max is not None and self.t_max <= self.t_min:
+            raise ValueError("diffusion.t_max must be greater than diffusion.t_min")
+        if self.sampler in ("threshold", "factor"):
+            given = [name for name in DIFFUSION_GEMMA_OPTIONS if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"diffusion.{given[0]} does not apply to the {self.sampler} sampler")
 
 
 @dataclass

@@ -39,6 +39,13 @@ class RowNoise:
         self.device = torch.device(device)
         self.generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
 
+    @classmethod
+    def from_generators(cls, generators: list[torch.Generator], device: torch.device | str) -> RowNoise:
+        """Rows that carry their generator from block to block (continuous batching)."""
+        noise = cls([], device)
+        noise.generators = generators
+        return noise
+
     def gumbel_denominator(
         self, rows: list[int], temperature: list[float], shape: torch.Size, batch_size: int
     ) -> torch.Tensor | None:

@@ -37,8 +37,15 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
-    bos_id = vocab[BOS]
-    # A completion prompt starts with <|bos|>, like the chat template.
+    return wrap_tokenizer(backend)
+
+
+def wrap_tokenizer(backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """The transformers tokenizer around a byte-level ``backend`` that holds ``SPECIAL_TOKENS``:
+    a completion prompt starts with <|bos|>, like the chat template; padding is on the left."""
+    bos_id = backend.token_to_id(BOS)
+    if bos_id is None:
+        raise ValueError(f"the tokenizer has no {BOS} token")
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 $B:1", special_tokens=[(BOS, bos_id)]
     )

@@ -1,0 +1,73 @@
+"""Held-out code-completion prompts and the checks applied to what the model writes.
+
+A prompt is a held-out function's signature, docstring and first body lines, dedented to the left
+margin. A completion *parses* when the prompt plus the completion's complete lines (text up to its
+last newline) is valid Python and at least one of those lines is not blank: so an empty or
+single-fragment answer does not count, and a body that goes on into a new function does.
+"""
+
+from __future__ import annotations
+
+import ast
+import textwrap
+from dataclasses import dataclass
+
+from .corpus import SourceFile
+
+PROMPT_BODY_LINES = 2  # body lines after the docstring that go into the prompt
+
+
+@dataclass(frozen=True)
+class CompletionPrompt:
+    source: str  # "file.py:line"
+    prompt: str
+
+
+def function_prompts(files: list[SourceFile], *, limit: int) -> list[CompletionPrompt]:
+    """Up to ``limit`` prompts, spread evenly over all eligible functions (deterministic)."""
+    prompts = [p for source in files for p in _prompts_in(source)]
+    if len(prompts) <= limit:
+        return prompts
+    stride = len(prompts) / limit
+    return [prompts[int(i * stride)] for i in range(limit)]
+
+
+def _prompts_in(source: SourceFile) -> list[CompletionPrompt]:
+    try:
+        tree = ast.parse(source.text)
+    except SyntaxError:
+        return []
+    lines = source.text.splitlines(keepends=True)
+    prompts = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or ast.get_docstring(node) is None:
+            continue
+        body = node.body[1:]  # after the docstring
+        if len(body) < 2:
+            continue
+        end = node.body[0].end_lineno + PROMPT_BODY_LINES  # 1-based, inclusive
+        if end >= node.end_lineno:
+            continue  # the prompt would hold the whole function
+        text = textwrap.dedent("".join(lines[node.lineno - 1 : end]))
+        prompts.append(CompletionPrompt(f"{source.name}:{node.lineno}", text))
+    return sorted(prompts, key=lambda p: p.source)
+
+
+def complete_lines(completion: str) -> str:
+    return completion[: completion.rfind("\n") + 1] if "\n" in completion else ""
+
+
+def parses(prompt: str, completion: str) -> bool:
+    kept = complete_lines(completion)
+    if not kept.strip():
+        return False
+    try:
+        ast.parse(prompt + kept)
+    except (SyntaxError, ValueError):  # ValueError: source with NUL bytes
+        return False
+    return True
+
+
+def distinct_ratio(token_ids: list[int]) -> float:
+    """Distinct tokens / tokens: degenerate repetition ("a a a a") scores low."""
+    return len(set(token_ids)) / len(token_ids) if token_ids else 0.0

@@ -1,0 +1,223 @@
+"""The training loop: seeded, resumable, time-bounded, with a progress bar and a JSON-lines log.
+
+Files in ``out_dir``: ``tokenizer/`` (trained once), ``state.pt`` (model, optimizer and step; written
+atomically), ``log.jsonl`` (one line per logged step and per evaluation), and ``model/`` (the export:
+``save_pretrained`` safetensors in bfloat16 plus tokenizer files, loadable by the worker).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import PreTrainedTokenizerFast
+
+from worker.engine.builtin import DiffbatchMDMConfig, DiffbatchMDMForMaskedDiffusion
+
+from .corpus import list_sources, split
+from .data import TokenStream, encode_files, sample_starts, step_generator
+from .objective import diffusion_loss
+from .tokenizer import train_bpe_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    out_dir: Path
+    # Shape and vocabulary chosen by held-out bits per byte per minute (bench/train_sweep.py).
+    steps: int = 1600  # the learning-rate schedule's length; --max-minutes may stop earlier
+    max_minutes: float | None = None
+    vocab_size: int = 8192
+    hidden_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 6
+    intermediate_size: int = 1024
+    block_length: int = 32
+    seq_length: int = 256
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    seed: int = 0
+    bf16: bool = True  # autocast on CPU: avx512_bf16 makes the matmuls ~2x faster than fp32
+    eval_every: int = 100
+    eval_windows: int = 64
+    checkpoint_every_s: float = 300.0
+    name: str = "diffbatch-py-mini"
+    corpus_root: Path | None = None  # default: the running interpreter's standard library
+
+
+def train(config: TrainConfig) -> dict:
+    """Train (or resume) and export; returns the last evaluation."""
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    tokenizer, train_stream, held_out = _prepare_data(config, out)
+    model = _build_model(config, tokenizer)
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.learning_rate,
+                                  betas=(0.9, 0.95))
+    step = _resume(out / "state.pt", model, optimizer)
+    log = (out / "log.jsonl").open("a")
+    started, last_checkpoint = time.monotonic(), time.monotonic()
+    deadline = None if config.max_minutes is None else started + 60 * config.max_minutes
+    last_eval = {}
+    if step == 0:  # the untrained baseline, so the log shows what training bought
+        _write(log, {"step": 0, "config": config_record(config),
+                     "eval": evaluate(model, config, held_out, tokenizer.mask_token_id)})
+    with _progress() as progress:
+        task = progress.add_task("train", total=config.steps, completed=step, loss=float("nan"))
+        while step < config.steps and (deadline is None or time.monotonic() < deadline):
+            loss = _train_step(model, optimizer, config, train_stream, step, tokenizer.mask_token_id)
+            step += 1
+            progress.update(task, completed=step, loss=loss["loss"])
+            if step % 10 == 0:
+                _write(log, {"step": step, **loss, "elapsed_s": round(time.monotonic() - started, 1)})
+            if step % config.eval_every == 0 or step == config.steps:
+                last_eval = evaluate(model, config, held_out, tokenizer.mask_token_id)
+                _write(log, {"step": step, "eval": last_eval})
+            if time.monotonic() - last_checkpoint > config.checkpoint_every_s:
+                _save_state(out / "state.pt", model, optimizer, step)
+                last_checkpoint = time.monotonic()
+    _save_state(out / "state.pt", model, optimizer, step)
+    if not last_eval:
+        last_eval = evaluate(model, config, held_out, tokenizer.mask_token_id)
+    export(model, tokenizer, out / "model")
+    return {"step": step, **last_eval}
+
+
+def _prepare_data(config: TrainConfig, out: Path):
+    train_files, held_out_files = split(list_sources(config.corpus_root))
+    if not train_files or not held_out_files:
+        raise ValueError("the corpus needs both training and held-out files")
+    tokenizer_dir = out / "tokenizer"
+    if tokenizer_dir.is_dir():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    else:
+        tokenizer = train_bpe_tokenizer((s.text for s in train_files), vocab_size=config.vocab_size)
+        tokenizer.model_max_length = 2048
+        tokenizer.save_pretrained(tokenizer_dir)
+    return tokenizer, encode_files(tokenizer, train_files), encode_files(tokenizer, held_out_files)
+
+
+def _build_model(config: TrainConfig, tokenizer) -> DiffbatchMDMForMaskedDiffusion:
+    model_config = DiffbatchMDMConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        max_position_embeddings=2048,
+        block_length=config.block_length,
+        mask_token_id=tokenizer.mask_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True,
+        diffbatch_family="block_causal",
+        diffbatch_name=config.name,
+    )
+    return DiffbatchMDMForMaskedDiffusion(model_config).train()
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    # No decay on norms (1-D weights); the tied embedding is decayed like any matrix.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to 10% at ``config.steps``."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _train_step(model, optimizer, config: TrainConfig, stream: TokenStream, step: int, mask_id: int) -> dict:
+    generator = step_generator(config.seed, step)
+    x0 = stream.windows(sample_starts(stream, config.batch_size, config.seq_length, generator),
+                        config.seq_length)
+    prompt_length = int(torch.randint(0, config.seq_length - config.block_length, (1,), generator=generator))
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, step)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        parts = diffusion_loss(model, x0, mask_token_id=mask_id, block_length=config.block_length,
+                               prompt_length=prompt_length, generator=generator)
+    optimizer.zero_grad(set_to_none=True)
+    parts.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return {"loss": round(parts.loss.item(), 4),
+            "masked_ce": round(parts.masked_ce_sum.item() / max(1, parts.masked_count), 4),
+            "lr": round(optimizer.param_groups[0]["lr"], 6)}
+
+
+@torch.no_grad()
+def evaluate(model, config: TrainConfig, held_out: TokenStream, mask_id: int) -> dict:
+    """Held-out figures on fixed windows and noise (the same every call, so runs compare):
+    ``masked_ce`` nats per masked token, ``elbo_bits_per_byte`` the weighted loss per UTF-8 byte
+    (comparable across vocabularies)."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(12345)
+    total_loss, ce_sum, ce_count, scored = 0.0, 0.0, 0, 0
+    batch = min(config.batch_size, config.eval_windows)
+    for first in range(0, config.eval_windows, batch):
+        x0 = held_out.windows(sample_starts(held_out, batch, config.seq_length, generator), config.seq_length)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            parts = diffusion_loss(model, x0, mask_token_id=mask_id, block_length=config.block_length,
+                                   prompt_length=0, generator=generator)
+        region = x0.shape[0] * (x0.shape[1] - 0)
+        total_loss += parts.loss.item() * region
+        scored += region
+        ce_sum += parts.masked_ce_sum.item()
+        ce_count += parts.masked_count
+    model.train(was_training)
+    tokens_per_byte = len(held_out.ids) / held_out.num_bytes
+    elbo = total_loss / scored
+    return {"masked_ce": round(ce_sum / ce_count, 4), "elbo_nats_per_token": round(elbo, 4),
+            "elbo_bits_per_byte": round(elbo * tokens_per_byte / math.log(2), 4)}
+
+
+def export(model, tokenizer, path: Path) -> Path:
+    """save_pretrained in bfloat16 (half the bytes; the loader upcasts on CPU) plus the tokenizer."""
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    model.save_pretrained(path, state_dict=state)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _resume(path: Path, model, optimizer) -> int:
+    if not path.is_file():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def _save_state(path: Path, model, optimizer, step: int) -> None:
+    temporary = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, temporary)
+    os.replace(temporary, path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def _write(log, record: dict) -> None:
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                    TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn())
+
+
+def config_record(config: TrainConfig) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}

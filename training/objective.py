@@ -1,0 +1,76 @@
+"""The block diffusion training objective (MDLM loss on a block-causal layout).
+
+Masked diffusion (MDLM, Sahoo et al. 2024, arXiv:2406.07524; LLaDA, arXiv:2502.09992): draw a
+noise level t, replace each token by [MASK] with probability t, and train the model to predict the
+originals; weighting each masked token's cross-entropy by 1/t makes the loss an upper bound on the
+negative log-likelihood.
+
+Block-causal (BD3-LM, Arriola et al. 2025, arXiv:2503.09573): at inference the engine denoises one
+block at a time against the *clean* keys of the prompt and the finished blocks. To train every block
+in one pass, the input is the noisy sequence followed by a clean copy, 2L tokens, under a mask:
+
+    noisy token in block b  ->  noisy tokens of block b, clean tokens of blocks < b
+    clean token in block b  ->  clean tokens of blocks <= b
+
+The prompt is block 0 and is never noised, as in the engine's layout (one bidirectional prefix
+block); its length is drawn per batch, so the model sees prompts of every length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MIN_NOISE = 1e-3  # keeps 1/t finite
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor  # the weighted ELBO term, per noisy-region token: what is minimised
+    masked_ce_sum: torch.Tensor  # summed cross-entropy of masked tokens, unweighted (nats)
+    masked_count: int
+
+
+def block_ids(length: int, prompt_length: int, block_length: int) -> torch.Tensor:
+    """(L,) block index of each column: 0 for the prompt, 1 + j for generation block j."""
+    columns = torch.arange(length)
+    return torch.where(columns < prompt_length, 0, 1 + (columns - prompt_length).clamp(min=0) // block_length)
+
+
+def two_stream_mask(blocks: torch.Tensor) -> torch.Tensor:
+    """(1, 1, 2L, 2L) bool attention mask over [noisy ; clean] for the block ids (L,)."""
+    q, k = blocks[:, None], blocks[None, :]
+    noisy_to_noisy = q == k
+    noisy_to_clean = k < q
+    clean_to_clean = k <= q
+    clean_to_noisy = torch.zeros_like(noisy_to_noisy)
+    top = torch.cat([noisy_to_noisy, noisy_to_clean], dim=1)
+    bottom = torch.cat([clean_to_noisy, clean_to_clean], dim=1)
+    return torch.cat([top, bottom], dim=0)[None, None]
+
+
+def diffusion_loss(
+    model, x0: torch.Tensor, *, mask_token_id: int, block_length: int, prompt_length: int,
+    generator: torch.Generator,
+) -> LossParts:
+    """x0 (B, L) clean token ids. One noise level per (row, block), drawn from ``generator``."""
+    batch, length = x0.shape
+    blocks = block_ids(length, prompt_length, block_length)  # (L,)
+    num_blocks = int(blocks.max()) + 1
+    t = torch.rand((batch, num_blocks), generator=generator).clamp(min=MIN_NOISE)  # (B, nb)
+    t_per_token = t[:, blocks]  # (B, L)
+    noisy_region = (blocks > 0)[None, :].expand(batch, length)
+    masked = (torch.rand((batch, length), generator=generator) < t_per_token) & noisy_region
+    xt = torch.where(masked, mask_token_id, x0)
+
+    positions = torch.arange(length).repeat(2)[None, :].expand(batch, 2 * length)
+    hidden, _ = model.model(
+        torch.cat([xt, x0], dim=1), attention_mask=two_stream_mask(blocks), position_ids=positions
+    )
+    # Logits only where they are scored: the masked tokens of the noisy stream.
+    logits = model.lm_head(hidden[:, :length][masked])  # (M, V)
+    ce = F.cross_entropy(logits.float(), x0[masked], reduction="none")  # (M,)
+    loss = (ce / t_per_token[masked]).sum() / noisy_region.sum().clamp(min=1)
+    return LossParts(loss=loss, masked_ce_sum=ce.detach().sum(), masked_count=int(masked.sum()))

@@ -1,0 +1,155 @@
+"""The DiffusionGemma engine: the worker's engine interface over the two DiffusionGemma samplers.
+
+- ``entropy_bound`` (the default): continuous batching (``continuous.py``), per-request seeds;
+- ``reference``: ``model.generate()`` token for token (``reference.py``), batch-synchronous.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+
+from ..loader import LoadedModel
+from ..params import ContextLengthError, GenerationRequest, GenerationResult
+from ..postprocess import FinishedRow, apply_stop, covering_prefix
+from ..prompts import encode_chat, encode_completion
+from .adapter import DiffusionGemmaAdapter
+from .continuous import ContinuousDenoiser, Job
+from .reference import generate_reference
+from .settings import checkpoint_defaults, resolve
+
+SAMPLERS = ("entropy_bound", "reference")
+
+
+class DiffusionGemmaEngine:
+    default_sampler = "entropy_bound"
+
+    def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32):
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError("max_batch_size must be a positive integer")
+        if loaded.family != "diffusion_gemma":
+            raise ValueError(f"model family {loaded.family!r} is not DiffusionGemma")
+        self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
+        self.name, self.max_positions, self.max_batch_size = loaded.name, loaded.max_positions, max_batch_size
+        self.adapter = DiffusionGemmaAdapter(loaded.model, loaded.pad_token_id)
+        self.canvas_length = self.adapter.canvas_length
+        self.default_block_length = self.canvas_length  # the canvas is DiffusionGemma's block
+        self.vocab_size = self.adapter.vocab_size
+        self.defaults = checkpoint_defaults(loaded.model.generation_config)
+        self.eos_token_ids = tuple(loaded.eos_token_ids)
+        # Multimodal input is out of scope: a prompt may not smuggle in the image placeholders.
+        config = loaded.config
+        self.image_token_ids = {t for t in (getattr(config, name, None) for name in
+                                            ("image_token_id", "boi_token_id", "eoi_token_id")) if t is not None}
+
+    def encode_completion(self, prompt: str) -> list[int]:
+        return encode_completion(self.tokenizer, prompt)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return encode_chat(self.tokenizer, messages)
+
+    # ---- checks --------------------------------------------------------------------------
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raise ValueError (ContextLengthError for length) if ``request`` cannot run on this model."""
+        params = request.params
+        params.validate()
+        if params.sampler not in SAMPLERS:
+            raise ValueError(f"diffusion.sampler {params.sampler!r} does not apply to DiffusionGemma models; "
+                             f"use one of {list(SAMPLERS)}")
+        if params.steps is not None:
+            raise ValueError("diffusion.steps does not apply to DiffusionGemma models; use diffusion.max_steps")
+        if params.block_length != self.canvas_length:
+            raise ValueError(f"diffusion.block_length is fixed by the checkpoint: canvas_length={self.canvas_length}")
+        if params.temperature != 0:
+            raise ValueError("temperature does not apply to DiffusionGemma models: their sampler follows a "
+                             "temperature schedule, set diffusion.t_min and diffusion.t_max instead")
+        if params.top_p != 1:
+            raise ValueError("top_p does not apply to DiffusionGemma models")
+        resolve(self.defaults, params)
+        prompt = request.prompt_ids
+        if not isinstance(prompt, list) or not prompt:
+            raise ValueError("prompt must contain at least one token")
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        if self.image_token_ids.intersection(prompt):
+            raise ValueError("prompt holds image placeholder tokens: multimodal input is not supported")
+        generated = math.ceil(params.max_tokens / self.canvas_length) * self.canvas_length
+        if len(prompt) + generated > self.max_positions:
+            raise ContextLengthError(
+                f"prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} (rounded up to {generated}, "
+                f"whole canvases of {self.canvas_length}) needs {len(prompt) + generated} positions; "
+                f"the model supports {self.max_positions}")
+
+    # ---- generation ----------------------------------------------------------------------
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Results in the order of ``requests``; raises ValueError if any request is invalid."""
+        for request in requests:
+            self.check(request)
+        results: list[GenerationResult | None] = [None] * len(requests)
+        continuous = [i for i, r in enumerate(requests) if r.params.sampler == "entropy_bound"]
+        if continuous:
+            self._run_continuous(requests, continuous, results)
+        reference = [i for i, r in enumerate(requests) if r.params.sampler == "reference"]
+        if reference:
+            self._run_reference(requests, reference, results)
+        return results
+
+    def _run_continuous(self, requests, indices: list[int], results: list) -> None:
+        jobs = [Job(prompt_ids=requests[i].prompt_ids, settings=resolve(self.defaults, requests[i].params),
+                    seed=requests[i].params.effective_seed,
+                    done=lambda generated, params=requests[i].params: self._is_done(generated, params))
+                for i in indices]
+        ContinuousDenoiser(self.adapter, max_rows=self.max_batch_size, stop=self.defaults).run(jobs)
+        for i, job in zip(indices, jobs):
+            results[i] = self._result(requests[i], job.generated, job.forward_passes, job.elapsed_s)
+
+    def _run_reference(self, requests, indices: list[int], results: list) -> None:
+        """One generate() batch per (seed, settings), in chunks of max_batch_size, in request order."""
+        groups = defaultdict(list)
+        for i in indices:
+            params = requests[i].params
+            groups[(params.effective_seed, resolve(self.defaults, params))].append(i)
+        for (seed, settings), members in groups.items():
+            for first in range(0, len(members), self.max_batch_size):
+                batch = members[first : first + self.max_batch_size]
+                started = time.perf_counter()
+                generated, passes = generate_reference(
+                    self.model, [requests[i].prompt_ids for i in batch], settings=settings,
+                    max_new_tokens=max(requests[i].params.max_tokens for i in batch), seed=seed,
+                    pad_token_id=self.loaded.pad_token_id, eos_token_ids=self.eos_token_ids,
+                    all_done=lambda rows, batch=batch: all(
+                        self._is_done(row, requests[i].params) for row, i in zip(rows, batch)))
+                elapsed = time.perf_counter() - started
+                for i, row, count in zip(batch, generated, passes):
+                    results[i] = self._result(requests[i], row, count, elapsed)
+
+    # ---- rows ----------------------------------------------------------------------------
+
+    def _cut_at_eos(self, tokens: list[int]) -> tuple[list[int], bool]:
+        ends = [i for i, t in enumerate(tokens) if t in self.eos_token_ids]
+        return (tokens[: ends[0]], True) if ends else (tokens, False)
+
+    def _is_done(self, generated: list[int], params) -> bool:
+        """After a canvas: EOS or max_tokens reached, or a stop string in the text (later canvases
+        cannot change committed tokens, so stopping only saves compute)."""
+        kept, hit_eos = self._cut_at_eos(generated[: params.max_tokens])
+        if hit_eos or len(generated) >= params.max_tokens:
+            return True
+        return bool(params.stop) and apply_stop(self.tokenizer.decode(kept, skip_special_tokens=True),
+                                                params.stop)[1]
+
+    def _finish(self, generated: list[int], params) -> FinishedRow:
+        token_ids, hit_eos = self._cut_at_eos(generated[: params.max_tokens])
+        text, hit_stop = apply_stop(self.tokenizer.decode(token_ids, skip_special_tokens=True), params.stop)
+        if hit_stop:
+            token_ids = covering_prefix(self.tokenizer, token_ids, text)
+        return FinishedRow(token_ids=token_ids, text=text, finish_reason="stop" if hit_eos or hit_stop else "length")
+
+    def _result(self, request, generated: list[int], forward_passes: int, elapsed: float) -> GenerationResult:
+        row = self._finish(generated, request.params)
+        return GenerationResult(token_ids=row.token_ids, text=row.text, finish_reason=row.finish_reason,
+                                prompt_tokens=len(request.prompt_ids), completion_tokens=len(row.token_ids),
+                                forward_passes=forward_passes, elapsed_s=elapsed)

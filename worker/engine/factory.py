@@ -1,0 +1,15 @@
+"""The engine for a loaded checkpoint, picked by its model family."""
+
+from __future__ import annotations
+
+from .loader import LoadedModel
+
+
+def make_engine(loaded: LoadedModel, max_batch_size: int = 32):
+    if loaded.family == "diffusion_gemma":
+        from .diffusion_gemma.engine import DiffusionGemmaEngine
+
+        return DiffusionGemmaEngine(loaded, max_batch_size=max_batch_size)
+    from .engine import Engine
+
+    return Engine(loaded, max_batch_size=max_batch_size)
