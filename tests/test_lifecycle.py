@@ -125,8 +125,9 @@ def test_engine_failure_hands_requests_back(svc, monkeypatch):
 
     def broken(_requests):
         raise RuntimeError("CUDA out of memory")
+        yield  # a generator, like Engine.stream: the error comes at the first result
 
-    monkeypatch.setattr(svc.runtime.engine, "generate", broken)
+    monkeypatch.setattr(svc.runtime.engine, "stream", broken)
     with pytest.raises(RuntimeError):
         pipeline.run_chunk(svc.runtime, chunks[0])
     with svc.runtime.session() as session:

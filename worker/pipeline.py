@@ -48,25 +48,39 @@ def _process(rt: Runtime, chunk_id: int, model: str, claimed: list[Request]) -> 
         except ValueError as exc:
             code, param = error_code_and_param(exc, request.url)
             written += _fail(rt, request, code, f"{param}: {exc}")
-    size, stores = rt.settings.max_batch_size, []
+    return written + _generate_and_store(rt, chunk_id, model, runnable)
+
+
+def _generate_and_store(rt: Runtime, chunk_id: int, model: str, runnable: list) -> int:
+    """Stream the engine's results (rows finish at different times under continuous batching) and
+    hand them to the writer thread a batch-size group at a time, so storing overlaps generation."""
+    size, stores, finished, pending = rt.settings.max_batch_size, [], set(), []
+    if not runnable:
+        return 0
     try:
-        for start in range(0, len(runnable), size):
-            group = runnable[start:start + size]
-            if _batch_status(rt, claimed[0].batch_id) != BatchStatus.in_progress:
-                _release(rt, [r for r, _ in runnable[start:]])  # cancelled or expired: finalize closes them
-                break
-            try:
-                results = rt.engine.generate([g for _, g in group])
-            except Exception:
-                # Unexpected engine failure (out of memory, a bad kernel): hand the rest back and retry
-                # soon; the attempt count in the database bounds the retries.
-                _release(rt, [r for r, _ in runnable[start:]])
-                rt.celery.send_task(RUN_CHUNK, args=(chunk_id,), queue=rt.model_queue, countdown=5)
-                raise
-            # The writer thread stores this group while the engine runs the next one.
-            stores.append(rt.writer.submit(_store, rt, model, group, results))
+        results = rt.engine.stream([g for _, g in runnable])
+        for index, result in results:
+            pending.append((runnable[index], result))
+            finished.add(index)
+            if len(pending) == size or len(finished) == len(runnable):
+                group, group_results = [g for g, _ in pending], [r for _, r in pending]
+                stores.append(rt.writer.submit(_store, rt, model, group, group_results))
+                pending = []
+                still_running = _batch_status(rt, runnable[0][0].batch_id) == BatchStatus.in_progress
+                if len(finished) < len(runnable) and not still_running:
+                    results.close()  # cancelled or expired: finalize closes what is left
+                    _release(rt, [r for i, (r, _) in enumerate(runnable) if i not in finished])
+                    break
+    except Exception:
+        # Unexpected engine failure (out of memory, a bad kernel): hand back what is not finished
+        # and retry soon; the attempt count in the database bounds the retries.
+        unstored = [r for i, (r, _) in enumerate(runnable) if i not in finished]
+        unstored += [g[0] for g, _ in pending]
+        _release(rt, unstored)
+        rt.celery.send_task(RUN_CHUNK, args=(chunk_id,), queue=rt.model_queue, countdown=5)
+        raise
     finally:
-        written += sum(store.result() for store in stores)
+        written = sum(store.result() for store in stores)
     return written
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 
 from ..loader import LoadedModel
 from ..params import ContextLengthError, GenerationRequest, GenerationResult
@@ -96,6 +97,10 @@ class DiffusionGemmaEngine:
         if reference:
             self._run_reference(requests, reference, results)
         return results
+
+    def stream(self, requests: list[GenerationRequest]) -> Iterator[tuple[int, GenerationResult]]:
+        """(index, result) pairs, the worker's interface; all come once the whole call is done."""
+        yield from enumerate(self.generate(requests))
 
     def _run_continuous(self, requests, indices: list[int], results: list) -> None:
         jobs = [Job(prompt_ids=requests[i].prompt_ids, settings=resolve(self.defaults, requests[i].params),
