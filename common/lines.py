@@ -8,12 +8,14 @@ the line and the field, the shape of OpenAI's `batch.errors.data[]`.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+FILL_MARKER = re.compile(r"\{\{fill:(\d+)\}\}")  # the engine's infill.py reads the same syntax
 SAMPLERS = ("reference", "threshold", "factor", "entropy_bound")
 # Options that belong to some samplers: giving one to another sampler is an error, not silently unused.
 # The DiffusionGemma options also serve its "reference" sampler (model.generate()); whether an option
@@ -47,6 +49,21 @@ class DiffusionOptions(_Strict):
     entropy_bound: float | None = Field(None, gt=0.0, description="entropy_bound sampler: acceptance bound")
     t_min: float | None = Field(None, ge=0.0, le=10.0, description="temperature at the last denoising step")
     t_max: float | None = Field(None, gt=0.0, le=10.0, description="temperature at the first denoising step")
+
+    # Infilling: fixed text with {{fill:N}} holes of N tokens, denoised after the prompt (README).
+    template: str | None = Field(None, min_length=1, max_length=200_000)
+
+    @field_validator("template")
+    @classmethod
+    def _template_has_holes(cls, template: str | None) -> str | None:
+        if template is None:
+            return None
+        sizes = [int(n) for n in FILL_MARKER.findall(template)]
+        if not sizes:
+            raise ValueError("must contain at least one {{fill:N}} hole")
+        if not all(1 <= n <= 1024 for n in sizes):
+            raise ValueError("a {{fill:N}} hole holds 1 to 1024 tokens")
+        return template
 
     @field_validator("steps")
     @classmethod

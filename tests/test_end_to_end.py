@@ -46,6 +46,16 @@ def test_parallel_samplers_travel_the_service(service):
     assert stats["f"]["forward_passes"] == 11 and stats["f"]["tokens_per_forward"] > 2.5  # 3 a pass
 
 
+def test_infilling_template_travels_the_service(service):
+    template = "    if n < 2:\n        return {{fill:4}}\n    return {{fill:12}}\n"
+    line = completion_line("fill", prompt="def fib(n):\n", diffusion={"template": template, "block_length": 8})
+    [output] = _check_complete(service, service.wait(service.submit([line])["id"]), ["fill"])
+    text = output["response"]["body"]["choices"][0]["text"]
+    assert text.startswith("    if n < 2:\n        return ") and "\n    return " in text
+    expected = len(service.runtime.engine.encode_template(template))  # the template sets the length
+    assert output["response"]["body"]["usage"]["completion_tokens"] == expected
+
+
 def test_chat_batch(service):
     batch = service.wait(service.submit([chat_line("a"), chat_line("b", "Write code.")],
                                         endpoint="/v1/chat/completions")["id"])

@@ -55,6 +55,12 @@ CASES = {
                                             "context_length_exceeded", "body.prompt"),
     "steps beyond block": (_raw(completion_line("a", diffusion={"block_length": 8, "steps": 9})), 1,
                            "invalid_value", "body.diffusion.steps"),
+    "template without a hole": (_raw(completion_line("a", diffusion={"template": "x = 1"})), 1,
+                                "invalid_value", "body.diffusion.template"),
+    "template with stop": (_raw(completion_line("a", stop=["\n"], diffusion={"template": "x = {{fill:2}}"})), 1,
+                           "invalid_request", "body.stop"),
+    "template hole too big": (_raw(completion_line("a", diffusion={"template": "x = {{fill:5000}}"})), 1,
+                              "invalid_value", "body.diffusion.template"),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -25,7 +26,13 @@ def to_generation_request(engine, url: str, body: dict[str, Any]) -> GenerationR
     params = SamplingParams(max_tokens=max_tokens, temperature=parsed.temperature, top_p=parsed.top_p,
                             stop=tuple(parsed.stop_list()), seed=parsed.seed, sampler=options.sampler,
                             block_length=block_length, steps=options.steps, **chosen)
-    request = GenerationRequest(prompt_ids=prompt_ids, params=params)
+    template_ids = None
+    if options.template is not None:
+        if parsed.stop_list():
+            raise ValueError("stop does not apply with diffusion.template (the template sets the length)")
+        template_ids = engine.encode_template(options.template)
+        params = dataclasses.replace(params, max_tokens=len(template_ids))  # the template sets the length
+    request = GenerationRequest(prompt_ids=prompt_ids, params=params, template_ids=template_ids)
     engine.check(request)
     return request
 

@@ -184,3 +184,29 @@ def test_stop_string_ends_generation_at_the_block_where_it_appears(engine):
     stopped = engine.generate([GenerationRequest(prompt, params)])[0]
     assert plain.forward_passes == 96 and stopped.forward_passes == 32  # blocks 2 and 3 never ran
     assert stopped.text == plain.text[: plain.text.index(stop)] and stopped.finish_reason == "stop"
+
+
+def test_infilling_keeps_the_template_text_and_fills_only_the_holes(engine):
+    template = "    total = {{fill:5}}\n    return total + {{fill:3}}\n"
+    canvas = engine.encode_template(template)
+    assert canvas.count(None) == 8
+    request = GenerationRequest(engine.encode_completion("def f(a, b):\n"),
+                                SamplingParams(max_tokens=len(canvas), block_length=8), template_ids=canvas)
+    [result] = engine.generate([request])
+    assert len(result.token_ids) == len(canvas)
+    assert all(got == want for got, want in zip(result.token_ids, canvas) if want is not None)
+    assert result.text.startswith("    total = ") and "\n    return total + " in result.text
+    # The holes are denoised like any masked position: the same with batch-mates or alone.
+    mates = requests_for(engine, MIXED[:2])
+    assert engine.generate([*mates, request])[2].token_ids == result.token_ids
+
+
+def test_bad_templates_are_refused(engine):
+    with pytest.raises(ValueError, match="no \\{\\{fill:N\\}\\} hole"):
+        engine.encode_template("no holes here")
+    with pytest.raises(ValueError, match="1 to 1024 tokens"):
+        engine.encode_template("x = {{fill:0}}")
+    canvas = engine.encode_template("x = {{fill:4}}")
+    wrong_length = GenerationRequest([1, 2], SamplingParams(max_tokens=3), template_ids=canvas)
+    with pytest.raises(ValueError, match="max_tokens must equal"):
+        engine.check(wrong_length)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 
 from .approx_cache import make_forward, resolve_cache_mode
+from .infill import encode_template
 from .layout import build_layout
 from .loader import FULL_ATTENTION_FAMILIES, LOGITS_SHIFT, LoadedModel
 from .params import DIFFUSION_GEMMA_OPTIONS, ContextLengthError, GenerationRequest, GenerationResult
@@ -86,6 +87,7 @@ class Engine:
             raise ValueError("prompt must contain at least one token")
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
             raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        self._check_template(request)
         gen_length = _round_up(params.max_tokens, params.block_length)
         if len(prompt) + gen_length > self.max_positions:
             raise ContextLengthError(
@@ -93,6 +95,23 @@ class Engine:
                 f"{gen_length}, a multiple of diffusion.block_length={params.block_length}) needs "
                 f"{len(prompt) + gen_length} positions; the model supports {self.max_positions}"
             )
+
+    def encode_template(self, template: str) -> list[int | None]:
+        return encode_template(self.tokenizer, template)
+
+    def _check_template(self, request: GenerationRequest) -> None:
+        template = request.template_ids
+        if template is None:
+            return
+        if self.cache_mode != "exact":
+            raise ValueError("diffusion.template needs the continuous block-causal engine (exact KV cache)")
+        if not isinstance(template, list) or None not in template:
+            raise ValueError("diffusion.template must hold at least one hole")
+        if not all(t is None or (isinstance(t, int) and 0 <= t < self.vocab_size) for t in template):
+            raise ValueError(f"template token ids must be integers in [0, {self.vocab_size}) or holes")
+        if request.params.max_tokens != len(template) or request.params.stop:
+            raise ValueError("with diffusion.template, the template sets the length: max_tokens must equal "
+                             "its length in tokens and stop must be empty")
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Results in the order of ``requests``; raises ValueError if any request is invalid."""

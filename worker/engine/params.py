@@ -122,6 +122,9 @@ class SamplingParams:
 class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
+    # Infilling (infill.py): the canvas after the prompt, token ids where the text is fixed and None
+    # in the holes; its length is the completion's length (params.max_tokens must equal it).
+    template_ids: list[int | None] | None = None
 
 
 @dataclass

@@ -148,7 +148,7 @@ class BlockScheduler:
     def _denoise_round(self, batch: RunningBatch, block_length: int) -> None:
         """Denoise one block for every row, then cache it (one more pass over the clean block)."""
         size = len(batch.rows)
-        block = torch.full((size, block_length), self.mask_token_id, dtype=torch.long, device=self.device)
+        block = self._canvas(batch.rows, block_length)
         positions = batch.next_position[:, None] + torch.arange(block_length, device=self.device)  # (B, K)
         keys = torch.cat([batch.key_valid, torch.ones((size, block_length), dtype=torch.bool,
                                                       device=self.device)], dim=1)
@@ -170,11 +170,25 @@ class BlockScheduler:
             row.generated.extend(tokens)
             row.passes += n
 
+    def _canvas(self, rows: list[Row], block_length: int) -> torch.Tensor:
+        """The next block of every row: [MASK] everywhere but where an infilling template fixes text."""
+        block = torch.full((len(rows), block_length), self.mask_token_id, dtype=torch.long)
+        for r, row in enumerate(rows):  # once per block, not per step
+            template = row.request.template_ids
+            if template:
+                part = template[len(row.generated) : len(row.generated) + block_length]
+                block[r, : len(part)] = torch.tensor([self.mask_token_id if t is None else t for t in part])
+        return block.to(self.device)
+
+    def _eos_for(self, row: Row) -> int | None:
+        # A template's length is fixed: an EOS a hole holds does not end it (decoding drops it).
+        return None if row.request.template_ids else self.eos_token_id
+
     def _is_done(self, row: Row) -> bool:
         params = row.request.params
         if len(row.generated) >= params.max_tokens:
             return True
-        kept, hit_eos = cut_at_eos(row.generated, self.eos_token_id)
+        kept, hit_eos = cut_at_eos(row.generated, self._eos_for(row))
         if hit_eos or not params.stop:
             return hit_eos
         # Committed blocks never change, so a stop string found now is final.
@@ -182,7 +196,7 @@ class BlockScheduler:
 
     def _result(self, row: Row) -> GenerationResult:
         params = row.request.params
-        finished = finish_row(row.generated, max_tokens=params.max_tokens, eos_token_id=self.eos_token_id,
+        finished = finish_row(row.generated, max_tokens=params.max_tokens, eos_token_id=self._eos_for(row),
                               stop=params.stop, tokenizer=self.tokenizer)
         return GenerationResult(token_ids=finished.token_ids, text=finished.text,
                                 finish_reason=finished.finish_reason, prompt_tokens=len(row.request.prompt_ids),

@@ -56,6 +56,8 @@ class DiffusionGemmaEngine:
         """Raise ValueError (ContextLengthError for length) if ``request`` cannot run on this model."""
         params = request.params
         params.validate()
+        if request.template_ids is not None:
+            self.encode_template("")  # raises: infilling is not supported here
         if params.sampler not in SAMPLERS:
             raise ValueError(f"diffusion.sampler {params.sampler!r} does not apply to DiffusionGemma models; "
                              f"use one of {list(SAMPLERS)}")
@@ -97,6 +99,10 @@ class DiffusionGemmaEngine:
         if reference:
             self._run_reference(requests, reference, results)
         return results
+
+    def encode_template(self, template: str) -> list[int | None]:
+        raise ValueError("diffusion.template (infilling) is not supported for DiffusionGemma models: their "
+                         "canvas starts from random tokens, not from [MASK] around fixed text")
 
     def stream(self, requests: list[GenerationRequest]) -> Iterator[tuple[int, GenerationResult]]:
         """(index, result) pairs, the worker's interface; all come once the whole call is done."""
