@@ -7,6 +7,7 @@ atomically), ``log.jsonl`` (one line per logged step and per evaluation), and ``
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -188,10 +189,20 @@ def evaluate(model, config: TrainConfig, held_out: TokenStream, mask_id: int) ->
 def export(model, tokenizer, path: Path) -> Path:
     """save_pretrained in bfloat16 (half the bytes; the loader upcasts on CPU) plus the tokenizer."""
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
-    model.save_pretrained(path, state_dict=state)
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(path)  # a copy: training goes on in fp32
     tokenizer.save_pretrained(path)
     return path
+
+
+def export_checkpoint(config: TrainConfig, destination: Path) -> int:
+    """Export the run's last saved state (``state.pt``) to ``destination``; returns its step."""
+    out = Path(config.out_dir)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
+    model = _build_model(config, tokenizer)
+    state = torch.load(out / "state.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    export(model.eval(), tokenizer, Path(destination))
+    return int(state["step"])
 
 
 def _resume(path: Path, model, optimizer) -> int:

@@ -31,7 +31,8 @@ def test_tokenizer_round_trips_text(shipped):
     text = 'def área(r: float) -> float:\n\t"""π r², 面积"""\n    return 3.14159 * r ** 2\n'
     ids = shipped.tokenizer(text)["input_ids"]
     assert shipped.tokenizer.decode(ids, skip_special_tokens=True) == text
-    assert len(ids) < len(text.encode()) / 2  # the merges were learnt on Python source
+    code = "    for key, value in sorted(self.items()):\n        if value is not None:\n            return key\n"
+    assert len(shipped.tokenizer(code)["input_ids"]) < len(code) / 3  # merges learnt on Python source
 
 
 def test_it_continues_a_function_with_python(shipped):

@@ -11,7 +11,7 @@ other columns barely change between steps, so they are computed once per block (
 full forward whose logits also serve the block's first step) and reused for its remaining steps:
 - PrefixCache reuses the columns before the block; each step runs the block and everything after it.
 - DualCache also reuses the columns after the block (the masked future); each step runs the block only.
-Approximate, unlike the block-causal ExactBlockCache: the cached prompt keys were computed while the
+Approximate, unlike the block-causal exact cache (scheduler.py): the cached prompt keys were computed while the
 block was still masked. The first step of every block is exact (the refresh is a full recompute).
 
 Dream-style models read the logit of column i at column i - 1 (``logits_shift`` = 1), so the query
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import ExactBlockCache, Recompute
+from .cache import Recompute
 from .layout import BatchLayout
 
 CACHE_MODES = ("exact", "prefix", "dual", "none")
@@ -50,7 +50,9 @@ def make_forward(mode: str, model, layout: BatchLayout, *, logits_shift: int = 0
     if not layout.full_attention:
         if logits_shift:
             raise ValueError("logits_shift applies to full-attention layouts only")
-        return ExactBlockCache(model, layout) if mode == "exact" else Recompute(model, layout)
+        if mode != "none":  # "exact" runs in the continuous scheduler, never on a fixed layout
+            raise ValueError(f"cache {mode!r} does not run on a fixed block-causal layout")
+        return Recompute(model, layout)
     classes = {"none": FullRecompute, "prefix": PrefixCache, "dual": DualCache}
     if mode not in classes:
         raise ValueError(f"cache {mode!r} does not apply to full-attention models")

@@ -1,7 +1,7 @@
 """Continuous batching for block-causal models: rows leave and join the batch at block boundaries.
 
 A block-causal model's finished blocks never change and never attend forward, so a row's whole
-history is its exact KV cache (cache.ExactBlockCache) plus the position of its next block. The
+history is its exact KV cache (computed once per finished block) plus the position of its next block. The
 running batch is therefore only: per layer (keys, values) of shape (B, H, C, D), a (B, C) mask of
 real keys (rows are left-padded to the longest history), and each row's next position. Every round
 denoises one block for all rows, appends the committed block to the cache, then

@@ -1,7 +1,8 @@
 """Write the tiny randomly initialised built-in checkpoint.
 
-It is the embedded default model until a trained one lands: it exercises the whole pipeline
-(loading, batching, denoising, decoding) offline in seconds, but its generations are noise.
+Tests and benchmarks use it: it exercises the whole pipeline (loading, batching, denoising,
+decoding) offline in seconds, but its generations are noise. The trained default model ships in
+``diffbatch-py-mini/`` beside this file.
 """
 
 from __future__ import annotations
