@@ -3,7 +3,7 @@
     python bench/quality.py [--model PATH] [--prompts 64] [--new-tokens 128] [--batch 32]
 
 For held-out functions of the standard library (signature + docstring + first lines as the prompt,
-see training/completions.py), each sampler writes --new-tokens tokens at temperature 0. Printed per
+see training/completions.py), each sampler writes --new-tokens tokens (temperature 0 by default). Printed per
 sampler: the share of completions that parse with at least one complete generated line, the mean
 distinct-token ratio, tokens/s and forward passes per token, all measured in this one run.
 """
@@ -34,7 +34,8 @@ SAMPLERS = {  # label: diffusion options
 
 def measure(engine: Engine, prompts, new_tokens: int, options: dict) -> dict:
     requests = [GenerationRequest(engine.encode_completion(p.prompt),
-                                  SamplingParams(max_tokens=new_tokens, **options)) for p in prompts]
+                                  SamplingParams(max_tokens=new_tokens, seed=i, **options))
+                for i, p in enumerate(prompts)]
     started = time.perf_counter()
     results = engine.generate(requests)
     seconds = time.perf_counter() - started
@@ -54,6 +55,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated labels to run")
     parser.add_argument("--samples", action="store_true", help="print three completions per sampler")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv[1:])
@@ -63,10 +67,12 @@ def main(argv: list[str]) -> int:
     prompts = function_prompts(held_out, limit=args.prompts)
     print(f"command: {' '.join([sys.executable, *argv])}")
     print(f"model {path}; {len(prompts)} held-out prompts, {args.new_tokens} new tokens, batch {args.batch}, "
-          f"temperature 0, torch {torch.__version__} ({torch.get_num_threads()} threads)\n")
+          f"block {args.block_length}, temperature {args.temperature}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads)\n")
     print(f"{'sampler':<16} {'parses':>7} {'distinct':>9} {'tok/s':>8} {'vs ref':>7} {'passes/tok':>10}")
     figures, baseline = {}, None
-    for label, options in SAMPLERS.items():
+    for label in args.samplers.split(","):
+        options = {**SAMPLERS[label], "block_length": args.block_length, "temperature": args.temperature}
         row = measure(engine, prompts, args.new_tokens, options)
         baseline = baseline or row["tokens_per_s"]
         figures[label] = {k: v for k, v in row.items() if k != "samples"}
