@@ -19,7 +19,8 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import PreTrainedTokenizerFast
 
-from worker.engine.builtin import DiffbatchMDMConfig, DiffbatchMDMForMaskedDiffusion
+from worker.engine.builtin import DiffbatchMDMForMaskedDiffusion
+from worker.engine.builtin.create import config_for
 
 from .corpus import list_sources, split
 from .data import TokenStream, encode_files, sample_starts, step_generator
@@ -106,22 +107,10 @@ def _prepare_data(config: TrainConfig, out: Path):
 
 
 def _build_model(config: TrainConfig, tokenizer) -> DiffbatchMDMForMaskedDiffusion:
-    model_config = DiffbatchMDMConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size,
-        max_position_embeddings=2048,
-        block_length=config.block_length,
-        mask_token_id=tokenizer.mask_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        tie_word_embeddings=True,
-        diffbatch_family="block_causal",
-        diffbatch_name=config.name,
-    )
+    model_config = config_for(
+        tokenizer, name=config.name, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
+        max_position_embeddings=2048, block_length=config.block_length)
     return DiffbatchMDMForMaskedDiffusion(model_config).train()
 
 

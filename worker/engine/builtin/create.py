@@ -25,6 +25,21 @@ TINY_SHAPE = dict(
 )
 
 
+def config_for(tokenizer, *, name: str, **shape) -> DiffbatchMDMConfig:
+    """A built-in model config whose vocabulary and special ids are ``tokenizer``'s."""
+    return DiffbatchMDMConfig(
+        vocab_size=len(tokenizer),
+        mask_token_id=tokenizer.mask_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True,
+        diffbatch_family="block_causal",
+        diffbatch_name=name,
+        **shape,
+    )
+
+
 def create_tiny_random_model(
     path: str | Path, *, seed: int = 0, name: str = "diffbatch-tiny-random"
 ) -> Path:
@@ -36,17 +51,7 @@ def create_tiny_random_model(
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_byte_tokenizer()
     tokenizer.model_max_length = TINY_SHAPE["max_position_embeddings"]
-    config = DiffbatchMDMConfig(
-        vocab_size=len(tokenizer),
-        mask_token_id=tokenizer.mask_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        tie_word_embeddings=True,
-        diffbatch_family="block_causal",
-        diffbatch_name=name,
-        **TINY_SHAPE,
-    )
+    config = config_for(tokenizer, name=name, **TINY_SHAPE)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DiffbatchMDMForMaskedDiffusion(config)
