@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=TRAIN_STEPS, help="length of the learning-rate schedule")
     p.add_argument("--max-minutes", type=float, help="stop (resumably) after this many minutes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", type=Path, help="start from this exported model folder (weights and "
+                   "tokenizer) with a fresh optimizer and schedule")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--export-to", type=Path, help="only export the run's last saved state to this folder")
     return parser
@@ -196,7 +199,9 @@ def _train_builtin(settings: Settings, args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = train(TrainConfig(out_dir=args.out, steps=args.steps, max_minutes=args.max_minutes, seed=args.seed))
+    result = train(TrainConfig(out_dir=args.out, steps=args.steps, max_minutes=args.max_minutes, seed=args.seed,
+                               init_from=args.init_from,
+                               **({"learning_rate": args.lr} if args.lr else {})))
     print(json.dumps(result))
     print(f"model written to {args.out / 'model'}; serve it with DIFFBATCH_MODEL={args.out / 'model'}")
     return 0

@@ -52,6 +52,9 @@ class TrainConfig:
     checkpoint_every_s: float = 300.0
     name: str = "diffbatch-py-mini"
     corpus_root: Path | None = None  # default: the running interpreter's standard library
+    # An exported model folder to start from (its weights and tokenizer) with a fresh optimizer and
+    # schedule: how a run goes on from a shipped checkpoint whose state.pt is gone.
+    init_from: Path | None = None
 
 
 def train(config: TrainConfig) -> dict:
@@ -61,6 +64,8 @@ def train(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)
     tokenizer, train_stream, held_out = _prepare_data(config, out)
     model = _build_model(config, tokenizer)
+    if config.init_from is not None and not (out / "state.pt").is_file():
+        _load_weights(model, Path(config.init_from))
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.learning_rate,
                                   betas=(0.9, 0.95))
     step = _resume(out / "state.pt", model, optimizer)
@@ -99,6 +104,9 @@ def _prepare_data(config: TrainConfig, out: Path):
     tokenizer_dir = out / "tokenizer"
     if tokenizer_dir.is_dir():
         tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    elif config.init_from is not None:  # the starting model's ids, not a freshly trained vocabulary
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(config.init_from)
+        tokenizer.save_pretrained(tokenizer_dir)
     else:
         tokenizer = train_bpe_tokenizer((s.text for s in train_files), vocab_size=config.vocab_size)
         tokenizer.model_max_length = 2048
@@ -112,6 +120,12 @@ def _build_model(config: TrainConfig, tokenizer) -> DiffbatchMDMForMaskedDiffusi
         num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
         max_position_embeddings=2048, block_length=config.block_length)
     return DiffbatchMDMForMaskedDiffusion(model_config).train()
+
+
+def _load_weights(model, folder: Path) -> None:
+    """Copy an exported model's weights (bf16 on disk) into the fp32 training model; shapes must match."""
+    exported = DiffbatchMDMForMaskedDiffusion.from_pretrained(folder, dtype=torch.float32)
+    model.load_state_dict(exported.state_dict())
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:

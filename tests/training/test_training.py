@@ -109,3 +109,17 @@ def test_training_is_reproducible_and_resumes_where_it_stopped(corpus, tmp_path)
     assert state["step"] == 30
     logged_steps = [json.loads(line)["step"] for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert logged_steps.count(0) == 1  # the baseline is not evaluated again on resume
+
+
+def test_a_run_can_start_from_an_exported_model(corpus, tmp_path):
+    """--init-from: the new run begins where the exported model is (not at a random start), with its tokenizer."""
+    torch.set_num_threads(1)
+    first = train(TrainConfig(out_dir=tmp_path / "a", steps=30, corpus_root=corpus, **TINY))
+    fresh = _evals(tmp_path / "a")[0]["eval"]["masked_ce"]
+    go_on = train(TrainConfig(out_dir=tmp_path / "b", steps=10, seed=1, corpus_root=corpus,
+                              init_from=tmp_path / "a" / "model", **TINY))
+    start = _evals(tmp_path / "b")[0]["eval"]["masked_ce"]
+    assert abs(start - first["masked_ce"]) < 0.05  # the bf16 export, evaluated again
+    assert start < fresh - 1.0 and go_on["step"] == 10
+    assert (tmp_path / "b" / "tokenizer" / "tokenizer.json").read_text() == \
+        (tmp_path / "a" / "model" / "tokenizer.json").read_text()
