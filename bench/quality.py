@@ -32,10 +32,18 @@ SAMPLERS = {  # label: diffusion options
 }
 
 
-def measure(engine: Engine, prompts, new_tokens: int, options: dict) -> dict:
-    requests = [GenerationRequest(engine.encode_completion(p.prompt),
-                                  SamplingParams(max_tokens=new_tokens, seed=i, **options))
-                for i, p in enumerate(prompts)]
+# The stop sequences of the Codex/HumanEval evaluation (Chen et al. 2021, arXiv:2107.03374): a line
+# at the left margin ends the completed function, so what follows it is not judged.
+CODEX_STOPS = ["\nclass", "\ndef", "\n#", "\nif"]
+
+
+def measure(engine: Engine, prompts, new_tokens: int, options: dict, healing: bool) -> dict:
+    requests = []
+    for i, p in enumerate(prompts):
+        ids, healed = engine.heal(engine.encode_completion(p.prompt)) if healing else (
+            engine.encode_completion(p.prompt), None)
+        requests.append(GenerationRequest(ids, SamplingParams(max_tokens=new_tokens, seed=i, **options),
+                                          healing=healed))
     started = time.perf_counter()
     results = engine.generate(requests)
     seconds = time.perf_counter() - started
@@ -57,7 +65,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--stop", action="append", default=[],
+                        help=f"a stop sequence (repeatable); --stop codex for the Codex set {CODEX_STOPS}")
     parser.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated labels to run")
+    parser.add_argument("--no-healing", action="store_true", help="run the prompts' tokens as they are "
+                        "(the service heals a completion prompt's last token by default)")
     parser.add_argument("--samples", action="store_true", help="print three completions per sampler")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv[1:])
@@ -65,15 +78,17 @@ def main(argv: list[str]) -> int:
     engine = Engine(load_model(path), max_batch_size=args.batch)
     _, held_out = split(list_sources())
     prompts = function_prompts(held_out, limit=args.prompts)
+    stops = CODEX_STOPS if args.stop == ["codex"] else args.stop
     print(f"command: {' '.join([sys.executable, *argv])}")
     print(f"model {path}; {len(prompts)} held-out prompts, {args.new_tokens} new tokens, batch {args.batch}, "
-          f"block {args.block_length}, temperature {args.temperature}, torch {torch.__version__} "
+          f"block {args.block_length}, temperature {args.temperature}, top_p {args.top_p}, stop {stops}, token healing {not args.no_healing}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)\n")
     print(f"{'sampler':<16} {'parses':>7} {'distinct':>9} {'tok/s':>8} {'vs ref':>7} {'passes/tok':>10}")
     figures, baseline = {}, None
     for label in args.samplers.split(","):
-        options = {**SAMPLERS[label], "block_length": args.block_length, "temperature": args.temperature}
-        row = measure(engine, prompts, args.new_tokens, options)
+        options = {**SAMPLERS[label], "block_length": args.block_length, "temperature": args.temperature,
+                   "top_p": args.top_p, "stop": stops}
+        row = measure(engine, prompts, args.new_tokens, options, healing=not args.no_healing)
         baseline = baseline or row["tokens_per_s"]
         figures[label] = {k: v for k, v in row.items() if k != "samples"}
         print(f"{label:<16} {100 * row['parse_share']:>6.1f}% {row['distinct_ratio']:>9.3f} "

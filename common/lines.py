@@ -52,6 +52,9 @@ class DiffusionOptions(_Strict):
 
     # Infilling: fixed text with {{fill:N}} holes of N tokens, denoised after the prompt (README).
     template: str | None = Field(None, min_length=1, max_length=200_000)
+    # /v1/completions: give the prompt's last token back so the model picks how it continues
+    # (worker/engine/healing.py); false runs the prompt's tokens exactly as the tokenizer wrote them.
+    token_healing: bool = True
 
     @field_validator("template")
     @classmethod

@@ -14,12 +14,15 @@ from worker.engine.params import ContextLengthError, GenerationRequest, Generati
 def to_generation_request(engine, url: str, body: dict[str, Any]) -> GenerationRequest:
     """Raise ValueError (a per-line error) if the body cannot run on this engine."""
     parsed = parse_body(url, body)
+    options = parsed.diffusion.with_default_sampler(engine.default_sampler)
+    healing = None
     if isinstance(parsed, CompletionBody):
         prompt_ids, max_tokens = engine.encode_completion(parsed.prompt), parsed.max_tokens
+        if options.token_healing and options.template is None:
+            prompt_ids, healing = engine.heal(prompt_ids)
     else:
         messages = [{"role": m.role, "content": m.content} for m in parsed.messages]
         prompt_ids, max_tokens = engine.encode_chat(messages), parsed.output_limit()
-    options = parsed.diffusion.with_default_sampler(engine.default_sampler)
     chosen = {name: value for name in ("threshold", "factor", "max_steps", "entropy_bound", "t_min", "t_max")
               if (value := getattr(options, name)) is not None}
     block_length = engine.default_block_length if options.block_length is None else options.block_length
@@ -32,7 +35,7 @@ def to_generation_request(engine, url: str, body: dict[str, Any]) -> GenerationR
             raise ValueError("stop does not apply with diffusion.template (the template sets the length)")
         template_ids = engine.encode_template(options.template)
         params = dataclasses.replace(params, max_tokens=len(template_ids))  # the template sets the length
-    request = GenerationRequest(prompt_ids=prompt_ids, params=params, template_ids=template_ids)
+    request = GenerationRequest(prompt_ids=prompt_ids, params=params, template_ids=template_ids, healing=healing)
     engine.check(request)
     return request
 

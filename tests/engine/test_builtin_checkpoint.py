@@ -12,6 +12,7 @@ from common.settings import BUILTIN_MODEL_PATH, Settings
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
+from worker.responses import to_generation_request
 
 MAX_CHECKPOINT_MB = 40
 REPO = Path(__file__).resolve().parents[2]
@@ -55,3 +56,24 @@ def test_it_continues_functions_with_python(shipped):
     results = engine.generate(requests)
     assert all(r.completion_tokens == 64 or r.finish_reason == "stop" for r in results)
     assert sum(_looks_like_python(r.text) for r in results) >= 4, [r.text for r in results]
+
+
+def _demo_requests(engine, *, healing: bool):
+    lines = [json.loads(line) for line in (REPO / "examples" / "batch.jsonl").read_text().splitlines()[:8]]
+    return [to_generation_request(engine, "/v1/completions", {**line["body"], "max_tokens": 32, "seed": i,
+                                                               "diffusion": {"token_healing": healing}})
+            for i, line in enumerate(lines)]
+
+
+def test_token_healing_lets_it_continue_the_function_body(shipped):
+    """The demo prompts end with a newline inside a function. Tokenised as is, that newline is a
+    lone token, which in training only ever preceded a line at the left margin, so the model starts
+    a new top-level line. Healed (the service default), the completion continues the indented body."""
+    engine = Engine(shipped)
+    healed = engine.generate(_demo_requests(engine, healing=True))
+    raw = engine.generate(_demo_requests(engine, healing=False))
+    indented = lambda results: sum(r.text.startswith("    ") for r in results)  # noqa: E731
+    assert indented(healed) >= 6, [r.text for r in healed]
+    assert indented(raw) <= 2, [r.text for r in raw]
+    # What the caller gets still continues their prompt: the given-back newline is not repeated.
+    assert all(not r.text.startswith("\n") for r in healed)

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from worker.engine.builtin.tokenizer import build_byte_tokenizer
+from worker.engine.engine import Engine
 from worker.engine.layout import build_layout
+from worker.engine.params import GenerationRequest, SamplingParams
 from worker.engine.postprocess import apply_stop, covering_prefix, cut_at_eos, finish_row
 from worker.engine.samplers import num_transfer_schedule, select_transfer, top_p_filter
 
@@ -90,3 +92,45 @@ def test_covering_prefix_keeps_straddling_multibyte_token(tokenizer):
     assert covering_prefix(tokenizer, ids, "a") == ids[:1]
     assert covering_prefix(tokenizer, ids, "aé") == ids
     assert covering_prefix(tokenizer, ids, "") == []
+
+
+# ---- token healing -------------------------------------------------------------------------------
+
+def test_the_healer_gives_back_a_last_token_that_longer_tokens_extend():
+    from common.settings import BUILTIN_MODEL_PATH
+    from transformers import AutoTokenizer
+
+    from worker.engine.healing import TokenHealer
+
+    tokenizer = AutoTokenizer.from_pretrained(BUILTIN_MODEL_PATH)
+    healer = TokenHealer(tokenizer, len(tokenizer))
+    ids = tokenizer("def f(x):\n    y = 1\n")["input_ids"]
+    healed_ids, healing = healer.heal(ids)
+    assert healed_ids == ids[:-1] and healing.text == "\n"
+    spellings = [tokenizer.decode([t]) for t in healing.allowed]
+    assert "\n" in spellings and "\n   " in spellings and all(s.startswith("\n") for s in spellings)
+    assert tokenizer.eos_token_id not in healing.allowed
+    # A prompt that ends in a special token is left alone.
+    ends_special = ids + [tokenizer.eos_token_id]
+    assert healer.heal(ends_special) == (ends_special, None)
+
+
+@pytest.mark.parametrize("kv_cache", [True, False], ids=["continuous", "fixed batches"])
+def test_a_healed_request_starts_with_an_allowed_token_and_reports_text_after_the_healed_part(loaded, kv_cache):
+    from worker.engine.params import Healing
+
+    engine = Engine(loaded, max_batch_size=4, kv_cache=kv_cache)
+    x, y = engine.tokenizer.convert_tokens_to_ids(["x", "y"])
+    healing = Healing(text="x", allowed=(x,))
+    prompt = engine.encode_completion("def f():\n    return ")
+    requests = [GenerationRequest(prompt, SamplingParams(max_tokens=12, seed=s, temperature=1.0), healing=healing)
+                for s in range(4)]
+    requests.append(GenerationRequest(prompt, SamplingParams(max_tokens=12, seed=0, stop=("x",)), healing=healing))
+    results = engine.generate(requests)
+    for request, result in zip(requests[:4], results[:4]):
+        assert result.token_ids[0] == x  # a random model would pick "x" first 1 time in ~260
+        assert result.text == engine.tokenizer.decode(result.token_ids, skip_special_tokens=True)[1:]
+    # The healed "x" belongs to the prompt: a stop string "x" is searched for after it.
+    stopped = results[4]
+    assert stopped.token_ids[0] == x and "x" not in stopped.text
+    assert engine.tokenizer.decode(stopped.token_ids, skip_special_tokens=True).startswith("x" + stopped.text)

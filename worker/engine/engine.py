@@ -9,11 +9,12 @@ from collections.abc import Iterator
 import torch
 
 from .approx_cache import make_forward, resolve_cache_mode
+from .healing import TokenHealer, first_token_mask
 from .infill import encode_template
 from .layout import build_layout
 from .loader import FULL_ATTENTION_FAMILIES, LOGITS_SHIFT, LoadedModel
-from .params import DIFFUSION_GEMMA_OPTIONS, ContextLengthError, GenerationRequest, GenerationResult
-from .postprocess import apply_stop, cut_at_eos, finish_row
+from .params import DIFFUSION_GEMMA_OPTIONS, ContextLengthError, GenerationRequest, GenerationResult, Healing
+from .postprocess import apply_stop, completion_text, cut_at_eos, finish_row
 from .prompts import encode_chat, encode_completion
 from .samplers import RowNoise, denoise_block
 from .scheduler import BlockScheduler
@@ -60,7 +61,9 @@ class Engine:
         self.scheduler = BlockScheduler(
             self.model, tokenizer=self.tokenizer, mask_token_id=loaded.mask_token_id,
             pad_token_id=loaded.pad_token_id, eos_token_id=loaded.eos_token_id, max_batch_size=max_batch_size,
-            max_batch_tokens=max_batch_tokens or max_batch_size * self.max_positions, device=self.device)
+            max_batch_tokens=max_batch_tokens or max_batch_size * self.max_positions, device=self.device,
+            vocab_size=self.vocab_size)
+        self.healer = TokenHealer(self.tokenizer, self.vocab_size)
 
     # ---- prompts -------------------------------------------------------------------------
 
@@ -69,6 +72,10 @@ class Engine:
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return encode_chat(self.tokenizer, messages)
+
+    def heal(self, prompt_ids: list[int]) -> tuple[list[int], Healing | None]:
+        """Token healing of a completion prompt (healing.py): the prompt to run and the healing."""
+        return self.healer.heal(prompt_ids)
 
     # ---- generation ----------------------------------------------------------------------
 
@@ -88,6 +95,10 @@ class Engine:
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
             raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
         self._check_template(request)
+        healing = request.healing
+        if healing is not None and (request.template_ids is not None or not healing.allowed or not all(
+                isinstance(t, int) and 0 <= t < self.vocab_size for t in healing.allowed)):
+            raise ValueError(f"token healing needs allowed token ids in [0, {self.vocab_size}) and no template")
         gen_length = _round_up(params.max_tokens, params.block_length)
         if len(prompt) + gen_length > self.max_positions:
             raise ContextLengthError(
@@ -171,15 +182,17 @@ class Engine:
 
         forward_passes = [0] * len(requests)
         done = [False] * len(requests)
+        healing_mask = first_token_mask([r.healing for r in requests], self.vocab_size, self.device)
         for block in range(layout.num_blocks):
             start, end = layout.block_span(block)
             block_passes = denoise_block(
                 forward, layout.x, start, end, mask_token_id=self.loaded.mask_token_id,
                 rows=params, active=[not d for d in done], noise=noise,
+                first_allowed=healing_mask if block == 0 else None,  # generation starts at block 0
             )
             forward_passes = [total + n for total, n in zip(forward_passes, block_passes)]
             done = self._rows_done(layout.x[:, layout.prompt_length : end], max_tokens)
-            done = self._hit_stop_string(layout.x[:, layout.prompt_length : end], params, done)
+            done = self._hit_stop_string(layout.x[:, layout.prompt_length : end], requests, done)
             if all(done):
                 break
 
@@ -200,13 +213,15 @@ class Engine:
             done |= ((generated == self.loaded.eos_token_id) & within).any(dim=1)
         return done.tolist()
 
-    def _hit_stop_string(self, generated: torch.Tensor, params: list, done: list[bool]) -> list[bool]:
+    def _hit_stop_string(self, generated: torch.Tensor, requests: list, done: list[bool]) -> list[bool]:
         """Also done: rows whose committed text already holds a stop string (block-causal attention
         means later blocks cannot change it, so stopping here only saves their compute)."""
-        rows = [r for r, p in enumerate(params) if p.stop and not done[r]]
+        rows = [r for r, request in enumerate(requests) if request.params.stop and not done[r]]
         for r, token_ids in zip(rows, generated[rows].tolist()):
-            kept, _ = cut_at_eos(token_ids[: params[r].max_tokens], self.loaded.eos_token_id)
-            done[r] = apply_stop(self.tokenizer.decode(kept, skip_special_tokens=True), params[r].stop)[1]
+            params, healing = requests[r].params, requests[r].healing
+            kept, _ = cut_at_eos(token_ids[: params.max_tokens], self.loaded.eos_token_id)
+            text = completion_text(self.tokenizer, kept, healing.text if healing else "")
+            done[r] = apply_stop(text, params.stop)[1]
         return done
 
     def _result(self, request, generated: list[int], forward_passes: int, elapsed: float) -> GenerationResult:
@@ -217,6 +232,7 @@ class Engine:
             eos_token_id=self.loaded.eos_token_id,
             stop=params.stop,
             tokenizer=self.tokenizer,
+            healed=request.healing.text if request.healing else "",
         )
         return GenerationResult(
             token_ids=row.token_ids,

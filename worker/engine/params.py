@@ -118,6 +118,14 @@ class SamplingParams:
                 raise ValueError(f"diffusion.{given[0]} does not apply to the {self.sampler} sampler")
 
 
+@dataclass(frozen=True)
+class Healing:
+    """Token healing (healing.py) of one request."""
+
+    text: str  # what the given-back prompt token spelled; the completion's text starts with it
+    allowed: tuple[int, ...]  # the token ids the first generated position may take
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
@@ -125,6 +133,9 @@ class GenerationRequest:
     # Infilling (infill.py): the canvas after the prompt, token ids where the text is fixed and None
     # in the holes; its length is the completion's length (params.max_tokens must equal it).
     template_ids: list[int | None] | None = None
+    # Token healing (healing.py): the prompt's last token was given back; the first generated token
+    # must be one of ``healing.allowed`` and the reported text leaves out ``healing.text``.
+    healing: Healing | None = None
 
 
 @dataclass

@@ -27,6 +27,13 @@ def cut_at_eos(token_ids: list[int], eos_token_id: int | None) -> tuple[list[int
     return token_ids, False
 
 
+def completion_text(tokenizer, token_ids: list[int], healed: str = "") -> str:
+    """The text the caller sees: decoded tokens without the ``healed`` text the prompt gave back
+    (token healing, healing.py), which the caller's prompt already spells."""
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    return text[len(healed):] if healed and text.startswith(healed) else text
+
+
 def covering_prefix(tokenizer, token_ids: list[int], text: str) -> list[int]:
     """The shortest prefix of ``token_ids`` whose decoded text starts with ``text``.
 
@@ -55,12 +62,14 @@ def finish_row(
     eos_token_id: int | None,
     stop: tuple[str, ...],
     tokenizer,
+    healed: str = "",
 ) -> FinishedRow:
-    """Cut at max_tokens, then at the first EOS, then at the earliest stop string."""
+    """Cut at max_tokens, then at the first EOS, then at the earliest stop string (searched after
+    the ``healed`` text, which belongs to the prompt)."""
     token_ids, hit_eos = cut_at_eos(generated[:max_tokens], eos_token_id)
-    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    text = completion_text(tokenizer, token_ids, healed)
     text, hit_stop = apply_stop(text, stop)
     if hit_stop:
-        token_ids = covering_prefix(tokenizer, token_ids, text)
+        token_ids = covering_prefix(tokenizer, token_ids, healed + text)
     finish_reason = "stop" if hit_eos or hit_stop else "length"
     return FinishedRow(token_ids=token_ids, text=text, finish_reason=finish_reason)

@@ -98,6 +98,7 @@ def predict_x0(
     top_p: torch.Tensor | None,
     gumbel_denominator: torch.Tensor | None,
     mask_token_id: int,
+    first_allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x0 and its confidence for every position of the block.
 
@@ -110,10 +111,14 @@ def predict_x0(
     no row asks for a nucleus, which skips a sort over the vocabulary. Gumbel-max runs in float64
     as in LLaDA (low precision hurts quality, arXiv:2409.02908): argmax of
     exp(logits) / (-log u) ** T samples softmax(logits / T).
+    first_allowed (B, V) bool, or None: the tokens the block's first position may take (token
+    healing, healing.py); the other tokens get no probability there, in the confidence too.
     Returns x0 (B, K) and confidence (B, K) = softmax(logits)[x0], LLaDA's low-confidence score.
     """
     logits64 = logits.to(torch.float64, copy=True)  # never write into the model's logits
     logits64[..., mask_token_id] = float("-inf")
+    if first_allowed is not None:
+        logits64[:, 0] = logits64[:, 0].masked_fill(~first_allowed, float("-inf"))
     if gumbel_denominator is None:
         x0 = logits64.argmax(dim=-1)  # (B, K)
     else:
@@ -168,6 +173,7 @@ def denoise_block(
     rows: list,
     active: list[bool],
     noise: RowNoise,
+    first_allowed: torch.Tensor | None = None,
 ) -> int:
     """Denoise x[:, start:end] in place until no active row has a mask left.
 
@@ -177,7 +183,8 @@ def denoise_block(
     block only, (B, end - start, V): with block-causal attention nothing after ``end`` can change
     them. Inactive rows (finished earlier) get no tokens and draw no noise, so they cost only their
     share of the forward pass. A reference row finishes in exactly its ``steps``; a parallel one in
-    as few as the model's confidence allows.
+    as few as the model's confidence allows. ``first_allowed`` (B, V) bool restricts the block's
+    first position (token healing of the first generated token); None leaves it free.
     """
     block_length, device = end - start, x.device
     as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
@@ -204,7 +211,7 @@ def denoise_block(
         logits = forward(x[:, :end])  # (B, K, V)
         noisy_rows = [r for r, working in enumerate(has_mask) if working and temperature[r] > 0]
         denominator = noise.gumbel_denominator(noisy_rows, temperature, logits.shape[1:], logits.shape[0])
-        x0, confidence = predict_x0(logits, temperature_t, top_p_t, denominator, mask_token_id)
+        x0, confidence = predict_x0(logits, temperature_t, top_p_t, denominator, mask_token_id, first_allowed)
         parallel = parallel_transfer_count(confidence, mask_index, by_threshold, threshold_t, factor_t)
         num_transfer = torch.where(is_reference, schedule_t[:, step], parallel)  # (B,)
         transfer = select_transfer(confidence, mask_index, num_transfer)

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .params import GenerationRequest, GenerationResult
-from .postprocess import apply_stop, cut_at_eos, finish_row
+from .healing import first_token_mask
+from .postprocess import apply_stop, completion_text, cut_at_eos, finish_row
 from .samplers import RowNoise, denoise_block
 
 
@@ -74,6 +75,10 @@ class RunningBatch:
         ]
 
 
+def _healed(request: GenerationRequest) -> str:
+    return request.healing.text if request.healing else ""
+
+
 def _left_pad(tensor: torch.Tensor, length: int, *, dim: int) -> torch.Tensor:
     missing = length - tensor.shape[dim]
     if missing == 0:
@@ -85,8 +90,8 @@ def _left_pad(tensor: torch.Tensor, length: int, *, dim: int) -> torch.Tensor:
 
 class BlockScheduler:
     def __init__(self, model, *, tokenizer, mask_token_id: int, pad_token_id: int, eos_token_id: int | None,
-                 max_batch_size: int, max_batch_tokens: int, device: torch.device):
-        self.model, self.tokenizer, self.device = model, tokenizer, device
+                 max_batch_size: int, max_batch_tokens: int, device: torch.device, vocab_size: int):
+        self.model, self.tokenizer, self.device, self.vocab_size = model, tokenizer, device, vocab_size
         self.mask_token_id, self.pad_token_id, self.eos_token_id = mask_token_id, pad_token_id, eos_token_id
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
 
@@ -159,9 +164,11 @@ class BlockScheduler:
                               position_ids=positions).logits  # (B, K, V)
 
         noise = RowNoise.from_generators([row.generator for row in batch.rows], self.device)
+        # Token healing binds a row's first generated token, which opens its first block.
+        healings = [None if row.generated else row.request.healing for row in batch.rows]
         passes = denoise_block(forward, block, 0, block_length, mask_token_id=self.mask_token_id,
                                rows=[row.request.params for row in batch.rows], active=[True] * size,
-                               noise=noise)
+                               noise=noise, first_allowed=first_token_mask(healings, self.vocab_size, self.device))
         output = self.model(input_ids=block, past_key_values=batch.key_values, attention_mask=mask,
                             position_ids=positions, use_cache=True, logits_to_keep=1)
         batch.key_values, batch.key_valid = output.key_values, keys
@@ -192,12 +199,12 @@ class BlockScheduler:
         if hit_eos or not params.stop:
             return hit_eos
         # Committed blocks never change, so a stop string found now is final.
-        return apply_stop(self.tokenizer.decode(kept, skip_special_tokens=True), params.stop)[1]
+        return apply_stop(completion_text(self.tokenizer, kept, _healed(row.request)), params.stop)[1]
 
     def _result(self, row: Row) -> GenerationResult:
         params = row.request.params
         finished = finish_row(row.generated, max_tokens=params.max_tokens, eos_token_id=self._eos_for(row),
-                              stop=params.stop, tokenizer=self.tokenizer)
+                              stop=params.stop, tokenizer=self.tokenizer, healed=_healed(row.request))
         return GenerationResult(token_ids=finished.token_ids, text=finished.text,
                                 finish_reason=finished.finish_reason, prompt_tokens=len(row.request.prompt_ids),
                                 completion_tokens=len(finished.token_ids), forward_passes=row.passes,

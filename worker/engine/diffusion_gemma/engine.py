@@ -47,6 +47,10 @@ class DiffusionGemmaEngine:
     def encode_completion(self, prompt: str) -> list[int]:
         return encode_completion(self.tokenizer, prompt)
 
+    def heal(self, prompt_ids: list[int]) -> tuple[list[int], None]:
+        """No token healing here yet (the canvas sampler has no first-token constraint): unchanged."""
+        return prompt_ids, None
+
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return encode_chat(self.tokenizer, messages)
 
