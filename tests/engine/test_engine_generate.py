@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from worker.engine.engine import Engine
+from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
 
 MIXED = [
@@ -105,6 +106,36 @@ def test_eos_cuts_output_and_stops_early(loaded):
     assert result.finish_reason == "stop"
     assert result.completion_tokens == 5
     assert result.forward_passes == 32  # stopped after the first of four blocks
+
+
+@pytest.mark.parametrize("kv_cache", [True, False], ids=["continuous", "fixed batches"])
+def test_any_end_token_ends_the_completion(loaded, kv_cache):
+    """A chat checkpoint ends turns with a token its config may not list as eos (LLaDA's <|eot_id|>):
+    every id in eos_token_ids ends the row, in both engine paths."""
+    turn_end = loaded.tokenizer.convert_tokens_to_ids("~")  # any non-special id stands in for it
+    prompt = loaded.tokenizer("turn end please")["input_ids"]
+    wrapped = dataclasses.replace(loaded, model=EosAtPosition(loaded.model, turn_end, len(prompt) + 3),
+                                  eos_token_ids=(loaded.eos_token_id, turn_end))
+    result = Engine(wrapped, kv_cache=kv_cache).generate([GenerationRequest(prompt, SamplingParams(max_tokens=96))])[0]
+    assert len(result.token_ids) == 3 and result.finish_reason == "stop"
+    assert result.forward_passes == 32  # no block after the one that ended
+
+
+def test_the_loader_reads_every_end_token(tiny_path, tmp_path):
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "chat-model"
+    shutil.copytree(tiny_path, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    tokenizer.save_pretrained(folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
+    loaded = load_model(str(folder))
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert loaded.eos_token_ids == (2, 5, im_end) and loaded.eos_token_id == 2
 
 
 def test_stop_string_trims_text(engine):

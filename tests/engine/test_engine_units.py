@@ -64,9 +64,10 @@ def test_apply_stop_cuts_at_earliest_stop():
 
 
 def test_cut_at_eos():
-    assert cut_at_eos([5, 6, 2, 7, 2], 2) == ([5, 6], True)
-    assert cut_at_eos([5, 6], 2) == ([5, 6], False)
-    assert cut_at_eos([5, 6], None) == ([5, 6], False)
+    assert cut_at_eos([5, 6, 2, 7, 2], (2,)) == ([5, 6], True)
+    assert cut_at_eos([5, 6], (2,)) == ([5, 6], False)
+    assert cut_at_eos([5, 6], ()) == ([5, 6], False)
+    assert cut_at_eos([5, 9, 6, 2], (2, 9)) == ([5], True)  # the first of any end token
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +78,12 @@ def tokenizer():
 def test_finish_row_orders_max_tokens_eos_stop(tokenizer):
     ids = tokenizer("héllo wörld STOP more", add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
-    row = finish_row(ids + [eos, 50], max_tokens=100, eos_token_id=eos, stop=("STOP",), tokenizer=tokenizer)
+    row = finish_row(ids + [eos, 50], max_tokens=100, eos_token_ids=(eos,), stop=("STOP",), tokenizer=tokenizer)
     assert (row.text, row.finish_reason) == ("héllo wörld ", "stop")
     assert row.token_ids == tokenizer("héllo wörld ", add_special_tokens=False)["input_ids"]
-    row = finish_row(ids + [eos], max_tokens=100, eos_token_id=eos, stop=(), tokenizer=tokenizer)
+    row = finish_row(ids + [eos], max_tokens=100, eos_token_ids=(eos,), stop=(), tokenizer=tokenizer)
     assert (row.text, row.finish_reason, row.token_ids) == ("héllo wörld STOP more", "stop", ids)
-    row = finish_row(ids + [eos], max_tokens=3, eos_token_id=eos, stop=(), tokenizer=tokenizer)
+    row = finish_row(ids + [eos], max_tokens=3, eos_token_ids=(eos,), stop=(), tokenizer=tokenizer)
     assert (row.token_ids, row.finish_reason) == (ids[:3], "length")  # EOS beyond max_tokens
 
 

@@ -60,7 +60,7 @@ class Engine:
         self.device = next(self.model.parameters()).device
         self.scheduler = BlockScheduler(
             self.model, tokenizer=self.tokenizer, mask_token_id=loaded.mask_token_id,
-            pad_token_id=loaded.pad_token_id, eos_token_id=loaded.eos_token_id, max_batch_size=max_batch_size,
+            pad_token_id=loaded.pad_token_id, eos_token_ids=loaded.eos_token_ids, max_batch_size=max_batch_size,
             max_batch_tokens=max_batch_tokens or max_batch_size * self.max_positions, device=self.device,
             vocab_size=self.vocab_size)
         self.healer = TokenHealer(self.tokenizer, self.vocab_size)
@@ -209,8 +209,9 @@ class Engine:
         limit = torch.tensor(max_tokens, device=generated.device)[:, None]  # (B, 1)
         within = torch.arange(length, device=generated.device)[None, :] < limit  # (B, T)
         done = limit[:, 0] <= length  # (B,)
-        if self.loaded.eos_token_id is not None:
-            done |= ((generated == self.loaded.eos_token_id) & within).any(dim=1)
+        if self.loaded.eos_token_ids:
+            ends = torch.tensor(self.loaded.eos_token_ids, device=generated.device)
+            done |= (torch.isin(generated, ends) & within).any(dim=1)
         return done.tolist()
 
     def _hit_stop_string(self, generated: torch.Tensor, requests: list, done: list[bool]) -> list[bool]:
@@ -219,7 +220,7 @@ class Engine:
         rows = [r for r, request in enumerate(requests) if request.params.stop and not done[r]]
         for r, token_ids in zip(rows, generated[rows].tolist()):
             params, healing = requests[r].params, requests[r].healing
-            kept, _ = cut_at_eos(token_ids[: params.max_tokens], self.loaded.eos_token_id)
+            kept, _ = cut_at_eos(token_ids[: params.max_tokens], self.loaded.eos_token_ids)
             text = completion_text(self.tokenizer, kept, healing.text if healing else "")
             done[r] = apply_stop(text, params.stop)[1]
         return done
@@ -229,7 +230,7 @@ class Engine:
         row = finish_row(
             generated,
             max_tokens=params.max_tokens,
-            eos_token_id=self.loaded.eos_token_id,
+            eos_token_ids=self.loaded.eos_token_ids,
             stop=params.stop,
             tokenizer=self.tokenizer,
             healed=request.healing.text if request.healing else "",

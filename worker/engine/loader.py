@@ -85,7 +85,8 @@ def load_model(
     mask_token_id = _first_id(getattr(config, "mask_token_id", None), tokenizer.mask_token_id)
     if mask_token_id is None:
         raise ValueError(f"model at {str(path)!r} defines no mask token (config.mask_token_id)")
-    eos_token_id = _first_id(getattr(config, "eos_token_id", None), tokenizer.eos_token_id)
+    eos_token_ids = _eos_ids(folder, config, tokenizer)
+    eos_token_id = eos_token_ids[0] if eos_token_ids else None
     pad_token_id = _first_id(getattr(config, "pad_token_id", None), tokenizer.pad_token_id, eos_token_id)
     if pad_token_id is None:
         raise ValueError(f"model at {str(path)!r} defines neither a pad nor an eos token")
@@ -102,7 +103,7 @@ def load_model(
         mask_token_id=mask_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
-        eos_token_ids=() if eos_token_id is None else (eos_token_id,),
+        eos_token_ids=eos_token_ids,
     )
 
 
@@ -133,6 +134,24 @@ def _load_diffusion_gemma(folder: Path, config, tokenizer, *, device: str, dtype
         pad_token_id=pad_token_id,
         eos_token_ids=eos_ids,
     )
+
+
+# Chat checkpoints end a turn with a token of their own that their configs often leave out of
+# eos_token_id (LLaDA-8B-Instruct lists <|endoftext|> and ends turns with <|eot_id|>; Dream-Instruct
+# likewise with <|im_end|>). A turn's end ends the completion: no blocks are spent after it.
+TURN_END_TOKENS = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>")
+
+
+def _eos_ids(folder: Path, config, tokenizer) -> tuple[int, ...]:
+    """generation_config.json's eos ids (what ``generate`` stops at), else config.json's, else the
+    tokenizer's; plus the tokenizer's end-of-turn token when it has one of TURN_END_TOKENS."""
+    generation = None
+    if (folder / "generation_config.json").is_file():
+        generation = json.loads((folder / "generation_config.json").read_text(encoding="utf-8")).get("eos_token_id")
+    ids = list(_all_ids(generation, getattr(config, "eos_token_id", None), tokenizer.eos_token_id))
+    vocabulary = tokenizer.get_vocab()
+    ids += [vocabulary[t] for t in TURN_END_TOKENS if t in vocabulary and vocabulary[t] not in ids]
+    return tuple(ids)
 
 
 def _all_ids(*candidates) -> tuple[int, ...]:

@@ -20,10 +20,12 @@ def apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     return text[: min(cuts)], True
 
 
-def cut_at_eos(token_ids: list[int], eos_token_id: int | None) -> tuple[list[int], bool]:
-    """Tokens before the first EOS, and whether an EOS was found."""
-    if eos_token_id is not None and eos_token_id in token_ids:
-        return token_ids[: token_ids.index(eos_token_id)], True
+def cut_at_eos(token_ids: list[int], eos_token_ids: tuple[int, ...]) -> tuple[list[int], bool]:
+    """Tokens before the first of any EOS id, and whether one was found."""
+    ends = set(eos_token_ids)
+    for i, token in enumerate(token_ids):
+        if token in ends:
+            return token_ids[:i], True
     return token_ids, False
 
 
@@ -59,14 +61,14 @@ def finish_row(
     generated: list[int],
     *,
     max_tokens: int,
-    eos_token_id: int | None,
+    eos_token_ids: tuple[int, ...],
     stop: tuple[str, ...],
     tokenizer,
     healed: str = "",
 ) -> FinishedRow:
     """Cut at max_tokens, then at the first EOS, then at the earliest stop string (searched after
     the ``healed`` text, which belongs to the prompt)."""
-    token_ids, hit_eos = cut_at_eos(generated[:max_tokens], eos_token_id)
+    token_ids, hit_eos = cut_at_eos(generated[:max_tokens], eos_token_ids)
     text = completion_text(tokenizer, token_ids, healed)
     text, hit_stop = apply_stop(text, stop)
     if hit_stop:

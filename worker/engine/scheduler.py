@@ -89,10 +89,10 @@ def _left_pad(tensor: torch.Tensor, length: int, *, dim: int) -> torch.Tensor:
 
 
 class BlockScheduler:
-    def __init__(self, model, *, tokenizer, mask_token_id: int, pad_token_id: int, eos_token_id: int | None,
+    def __init__(self, model, *, tokenizer, mask_token_id: int, pad_token_id: int, eos_token_ids: tuple[int, ...],
                  max_batch_size: int, max_batch_tokens: int, device: torch.device, vocab_size: int):
         self.model, self.tokenizer, self.device, self.vocab_size = model, tokenizer, device, vocab_size
-        self.mask_token_id, self.pad_token_id, self.eos_token_id = mask_token_id, pad_token_id, eos_token_id
+        self.mask_token_id, self.pad_token_id, self.eos_token_ids = mask_token_id, pad_token_id, eos_token_ids
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
 
     @torch.inference_mode()
@@ -187,9 +187,9 @@ class BlockScheduler:
                 block[r, : len(part)] = torch.tensor([self.mask_token_id if t is None else t for t in part])
         return block.to(self.device)
 
-    def _eos_for(self, row: Row) -> int | None:
+    def _eos_for(self, row: Row) -> tuple[int, ...]:
         # A template's length is fixed: an EOS a hole holds does not end it (decoding drops it).
-        return None if row.request.template_ids else self.eos_token_id
+        return () if row.request.template_ids else self.eos_token_ids
 
     def _is_done(self, row: Row) -> bool:
         params = row.request.params
@@ -203,7 +203,7 @@ class BlockScheduler:
 
     def _result(self, row: Row) -> GenerationResult:
         params = row.request.params
-        finished = finish_row(row.generated, max_tokens=params.max_tokens, eos_token_id=self._eos_for(row),
+        finished = finish_row(row.generated, max_tokens=params.max_tokens, eos_token_ids=self._eos_for(row),
                               stop=params.stop, tokenizer=self.tokenizer, healed=_healed(row.request))
         return GenerationResult(token_ids=finished.token_ids, text=finished.text,
                                 finish_reason=finished.finish_reason, prompt_tokens=len(row.request.prompt_ids),
