@@ -66,6 +66,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0)
+    parser.add_argument("--presence-penalty", type=float, default=0.0)
     parser.add_argument("--stop", action="append", default=[],
                         help=f"a stop sequence (repeatable); --stop codex for the Codex set {CODEX_STOPS}")
     parser.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated labels to run")
@@ -81,13 +83,15 @@ def main(argv: list[str]) -> int:
     stops = CODEX_STOPS if args.stop == ["codex"] else args.stop
     print(f"command: {' '.join([sys.executable, *argv])}")
     print(f"model {path}; {len(prompts)} held-out prompts, {args.new_tokens} new tokens, batch {args.batch}, "
-          f"block {args.block_length}, temperature {args.temperature}, top_p {args.top_p}, stop {stops}, token healing {not args.no_healing}, torch {torch.__version__} "
+          f"block {args.block_length}, temperature {args.temperature}, top_p {args.top_p}, "
+          f"frequency/presence penalty {args.frequency_penalty}/{args.presence_penalty}, stop {stops}, token healing {not args.no_healing}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)\n")
     print(f"{'sampler':<16} {'parses':>7} {'distinct':>9} {'tok/s':>8} {'vs ref':>7} {'passes/tok':>10}")
     figures, baseline = {}, None
     for label in args.samplers.split(","):
         options = {**SAMPLERS[label], "block_length": args.block_length, "temperature": args.temperature,
-                   "top_p": args.top_p, "stop": stops}
+                   "top_p": args.top_p, "stop": stops, "frequency_penalty": args.frequency_penalty,
+                   "presence_penalty": args.presence_penalty}
         row = measure(engine, prompts, args.new_tokens, options, healing=not args.no_healing)
         baseline = baseline or row["tokens_per_s"]
         figures[label] = {k: v for k, v in row.items() if k != "samples"}

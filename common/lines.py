@@ -99,6 +99,8 @@ class _SamplingBody(_Strict):
     model: str = Field(min_length=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stop: str | list[str] | None = None
     seed: int | None = None
     n: Literal[1] = 1

@@ -27,6 +27,7 @@ def to_generation_request(engine, url: str, body: dict[str, Any]) -> GenerationR
               if (value := getattr(options, name)) is not None}
     block_length = engine.default_block_length if options.block_length is None else options.block_length
     params = SamplingParams(max_tokens=max_tokens, temperature=parsed.temperature, top_p=parsed.top_p,
+                            frequency_penalty=parsed.frequency_penalty, presence_penalty=parsed.presence_penalty,
                             stop=tuple(parsed.stop_list()), seed=parsed.seed, sampler=options.sampler,
                             block_length=block_length, steps=options.steps, **chosen)
     template_ids = None
@@ -49,7 +50,8 @@ def error_code_and_param(error: ValueError, url: str) -> tuple[str, str]:
     return "invalid_request", f"body.{named.group(1)}" if named else "body"
 
 
-_FIELD_AT_START = re.compile(r"(diffusion\.[a-z_]+|temperature|top_p|max_tokens|stop|seed)\b")
+_FIELD_AT_START = re.compile(
+    r"(diffusion\.[a-z_]+|temperature|top_p|frequency_penalty|presence_penalty|max_tokens|stop|seed)\b")
 
 
 def usage(result: GenerationResult) -> dict[str, Any]:

@@ -29,6 +29,8 @@ def test_stop_list_becomes_tuple():
         (dict(temperature=float("nan")), "temperature"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
+        (dict(frequency_penalty=-2.5), "frequency_penalty"),
+        (dict(presence_penalty=float("inf")), "presence_penalty"),
         (dict(stop=("",)), "stop"),
         (dict(stop=("a", 3)), "stop"),
         (dict(stop=("a", "b", "c", "d", "e")), "stop may hold at most 4"),

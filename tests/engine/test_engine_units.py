@@ -8,7 +8,8 @@ from worker.engine.engine import Engine
 from worker.engine.layout import build_layout
 from worker.engine.params import GenerationRequest, SamplingParams
 from worker.engine.postprocess import apply_stop, covering_prefix, cut_at_eos, finish_row
-from worker.engine.samplers import num_transfer_schedule, select_transfer, top_p_filter
+from worker.engine.samplers import (
+    num_transfer_schedule, repetition_penalty, select_transfer, token_counts, top_p_filter)
 
 
 def test_schedule_splits_block_evenly_remainder_first():
@@ -135,3 +136,35 @@ def test_a_healed_request_starts_with_an_allowed_token_and_reports_text_after_th
     stopped = results[4]
     assert stopped.token_ids[0] == x and "x" not in stopped.text
     assert engine.tokenizer.decode(stopped.token_ids, skip_special_tokens=True).startswith("x" + stopped.text)
+
+
+# ---- frequency and presence penalties ------------------------------------------------------------
+
+def test_penalties_count_generated_tokens_per_occurrence_and_presence():
+    ids = torch.tensor([[3, 3, 5, 0], [1, 2, 2, 2]])
+    counted = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    counts = token_counts(ids, counted, vocab_size=6)
+    assert counts.tolist() == [[0, 0, 0, 2, 0, 1], [0, 1, 3, 0, 0, 0]]
+    penalty = repetition_penalty(counts, frequency=torch.tensor([0.5, 0.0], dtype=torch.float64),
+                                 presence=torch.tensor([0.0, 1.5], dtype=torch.float64))
+    assert penalty.tolist() == [[0, 0, 0, 1.0, 0, 0.5], [0, 1.5, 1.5, 0, 0, 0]]
+
+
+def test_a_penalised_request_gives_the_same_tokens_in_both_engine_paths(loaded):
+    """The penalty counts earlier blocks (the scheduler keeps them per row, the fixed batch reads its
+    canvas) and this block's committed positions: both paths must count the same, alone or batched."""
+    prompts = ["def f(x):\n", "class A:\n    pass\n", "x"]
+    params = [SamplingParams(max_tokens=40, block_length=8, frequency_penalty=1.5, presence_penalty=0.5),
+              SamplingParams(max_tokens=24, block_length=8, presence_penalty=2.0, temperature=0.8, seed=3),
+              SamplingParams(max_tokens=40, block_length=8)]
+    outputs = []
+    for kv_cache in (True, False):
+        engine = Engine(loaded, max_batch_size=2, kv_cache=kv_cache)
+        requests = [GenerationRequest(engine.encode_completion(p), q) for p, q in zip(prompts, params)]
+        batched = [r.token_ids for r in engine.generate(requests)]
+        assert batched == [engine.generate([r])[0].token_ids for r in requests]
+        outputs.append(batched)
+    assert outputs[0] == outputs[1]
+    unpenalised = Engine(loaded).generate([GenerationRequest(Engine(loaded).encode_completion(prompts[0]),
+                                                             SamplingParams(max_tokens=40, block_length=8))])
+    assert unpenalised[0].token_ids != outputs[0][0]  # the penalty changed what was written

@@ -16,7 +16,7 @@ from .loader import FULL_ATTENTION_FAMILIES, LOGITS_SHIFT, LoadedModel
 from .params import DIFFUSION_GEMMA_OPTIONS, ContextLengthError, GenerationRequest, GenerationResult, Healing
 from .postprocess import apply_stop, completion_text, cut_at_eos, finish_row
 from .prompts import encode_chat, encode_completion
-from .samplers import RowNoise, denoise_block
+from .samplers import RowNoise, denoise_block, token_counts
 from .scheduler import BlockScheduler
 
 SUPPORTED_FAMILIES = ("block_causal", *FULL_ATTENTION_FAMILIES)
@@ -189,6 +189,7 @@ class Engine:
                 forward, layout.x, start, end, mask_token_id=self.loaded.mask_token_id,
                 rows=params, active=[not d for d in done], noise=noise,
                 first_allowed=healing_mask if block == 0 else None,  # generation starts at block 0
+                history=self._history(layout.x[:, layout.prompt_length : start], params),
             )
             forward_passes = [total + n for total, n in zip(forward_passes, block_passes)]
             done = self._rows_done(layout.x[:, layout.prompt_length : end], max_tokens)
@@ -202,6 +203,12 @@ class Engine:
             self._result(request, row, passes, elapsed)
             for request, row, passes in zip(requests, generated, forward_passes)
         ]
+
+    def _history(self, generated: torch.Tensor, params: list) -> torch.Tensor | None:
+        """Counts of the tokens generated so far (B, V), when a row has a repetition penalty."""
+        if generated.shape[1] == 0 or not any(p.frequency_penalty or p.presence_penalty for p in params):
+            return None
+        return token_counts(generated, torch.ones_like(generated, dtype=torch.bool), self.vocab_size)
 
     def _rows_done(self, generated: torch.Tensor, max_tokens: list[int]) -> list[bool]:
         """A row is done once it reached max_tokens or emitted EOS within them. generated (B, T)."""

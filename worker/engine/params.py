@@ -37,6 +37,10 @@ class SamplingParams:
     temperature: float = 0.0
     # Nucleus filtering before the Gumbel draw; only matters when temperature > 0.
     top_p: float = 1.0
+    # OpenAI's penalties on tokens already generated (not the prompt), per occurrence and once per
+    # distinct token; here "generated" means committed: earlier blocks and this block's filled positions.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     # None means seed 0: a request without a seed is still reproducible.
     seed: int | None = None
@@ -76,6 +80,9 @@ class SamplingParams:
             raise ValueError("temperature must be a finite number >= 0")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError("top_p must be a number in (0, 1]")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not _is_number(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2]")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError("stop must be a tuple of non-empty strings")
         if len(self.stop) > MAX_STOP_SEQUENCES:

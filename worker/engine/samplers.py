@@ -92,6 +92,18 @@ def top_p_filter(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.T
     return logits.masked_fill(drop, float("-inf"))
 
 
+def token_counts(ids: torch.Tensor, counted: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, V) float64: how often each token occurs in ``ids`` (B, T) where ``counted`` (B, T) holds."""
+    counts = torch.zeros((ids.shape[0], vocab_size), dtype=torch.float64, device=ids.device)
+    return counts.scatter_add_(1, ids, counted.to(torch.float64))
+
+
+def repetition_penalty(counts: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+    """(B, V) to subtract from every position's logits: OpenAI's frequency penalty (per occurrence)
+    plus presence penalty (once a token occurred), from the generated-token ``counts`` (B, V)."""
+    return frequency[:, None] * counts + presence[:, None] * (counts > 0)
+
+
 def predict_x0(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -99,6 +111,7 @@ def predict_x0(
     gumbel_denominator: torch.Tensor | None,
     mask_token_id: int,
     first_allowed: torch.Tensor | None = None,
+    penalty: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x0 and its confidence for every position of the block.
 
@@ -113,9 +126,12 @@ def predict_x0(
     exp(logits) / (-log u) ** T samples softmax(logits / T).
     first_allowed (B, V) bool, or None: the tokens the block's first position may take (token
     healing, healing.py); the other tokens get no probability there, in the confidence too.
+    penalty (B, V) or None: subtracted from every position's logits (repetition_penalty).
     Returns x0 (B, K) and confidence (B, K) = softmax(logits)[x0], LLaDA's low-confidence score.
     """
     logits64 = logits.to(torch.float64, copy=True)  # never write into the model's logits
+    if penalty is not None:
+        logits64 -= penalty[:, None, :]
     logits64[..., mask_token_id] = float("-inf")
     if first_allowed is not None:
         logits64[:, 0] = logits64[:, 0].masked_fill(~first_allowed, float("-inf"))
@@ -174,6 +190,7 @@ def denoise_block(
     active: list[bool],
     noise: RowNoise,
     first_allowed: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
 ) -> int:
     """Denoise x[:, start:end] in place until no active row has a mask left.
 
@@ -185,6 +202,8 @@ def denoise_block(
     share of the forward pass. A reference row finishes in exactly its ``steps``; a parallel one in
     as few as the model's confidence allows. ``first_allowed`` (B, V) bool restricts the block's
     first position (token healing of the first generated token); None leaves it free.
+    ``history`` (B, V): counts of the tokens generated before this block, for rows with a frequency
+    or presence penalty (None: nothing generated yet).
     """
     block_length, device = end - start, x.device
     as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
@@ -200,6 +219,9 @@ def denoise_block(
     schedule_t = as_tensor([row + [0] * (block_length - len(row)) for row in schedule], torch.long)  # (B, K)
     active_t = as_tensor(active, torch.bool)[:, None]  # (B, 1)
     passes = [0] * len(rows)
+    penalised = any(p.frequency_penalty or p.presence_penalty for p in rows)
+    frequency_t = as_tensor([float(p.frequency_penalty) for p in rows], torch.float64)  # (B,)
+    presence_t = as_tensor([float(p.presence_penalty) for p in rows], torch.float64)  # (B,)
 
     for step in range(block_length):
         block = x[:, start:end]  # (B, K)
@@ -211,7 +233,13 @@ def denoise_block(
         logits = forward(x[:, :end])  # (B, K, V)
         noisy_rows = [r for r, working in enumerate(has_mask) if working and temperature[r] > 0]
         denominator = noise.gumbel_denominator(noisy_rows, temperature, logits.shape[1:], logits.shape[0])
-        x0, confidence = predict_x0(logits, temperature_t, top_p_t, denominator, mask_token_id, first_allowed)
+        penalty = None
+        if penalised:  # what this block committed so far counts as generated too
+            counts = token_counts(block, block != mask_token_id, logits.shape[-1])
+            counts = counts if history is None else counts + history
+            penalty = repetition_penalty(counts, frequency_t, presence_t)
+        x0, confidence = predict_x0(logits, temperature_t, top_p_t, denominator, mask_token_id, first_allowed,
+                                    penalty)
         parallel = parallel_transfer_count(confidence, mask_index, by_threshold, threshold_t, factor_t)
         num_transfer = torch.where(is_reference, schedule_t[:, step], parallel)  # (B,)
         transfer = select_transfer(confidence, mask_index, num_transfer)

@@ -29,7 +29,7 @@ import torch
 from .params import GenerationRequest, GenerationResult
 from .healing import first_token_mask
 from .postprocess import apply_stop, completion_text, cut_at_eos, finish_row
-from .samplers import RowNoise, denoise_block
+from .samplers import RowNoise, denoise_block, token_counts
 
 
 @dataclass
@@ -168,7 +168,8 @@ class BlockScheduler:
         healings = [None if row.generated else row.request.healing for row in batch.rows]
         passes = denoise_block(forward, block, 0, block_length, mask_token_id=self.mask_token_id,
                                rows=[row.request.params for row in batch.rows], active=[True] * size,
-                               noise=noise, first_allowed=first_token_mask(healings, self.vocab_size, self.device))
+                               noise=noise, first_allowed=first_token_mask(healings, self.vocab_size, self.device),
+                               history=self._history(batch.rows))
         output = self.model(input_ids=block, past_key_values=batch.key_values, attention_mask=mask,
                             position_ids=positions, use_cache=True, logits_to_keep=1)
         batch.key_values, batch.key_valid = output.key_values, keys
@@ -176,6 +177,19 @@ class BlockScheduler:
         for row, tokens, n in zip(batch.rows, block.tolist(), passes):
             row.generated.extend(tokens)
             row.passes += n
+
+    def _history(self, rows: list[Row]) -> torch.Tensor | None:
+        """Counts of each row's generated tokens (B, V), when a row has a repetition penalty."""
+        params = [row.request.params for row in rows]
+        longest = max(len(row.generated) for row in rows)  # rows joined in different rounds
+        if longest == 0 or not any(p.frequency_penalty or p.presence_penalty for p in params):
+            return None
+        ids = torch.zeros((len(rows), longest), dtype=torch.long)
+        counted = torch.zeros((len(rows), longest), dtype=torch.bool)
+        for r, row in enumerate(rows):  # once per block, not per step
+            ids[r, : len(row.generated)] = torch.tensor(row.generated, dtype=torch.long)
+            counted[r, : len(row.generated)] = True
+        return token_counts(ids.to(self.device), counted.to(self.device), self.vocab_size)
 
     def _canvas(self, rows: list[Row], block_length: int) -> torch.Tensor:
         """The next block of every row: [MASK] everywhere but where an infilling template fixes text."""

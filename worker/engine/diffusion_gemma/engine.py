@@ -74,6 +74,9 @@ class DiffusionGemmaEngine:
                              "temperature schedule, set diffusion.t_min and diffusion.t_max instead")
         if params.top_p != 1:
             raise ValueError("top_p does not apply to DiffusionGemma models")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(params, name) != 0:
+                raise ValueError(f"{name} is not supported with DiffusionGemma models yet")
         resolve(self.defaults, params)
         prompt = request.prompt_ids
         if not isinstance(prompt, list) or not prompt:
