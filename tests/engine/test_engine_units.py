@@ -117,6 +117,24 @@ def test_the_healer_gives_back_a_last_token_that_longer_tokens_extend():
     assert healer.heal(ends_special) == (ends_special, None)
 
 
+def test_no_healing_with_a_tokenizer_whose_tokens_spell_differently_alone():
+    """SentencePiece-style decoding drops a lone token's leading space: healing there would repeat
+    or lose text, so the healer leaves such prompts alone."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from worker.engine.healing import TokenHealer
+
+    vocab = {"<unk>": 0, "▁the": 1, "▁there": 2, "▁cat": 3, "the": 4}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    ids = tokenizer("cat the", add_special_tokens=False)["input_ids"]
+    assert ids == [3, 1]
+    assert TokenHealer(tokenizer, len(vocab)).heal(ids) == (ids, None)
+
+
 @pytest.mark.parametrize("kv_cache", [True, False], ids=["continuous", "fixed batches"])
 def test_a_healed_request_starts_with_an_allowed_token_and_reports_text_after_the_healed_part(loaded, kv_cache):
     from worker.engine.params import Healing

@@ -23,6 +23,11 @@ from .params import Healing
 class TokenHealer:
     def __init__(self, tokenizer, vocab_size: int):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        # Only byte-level BPE (GPT-2 style: the built-in model, LLaDA, Dream) spells each token the
+        # same wherever it stands. SentencePiece-style decoders drop a token's leading space when
+        # it stands alone, so a spelling prefix would not be a text prefix: no healing there.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.enabled = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
         self.special = set(getattr(tokenizer, "all_special_ids", []))
         self._spellings: list[str] | None = None  # decoded text of every id, built on first use
         self._extensions_of: dict[str, tuple[int, ...]] = {}
@@ -30,11 +35,13 @@ class TokenHealer:
     def heal(self, prompt_ids: list[int]) -> tuple[list[int], Healing | None]:
         """The prompt without its last token and the healing, or the prompt unchanged and None when
         no other token starts with the last token's text (nothing to heal)."""
-        if len(prompt_ids) < 2 or prompt_ids[-1] in self.special:
+        if not self.enabled or len(prompt_ids) < 2 or prompt_ids[-1] in self.special:
             return prompt_ids, None
         text = self.tokenizer.decode([prompt_ids[-1]])
         if not text or "\ufffd" in text:  # a partial UTF-8 byte sequence: leave it alone
             return prompt_ids, None
+        if self.tokenizer.decode(prompt_ids) != self.tokenizer.decode(prompt_ids[:-1]) + text:
+            return prompt_ids, None  # the text does not split at this token: nothing safe to give back
         allowed = self._extensions(text)
         if len(allowed) < 2:
             return prompt_ids, None
