@@ -206,7 +206,7 @@ class Engine:
 
     def _history(self, generated: torch.Tensor, params: list) -> torch.Tensor | None:
         """Counts of the tokens generated so far (B, V), when a row has a repetition penalty."""
-        if generated.shape[1] == 0 or not any(p.frequency_penalty or p.presence_penalty for p in params):
+        if generated.shape[1] == 0 or not any(p.penalised for p in params):
             return None
         return token_counts(generated, torch.ones_like(generated, dtype=torch.bool), self.vocab_size)
 
@@ -226,10 +226,9 @@ class Engine:
         means later blocks cannot change it, so stopping here only saves their compute)."""
         rows = [r for r, request in enumerate(requests) if request.params.stop and not done[r]]
         for r, token_ids in zip(rows, generated[rows].tolist()):
-            params, healing = requests[r].params, requests[r].healing
+            params = requests[r].params
             kept, _ = cut_at_eos(token_ids[: params.max_tokens], self.loaded.eos_token_ids)
-            text = completion_text(self.tokenizer, kept, healing.text if healing else "")
-            done[r] = apply_stop(text, params.stop)[1]
+            done[r] = apply_stop(completion_text(self.tokenizer, kept, requests[r].healed_text), params.stop)[1]
         return done
 
     def _result(self, request, generated: list[int], forward_passes: int, elapsed: float) -> GenerationResult:
@@ -240,7 +239,7 @@ class Engine:
             eos_token_ids=self.loaded.eos_token_ids,
             stop=params.stop,
             tokenizer=self.tokenizer,
-            healed=request.healing.text if request.healing else "",
+            healed=request.healed_text,
         )
         return GenerationResult(
             token_ids=row.token_ids,

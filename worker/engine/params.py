@@ -65,6 +65,11 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
 
     @property
+    def penalised(self) -> bool:
+        """Whether generated tokens are penalised, so the sampler needs their counts."""
+        return bool(self.frequency_penalty or self.presence_penalty)
+
+    @property
     def steps_per_block(self) -> int:
         return self.block_length if self.steps is None else self.steps
 
@@ -143,6 +148,11 @@ class GenerationRequest:
     # Token healing (healing.py): the prompt's last token was given back; the first generated token
     # must be one of ``healing.allowed`` and the reported text leaves out ``healing.text``.
     healing: Healing | None = None
+
+    @property
+    def healed_text(self) -> str:
+        """The text the prompt gave back, which the generated tokens spell first ("" without healing)."""
+        return self.healing.text if self.healing else ""
 
 
 @dataclass

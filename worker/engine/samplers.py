@@ -219,7 +219,7 @@ def denoise_block(
     schedule_t = as_tensor([row + [0] * (block_length - len(row)) for row in schedule], torch.long)  # (B, K)
     active_t = as_tensor(active, torch.bool)[:, None]  # (B, 1)
     passes = [0] * len(rows)
-    penalised = any(p.frequency_penalty or p.presence_penalty for p in rows)
+    penalised = any(p.penalised for p in rows)
     frequency_t = as_tensor([float(p.frequency_penalty) for p in rows], torch.float64)  # (B,)
     presence_t = as_tensor([float(p.presence_penalty) for p in rows], torch.float64)  # (B,)
 

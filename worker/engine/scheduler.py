@@ -75,10 +75,6 @@ class RunningBatch:
         ]
 
 
-def _healed(request: GenerationRequest) -> str:
-    return request.healing.text if request.healing else ""
-
-
 def _left_pad(tensor: torch.Tensor, length: int, *, dim: int) -> torch.Tensor:
     missing = length - tensor.shape[dim]
     if missing == 0:
@@ -180,9 +176,8 @@ class BlockScheduler:
 
     def _history(self, rows: list[Row]) -> torch.Tensor | None:
         """Counts of each row's generated tokens (B, V), when a row has a repetition penalty."""
-        params = [row.request.params for row in rows]
         longest = max(len(row.generated) for row in rows)  # rows joined in different rounds
-        if longest == 0 or not any(p.frequency_penalty or p.presence_penalty for p in params):
+        if longest == 0 or not any(row.request.params.penalised for row in rows):
             return None
         ids = torch.zeros((len(rows), longest), dtype=torch.long)
         counted = torch.zeros((len(rows), longest), dtype=torch.bool)
@@ -213,12 +208,12 @@ class BlockScheduler:
         if hit_eos or not params.stop:
             return hit_eos
         # Committed blocks never change, so a stop string found now is final.
-        return apply_stop(completion_text(self.tokenizer, kept, _healed(row.request)), params.stop)[1]
+        return apply_stop(completion_text(self.tokenizer, kept, row.request.healed_text), params.stop)[1]
 
     def _result(self, row: Row) -> GenerationResult:
         params = row.request.params
         finished = finish_row(row.generated, max_tokens=params.max_tokens, eos_token_ids=self._eos_for(row),
-                              stop=params.stop, tokenizer=self.tokenizer, healed=_healed(row.request))
+                              stop=params.stop, tokenizer=self.tokenizer, healed=row.request.healed_text)
         return GenerationResult(token_ids=finished.token_ids, text=finished.text,
                                 finish_reason=finished.finish_reason, prompt_tokens=len(row.request.prompt_ids),
                                 completion_tokens=len(finished.token_ids), forward_passes=row.passes,
