@@ -25,11 +25,17 @@ from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
 from worker.runtime import ensure_model
 
-SAMPLERS = {  # label: diffusion options
-    "reference": {"sampler": "reference"},
-    "threshold 0.9": {"sampler": "threshold", "threshold": 0.9},
-    "factor 1.0": {"sampler": "factor", "factor": 1.0},
-}
+DEFAULT_SAMPLERS = "reference,threshold 0.9,factor 1.0"
+
+
+def sampler_options(label: str) -> dict:
+    """Diffusion options for a label: ``reference``, ``threshold TAU`` or ``factor F``."""
+    name, _, value = label.strip().partition(" ")
+    if name == "reference" and not value:
+        return {"sampler": "reference"}
+    if name in ("threshold", "factor") and value:
+        return {"sampler": name, name: float(value)}
+    raise SystemExit(f"--samplers: {label!r} is not 'reference', 'threshold TAU' or 'factor F'")
 
 
 # The stop sequences of the Codex/HumanEval evaluation (Chen et al. 2021, arXiv:2107.03374): a line
@@ -70,7 +76,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--presence-penalty", type=float, default=0.0)
     parser.add_argument("--stop", action="append", default=[],
                         help=f"a stop sequence (repeatable); --stop codex for the Codex set {CODEX_STOPS}")
-    parser.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated labels to run")
+    parser.add_argument("--samplers", default=DEFAULT_SAMPLERS,
+                        help="comma-separated: reference, 'threshold TAU', 'factor F'")
     parser.add_argument("--no-healing", action="store_true", help="run the prompts' tokens as they are "
                         "(the service heals a completion prompt's last token by default)")
     parser.add_argument("--samples", action="store_true", help="print three completions per sampler")
@@ -89,7 +96,7 @@ def main(argv: list[str]) -> int:
     print(f"{'sampler':<16} {'parses':>7} {'distinct':>9} {'tok/s':>8} {'vs ref':>7} {'passes/tok':>10}")
     figures, baseline = {}, None
     for label in args.samplers.split(","):
-        options = {**SAMPLERS[label], "block_length": args.block_length, "temperature": args.temperature,
+        options = {**sampler_options(label), "block_length": args.block_length, "temperature": args.temperature,
                    "top_p": args.top_p, "stop": stops, "frequency_penalty": args.frequency_penalty,
                    "presence_penalty": args.presence_penalty}
         row = measure(engine, prompts, args.new_tokens, options, healing=not args.no_healing)

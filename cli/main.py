@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--data-dir", type=Path, help="data folder (default ./diffbatch-data, "
                        "or DIFFBATCH_DATA_DIR)")
-        p.set_defaults(handler=handler)
+        p.set_defaults(handler=handler, command=name)
         return p
 
     p = command("run", _run, "run a whole batch file through diffbatch and write the results")
@@ -59,6 +59,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--export-to", type=Path, help="only export the run's last saved state to this folder")
+    p = command("distill-builtin", _distill_builtin, "fine-tune a model on its own completions so the "
+                "parallel samplers commit more tokens per pass (resumes from OUT)")
+    p.add_argument("--out", type=Path, default=Path("distill-builtin"), help="run folder (default ./distill-builtin)")
+    p.add_argument("--init-from", type=Path, help="model folder to distil (default: the built-in model)")
+    p.add_argument("--teacher-minutes", type=float, default=30.0,
+                   help="time for the teacher's completions (OUT/teacher.jsonl; default 30)")
+    p.add_argument("--teacher-tokens", type=int, default=64, help="tokens per teacher completion (default 64)")
+    p.add_argument("--steps", type=int, default=600, help="length of the learning-rate schedule")
+    p.add_argument("--max-minutes", type=float, help="stop the fine-tuning (resumably) after this many minutes")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 5e-4)")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     return parser
 
 
@@ -173,25 +184,13 @@ def _db(settings: Settings, args) -> int:
 def _train_builtin(settings: Settings, args) -> int:
     import json
 
-    import os
-
     if args.export_to:
         from training.loop import TrainConfig, export_checkpoint
 
         step = export_checkpoint(TrainConfig(out_dir=args.out), args.export_to)
         print(f"exported step {step} of {args.out} to {args.export_to}")
         return 0
-    jemalloc = next((p for p in JEMALLOC_PATHS if Path(p).is_file()), None)
-    if "LD_PRELOAD" not in os.environ and jemalloc:
-        # Each step's logits have a different size (the masked count varies). Under glibc malloc RSS
-        # grew ~3 GB per 100 steps, and a fixed mmap threshold stopped that but spent half the time
-        # in page faults; jemalloc, never returning pages, holds ~4 GB at full speed. The allocator
-        # is chosen at start-up, hence the re-exec.
-        env = {**os.environ, "LD_PRELOAD": jemalloc, "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
-        os.execve(sys.executable, [sys.executable, "-m", "cli.main", *sys.argv[1:]], env)
-    if not jemalloc:
-        print("diffbatch train-builtin: libjemalloc not found (apt install libjemalloc2); with glibc "
-              "malloc the process grows by GBs over a long run", file=sys.stderr)
+    _use_jemalloc(args.command)
 
     import torch
 
@@ -205,6 +204,50 @@ def _train_builtin(settings: Settings, args) -> int:
     print(json.dumps(result))
     print(f"model written to {args.out / 'model'}; serve it with DIFFBATCH_MODEL={args.out / 'model'}")
     return 0
+
+
+def _distill_builtin(settings: Settings, args) -> int:
+    import json
+
+    _use_jemalloc(args.command)
+
+    import torch
+
+    from training.distill import DistillConfig, distill, write_teacher_completions
+    from worker.runtime import ensure_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = args.init_from or ensure_model(settings)
+    teacher = args.out / "teacher.jsonl"
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not (args.out / "state.pt").is_file():  # once fine-tuning began, its data stays as it is
+        count = write_teacher_completions(model, teacher, new_tokens=args.teacher_tokens,
+                                          max_minutes=args.teacher_minutes)
+        print(f"{count} teacher completions in {teacher}")
+    result = distill(DistillConfig(out_dir=args.out, teacher=teacher, init_from=model, steps=args.steps,
+                                   completion_tokens=args.teacher_tokens, max_minutes=args.max_minutes,
+                                   **({"learning_rate": args.lr} if args.lr else {})))
+    print(json.dumps(result))
+    print(f"model written to {args.out / 'model'}; serve it with DIFFBATCH_MODEL={args.out / 'model'}")
+    return 0
+
+
+def _use_jemalloc(command: str) -> None:
+    """Re-execute this command under jemalloc when it is installed and not yet preloaded."""
+    import os
+
+    jemalloc = next((p for p in JEMALLOC_PATHS if Path(p).is_file()), None)
+    if "LD_PRELOAD" not in os.environ and jemalloc:
+        # Each step's logits have a different size (the masked count varies). Under glibc malloc RSS
+        # grew ~3 GB per 100 steps, and a fixed mmap threshold stopped that but spent half the time
+        # in page faults; jemalloc, never returning pages, holds ~4 GB at full speed. The allocator
+        # is chosen at start-up, hence the re-exec.
+        env = {**os.environ, "LD_PRELOAD": jemalloc, "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
+        os.execve(sys.executable, [sys.executable, "-m", "cli.main", *sys.argv[1:]], env)
+    if not jemalloc:
+        print(f"diffbatch {command}: libjemalloc not found (apt install libjemalloc2); with glibc "
+              "malloc the process grows by GBs over a long run", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -63,34 +63,34 @@ def train(config: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     tokenizer, train_stream, held_out = _prepare_data(config, out)
-    model = _build_model(config, tokenizer)
+    model = build_model(config, tokenizer)
     if config.init_from is not None and not (out / "state.pt").is_file():
-        _load_weights(model, Path(config.init_from))
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.learning_rate,
+        load_weights(model, Path(config.init_from))
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.learning_rate,
                                   betas=(0.9, 0.95))
-    step = _resume(out / "state.pt", model, optimizer)
+    step = resume(out / "state.pt", model, optimizer)
     log = (out / "log.jsonl").open("a")
     started, last_checkpoint = time.monotonic(), time.monotonic()
     deadline = None if config.max_minutes is None else started + 60 * config.max_minutes
     last_eval = {}
     if step == 0:  # the untrained baseline, so the log shows what training bought
-        _write(log, {"step": 0, "config": config_record(config),
+        write_log(log, {"step": 0, "config": config_record(config),
                      "eval": evaluate(model, config, held_out, tokenizer.mask_token_id)})
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("train", total=config.steps, completed=step, loss=float("nan"))
         while step < config.steps and (deadline is None or time.monotonic() < deadline):
             loss = _train_step(model, optimizer, config, train_stream, step, tokenizer.mask_token_id)
             step += 1
             progress.update(task, completed=step, loss=loss["loss"])
             if step % 10 == 0:
-                _write(log, {"step": step, **loss, "elapsed_s": round(time.monotonic() - started, 1)})
+                write_log(log, {"step": step, **loss, "elapsed_s": round(time.monotonic() - started, 1)})
             if step % config.eval_every == 0 or step == config.steps:
                 last_eval = evaluate(model, config, held_out, tokenizer.mask_token_id)
-                _write(log, {"step": step, "eval": last_eval})
+                write_log(log, {"step": step, "eval": last_eval})
             if time.monotonic() - last_checkpoint > config.checkpoint_every_s:
-                _save_state(out / "state.pt", model, optimizer, step)
+                save_state(out / "state.pt", model, optimizer, step)
                 last_checkpoint = time.monotonic()
-    _save_state(out / "state.pt", model, optimizer, step)
+    save_state(out / "state.pt", model, optimizer, step)
     if not last_eval:
         last_eval = evaluate(model, config, held_out, tokenizer.mask_token_id)
     export(model, tokenizer, out / "model")
@@ -114,7 +114,7 @@ def _prepare_data(config: TrainConfig, out: Path):
     return tokenizer, encode_files(tokenizer, train_files), encode_files(tokenizer, held_out_files)
 
 
-def _build_model(config: TrainConfig, tokenizer) -> DiffbatchMDMForMaskedDiffusion:
+def build_model(config: TrainConfig, tokenizer) -> DiffbatchMDMForMaskedDiffusion:
     model_config = config_for(
         tokenizer, name=config.name, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
         num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
@@ -122,13 +122,13 @@ def _build_model(config: TrainConfig, tokenizer) -> DiffbatchMDMForMaskedDiffusi
     return DiffbatchMDMForMaskedDiffusion(model_config).train()
 
 
-def _load_weights(model, folder: Path) -> None:
+def load_weights(model, folder: Path) -> None:
     """Copy an exported model's weights (bf16 on disk) into the fp32 training model; shapes must match."""
     exported = DiffbatchMDMForMaskedDiffusion.from_pretrained(folder, dtype=torch.float32)
     model.load_state_dict(exported.state_dict())
 
 
-def _param_groups(model, weight_decay: float) -> list[dict]:
+def param_groups(model, weight_decay: float) -> list[dict]:
     # No decay on norms (1-D weights); the tied embedding is decayed like any matrix.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -201,14 +201,14 @@ def export_checkpoint(config: TrainConfig, destination: Path) -> int:
     """Export the run's last saved state (``state.pt``) to ``destination``; returns its step."""
     out = Path(config.out_dir)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
-    model = _build_model(config, tokenizer)
+    model = build_model(config, tokenizer)
     state = torch.load(out / "state.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     export(model.eval(), tokenizer, Path(destination))
     return int(state["step"])
 
 
-def _resume(path: Path, model, optimizer) -> int:
+def resume(path: Path, model, optimizer) -> int:
     if not path.is_file():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -217,18 +217,18 @@ def _resume(path: Path, model, optimizer) -> int:
     return int(state["step"])
 
 
-def _save_state(path: Path, model, optimizer, step: int) -> None:
+def save_state(path: Path, model, optimizer, step: int) -> None:
     temporary = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, temporary)
     os.replace(temporary, path)  # a crash mid-write leaves the previous checkpoint intact
 
 
-def _write(log, record: dict) -> None:
+def write_log(log, record: dict) -> None:
     log.write(json.dumps(record) + "\n")
     log.flush()
 
 
-def _progress() -> Progress:
+def progress_bar() -> Progress:
     return Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
                     TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn())
 

@@ -31,6 +31,9 @@ class LossParts:
     loss: torch.Tensor  # the weighted ELBO term, per noisy-region token: what is minimised
     masked_ce_sum: torch.Tensor  # summed cross-entropy of masked tokens, unweighted (nats)
     masked_count: int
+    # dParallel's certainty-forcing term (training/distill.py), when asked for: mean entropy of the
+    # temperature-sharpened prediction at the masked positions the model already gets right.
+    certainty: torch.Tensor | None = None
 
 
 def block_ids(length: int, prompt_length: int, block_length: int) -> torch.Tensor:
@@ -53,7 +56,7 @@ def two_stream_mask(blocks: torch.Tensor) -> torch.Tensor:
 
 def diffusion_loss(
     model, x0: torch.Tensor, *, mask_token_id: int, block_length: int, prompt_length: int,
-    generator: torch.Generator,
+    generator: torch.Generator, certainty_temperature: float | None = None,
 ) -> LossParts:
     """x0 (B, L) clean token ids. One noise level per (row, block), drawn from ``generator``."""
     batch, length = x0.shape
@@ -73,4 +76,20 @@ def diffusion_loss(
     logits = model.lm_head(hidden[:, :length][masked])  # (M, V)
     ce = F.cross_entropy(logits.float(), x0[masked], reduction="none")  # (M,)
     loss = (ce / t_per_token[masked]).sum() / noisy_region.sum().clamp(min=1)
-    return LossParts(loss=loss, masked_ce_sum=ce.detach().sum(), masked_count=int(masked.sum()))
+    certainty = None if certainty_temperature is None else certainty_entropy(
+        logits, x0[masked], certainty_temperature)
+    return LossParts(loss=loss, masked_ce_sum=ce.detach().sum(), masked_count=int(masked.sum()),
+                     certainty=certainty)
+
+
+def certainty_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean entropy of softmax(logits / T) over the rows (M, V) whose argmax is already the target.
+
+    Only right predictions are sharpened, so the term makes the model surer of what it would write
+    anyway and never of a wrong token (dParallel, arXiv:2509.26488, §3). Zero when none is right.
+    """
+    right = logits.argmax(dim=-1) == targets
+    if not right.any():
+        return logits.new_zeros((), dtype=torch.float32)
+    log_p = torch.log_softmax(logits[right].float() / temperature, dim=-1)
+    return -(log_p.exp() * log_p).sum(dim=-1).mean()

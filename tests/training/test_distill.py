@@ -1,0 +1,103 @@
+"""Certainty-forcing self-distillation: teacher records, the certainty term, and the effect a user
+runs it for (the threshold sampler commits more tokens per forward pass afterwards)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from training.distill import DistillConfig, distill, read_records, teacher_batch, write_teacher_completions
+from training.loop import TrainConfig, train
+from training.objective import certainty_entropy
+from worker.engine.engine import Engine
+from worker.engine.loader import load_model
+from worker.engine.params import GenerationRequest, SamplingParams
+
+# Functions with a docstring and several body lines, so training/completions.py makes prompts of them.
+CODE = '''def scale_{i}(values, factor):
+    """Return values multiplied by factor and shifted by {i}."""
+    result = []
+    for value in values:
+        result.append(value * factor + {i})
+    return result
+
+
+def total_{i}(values):
+    """Return the sum of values plus {i}."""
+    total = {i}
+    for value in values:
+        total += value
+    return total
+'''
+
+TINY = dict(vocab_size=320, hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+            block_length=8, seq_length=64, batch_size=16, warmup_steps=5, eval_every=10**6, eval_windows=8)
+
+
+@pytest.fixture(scope="module")
+def teacher_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(40):
+        (root / f"mod_{i}.py").write_text(CODE.format(i=i))
+    out = tmp_path_factory.mktemp("run")
+    torch.set_num_threads(1)
+    train(TrainConfig(out_dir=out, steps=150, corpus_root=root, learning_rate=3e-3, **TINY))
+    return root, out / "model"
+
+
+def test_certainty_term_counts_only_right_predictions_and_falls_as_they_sharpen():
+    targets = torch.tensor([0, 1])
+    wrong = torch.tensor([[0.0, 2.0, 0.0], [2.0, 0.0, 0.0]])
+    assert certainty_entropy(wrong, targets, 1.0).item() == 0.0
+    unsure = torch.tensor([[1.0, 0.5, 0.5], [2.0, 0.0, 0.0]])  # row 0 right, row 1 wrong
+    sure = torch.tensor([[6.0, 0.5, 0.5], [2.0, 0.0, 0.0]])
+    p = torch.softmax(unsure[0] / 1.0, dim=-1)
+    assert math.isclose(certainty_entropy(unsure, targets, 1.0).item(), float(-(p * p.log()).sum()), rel_tol=1e-5)
+    assert certainty_entropy(sure, targets, 1.0) < certainty_entropy(unsure, targets, 1.0)
+
+
+def test_teacher_batch_shares_one_prompt_length_and_pads_short_completions_with_eos():
+    records = [{"prompt_ids": [1, 10, 11, 12], "completion_ids": [20, 21, 22]},
+               {"prompt_ids": [1, 13, 14], "completion_ids": [23]}]
+    x0, prompt_length = teacher_batch(records, [0, 1], completion_tokens=3, max_length=16, eos_token_id=2)
+    assert prompt_length == 3  # the shorter prompt's; the longer one loses its oldest token
+    assert x0.tolist() == [[10, 11, 12, 20, 21, 22], [1, 13, 14, 23, 2, 2]]
+    x0, prompt_length = teacher_batch(records, [0], completion_tokens=3, max_length=5, eos_token_id=2)
+    assert prompt_length == 2 and x0.tolist() == [[11, 12, 20, 21, 22]]
+
+
+def _decode(model_dir, records, sampler: str) -> tuple[float, list[list[int]]]:
+    """(forward passes per token, tokens) for the teacher's prompts; threshold 0.5 because a model
+    this small and this briefly distilled is seldom 90% sure."""
+    engine = Engine(load_model(str(model_dir)), max_batch_size=16)
+    params = SamplingParams(max_tokens=16, block_length=8, sampler=sampler, threshold=0.5)
+    results = engine.generate([GenerationRequest(r["prompt_ids"], params) for r in records])
+    tokens = sum(len(r.token_ids) for r in results)
+    return sum(r.forward_passes for r in results) / tokens, [r.token_ids for r in results]
+
+
+def test_distillation_lets_the_threshold_sampler_commit_more_tokens_per_pass(teacher_model, tmp_path):
+    root, model = teacher_model
+    teacher = tmp_path / "teacher.jsonl"
+    count = write_teacher_completions(model, teacher, new_tokens=16, batch=16, block_length=8,
+                                      presence_penalty=0.0, limit=16, corpus_root=root)
+    records = read_records(teacher)
+    assert count == len(records) == 16
+    assert all(len(r["completion_ids"]) <= 16 and r["prompt_ids"] for r in records)
+    # A second call finds every prompt done and writes nothing twice.
+    assert write_teacher_completions(model, teacher, new_tokens=16, batch=16, block_length=8, limit=16,
+                                     corpus_root=root) == 16
+    assert len(read_records(teacher)) == 16
+
+    before, _ = _decode(model, records, "threshold")
+    result = distill(DistillConfig(out_dir=tmp_path / "distilled", teacher=teacher, init_from=model, steps=40,
+                                   completion_tokens=16, corpus_root=root, learning_rate=2e-3, **TINY))
+    assert result["step"] == 40
+    after, parallel = _decode(tmp_path / "distilled" / "model", records, "threshold")
+    assert after < 0.75 * before, (before, after)
+    # Parallel acceptance writes what the distilled model writes one token a pass.
+    passes, sequential = _decode(tmp_path / "distilled" / "model", records, "reference")
+    assert passes == 1.0
+    assert sum(p == s for p, s in zip(parallel, sequential)) >= len(records) * 3 // 4

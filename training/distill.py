@@ -1,0 +1,184 @@
+"""Certainty-forcing self-distillation: teach the model to be sure of several block positions at once.
+
+Why: the parallel samplers (threshold, factor) commit every position the model is confident of, but
+a model trained only on the data's own text spreads its probability over the many ways a line can
+go on, so far from the last committed token it is rarely sure of anything and the samplers commit
+~1 token per forward pass (bench/quality.py: threshold 0.3 still 0.95 passes/token on run 2).
+
+What (learned from dParallel, Chen et al. 2025, "Learnable Parallel Decoding for dLLMs",
+arXiv:2509.26488, whose code we did not use): the model first writes completions of training
+prompts with its own one-token-a-pass decoding (the *teacher* trajectories). Then it is fine-tuned on
+prompt + its own completion with the usual block-diffusion loss, which makes the target one
+continuation instead of many, plus an entropy penalty on the masked positions it already predicts
+right, which pushes those predictions to high confidence in parallel. Sequence-level distillation
+for parallel decoding is older (Gu et al. 2018, non-autoregressive translation, arXiv:1711.02281).
+
+Teacher records (JSON lines): ``index`` (of the prompt), ``source``, ``prompt_ids`` (healed, as the
+service would send them) and ``completion_ids`` (cut at the first end token).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from worker.engine.engine import Engine
+from worker.engine.loader import load_model
+from worker.engine.params import GenerationRequest, SamplingParams
+
+from .completions import function_prompts
+from .corpus import list_sources, split
+from .data import encode_files, step_generator
+from .loop import (TrainConfig, build_model, config_record, evaluate, export, learning_rate, load_weights,
+                   param_groups, progress_bar, resume, save_state, write_log)
+from .objective import diffusion_loss
+
+TEACHER_SHUFFLE_SEED = 20251130  # a time-limited run covers the corpus evenly, and resumes in order
+
+
+def write_teacher_completions(
+    model_dir: Path, out_path: Path, *, new_tokens: int = 64, batch: int = 64, block_length: int = 32,
+    presence_penalty: float = 0.5, max_minutes: float | None = None, limit: int | None = None,
+    corpus_root: Path | None = None,
+) -> int:
+    """Append teacher completions of the training split's function prompts (``limit`` of them, in a
+    fixed shuffled order) to ``out_path``. The teacher decodes as the reference sampler does, greedy,
+    with ``presence_penalty`` (greedy decoding of a small model repeats itself without one). Prompts
+    already in the file are skipped, so a stopped run resumes. Returns the number of records."""
+    out_path = Path(out_path)
+    done = {record["index"] for record in read_records(out_path)} if out_path.is_file() else set()
+    train_files, _ = split(list_sources(corpus_root))
+    prompts = function_prompts(train_files, limit=10**9)
+    order = list(range(len(prompts)))
+    random.Random(TEACHER_SHUFFLE_SEED).shuffle(order)
+    options = {"sampler": "reference", "temperature": 0.0, "block_length": block_length,
+               "presence_penalty": presence_penalty}
+    engine = Engine(load_model(model_dir), max_batch_size=batch)
+    todo, requests = [], []
+    for i in order[:limit]:
+        if i in done:
+            continue
+        ids, healing = engine.heal(engine.encode_completion(prompts[i].prompt))
+        params = SamplingParams(max_tokens=new_tokens, seed=i, **options)
+        todo.append((i, ids))
+        requests.append(GenerationRequest(ids, params, healing=healing))
+    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
+    with out_path.open("a") as out:
+        for position, result in engine.stream(requests):
+            index, ids = todo[position]
+            out.write(json.dumps({"index": index, "source": prompts[index].source, "prompt_ids": ids,
+                                  "completion_ids": result.token_ids}) + "\n")
+            out.flush()
+            done.add(index)
+            if deadline is not None and time.monotonic() > deadline:
+                break
+    return len(done)
+
+
+def read_records(path: Path) -> list[dict]:
+    with Path(path).open() as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """A fine-tuning run on teacher records; the shape fields must match ``init_from``'s model."""
+    teacher: Path | None = None  # the JSON-lines file write_teacher_completions wrote
+    completion_tokens: int = 64  # teacher completions are padded with EOS (or cut) to this length
+    # Our choices, not dParallel's published values (their model is 600x larger): weight 1 and a
+    # sharpening temperature of 0.5, so the term acts on middling confidences, not on settled ones.
+    certainty_weight: float = 1.0
+    certainty_temperature: float = 0.5
+    steps: int = 600
+    learning_rate: float = 5e-4
+    warmup_steps: int = 30
+
+
+def distill(config: DistillConfig) -> dict:
+    """Fine-tune ``config.init_from`` on its own teacher completions (resumable); returns the last
+    held-out evaluation and the step."""
+    if config.init_from is None or config.teacher is None:
+        raise ValueError("distillation needs init_from (the model) and teacher (its completions)")
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(config.init_from)
+    _, held_out_files = split(list_sources(config.corpus_root))
+    held_out = encode_files(tokenizer, held_out_files)
+    records = read_records(config.teacher)
+    model = build_model(config, tokenizer)
+    if not (out / "state.pt").is_file():
+        load_weights(model, Path(config.init_from))
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.learning_rate,
+                                  betas=(0.9, 0.95))
+    step = resume(out / "state.pt", model, optimizer)
+    log = (out / "log.jsonl").open("a")
+    started = last_checkpoint = time.monotonic()
+    deadline = None if config.max_minutes is None else started + 60 * config.max_minutes
+    mask_id = tokenizer.mask_token_id
+    if step == 0:
+        write_log(log, {"step": 0, "config": config_record(config), "records": len(records),
+                        "eval": evaluate(model, config, held_out, mask_id)})
+    last_eval = {}
+    with progress_bar() as progress:
+        task = progress.add_task("distill", total=config.steps, completed=step, loss=float("nan"))
+        while step < config.steps and (deadline is None or time.monotonic() < deadline):
+            figures = _distill_step(model, optimizer, config, records, step, mask_id, tokenizer.eos_token_id)
+            step += 1
+            progress.update(task, completed=step, loss=figures["loss"])
+            if step % 10 == 0:
+                write_log(log, {"step": step, **figures, "elapsed_s": round(time.monotonic() - started, 1)})
+            if step % config.eval_every == 0 or step == config.steps:
+                last_eval = evaluate(model, config, held_out, mask_id)
+                write_log(log, {"step": step, "eval": last_eval})
+            if time.monotonic() - last_checkpoint > config.checkpoint_every_s:
+                save_state(out / "state.pt", model, optimizer, step)
+                last_checkpoint = time.monotonic()
+    save_state(out / "state.pt", model, optimizer, step)
+    export(model, tokenizer, out / "model")
+    return {"step": step, **(last_eval or evaluate(model, config, held_out, mask_id))}
+
+
+def teacher_batch(records: list[dict], picks: list[int], completion_tokens: int, max_length: int,
+                  eos_token_id: int) -> tuple[torch.Tensor, int]:
+    """(B, P + completion_tokens) prompt + completion ids and P, the prompt length they share.
+
+    Rows share one prompt length (the objective's layout has one prompt block), so longer prompts
+    lose their oldest tokens; completions that ended early are padded with EOS, which is what the
+    engine would have to write there (LLaDA's SFT pads with EOS the same way).
+    """
+    chosen = [records[i] for i in picks]
+    prompt_length = min(min(len(r["prompt_ids"]) for r in chosen), max_length - completion_tokens)
+    rows = []
+    for record in chosen:
+        completion = record["completion_ids"][:completion_tokens]
+        completion = completion + [eos_token_id] * (completion_tokens - len(completion))
+        rows.append(record["prompt_ids"][len(record["prompt_ids"]) - prompt_length:] + completion)
+    return torch.tensor(rows, dtype=torch.long), prompt_length
+
+
+def _distill_step(model, optimizer, config: DistillConfig, records, step: int, mask_id: int, eos_id: int) -> dict:
+    generator = step_generator(config.seed, step)
+    picks = torch.randint(0, len(records), (config.batch_size,), generator=generator).tolist()
+    x0, prompt_length = teacher_batch(records, picks, config.completion_tokens, config.seq_length, eos_id)
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, step)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        parts = diffusion_loss(model, x0, mask_token_id=mask_id, block_length=config.block_length,
+                               prompt_length=prompt_length, generator=generator,
+                               certainty_temperature=config.certainty_temperature)
+    loss = parts.loss + config.certainty_weight * parts.certainty
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return {"loss": round(loss.item(), 4), "diffusion": round(parts.loss.item(), 4),
+            "certainty": round(parts.certainty.item(), 4),
+            "masked_ce": round(parts.masked_ce_sum.item() / max(1, parts.masked_count), 4),
+            "lr": round(optimizer.param_groups[0]["lr"], 6)}
