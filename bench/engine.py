@@ -26,6 +26,7 @@ import time
 import torch
 
 from common.settings import Settings
+from quality import sampler_options  # bench/ is the script's folder, so first on sys.path
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
@@ -33,12 +34,15 @@ from worker.runtime import ensure_model
 
 PROMPT = 'def {name}(items, key=None):\n    """Return the {name} of items, by key if given."""\n'
 NAMES = ("median", "mode", "largest", "smallest", "first_duplicate", "running_total", "histogram", "spread")
-MODES = {  # label: (sampler options, kv_cache); the parallel samplers at their documented defaults
-    "reference, recompute": ({"sampler": "reference"}, False),
-    "reference, kv cache": ({"sampler": "reference"}, True),
-    "threshold 0.9, kv cache": ({"sampler": "threshold", "threshold": 0.9}, True),
-    "factor 1.0, kv cache": ({"sampler": "factor", "factor": 1.0}, True),
-}
+
+
+def modes(parallel: str) -> dict:
+    """label: (sampler options, kv_cache). The baselines, then each parallel sampler with the cache."""
+    table = {"reference, recompute": ({"sampler": "reference"}, False),
+             "reference, kv cache": ({"sampler": "reference"}, True)}
+    for label in parallel.split(","):
+        table[f"{label.strip()}, kv cache"] = (sampler_options(label), True)
+    return table
 
 
 def count_flops(model) -> dict:
@@ -143,6 +147,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--recompute-up-to", type=int, default=32,
                         help="run the recompute baseline only up to this batch size (it is slow)")
     parser.add_argument("--prompts", type=int, default=32, help="requests per measurement (>= each batch)")
+    parser.add_argument("--samplers", default="threshold 0.9,factor 1.0",
+                        help="parallel samplers to run with the cache: 'threshold TAU', 'factor F' (comma-separated; "
+                        "default: their documented defaults)")
     args = parser.parse_args(argv[1:])
     path = args.model or str(ensure_model(Settings()))
     loaded = load_model(path, device=args.device)
@@ -161,7 +168,7 @@ def main(argv: list[str]) -> int:
                                 loaded.tokenizer)
         ar_rate = ar["tokens"] / ar["seconds"]
         rows, baseline = [], None
-        for label, (options, kv_cache) in MODES.items():
+        for label, (options, kv_cache) in modes(args.samplers).items():
             if not kv_cache and batch > args.recompute_up_to:
                 continue
             row = run_engine(loaded, args.device, batch, prompts, args.new_tokens, options, kv_cache, counter)

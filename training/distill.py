@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from worker.engine.builtin import DiffbatchMDMForMaskedDiffusion
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
@@ -35,8 +36,8 @@ from worker.engine.params import GenerationRequest, SamplingParams
 from .completions import function_prompts
 from .corpus import list_sources, split
 from .data import encode_files, step_generator
-from .loop import (TrainConfig, build_model, config_record, evaluate, export, learning_rate, load_weights,
-                   param_groups, progress_bar, resume, save_state, write_log)
+from .loop import (TrainConfig, config_record, evaluate, export, learning_rate, param_groups, progress_bar,
+                   resume, save_state, write_log)
 from .objective import diffusion_loss
 
 TEACHER_SHUFFLE_SEED = 20251130  # a time-limited run covers the corpus evenly, and resumes in order
@@ -88,7 +89,7 @@ def read_records(path: Path) -> list[dict]:
 
 @dataclass
 class DistillConfig(TrainConfig):
-    """A fine-tuning run on teacher records; the shape fields must match ``init_from``'s model."""
+    """A fine-tuning run of ``init_from`` on teacher records (the shape fields are not used)."""
     teacher: Path | None = None  # the JSON-lines file write_teacher_completions wrote
     completion_tokens: int = 64  # teacher completions are padded with EOS (or cut) to this length
     # Our choices, not dParallel's published values (their model is 600x larger): weight 1 and a
@@ -112,9 +113,9 @@ def distill(config: DistillConfig) -> dict:
     _, held_out_files = split(list_sources(config.corpus_root))
     held_out = encode_files(tokenizer, held_out_files)
     records = read_records(config.teacher)
-    model = build_model(config, tokenizer)
-    if not (out / "state.pt").is_file():
-        load_weights(model, Path(config.init_from))
+    # The starting model's own shape, whatever the config's shape fields say; state.pt, when there
+    # is one, then replaces its weights.
+    model = DiffbatchMDMForMaskedDiffusion.from_pretrained(config.init_from, dtype=torch.float32).train()
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.learning_rate,
                                   betas=(0.9, 0.95))
     step = resume(out / "state.pt", model, optimizer)
