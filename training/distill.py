@@ -33,14 +33,14 @@ from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
 
-from .completions import function_prompts
+from .completions import distinct_ratio, function_prompts
 from .corpus import list_sources, split
 from .data import encode_files, step_generator
 from .loop import (TrainConfig, config_record, evaluate, export, learning_rate, param_groups, progress_bar,
                    resume, save_state, write_log)
 from .objective import diffusion_loss
 
-TEACHER_SHUFFLE_SEED = 20251130  # a time-limited run covers the corpus evenly, and resumes in order
+TEACHER_SHUFFLE_SEED = 20251130  # a time-limited run covers the corpus evenly
 
 
 def write_teacher_completions(
@@ -70,13 +70,17 @@ def write_teacher_completions(
         todo.append((i, ids))
         requests.append(GenerationRequest(ids, params, healing=healing))
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
+    # A few batches at a time: the scheduler admits the shortest prompts first, so one call with
+    # every request would spend a time limit on short prompts only.
+    chunk = 4 * batch
     with out_path.open("a") as out:
-        for position, result in engine.stream(requests):
-            index, ids = todo[position]
-            out.write(json.dumps({"index": index, "source": prompts[index].source, "prompt_ids": ids,
-                                  "completion_ids": result.token_ids}) + "\n")
-            out.flush()
-            done.add(index)
+        for first in range(0, len(requests), chunk):
+            for position, result in engine.stream(requests[first : first + chunk]):
+                index, ids = todo[first + position]
+                out.write(json.dumps({"index": index, "source": prompts[index].source, "prompt_ids": ids,
+                                      "completion_ids": result.token_ids}) + "\n")
+                out.flush()
+                done.add(index)
             if deadline is not None and time.monotonic() > deadline:
                 break
     return len(done)
@@ -96,6 +100,10 @@ class DistillConfig(TrainConfig):
     # sharpening temperature of 0.5, so the term acts on middling confidences, not on settled ones.
     certainty_weight: float = 1.0
     certainty_temperature: float = 0.5
+    # Teacher completions below this distinct-token ratio (loops such as ") ) ) )") are left out: a
+    # first run on all of them (run notes in the model card) learnt the loops and became surer of
+    # them, and no presence penalty got it out of them again.
+    min_distinct: float = 0.4
     steps: int = 600
     learning_rate: float = 5e-4
     warmup_steps: int = 30
@@ -112,7 +120,9 @@ def distill(config: DistillConfig) -> dict:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(config.init_from)
     _, held_out_files = split(list_sources(config.corpus_root))
     held_out = encode_files(tokenizer, held_out_files)
-    records = read_records(config.teacher)
+    records = [r for r in read_records(config.teacher) if distinct_ratio(r["completion_ids"]) >= config.min_distinct]
+    if not records:
+        raise ValueError(f"no teacher completion in {config.teacher} has a distinct-token ratio >= {config.min_distinct}")
     # The starting model's own shape, whatever the config's shape fields say; state.pt, when there
     # is one, then replaces its weights.
     model = DiffbatchMDMForMaskedDiffusion.from_pretrained(config.init_from, dtype=torch.float32).train()

@@ -91,9 +91,15 @@ def test_distillation_lets_the_threshold_sampler_commit_more_tokens_per_pass(tea
                                      corpus_root=root) == 16
     assert len(read_records(teacher)) == 16
 
+    with pytest.raises(ValueError, match="distinct-token ratio"):  # every completion filtered out
+        distill(DistillConfig(out_dir=tmp_path / "none", teacher=teacher, init_from=model, min_distinct=1.01,
+                              corpus_root=root, **TINY))
+
     before, _ = _decode(model, records, "threshold")
+    # min_distinct 0: this tiny teacher repeats itself, and the test is about certainty, not loops.
     result = distill(DistillConfig(out_dir=tmp_path / "distilled", teacher=teacher, init_from=model, steps=40,
-                                   completion_tokens=16, corpus_root=root, learning_rate=2e-3, **TINY))
+                                   completion_tokens=16, corpus_root=root, learning_rate=2e-3, min_distinct=0.0,
+                                   **TINY))
     assert result["step"] == 40
     after, parallel = _decode(tmp_path / "distilled" / "model", records, "threshold")
     assert after < 0.75 * before, (before, after)
