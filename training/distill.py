@@ -36,8 +36,7 @@ from worker.engine.params import GenerationRequest, SamplingParams
 from .completions import distinct_ratio, function_prompts
 from .corpus import list_sources, split
 from .data import encode_files, step_generator
-from .loop import (TrainConfig, config_record, evaluate, export, learning_rate, param_groups, progress_bar,
-                   resume, save_state, write_log)
+from .loop import TrainConfig, learning_rate, run
 from .objective import diffusion_loss
 
 TEACHER_SHUFFLE_SEED = 20251130  # a time-limited run covers the corpus evenly
@@ -126,34 +125,10 @@ def distill(config: DistillConfig) -> dict:
     # The starting model's own shape, whatever the config's shape fields say; state.pt, when there
     # is one, then replaces its weights.
     model = DiffbatchMDMForMaskedDiffusion.from_pretrained(config.init_from, dtype=torch.float32).train()
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.learning_rate,
-                                  betas=(0.9, 0.95))
-    step = resume(out / "state.pt", model, optimizer)
-    log = (out / "log.jsonl").open("a")
-    started = last_checkpoint = time.monotonic()
-    deadline = None if config.max_minutes is None else started + 60 * config.max_minutes
-    mask_id = tokenizer.mask_token_id
-    if step == 0:
-        write_log(log, {"step": 0, "config": config_record(config), "records": len(records),
-                        "eval": evaluate(model, config, held_out, mask_id)})
-    last_eval = {}
-    with progress_bar() as progress:
-        task = progress.add_task("distill", total=config.steps, completed=step, loss=float("nan"))
-        while step < config.steps and (deadline is None or time.monotonic() < deadline):
-            figures = _distill_step(model, optimizer, config, records, step, mask_id, tokenizer.eos_token_id)
-            step += 1
-            progress.update(task, completed=step, loss=figures["loss"])
-            if step % 10 == 0:
-                write_log(log, {"step": step, **figures, "elapsed_s": round(time.monotonic() - started, 1)})
-            if step % config.eval_every == 0 or step == config.steps:
-                last_eval = evaluate(model, config, held_out, mask_id)
-                write_log(log, {"step": step, "eval": last_eval})
-            if time.monotonic() - last_checkpoint > config.checkpoint_every_s:
-                save_state(out / "state.pt", model, optimizer, step)
-                last_checkpoint = time.monotonic()
-    save_state(out / "state.pt", model, optimizer, step)
-    export(model, tokenizer, out / "model")
-    return {"step": step, **(last_eval or evaluate(model, config, held_out, mask_id))}
+    mask_id, eos_id = tokenizer.mask_token_id, tokenizer.eos_token_id
+    return run(config, "distill", model, tokenizer, held_out,
+               lambda optimizer, step: _distill_step(model, optimizer, config, records, step, mask_id, eos_id),
+               records=len(records))
 
 
 def teacher_batch(records: list[dict], picks: list[int], completion_tokens: int, max_length: int,

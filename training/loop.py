@@ -63,36 +63,49 @@ def train(config: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     tokenizer, train_stream, held_out = _prepare_data(config, out)
-    model = build_model(config, tokenizer)
+    model = _build_model(config, tokenizer)
     if config.init_from is not None and not (out / "state.pt").is_file():
-        load_weights(model, Path(config.init_from))
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.learning_rate,
+        _load_weights(model, Path(config.init_from))
+    mask_id = tokenizer.mask_token_id
+    return run(config, "train", model, tokenizer, held_out,
+               lambda optimizer, step: _train_step(model, optimizer, config, train_stream, step, mask_id))
+
+
+def run(config: TrainConfig, label: str, model, tokenizer, held_out: TokenStream, take_step, **first_log) -> dict:
+    """The loop both training commands share: AdamW, resumed from ``out_dir/state.pt``, then
+    ``take_step(optimizer, step) -> figures`` until ``config.steps`` or the deadline, with a progress
+    bar, a log line every 10 steps, a held-out evaluation every ``eval_every`` (and at step 0, the
+    baseline), ``state.pt`` every ``checkpoint_every_s``, and the export at the end. ``first_log``
+    goes into step 0's log line. Returns the step and the last evaluation."""
+    out = Path(config.out_dir)
+    mask_id = tokenizer.mask_token_id
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.learning_rate,
                                   betas=(0.9, 0.95))
-    step = resume(out / "state.pt", model, optimizer)
+    step = _resume(out / "state.pt", model, optimizer)
     log = (out / "log.jsonl").open("a")
-    started, last_checkpoint = time.monotonic(), time.monotonic()
+    started = last_checkpoint = time.monotonic()
     deadline = None if config.max_minutes is None else started + 60 * config.max_minutes
     last_eval = {}
-    if step == 0:  # the untrained baseline, so the log shows what training bought
-        write_log(log, {"step": 0, "config": config_record(config),
-                     "eval": evaluate(model, config, held_out, tokenizer.mask_token_id)})
-    with progress_bar() as progress:
-        task = progress.add_task("train", total=config.steps, completed=step, loss=float("nan"))
+    if step == 0:  # the starting point, so the log shows what the run bought
+        _write(log, {"step": 0, "config": config_record(config), **first_log,
+                     "eval": evaluate(model, config, held_out, mask_id)})
+    with _progress() as progress:
+        task = progress.add_task(label, total=config.steps, completed=step, loss=float("nan"))
         while step < config.steps and (deadline is None or time.monotonic() < deadline):
-            loss = _train_step(model, optimizer, config, train_stream, step, tokenizer.mask_token_id)
+            figures = take_step(optimizer, step)
             step += 1
-            progress.update(task, completed=step, loss=loss["loss"])
+            progress.update(task, completed=step, loss=figures["loss"])
             if step % 10 == 0:
-                write_log(log, {"step": step, **loss, "elapsed_s": round(time.monotonic() - started, 1)})
+                _write(log, {"step": step, **figures, "elapsed_s": round(time.monotonic() - started, 1)})
             if step % config.eval_every == 0 or step == config.steps:
-                last_eval = evaluate(model, config, held_out, tokenizer.mask_token_id)
-                write_log(log, {"step": step, "eval": last_eval})
+                last_eval = evaluate(model, config, held_out, mask_id)
+                _write(log, {"step": step, "eval": last_eval})
             if time.monotonic() - last_checkpoint > config.checkpoint_every_s:
-                save_state(out / "state.pt", model, optimizer, step)
+                _save_state(out / "state.pt", model, optimizer, step)
                 last_checkpoint = time.monotonic()
-    save_state(out / "state.pt", model, optimizer, step)
+    _save_state(out / "state.pt", model, optimizer, step)
     if not last_eval:
-        last_eval = evaluate(model, config, held_out, tokenizer.mask_token_id)
+        last_eval = evaluate(model, config, held_out, mask_id)
     export(model, tokenizer, out / "model")
     return {"step": step, **last_eval}
 
@@ -114,7 +127,7 @@ def _prepare_data(config: TrainConfig, out: Path):
     return tokenizer, encode_files(tokenizer, train_files), encode_files(tokenizer, held_out_files)
 
 
-def build_model(config: TrainConfig, tokenizer) -> DiffbatchMDMForMaskedDiffusion:
+def _build_model(config: TrainConfig, tokenizer) -> DiffbatchMDMForMaskedDiffusion:
     model_config = config_for(
         tokenizer, name=config.name, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
         num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
@@ -122,13 +135,13 @@ def build_model(config: TrainConfig, tokenizer) -> DiffbatchMDMForMaskedDiffusio
     return DiffbatchMDMForMaskedDiffusion(model_config).train()
 
 
-def load_weights(model, folder: Path) -> None:
+def _load_weights(model, folder: Path) -> None:
     """Copy an exported model's weights (bf16 on disk) into the fp32 training model; shapes must match."""
     exported = DiffbatchMDMForMaskedDiffusion.from_pretrained(folder, dtype=torch.float32)
     model.load_state_dict(exported.state_dict())
 
 
-def param_groups(model, weight_decay: float) -> list[dict]:
+def _param_groups(model, weight_decay: float) -> list[dict]:
     # No decay on norms (1-D weights); the tied embedding is decayed like any matrix.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -201,14 +214,14 @@ def export_checkpoint(config: TrainConfig, destination: Path) -> int:
     """Export the run's last saved state (``state.pt``) to ``destination``; returns its step."""
     out = Path(config.out_dir)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
-    model = build_model(config, tokenizer)
+    model = _build_model(config, tokenizer)
     state = torch.load(out / "state.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     export(model.eval(), tokenizer, Path(destination))
     return int(state["step"])
 
 
-def resume(path: Path, model, optimizer) -> int:
+def _resume(path: Path, model, optimizer) -> int:
     if not path.is_file():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -217,18 +230,18 @@ def resume(path: Path, model, optimizer) -> int:
     return int(state["step"])
 
 
-def save_state(path: Path, model, optimizer, step: int) -> None:
+def _save_state(path: Path, model, optimizer, step: int) -> None:
     temporary = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, temporary)
     os.replace(temporary, path)  # a crash mid-write leaves the previous checkpoint intact
 
 
-def write_log(log, record: dict) -> None:
+def _write(log, record: dict) -> None:
     log.write(json.dumps(record) + "\n")
     log.flush()
 
 
-def progress_bar() -> Progress:
+def _progress() -> Progress:
     return Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
                     TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn())
 
