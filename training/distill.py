@@ -92,7 +92,8 @@ def read_records(path: Path) -> list[dict]:
 
 @dataclass
 class DistillConfig(TrainConfig):
-    """A fine-tuning run of ``init_from`` on teacher records (the shape fields are not used)."""
+    """A fine-tuning run of ``init_from`` on teacher records. The model's shape comes from its folder
+    (hidden_size and the like are not used); ``block_length`` must be the one the teacher decoded with."""
     teacher: Path | None = None  # the JSON-lines file write_teacher_completions wrote
     completion_tokens: int = 64  # teacher completions are padded with EOS (or cut) to this length
     # Our choices, not dParallel's published values (their model is 600x larger): weight 1 and a
@@ -100,7 +101,7 @@ class DistillConfig(TrainConfig):
     certainty_weight: float = 1.0
     certainty_temperature: float = 0.5
     # Teacher completions below this distinct-token ratio (loops such as ") ) ) )") are left out: a
-    # first run on all of them (run notes in the model card) learnt the loops and became surer of
+    # first run on all of them (README, distill-builtin) learnt the loops and became surer of
     # them, and no presence penalty got it out of them again.
     min_distinct: float = 0.4
     steps: int = 600
