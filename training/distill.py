@@ -36,7 +36,7 @@ from worker.engine.params import GenerationRequest, SamplingParams
 from .completions import distinct_ratio, function_prompts
 from .corpus import list_sources, split
 from .data import encode_files, step_generator
-from .loop import TrainConfig, learning_rate, run
+from .loop import TrainConfig, run, update
 from .objective import diffusion_loss
 
 TEACHER_SHUFFLE_SEED = 20251130  # a time-limited run covers the corpus evenly
@@ -154,18 +154,12 @@ def _distill_step(model, optimizer, config: DistillConfig, records, step: int, m
     generator = step_generator(config.seed, step)
     picks = torch.randint(0, len(records), (config.batch_size,), generator=generator).tolist()
     x0, prompt_length = teacher_batch(records, picks, config.completion_tokens, config.seq_length, eos_id)
-    for group in optimizer.param_groups:
-        group["lr"] = learning_rate(config, step)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
         parts = diffusion_loss(model, x0, mask_token_id=mask_id, block_length=config.block_length,
                                prompt_length=prompt_length, generator=generator,
                                certainty_temperature=config.certainty_temperature)
     loss = parts.loss + config.certainty_weight * parts.certainty
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
+    update(model, optimizer, loss)
     return {"loss": round(loss.item(), 4), "diffusion": round(parts.loss.item(), 4),
             "certainty": round(parts.certainty.item(), 4),
-            "masked_ce": round(parts.masked_ce_sum.item() / max(1, parts.masked_count), 4),
-            "lr": round(optimizer.param_groups[0]["lr"], 6)}
+            "masked_ce": round(parts.masked_ce_sum.item() / max(1, parts.masked_count), 4)}

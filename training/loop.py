@@ -73,7 +73,7 @@ def train(config: TrainConfig) -> dict:
 
 def run(config: TrainConfig, label: str, model, tokenizer, held_out: TokenStream, take_step, **first_log) -> dict:
     """The loop both training commands share: AdamW, resumed from ``out_dir/state.pt``, then
-    ``take_step(optimizer, step) -> figures`` until ``config.steps`` or the deadline, with a progress
+    ``take_step(optimizer, step) -> figures`` (at the schedule's learning rate) until ``config.steps`` or the deadline, with a progress
     bar, a log line every 10 steps, a held-out evaluation every ``eval_every`` (and at step 0, the
     baseline), ``state.pt`` every ``checkpoint_every_s``, and the export at the end. ``first_log``
     goes into step 0's log line. Returns the step and the last evaluation."""
@@ -92,7 +92,9 @@ def run(config: TrainConfig, label: str, model, tokenizer, held_out: TokenStream
     with _progress() as progress:
         task = progress.add_task(label, total=config.steps, completed=step, loss=float("nan"))
         while step < config.steps and (deadline is None or time.monotonic() < deadline):
-            figures = take_step(optimizer, step)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, step)
+            figures = {**take_step(optimizer, step), "lr": round(optimizer.param_groups[0]["lr"], 6)}
             step += 1
             progress.update(task, completed=step, loss=figures["loss"])
             if step % 10 == 0:
@@ -161,18 +163,20 @@ def _train_step(model, optimizer, config: TrainConfig, stream: TokenStream, step
     x0 = stream.windows(sample_starts(stream, config.batch_size, config.seq_length, generator),
                         config.seq_length)
     prompt_length = int(torch.randint(0, config.seq_length - config.block_length, (1,), generator=generator))
-    for group in optimizer.param_groups:
-        group["lr"] = learning_rate(config, step)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
         parts = diffusion_loss(model, x0, mask_token_id=mask_id, block_length=config.block_length,
                                prompt_length=prompt_length, generator=generator)
+    update(model, optimizer, parts.loss)
+    return {"loss": round(parts.loss.item(), 4),
+            "masked_ce": round(parts.masked_ce_sum.item() / max(1, parts.masked_count), 4)}
+
+
+def update(model, optimizer, loss: torch.Tensor) -> None:
+    """One optimizer step on ``loss``, gradients clipped to norm 1."""
     optimizer.zero_grad(set_to_none=True)
-    parts.loss.backward()
+    loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
-    return {"loss": round(parts.loss.item(), 4),
-            "masked_ce": round(parts.masked_ce_sum.item() / max(1, parts.masked_count), 4),
-            "lr": round(optimizer.param_groups[0]["lr"], 6)}
 
 
 @torch.no_grad()
