@@ -1,11 +1,14 @@
 """Engine speed, side by side in one run: samplers, KV cache, an autoregressive baseline, FLOP/s.
 
     python bench/engine.py [--device cpu|cuda] [--new-tokens 256] [--batches 1,8,32,64] [--prompts 64]
+                           [--samplers "threshold 0.9,factor 1.0"] [--caches exact,delayed]
 
 Prints tokens/s and ratios for, at each batch size:
   - the reference sampler (LLaDA, one token a pass) with full recomputation: the published baseline;
   - the reference sampler with the exact block KV cache;
   - the parallel samplers (threshold, factor) with the cache;
+  - with --caches exact,delayed, each sampler again with the delayed in-block cache (approximate:
+    committed positions of the active block are not run again; worker/engine/delayed_cache.py);
   - an autoregressive Llama of the same width and depth decoding with its KV cache
     (transformers' generate, greedy, exactly --new-tokens tokens);
 and, per engine mode, forward passes per token, achieved FLOP/s as a share of this machine's
@@ -36,12 +39,14 @@ PROMPT = 'def {name}(items, key=None):\n    """Return the {name} of items, by ke
 NAMES = ("median", "mode", "largest", "smallest", "first_duplicate", "running_total", "histogram", "spread")
 
 
-def modes(parallel: str) -> dict:
-    """label: (sampler options, kv_cache). The baselines, then each parallel sampler with the cache."""
-    table = {"reference, recompute": ({"sampler": "reference"}, False),
-             "reference, kv cache": ({"sampler": "reference"}, True)}
-    for label in parallel.split(","):
-        table[f"{label.strip()}, kv cache"] = (sampler_options(label), True)
+def modes(parallel: str, caches: str = "exact") -> dict:
+    """label: (sampler options, cache). The recompute baseline, then reference and each parallel
+    sampler with each cache ("exact": the block KV cache, labelled "kv cache"; "delayed")."""
+    table = {"reference, recompute": ({"sampler": "reference"}, "none")}
+    for cache in caches.split(","):
+        name = "kv cache" if cache == "exact" else f"{cache} cache"
+        for label in ["reference", *parallel.split(",")]:
+            table[f"{label.strip()}, {name}"] = (sampler_options(label), cache)
     return table
 
 
@@ -91,8 +96,8 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def run_engine(loaded, device, batch, prompts, new_tokens, options, kv_cache, counter) -> dict:
-    engine = Engine(loaded, max_batch_size=batch, kv_cache=kv_cache)
+def run_engine(loaded, device, batch, prompts, new_tokens, options, cache, counter) -> dict:
+    engine = Engine(loaded, max_batch_size=batch, cache=cache)
     requests = [GenerationRequest(engine.encode_completion(p), SamplingParams(max_tokens=new_tokens, **options))
                 for p in prompts]
     engine.generate(requests[:batch])  # warm-up
@@ -150,6 +155,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--samplers", default="threshold 0.9,factor 1.0",
                         help="parallel samplers to run with the cache: 'threshold TAU', 'factor F' (comma-separated; "
                         "default: their documented defaults)")
+    parser.add_argument("--caches", default="exact",
+                        help="comma-separated caches for the cached rows: exact, delayed (default exact)")
     args = parser.parse_args(argv[1:])
     path = args.model or str(ensure_model(Settings()))
     loaded = load_model(path, device=args.device)
@@ -168,12 +175,12 @@ def main(argv: list[str]) -> int:
                                 loaded.tokenizer)
         ar_rate = ar["tokens"] / ar["seconds"]
         rows, baseline = [], None
-        for label, (options, kv_cache) in modes(args.samplers).items():
-            if not kv_cache and batch > args.recompute_up_to:
+        for label, (options, cache) in modes(args.samplers, args.caches).items():
+            if cache == "none" and batch > args.recompute_up_to:
                 continue
-            row = run_engine(loaded, args.device, batch, prompts, args.new_tokens, options, kv_cache, counter)
+            row = run_engine(loaded, args.device, batch, prompts, args.new_tokens, options, cache, counter)
             rate = row["tokens"] / row["seconds"]
-            baseline = baseline or (rate if not kv_cache else None)
+            baseline = baseline or (rate if cache == "none" else None)
             achieved = row["flops"] / row["seconds"]
             versus = f"{rate / baseline:>6.2f}x" if baseline else f"{'-':>7}"
             print(f"{batch:>5} {label:28} {row['tokens']:>7} {row['seconds']:>8.2f} {rate:>9.1f} {versus} "

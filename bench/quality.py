@@ -1,6 +1,6 @@
 """Quality next to speed for the built-in model: held-out Python completions, per sampler.
 
-    python bench/quality.py [--model PATH] [--prompts 64] [--new-tokens 128] [--batch 32]
+    python bench/quality.py [--model PATH] [--prompts 64] [--new-tokens 128] [--batch 32] [--caches exact,delayed]
 
 For held-out functions of the standard library (signature + docstring + first lines as the prompt,
 see training/completions.py), each sampler writes --new-tokens tokens (temperature 0 by default). Printed per
@@ -78,13 +78,16 @@ def main(argv: list[str]) -> int:
                         help=f"a stop sequence (repeatable); --stop codex for the Codex set {CODEX_STOPS}")
     parser.add_argument("--samplers", default=DEFAULT_SAMPLERS,
                         help="comma-separated: reference, 'threshold TAU', 'factor F'")
+    parser.add_argument("--caches", default="exact",
+                        help="comma-separated KV caches each sampler runs with: exact, delayed (engine.py)")
     parser.add_argument("--no-healing", action="store_true", help="run the prompts' tokens as they are "
                         "(the service heals a completion prompt's last token by default)")
     parser.add_argument("--samples", action="store_true", help="print three completions per sampler")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv[1:])
     path = args.model or str(ensure_model(Settings()))
-    engine = Engine(load_model(path), max_batch_size=args.batch)
+    loaded = load_model(path)
+    engines = {cache: Engine(loaded, max_batch_size=args.batch, cache=cache) for cache in args.caches.split(",")}
     _, held_out = split(list_sources())
     prompts = function_prompts(held_out, limit=args.prompts)
     stops = CODEX_STOPS if args.stop == ["codex"] else args.stop
@@ -93,16 +96,17 @@ def main(argv: list[str]) -> int:
           f"block {args.block_length}, temperature {args.temperature}, top_p {args.top_p}, "
           f"frequency/presence penalty {args.frequency_penalty}/{args.presence_penalty}, stop {stops}, token healing {not args.no_healing}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)\n")
-    print(f"{'sampler':<16} {'parses':>7} {'distinct':>9} {'tok/s':>8} {'vs ref':>7} {'passes/tok':>10}")
+    print(f"{'sampler':<24} {'parses':>7} {'distinct':>9} {'tok/s':>8} {'vs ref':>7} {'passes/tok':>10}")
     figures, baseline = {}, None
-    for label in args.samplers.split(","):
+    for label, cache in [(label, cache) for label in args.samplers.split(",") for cache in engines]:
         options = {**sampler_options(label), "block_length": args.block_length, "temperature": args.temperature,
                    "top_p": args.top_p, "stop": stops, "frequency_penalty": args.frequency_penalty,
                    "presence_penalty": args.presence_penalty}
-        row = measure(engine, prompts, args.new_tokens, options, healing=not args.no_healing)
+        row = measure(engines[cache], prompts, args.new_tokens, options, healing=not args.no_healing)
         baseline = baseline or row["tokens_per_s"]
+        label = label if cache == "exact" else f"{label}, {cache}"
         figures[label] = {k: v for k, v in row.items() if k != "samples"}
-        print(f"{label:<16} {100 * row['parse_share']:>6.1f}% {row['distinct_ratio']:>9.3f} "
+        print(f"{label:<24} {100 * row['parse_share']:>6.1f}% {row['distinct_ratio']:>9.3f} "
               f"{row['tokens_per_s']:>8.1f} {row['tokens_per_s'] / baseline:>6.2f}x {row['passes_per_token']:>10.3f}")
         if args.samples:
             for source, prompt, text in row["samples"]:

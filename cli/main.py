@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="peak learning rate (default 5e-4)")
     p.add_argument("--certainty-weight", type=float, default=1.0,
                    help="weight of the certainty-forcing term (default 1.0; 0.3 kept more quality, README)")
+    p.add_argument("--data-weight", type=float, default=1.0,
+                   help="weight of the training corpus's own diffusion loss, which keeps the model's style "
+                   "(default 1.0; 0 = teacher completions only)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     return parser
 
@@ -229,7 +232,7 @@ def _distill_builtin(settings: Settings, args) -> int:
         print(f"{count} teacher completions in {teacher}")
     result = distill(DistillConfig(out_dir=args.out, teacher=teacher, init_from=model, steps=args.steps,
                                    completion_tokens=args.teacher_tokens, max_minutes=args.max_minutes,
-                                   certainty_weight=args.certainty_weight,
+                                   certainty_weight=args.certainty_weight, data_weight=args.data_weight,
                                    **({"learning_rate": args.lr} if args.lr else {})))
     print(json.dumps(result))
     print(f"model written to {args.out / 'model'}; serve it with DIFFBATCH_MODEL={args.out / 'model'}")

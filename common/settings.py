@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +27,10 @@ class Settings(BaseSettings):
     dtype: str = "auto"
     trust_remote_code: bool = False
     max_batch_size: int = 32
+    # The engine's KV cache: None = the family's exact/fastest default ("exact" block-causal, "dual"
+    # full attention); "delayed" (block-causal, approximate inside the active block), "prefix",
+    # "none". DiffusionGemma has its own cache and ignores it.
+    cache: Literal["exact", "delayed", "prefix", "dual", "none"] | None = None
     chunk_size: int = 64  # requests per Celery message
     max_attempts: int = 3  # claims of one request before it ends as an error line
     heartbeat_s: int = 10

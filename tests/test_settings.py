@@ -33,3 +33,11 @@ def test_environment_variables_configure_production(monkeypatch):
 def test_chunk_smaller_than_a_forward_batch_is_refused():
     with pytest.raises(ValidationError, match="DIFFBATCH_CHUNK_SIZE \\(8\\) must be at least"):
         Settings(chunk_size=8, max_batch_size=32)
+
+
+def test_the_engine_cache_is_a_setting_and_an_unknown_one_is_refused(monkeypatch):
+    monkeypatch.setenv("DIFFBATCH_CACHE", "delayed")
+    assert Settings().cache == "delayed"
+    monkeypatch.setenv("DIFFBATCH_CACHE", "fastest")
+    with pytest.raises(ValidationError, match="cache"):
+        Settings()

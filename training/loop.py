@@ -159,16 +159,20 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 
 def _train_step(model, optimizer, config: TrainConfig, stream: TokenStream, step: int, mask_id: int) -> dict:
-    generator = step_generator(config.seed, step)
-    x0 = stream.windows(sample_starts(stream, config.batch_size, config.seq_length, generator),
-                        config.seq_length)
-    prompt_length = int(torch.randint(0, config.seq_length - config.block_length, (1,), generator=generator))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-        parts = diffusion_loss(model, x0, mask_token_id=mask_id, block_length=config.block_length,
-                               prompt_length=prompt_length, generator=generator)
+    parts = data_loss(model, config, stream, config.batch_size, step_generator(config.seed, step), mask_id)
     update(model, optimizer, parts.loss)
     return {"loss": round(parts.loss.item(), 4),
             "masked_ce": round(parts.masked_ce_sum.item() / max(1, parts.masked_count), 4)}
+
+
+def data_loss(model, config: TrainConfig, stream: TokenStream, batch_size: int, generator: torch.Generator,
+              mask_id: int):
+    """The diffusion loss on ``batch_size`` random windows of ``stream``, with a prompt of random length."""
+    x0 = stream.windows(sample_starts(stream, batch_size, config.seq_length, generator), config.seq_length)
+    prompt_length = int(torch.randint(0, config.seq_length - config.block_length, (1,), generator=generator))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        return diffusion_loss(model, x0, mask_token_id=mask_id, block_length=config.block_length,
+                              prompt_length=prompt_length, generator=generator)
 
 
 def update(model, optimizer, loss: torch.Tensor) -> None:

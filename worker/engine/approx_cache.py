@@ -27,14 +27,15 @@ import torch
 from .cache import Recompute
 from .layout import BatchLayout
 
-CACHE_MODES = ("exact", "prefix", "dual", "none")
+CACHE_MODES = ("exact", "delayed", "prefix", "dual", "none")
+BLOCK_CAUSAL_MODES = ("exact", "delayed", "none")  # delayed: exact across blocks, approximate within
 FULL_ATTENTION_MODES = ("prefix", "dual", "none")
 
 
 def resolve_cache_mode(cache: str | None, *, full_attention: bool, kv_cache: bool = True) -> str:
     """The cache for a model family: None picks the fastest ("exact" for block-causal models, Fast-dLLM's
     "dual" for full attention), or "none" when ``kv_cache`` is False."""
-    allowed = FULL_ATTENTION_MODES if full_attention else ("exact", "none")
+    allowed = FULL_ATTENTION_MODES if full_attention else BLOCK_CAUSAL_MODES
     if cache is None:
         return ("dual" if full_attention else "exact") if kv_cache else "none"
     if cache not in CACHE_MODES:

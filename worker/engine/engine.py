@@ -35,7 +35,8 @@ class Engine:
                  cache: str | None = None, max_batch_tokens: int | None = None):
         """``kv_cache``: reuse finished blocks' keys and values (exact for block-causal models);
         False recomputes the whole prefix at every step, the baseline the cache is tested against.
-        ``cache``: "exact" | "none" for block-causal models, "prefix" | "dual" | "none" (Fast-dLLM's
+        ``cache``: "exact" | "delayed" (exact across blocks, committed positions kept within the active
+        block: delayed_cache.py) | "none" for block-causal models, "prefix" | "dual" | "none" (Fast-dLLM's
         approximate caches, approx_cache.py) for full-attention ones; None picks from ``kv_cache``.
         With the exact cache, rows are batched continuously (scheduler.py); ``max_batch_tokens`` caps
         rows x cached positions of the running batch (default: max_batch_size x the model's positions)."""
@@ -62,7 +63,7 @@ class Engine:
             self.model, tokenizer=self.tokenizer, mask_token_id=loaded.mask_token_id,
             pad_token_id=loaded.pad_token_id, eos_token_ids=loaded.eos_token_ids, max_batch_size=max_batch_size,
             max_batch_tokens=max_batch_tokens or max_batch_size * self.max_positions, device=self.device,
-            vocab_size=self.vocab_size)
+            vocab_size=self.vocab_size, delayed=self.cache_mode == "delayed")
         self.healer = TokenHealer(self.tokenizer, self.vocab_size)
 
     # ---- prompts -------------------------------------------------------------------------
@@ -114,7 +115,7 @@ class Engine:
         template = request.template_ids
         if template is None:
             return
-        if self.cache_mode != "exact":
+        if self.cache_mode not in ("exact", "delayed"):
             raise ValueError("diffusion.template needs the continuous block-causal engine (exact KV cache)")
         if not isinstance(template, list) or None not in template:
             raise ValueError("diffusion.template must hold at least one hole")
@@ -140,7 +141,7 @@ class Engine:
         """
         for request in requests:
             self.check(request)
-        if self.cache_mode == "exact":  # continuous batching is for block-causal models' exact cache
+        if self.cache_mode in ("exact", "delayed"):  # continuous batching rides on the exact block cache
             groups: dict[int, list[tuple[int, GenerationRequest]]] = defaultdict(list)
             for i, request in enumerate(requests):
                 groups[request.params.block_length].append((i, request))

@@ -5,11 +5,12 @@ from __future__ import annotations
 from .loader import LoadedModel
 
 
-def make_engine(loaded: LoadedModel, max_batch_size: int = 32):
+def make_engine(loaded: LoadedModel, max_batch_size: int = 32, cache: str | None = None):
+    """``cache``: see Engine (None = the family's default); DiffusionGemma keeps its own cache."""
     if loaded.family == "diffusion_gemma":
         from .diffusion_gemma.engine import DiffusionGemmaEngine
 
         return DiffusionGemmaEngine(loaded, max_batch_size=max_batch_size)
     from .engine import Engine
 
-    return Engine(loaded, max_batch_size=max_batch_size)
+    return Engine(loaded, max_batch_size=max_batch_size, cache=cache)

@@ -29,6 +29,7 @@ import torch
 from .params import GenerationRequest, GenerationResult
 from .healing import first_token_mask
 from .postprocess import apply_stop, completion_text, cut_at_eos, finish_row
+from .delayed_cache import DelayedBlockForward
 from .samplers import RowNoise, denoise_block, token_counts
 
 
@@ -86,8 +87,12 @@ def _left_pad(tensor: torch.Tensor, length: int, *, dim: int) -> torch.Tensor:
 
 class BlockScheduler:
     def __init__(self, model, *, tokenizer, mask_token_id: int, pad_token_id: int, eos_token_ids: tuple[int, ...],
-                 max_batch_size: int, max_batch_tokens: int, device: torch.device, vocab_size: int):
+                 max_batch_size: int, max_batch_tokens: int, device: torch.device, vocab_size: int,
+                 delayed: bool = False):
+        """``delayed``: inside the active block, stop recomputing committed positions
+        (delayed_cache.py; approximate). Finished blocks are cached exactly either way."""
         self.model, self.tokenizer, self.device, self.vocab_size = model, tokenizer, device, vocab_size
+        self.delayed = delayed
         self.mask_token_id, self.pad_token_id, self.eos_token_ids = mask_token_id, pad_token_id, eos_token_ids
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
 
@@ -158,6 +163,10 @@ class BlockScheduler:
         def forward(active_block: torch.Tensor) -> torch.Tensor:
             return self.model(input_ids=active_block, past_key_values=batch.key_values, attention_mask=mask,
                               position_ids=positions).logits  # (B, K, V)
+
+        if self.delayed:
+            forward = DelayedBlockForward(self.model, batch.key_values, batch.key_valid, positions,
+                                          self.mask_token_id)
 
         noise = RowNoise.from_generators([row.generator for row in batch.rows], self.device)
         # Token healing binds a row's first generated token, which opens its first block.
