@@ -133,6 +133,8 @@ def distill(config: DistillConfig) -> dict:
     # The starting model's own shape, whatever the config's shape fields say; state.pt, when there
     # is one, then replaces its weights.
     model = DiffbatchMDMForMaskedDiffusion.from_pretrained(config.init_from, dtype=torch.float32).train()
+    # The export is made for the threshold sampler: requests that name none get it (engine.py).
+    model.config.diffbatch_default_sampler = "threshold"
     mask_id, eos_id = tokenizer.mask_token_id, tokenizer.eos_token_id
     return run(config, "distill", model, tokenizer, held_out,
                lambda optimizer, step: _distill_step(model, optimizer, config, records, corpus, step, mask_id, eos_id),

@@ -4,7 +4,7 @@ tokens still do not depend on its batch-mates."""
 import pytest
 import torch
 
-from worker.engine.delayed_cache import DelayedBlockForward
+from worker.engine.delayed_cache import REFRESH_EVERY, DelayedBlockForward
 from worker.engine.engine import Engine
 from worker.engine.params import GenerationRequest, SamplingParams
 
@@ -39,6 +39,12 @@ def test_kept_positions_give_the_logits_of_a_full_block_pass_and_are_not_run_aga
     plain = model(input_ids=block, past_key_values=prefill.key_values, attention_mask=mask,
                   position_ids=positions).logits
     torch.testing.assert_close(second[masked], plain[masked], atol=1e-4, rtol=1e-4)
+    # Every REFRESH_EVERY steps the whole block runs again, so no kept key grows older than that.
+    for _ in range(REFRESH_EVERY - 2):
+        forward(block)
+    before = forward.computed
+    forward(block)
+    assert forward.computed - before == 24
 
 
 def test_delayed_cache_batch_of_n_equals_n_batches_of_one(loaded):

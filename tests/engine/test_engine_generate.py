@@ -138,6 +138,24 @@ def test_the_loader_reads_every_end_token(tiny_path, tmp_path):
     assert loaded.eos_token_ids == (2, 5, im_end) and loaded.eos_token_id == 2
 
 
+def test_a_checkpoint_names_the_sampler_of_requests_that_name_none(tiny_path, tmp_path):
+    import json
+    import shutil
+
+    from common.lines import DiffusionOptions
+
+    folder = tmp_path / "distilled"
+    shutil.copytree(tiny_path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "diffbatch_default_sampler": "threshold"}))
+    engine = Engine(load_model(str(folder)))
+    assert engine.default_sampler == "threshold"
+    assert DiffusionOptions().with_default_sampler(engine.default_sampler).sampler == "threshold"
+    (folder / "config.json").write_text(json.dumps({**config, "diffbatch_default_sampler": "fastest"}))
+    with pytest.raises(ValueError, match="diffbatch_default_sampler 'fastest' is not one of"):
+        Engine(load_model(str(folder)))
+
+
 def test_stop_string_trims_text(engine):
     prompt = engine.encode_completion("stop me")
     plain = engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=48, temperature=1.0, seed=4))])[0]

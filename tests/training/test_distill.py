@@ -102,6 +102,8 @@ def test_distillation_lets_the_threshold_sampler_commit_more_tokens_per_pass(tea
                                    completion_tokens=16, corpus_root=root, learning_rate=2e-3, min_distinct=0.0,
                                    **TINY))
     assert result["step"] == 40
+    config = json.loads((tmp_path / "distilled" / "model" / "config.json").read_text())
+    assert config["diffbatch_default_sampler"] == "threshold"  # what the service runs when a request names none
     after, parallel = _decode(tmp_path / "distilled" / "model", records, "threshold")
     assert after < 0.75 * before, (before, after)
     # Parallel acceptance writes what the distilled model writes one token a pass.

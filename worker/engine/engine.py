@@ -28,7 +28,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 class Engine:
-    default_sampler = "reference"
+    default_sampler = "reference"  # unless the checkpoint's config.json names its own (below)
     default_block_length = 32
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32, kv_cache: bool = True,
@@ -47,6 +47,12 @@ class Engine:
                 f"model family {loaded.family!r} is not supported yet; supported: {list(SUPPORTED_FAMILIES)}"
             )
         self.loaded = loaded
+        # A checkpoint trained for parallel acceptance (distill-builtin) says so in config.json, so a
+        # request that names no sampler gets the one the model was made for.
+        default = getattr(loaded.config, "diffbatch_default_sampler", None) or self.default_sampler
+        if default not in SAMPLERS:
+            raise ValueError(f"config.json's diffbatch_default_sampler {default!r} is not one of {list(SAMPLERS)}")
+        self.default_sampler = default
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
