@@ -112,8 +112,9 @@ def predict_x0(
     mask_token_id: int,
     first_allowed: torch.Tensor | None = None,
     penalty: torch.Tensor | None = None,
+    first_column: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x0 and its confidence for every position of the block.
+    """x0 and its confidence for every position given (the block's, or the masked ones of it).
 
     The [MASK] token is never a prediction: committing it would leave the position masked and
     break the schedule. A trained model gives it ~zero probability anyway (so this matches
@@ -126,6 +127,7 @@ def predict_x0(
     exp(logits) / (-log u) ** T samples softmax(logits / T).
     first_allowed (B, V) bool, or None: the tokens the block's first position may take (token
     healing, healing.py); the other tokens get no probability there, in the confidence too.
+    first_column (B, K) bool: which of the given positions is the block's first (default: column 0).
     penalty (B, V) or None: subtracted from every position's logits (repetition_penalty).
     Returns x0 (B, K) and confidence (B, K) = softmax(logits)[x0], LLaDA's low-confidence score.
     """
@@ -133,8 +135,10 @@ def predict_x0(
     if penalty is not None:
         logits64 -= penalty[:, None, :]
     logits64[..., mask_token_id] = float("-inf")
-    if first_allowed is not None:
+    if first_allowed is not None and first_column is None:
         logits64[:, 0] = logits64[:, 0].masked_fill(~first_allowed, float("-inf"))
+    elif first_allowed is not None:
+        logits64.masked_fill_(first_column[..., None] & ~first_allowed[:, None, :], float("-inf"))
     if gumbel_denominator is None:
         x0 = logits64.argmax(dim=-1)  # (B, K)
     else:
@@ -226,20 +230,30 @@ def denoise_block(
     for step in range(block_length):
         block = x[:, start:end]  # (B, K)
         mask_index = (block == mask_token_id) & active_t  # (B, K)
-        has_mask = mask_index.any(dim=-1).tolist()  # the step's one host sync: who is still working
-        if not any(has_mask):
+        masked_counts = mask_index.sum(dim=-1).tolist()  # the step's one host sync: who works, how wide
+        if not any(masked_counts):
             break
+        has_mask = [count > 0 for count in masked_counts]
         passes = [n + working for n, working in zip(passes, has_mask)]
         logits = forward(x[:, :end])  # (B, K, V)
+        # Only masked positions are sampled: gathered to the front, the float64 work of a step runs
+        # over max(masked) positions instead of the whole block (x0 and confidence are per position,
+        # so this changes no token).
+        slots = (~mask_index).to(torch.int8).argsort(dim=-1, stable=True)[:, : max(masked_counts)]  # (B, n)
+        logits_n = logits.gather(1, slots[..., None].expand(-1, -1, logits.shape[-1]))  # (B, n, V)
         noisy_rows = [r for r, working in enumerate(has_mask) if working and temperature[r] > 0]
         denominator = noise.gumbel_denominator(noisy_rows, temperature, logits.shape[1:], logits.shape[0])
+        if denominator is not None:
+            denominator = denominator.gather(1, slots[..., None].expand(-1, -1, logits.shape[-1]))
         penalty = None
         if penalised:  # what this block committed so far counts as generated too
             counts = token_counts(block, block != mask_token_id, logits.shape[-1])
             counts = counts if history is None else counts + history
             penalty = repetition_penalty(counts, frequency_t, presence_t)
-        x0, confidence = predict_x0(logits, temperature_t, top_p_t, denominator, mask_token_id, first_allowed,
-                                    penalty)
+        x0_n, confidence_n = predict_x0(logits_n, temperature_t, top_p_t, denominator, mask_token_id,
+                                        first_allowed, penalty, first_column=slots == 0)
+        x0 = block.scatter(1, slots, x0_n)  # (B, K); committed positions keep their tokens
+        confidence = torch.zeros(block.shape, dtype=confidence_n.dtype, device=device).scatter_(1, slots, confidence_n)
         parallel = parallel_transfer_count(confidence, mask_index, by_threshold, threshold_t, factor_t)
         num_transfer = torch.where(is_reference, schedule_t[:, step], parallel)  # (B,)
         transfer = select_transfer(confidence, mask_index, num_transfer)
