@@ -8,8 +8,9 @@ built-in family (prompt = one bidirectional block, then blocks of block_length t
 earlier blocks).
 
 Noise convention shared with the engine (worker/engine/samplers.py, RowNoise): a torch.Generator seeded with the
-request's seed draws one float64 tensor u of shape (block_length, vocab_size) at each step that
-commits tokens when temperature > 0; the Gumbel-max score is exp(logits) / (-log u) ** T.
+request's seed draws one float64 tensor u of shape (masked positions of the block, vocab_size),
+rows in block order, at each step that commits tokens when temperature > 0; the Gumbel-max score is
+exp(logits) / (-log u) ** T.
 The one deliberate deviation from generate.py, also in the engine: [MASK] is never predicted.
 """
 
@@ -37,11 +38,11 @@ def predict_block(model, x, allowed, lo, hi, *, temperature, generator, mask_id)
                        position_ids=torch.arange(len(x))[None]).logits[0].double()  # (L, V)
     logits[:, mask_id] = -math.inf
     block_logits = logits[lo:hi]  # (K, V)
+    x0 = block_logits.argmax(-1)
     if temperature > 0:
-        u = torch.rand(block_logits.shape, dtype=torch.float64, generator=generator)
-        x0 = (block_logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
-    else:
-        x0 = block_logits.argmax(-1)
+        masked = [j for j in range(hi - lo) if x[lo + j] == mask_id]
+        u = torch.rand((len(masked), logits.shape[-1]), dtype=torch.float64, generator=generator)
+        x0[masked] = (block_logits[masked].exp() / (-torch.log(u)) ** temperature).argmax(-1)
     return x0, torch.softmax(block_logits, -1)
 
 

@@ -30,9 +30,11 @@ class RowNoise:
     Noise convention (the contract the tests' oracle follows): each request owns a
     ``torch.Generator`` on the model's device seeded with its seed (0 when unset). At every denoising
     step in which the request commits tokens and has temperature > 0, exactly one tensor
-    ``u = torch.rand((block_length, vocab_size), dtype=float64, generator=g)`` is drawn for the
-    positions of the active block; nothing else draws from ``g``. The Gumbel-max denominator is
-    ``(-log u) ** temperature`` as in LLaDA's ``add_gumbel_noise``.
+    ``u = torch.rand((masked, vocab_size), dtype=float64, generator=g)`` is drawn, one row for each
+    still-masked position of the active block in block order; nothing else draws from ``g``. The
+    Gumbel-max denominator is ``(-log u) ** temperature`` as in LLaDA's ``add_gumbel_noise``.
+    (LLaDA draws for every position of the sequence; only the masked ones are ever committed, and on
+    a CPU the draw and its power cost as much as the forward pass at batch 32.)
     """
 
     def __init__(self, seeds: list[int], device: torch.device | str):
@@ -47,16 +49,18 @@ class RowNoise:
         return noise
 
     def gumbel_denominator(
-        self, rows: list[int], temperature: list[float], shape: torch.Size, batch_size: int
+        self, rows: list[int], temperature: list[float], masked_counts: list[int], shape: torch.Size
     ) -> torch.Tensor | None:
-        """(B, K, V) float64: (-log u) ** T for ``rows``, ones elsewhere; None if no row samples."""
+        """(B, n, V) float64 for ``shape`` = (B, n, V): (-log u) ** T in row r's first
+        masked_counts[r] slots for ``rows``, ones elsewhere; None if no row samples."""
         if not rows:
             return None
-        denominator = torch.ones((batch_size, *shape), dtype=torch.float64, device=self.device)
+        denominator = torch.ones(shape, dtype=torch.float64, device=self.device)
         # One draw per row from its own generator: the only per-row loop of a step.
         for r in rows:
-            u = torch.rand(shape, dtype=torch.float64, device=self.device, generator=self.generators[r])
-            denominator[r] = (-torch.log(u)) ** temperature[r]
+            u = torch.rand((masked_counts[r], shape[-1]), dtype=torch.float64, device=self.device,
+                           generator=self.generators[r])
+            denominator[r, : masked_counts[r]] = (-torch.log(u)) ** temperature[r]
         return denominator
 
 
@@ -242,9 +246,7 @@ def denoise_block(
         slots = (~mask_index).to(torch.int8).argsort(dim=-1, stable=True)[:, : max(masked_counts)]  # (B, n)
         logits_n = logits.gather(1, slots[..., None].expand(-1, -1, logits.shape[-1]))  # (B, n, V)
         noisy_rows = [r for r, working in enumerate(has_mask) if working and temperature[r] > 0]
-        denominator = noise.gumbel_denominator(noisy_rows, temperature, logits.shape[1:], logits.shape[0])
-        if denominator is not None:
-            denominator = denominator.gather(1, slots[..., None].expand(-1, -1, logits.shape[-1]))
+        denominator = noise.gumbel_denominator(noisy_rows, temperature, masked_counts, logits_n.shape)
         penalty = None
         if penalised:  # what this block committed so far counts as generated too
             counts = token_counts(block, block != mask_token_id, logits.shape[-1])
