@@ -131,7 +131,7 @@ def predict_x0(
     exp(logits) / (-log u) ** T samples softmax(logits / T).
     first_allowed (B, V) bool, or None: the tokens the block's first position may take (token
     healing, healing.py); the other tokens get no probability there, in the confidence too.
-    first_column (B, K) bool: which of the given positions is the block's first (default: column 0).
+    first_column (B, K) bool, with first_allowed: which of the given positions is the block's first.
     penalty (B, V) or None: subtracted from every position's logits (repetition_penalty).
     Returns x0 (B, K) and confidence (B, K) = softmax(logits)[x0], LLaDA's low-confidence score.
     """
@@ -139,9 +139,7 @@ def predict_x0(
     if penalty is not None:
         logits64 -= penalty[:, None, :]
     logits64[..., mask_token_id] = float("-inf")
-    if first_allowed is not None and first_column is None:
-        logits64[:, 0] = logits64[:, 0].masked_fill(~first_allowed, float("-inf"))
-    elif first_allowed is not None:
+    if first_allowed is not None:
         logits64.masked_fill_(first_column[..., None] & ~first_allowed[:, None, :], float("-inf"))
     if gumbel_denominator is None:
         x0 = logits64.argmax(dim=-1)  # (B, K)

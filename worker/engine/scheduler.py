@@ -160,13 +160,13 @@ class BlockScheduler:
                                                       device=self.device)], dim=1)
         mask = keys[:, None, None, :].expand(-1, 1, block_length, -1)  # (B, 1, K, C + K)
 
-        def forward(active_block: torch.Tensor) -> torch.Tensor:
-            return self.model(input_ids=active_block, past_key_values=batch.key_values, attention_mask=mask,
-                              position_ids=positions).logits  # (B, K, V)
-
         if self.delayed:
             forward = DelayedBlockForward(self.model, batch.key_values, batch.key_valid, positions,
                                           self.mask_token_id)
+        else:
+            def forward(active_block: torch.Tensor) -> torch.Tensor:
+                return self.model(input_ids=active_block, past_key_values=batch.key_values,
+                                  attention_mask=mask, position_ids=positions).logits  # (B, K, V)
 
         noise = RowNoise.from_generators([row.generator for row in batch.rows], self.device)
         # Token healing binds a row's first generated token, which opens its first block.
