@@ -140,7 +140,8 @@ def distill(config: DistillConfig) -> dict:
     model.config.diffbatch_default_sampler = "threshold"
     mask_id, eos_id = tokenizer.mask_token_id, tokenizer.eos_token_id
     return run(config, "distill", model, tokenizer, held_out,
-               lambda optimizer, step: _distill_step(model, optimizer, config, records, corpus, step, mask_id, eos_id),
+               lambda optimizer, step: _distill_step(model, optimizer, config, records, corpus, step, mask_id,
+                                                     eos_id),
                records=len(records))
 
 
@@ -174,7 +175,8 @@ def _distill_step(model, optimizer, config: DistillConfig, records, corpus: Toke
     loss = parts.loss + config.certainty_weight * parts.certainty
     figures = {}
     if corpus is not None:  # its own generator, so the teacher rows a step reads do not depend on it
-        data = data_loss(model, config, corpus, config.data_batch_size, step_generator(config.seed + 1, step), mask_id)
+        corpus_generator = step_generator(config.seed + 1, step)
+        data = data_loss(model, config, corpus, config.data_batch_size, corpus_generator, mask_id)
         loss = loss + config.data_weight * data.loss
         figures["data"] = round(data.loss.item(), 4)
     update(model, optimizer, loss)

@@ -79,11 +79,12 @@ class DelayedBlockForward:
     def _keep(self, key_values, chosen: torch.Tensor, newly_kept: torch.Tensor, width: int) -> None:
         """Store the keys and values this step computed for positions that were already committed."""
         start = self.cache_length
-        for (store_k, store_v), (k, v) in zip(self.key_values, key_values):
-            index = chosen[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, H, n, D)
-            write = newly_kept[:, None, :, None]
-            for store, new in ((store_k[:, :, start:], k[:, :, -width:]), (store_v[:, :, start:], v[:, :, -width:])):
-                store.scatter_(2, index, torch.where(write, new, store.gather(2, index)))
+        write = newly_kept[:, None, :, None]  # (B, 1, n, 1)
+        for layer_store, layer_new in zip(self.key_values, key_values):
+            for store, new in zip(layer_store, layer_new):  # keys, then values: (B, H, ., D)
+                block_store, step_columns = store[:, :, start:], new[:, :, -width:]
+                index = chosen[:, None, :, None].expand_as(step_columns)
+                block_store.scatter_(2, index, torch.where(write, step_columns, block_store.gather(2, index)))
         self.kept |= torch.zeros_like(self.kept).scatter_(1, chosen, newly_kept)
 
 

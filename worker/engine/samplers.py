@@ -253,7 +253,7 @@ def denoise_block(
         x0_n, confidence_n = predict_x0(logits_n, temperature_t, top_p_t, denominator, mask_token_id,
                                         first_allowed, penalty, first_column=slots == 0)
         x0 = block.scatter(1, slots, x0_n)  # (B, K); committed positions keep their tokens
-        confidence = torch.zeros(block.shape, dtype=confidence_n.dtype, device=device).scatter_(1, slots, confidence_n)
+        confidence = confidence_n.new_zeros(block.shape).scatter_(1, slots, confidence_n)  # (B, K)
         parallel = parallel_transfer_count(confidence, mask_index, by_threshold, threshold_t, factor_t)
         num_transfer = torch.where(is_reference, schedule_t[:, step], parallel)  # (B,)
         transfer = select_transfer(confidence, mask_index, num_transfer)
