@@ -2,6 +2,7 @@
 
     python bench/engine.py [--device cpu|cuda] [--new-tokens 256] [--batches 1,8,32,64] [--prompts 64]
                            [--samplers "threshold 0.9,factor 1.0"] [--caches exact,delayed]
+                           [--random-shape 2048x24x16]
 
 Prints tokens/s and ratios for, at each batch size:
   - the reference sampler (LLaDA, one token a pass) with full recomputation: the published baseline;
@@ -15,11 +16,14 @@ and, per engine mode, forward passes per token, achieved FLOP/s as a share of th
 measured matmul peak, and peak memory (CUDA: allocated bytes; CPU: process RSS high-water mark).
 The model is the built-in trained one (`--model PATH` for another); the parallel samplers run at
 their documented defaults, whose quality bench/quality.py measures on the same model.
+`--random-shape HIDDENxLAYERSxHEADS` swaps in random weights of the built-in architecture at that
+shape (built-in tokenizer): speed only, for sizes where the accelerator, not launches, sets the pace.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import resource
@@ -30,10 +34,11 @@ import torch
 
 from common.settings import Settings
 from quality import sampler_options  # bench/ is the script's folder, so first on sys.path
+from worker.engine.builtin import DiffbatchMDMForMaskedDiffusion
+from worker.engine.builtin.create import config_for
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
-from worker.runtime import ensure_model
 
 PROMPT = 'def {name}(items, key=None):\n    """Return the {name} of items, by key if given."""\n'
 NAMES = ("median", "mode", "largest", "smallest", "first_duplicate", "running_total", "histogram", "spread")
@@ -72,7 +77,23 @@ def count_flops(model) -> dict:
     return total
 
 
-def matmul_peak(device: str, dtype: torch.dtype, size: int = 2048, repeat: int = 10) -> float:
+def with_random_weights(loaded, shape: str, device: str):
+    """The built-in architecture at HIDDENxLAYERSxHEADS (MLP width 8/3 hidden, rounded to 64), random
+    weights built on the device in the loaded model's dtype; tokenizer and special ids unchanged."""
+    hidden, layers, heads = (int(v) for v in shape.lower().split("x"))
+    config = config_for(loaded.tokenizer, name=f"random-{shape}", hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=64 * round(hidden * 8 / 3 / 64),
+                        max_position_embeddings=loaded.max_positions, block_length=loaded.config.block_length)
+    dtype = next(loaded.model.parameters()).dtype
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = DiffbatchMDMForMaskedDiffusion(config).to(dtype).eval()
+    return dataclasses.replace(loaded, model=model, config=config, name=config.diffbatch_name)
+
+
+def matmul_peak(device: str, dtype: torch.dtype, repeat: int = 10) -> tuple[float, int]:
+    """FLOP/s of a square matmul: 2048 on the CPU, 8192 on an accelerator (2048 is launch-bound there)."""
+    size = 8192 if device.startswith("cuda") else 2048
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
@@ -82,7 +103,7 @@ def matmul_peak(device: str, dtype: torch.dtype, size: int = 2048, repeat: int =
     for _ in range(repeat):
         a @ b
     sync(device)
-    return 2 * size**3 * repeat / (time.perf_counter() - start)
+    return 2 * size**3 * repeat / (time.perf_counter() - start), size
 
 
 def sync(device: str) -> None:
@@ -157,16 +178,21 @@ def main(argv: list[str]) -> int:
                         "default: their documented defaults)")
     parser.add_argument("--caches", default="exact",
                         help="comma-separated caches for the cached rows: exact, delayed (default exact)")
+    parser.add_argument("--random-shape", help="HIDDENxLAYERSxHEADS: random weights of the built-in "
+                        "architecture at this shape instead of the checkpoint's (speed only)")
     args = parser.parse_args(argv[1:])
-    path = args.model or str(ensure_model(Settings()))
+    path = args.model or str(Settings().model_path)
     loaded = load_model(path, device=args.device)
+    if args.random_shape:
+        loaded = with_random_weights(loaded, args.random_shape, args.device)
+        path = f"{loaded.name} ({sum(p.numel() for p in loaded.model.parameters()) / 1e6:.0f}M parameters)"
     dtype = next(loaded.model.parameters()).dtype
     counter = count_flops(loaded.model)
-    peak = matmul_peak(args.device, dtype)
+    peak, size = matmul_peak(args.device, dtype)
     print(f"command: {' '.join([sys.executable, *argv])}")
     print(f"machine: {os.cpu_count()} CPUs {platform.machine()}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), device {args.device}, {dtype}; model {path}")
-    print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s ({dtype}, 2048x2048)\n")
+    print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s ({dtype}, {size}x{size})\n")
     print(f"{'batch':>5} {'mode':28} {'tokens':>7} {'seconds':>8} {'tok/s':>9} {'vs ref':>7} {'vs AR':>6} "
           f"{'passes/tok':>10} {'MFLOP/tok':>9} {'GFLOP/s':>8} {'% peak':>7} {'peak MB':>8}")
     for batch in [int(b) for b in args.batches.split(",")]:

@@ -23,7 +23,6 @@ from training.corpus import list_sources, split
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
-from worker.runtime import ensure_model
 
 DEFAULT_SAMPLERS = "reference,threshold 0.9,factor 1.0"
 
@@ -85,7 +84,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--samples", action="store_true", help="print three completions per sampler")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv[1:])
-    path = args.model or str(ensure_model(Settings()))
+    path = args.model or str(Settings().model_path)
     loaded = load_model(path)
     engines = {cache: Engine(loaded, max_batch_size=args.batch, cache=cache) for cache in args.caches.split(",")}
     _, held_out = split(list_sources())

@@ -1,0 +1,74 @@
+"""Does the engine give the same tokens on an accelerator as on the CPU? One run, side by side.
+
+    python bench/device_agreement.py --device cuda [--prompts 16] [--new-tokens 64] [--batch 8]
+
+Greedy reference sampling on the built-in model (or --model PATH), exact block cache, held-out
+function prompts. Prints, for each comparison, how many requests came out token for token equal
+and the mean position of the first differing token among those that did not:
+  - the device in float32 against the CPU in float32 (kernels differ, so ties may break apart);
+  - on the device, a batch of N against N batches of 1, in float32 and in the device's default dtype;
+  - on the device, the block cache against full recomputation, in float32.
+The tests hold the last two exactly on the CPU; this shows how far they hold on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from common.settings import Settings
+from training.completions import function_prompts
+from training.corpus import list_sources, split
+from worker.engine.engine import Engine
+from worker.engine.loader import load_model
+from worker.engine.params import GenerationRequest, SamplingParams
+
+
+def generate(loaded, prompts, new_tokens: int, batch: int, cache: str = "exact") -> list[list[int]]:
+    engine = Engine(loaded, max_batch_size=batch, cache=cache)
+    requests = [GenerationRequest(engine.encode_completion(p), SamplingParams(max_tokens=new_tokens, sampler="reference"))
+                for p in prompts]
+    return [list(r.token_ids) for r in engine.generate(requests)]
+
+
+def compare(label: str, left: list[list[int]], right: list[list[int]]) -> None:
+    firsts = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
+              for x, y in zip(left, right) if x != y]
+    where = f", first difference at token {sum(firsts) / len(firsts):.1f} on average" if firsts else ""
+    print(f"{label:52} {len(left) - len(firsts):>3}/{len(left)} identical{where}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--model", help="checkpoint folder (default: the built-in model)")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args(argv[1:])
+    path = args.model or str(Settings().model_path)
+    prompts = [p.prompt for p in function_prompts(split(list_sources())[1], limit=args.prompts)]
+    cpu = load_model(path, device="cpu", dtype="float32")
+    exact = load_model(path, device=args.device, dtype="float32")
+    native = load_model(path, device=args.device)
+    print(f"model {path}; {len(prompts)} prompts, {args.new_tokens} new tokens, greedy reference sampler; "
+          f"device {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else ''}), "
+          f"default dtype {next(native.model.parameters()).dtype}")
+    on_cpu = generate(cpu, prompts, args.new_tokens, args.batch)
+    batched = generate(exact, prompts, args.new_tokens, args.batch)
+    compare(f"{args.device} float32 vs cpu float32 (batch {args.batch})", batched, on_cpu)
+    compare(f"{args.device} float32: batch {args.batch} vs batches of 1", batched,
+            generate(exact, prompts, args.new_tokens, 1))
+    native_batched = generate(native, prompts, args.new_tokens, args.batch)
+    compare(f"{args.device} default dtype: batch {args.batch} vs batches of 1", native_batched,
+            generate(native, prompts, args.new_tokens, 1))
+    compare(f"{args.device} default dtype vs float32 (batch {args.batch})", native_batched, batched)
+    compare(f"{args.device} float32: block cache vs recompute (batch {args.batch})", batched,
+            generate(exact, prompts, args.new_tokens, args.batch, cache="none"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
