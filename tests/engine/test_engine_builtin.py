@@ -31,6 +31,23 @@ def test_creation_is_deterministic_per_seed(tmp_path, tiny_path):
     assert not torch.equal(original["model.embed_tokens.weight"], other["model.embed_tokens.weight"])
 
 
+def test_checkpoint_keeps_separate_projections_and_loads_them_fused(tmp_path, tiny_path):
+    """On disk: q/k/v and gate/up apart (the layout other tools read, and the shipped checkpoint's);
+    in memory: one matrix each, rows in that order; saving splits them back unchanged."""
+    stored = load_file(tiny_path / "model.safetensors")
+    assert "model.layers.0.self_attn.q_proj.weight" in stored and "model.layers.0.mlp.up_proj.weight" in stored
+    model = load_model(str(tiny_path)).model
+    layer = model.model.layers[1]
+    assert torch.equal(layer.self_attn.qkv_proj.weight,
+                       torch.cat([stored[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"]))
+    assert torch.equal(layer.mlp.gate_up_proj.weight, torch.cat(
+        [stored["model.layers.1.mlp.gate_proj.weight"], stored["model.layers.1.mlp.up_proj.weight"]]))
+    model.save_pretrained(tmp_path / "again")
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert again.keys() == stored.keys()
+    assert all(torch.equal(again[k], stored[k]) for k in stored)
+
+
 def test_loader_fields(loaded):
     assert loaded.name == "diffbatch-tiny-random"
     assert loaded.family == "block_causal"

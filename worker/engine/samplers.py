@@ -218,6 +218,7 @@ def denoise_block(
     use_top_p = any(p.temperature > 0 and p.top_p < 1 for p in rows)
     top_p_t = as_tensor([float(p.top_p) for p in rows], torch.float64) if use_top_p else None  # (B,)
     is_reference = as_tensor([p.sampler == "reference" for p in rows], torch.bool)  # (B,)
+    any_parallel = any(p.sampler != "reference" for p in rows)
     by_threshold = as_tensor([p.sampler == "threshold" for p in rows], torch.bool)  # (B,)
     threshold_t = as_tensor([float(p.threshold) for p in rows], torch.float64)  # (B,)
     factor_t = as_tensor([float(p.factor) for p in rows], torch.float64)  # (B,)
@@ -254,8 +255,10 @@ def denoise_block(
                                         first_allowed, penalty, first_column=slots == 0)
         x0 = block.scatter(1, slots, x0_n)  # (B, K); committed positions keep their tokens
         confidence = confidence_n.new_zeros(block.shape).scatter_(1, slots, confidence_n)  # (B, K)
-        parallel = parallel_transfer_count(confidence, mask_index, by_threshold, threshold_t, factor_t)
-        num_transfer = torch.where(is_reference, schedule_t[:, step], parallel)  # (B,)
+        num_transfer = schedule_t[:, step]  # (B,)
+        if any_parallel:
+            parallel = parallel_transfer_count(confidence, mask_index, by_threshold, threshold_t, factor_t)
+            num_transfer = torch.where(is_reference, num_transfer, parallel)
         transfer = select_transfer(confidence, mask_index, num_transfer)
         x[:, start:end] = torch.where(transfer, x0, block)
     return passes

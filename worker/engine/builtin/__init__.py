@@ -6,9 +6,23 @@ harmless.
 """
 
 from transformers import AutoConfig, AutoModelForMaskedLM
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import Concatenate, WeightConverter
 
 from .configuration import DiffbatchMDMConfig
 from .modeling import DiffbatchMDMForMaskedDiffusion
+
+
+def _fused_projections() -> list[WeightConverter]:
+    """Checkpoints store q/k/v and gate/up as separate tensors (the common layout, readable by any
+    tool); the model holds each group as one matrix. transformers concatenates them on load and
+    splits them again on save (the reverse of Concatenate is Chunk)."""
+    return [
+        WeightConverter(source_patterns=[f"self_attn.{p}_proj.weight" for p in "qkv"],
+                        target_patterns="self_attn.qkv_proj.weight", operations=[Concatenate(dim=0)]),
+        WeightConverter(source_patterns=["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+                        target_patterns="mlp.gate_up_proj.weight", operations=[Concatenate(dim=0)]),
+    ]
 
 
 def _register() -> None:
@@ -21,6 +35,7 @@ def _register() -> None:
         AutoModelForMaskedLM.register(DiffbatchMDMConfig, DiffbatchMDMForMaskedDiffusion)
     except ValueError:
         pass
+    register_checkpoint_conversion_mapping(DiffbatchMDMConfig.model_type, _fused_projections(), overwrite=True)
 
 
 _register()
