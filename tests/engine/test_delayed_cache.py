@@ -27,7 +27,9 @@ def test_kept_positions_give_the_logits_of_a_full_block_pass_and_are_not_run_aga
     block[committed] = torch.randint(10, 200, (int(committed.sum()),), generator=generator)
     positions = valid.sum(1)[:, None] + torch.arange(8)
 
-    forward = DelayedBlockForward(model, prefill.key_values, valid, positions, mask_id)
+    room = [tuple(torch.cat([t, t.new_zeros(3, t.shape[1], 8, t.shape[3])], dim=2) for t in kv)
+            for kv in prefill.key_values]  # the cache with the block's columns after it
+    forward = DelayedBlockForward(model, room, valid, positions, mask_id)
     first = forward(block).clone()
     assert forward.computed == 24 and torch.equal(forward.kept, committed)
     second = forward(block)

@@ -93,6 +93,27 @@ def test_attention_mask_is_honoured(loaded):
     assert not torch.allclose(a[0, 6:], b[0, 6:])
 
 
+@torch.inference_mode()
+def test_writing_into_a_cache_buffer_equals_appending_to_the_cache(loaded):
+    """write_offset (the scheduler's exact cache: one buffer per block, steps write in place) gives the
+    logits and keys of the concatenating path, and touches only its own columns of the buffer."""
+    model = loaded.model
+    ids = torch.randint(7, 263, (2, 14), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(14).expand(2, -1)
+    past = model(ids[:, :10], position_ids=positions[:, :10], use_cache=True).key_values
+    mask = torch.ones((2, 1, 4, 14), dtype=torch.bool)
+    appended = model(ids[:, 10:], past_key_values=past, attention_mask=mask, position_ids=positions[:, 10:],
+                     use_cache=True)
+    buffers = [tuple(torch.cat([t, torch.full_like(t[:, :, :6], 7.0)], dim=2) for t in kv) for kv in past]
+    written = model(ids[:, 10:], past_key_values=buffers, write_offset=10, attention_mask=mask,
+                    position_ids=positions[:, 10:], use_cache=True)
+    torch.testing.assert_close(written.logits, appended.logits, rtol=0, atol=1e-5)
+    for (k, v), (k2, v2) in zip(buffers, appended.key_values):
+        torch.testing.assert_close(k[:, :, :14], k2, rtol=0, atol=1e-6)
+        torch.testing.assert_close(v[:, :, :14], v2, rtol=0, atol=1e-6)
+        assert bool((k[:, :, 14:] == 7.0).all())  # columns past the written ones untouched
+
+
 def test_tokenizer_round_trips_unicode(loaded):
     tokenizer = loaded.tokenizer
     text = "Grüße, 世界! 🎉 émoji\n\ttabs  and\x00nul — ok"

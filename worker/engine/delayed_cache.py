@@ -35,7 +35,8 @@ REFRESH_EVERY = 4
 class DelayedBlockForward:
     """``forward(block) -> logits (B, K, V)`` for one round of the continuous scheduler.
 
-    ``key_values`` / ``key_valid``: the running batch's exact cache (per layer (B, H, C, D); (B, C)).
+    ``key_values``: per layer (B, H, C + K, D), the running batch's exact cache with room for the
+    block after it (C = ``key_valid``'s (B, C) columns); kept positions' keys and values go there.
     ``positions`` (B, K): position ids of the block. Logits of kept positions are left as they were
     at their last computation: they are committed, so the samplers never read them.
     """
@@ -47,9 +48,7 @@ class DelayedBlockForward:
         self.cache_valid, self.positions = key_valid, positions
         batch, block_length = positions.shape
         self.cache_length = key_valid.shape[1]
-        # The cache with room for the block's kept keys and values after it: extended once per
-        # block, written in place, so a step copies nothing more than the exact cache's step does.
-        self.key_values = [(_extend(k, block_length), _extend(v, block_length)) for k, v in key_values]
+        self.key_values = key_values
         self.kept = torch.zeros((batch, block_length), dtype=torch.bool, device=positions.device)
         self.logits = None  # (B, K, V)
         self.computed = 0  # positions run, summed over rows and steps (the benchmark's count)
@@ -87,8 +86,3 @@ class DelayedBlockForward:
                 block_store.scatter_(2, index, torch.where(write, step_columns, block_store.gather(2, index)))
         self.kept |= torch.zeros_like(self.kept).scatter_(1, chosen, newly_kept)
 
-
-def _extend(tensor: torch.Tensor, columns: int) -> torch.Tensor:
-    """(B, H, C, D) -> (B, H, C + columns, D), the new columns zero."""
-    batch, heads, _, dim = tensor.shape
-    return torch.cat([tensor, tensor.new_zeros((batch, heads, columns, dim))], dim=2)

@@ -76,6 +76,12 @@ class RunningBatch:
         ]
 
 
+def _extend(tensor: torch.Tensor, columns: int) -> torch.Tensor:
+    """(B, H, C, D) -> (B, H, C + columns, D), the new columns zero."""
+    batch, heads, _, dim = tensor.shape
+    return torch.cat([tensor, tensor.new_zeros((batch, heads, columns, dim))], dim=2)
+
+
 def _left_pad(tensor: torch.Tensor, length: int, *, dim: int) -> torch.Tensor:
     missing = length - tensor.shape[dim]
     if missing == 0:
@@ -160,12 +166,15 @@ class BlockScheduler:
                                                       device=self.device)], dim=1)
         mask = keys[:, None, None, :].expand(-1, 1, block_length, -1)  # (B, 1, K, C + K)
 
+        # The cache grows by the block once per round; every step writes the block's keys and values
+        # into the new columns in place, and the last pass leaves the committed block's there.
+        cached = batch.key_valid.shape[1]
+        key_values = [(_extend(k, block_length), _extend(v, block_length)) for k, v in batch.key_values]
         if self.delayed:
-            forward = DelayedBlockForward(self.model, batch.key_values, batch.key_valid, positions,
-                                          self.mask_token_id)
+            forward = DelayedBlockForward(self.model, key_values, batch.key_valid, positions, self.mask_token_id)
         else:
             def forward(active_block: torch.Tensor) -> torch.Tensor:
-                return self.model(input_ids=active_block, past_key_values=batch.key_values,
+                return self.model(input_ids=active_block, past_key_values=key_values, write_offset=cached,
                                   attention_mask=mask, position_ids=positions).logits  # (B, K, V)
 
         noise = RowNoise.from_generators([row.generator for row in batch.rows], self.device)
@@ -175,9 +184,9 @@ class BlockScheduler:
                                rows=[row.request.params for row in batch.rows], active=[True] * size,
                                noise=noise, first_allowed=first_token_mask(healings, self.vocab_size, self.device),
                                history=self._history(batch.rows))
-        output = self.model(input_ids=block, past_key_values=batch.key_values, attention_mask=mask,
-                            position_ids=positions, use_cache=True, logits_to_keep=1)
-        batch.key_values, batch.key_valid = output.key_values, keys
+        self.model(input_ids=block, past_key_values=key_values, write_offset=cached, attention_mask=mask,
+                   position_ids=positions, logits_to_keep=1)
+        batch.key_values, batch.key_valid = key_values, keys
         batch.next_position = batch.next_position + block_length
         for row, tokens, n in zip(batch.rows, block.tolist(), passes):
             row.generated.extend(tokens)

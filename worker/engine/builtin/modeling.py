@@ -67,13 +67,21 @@ class DiffbatchMDMAttention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden, cos, sin, attention_mask, past=None):
-        """Returns the output and (keys, values) of past + these tokens, (B, H, Lpast + L, D) each."""
+    def forward(self, hidden, cos, sin, attention_mask, past=None, write_offset=None):
+        """Returns the output and (keys, values) of past + these tokens, (B, H, Lpast + L, D) each.
+
+        With ``write_offset``, ``past`` is a buffer with room for these tokens: their keys and values
+        are written into its columns [write_offset, write_offset + L) in place and the tokens attend
+        to columns [0, write_offset + L). A step copies L columns, not the whole cache."""
         batch, length, _ = hidden.shape
         heads = self.qkv_proj(hidden).view(batch, length, 3 * self.num_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(heads[:, : 2 * self.num_heads], cos, sin).split(self.num_heads, dim=1)
         v = heads[:, 2 * self.num_heads :]
-        if past is not None:  # keys of earlier, finished blocks: exact, they never attend forward
+        if write_offset is not None:
+            end = write_offset + length
+            past[0][:, :, write_offset:end], past[1][:, :, write_offset:end] = k, v
+            k, v = past[0][:, :, :end], past[1][:, :, :end]
+        elif past is not None:  # keys of earlier, finished blocks: exact, they never attend forward
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         # No is_causal: masked diffusion attends both ways; the mask alone decides the layout.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # (B, H, L, D)
@@ -101,8 +109,8 @@ class DiffbatchMDMLayer(nn.Module):
         self.post_attention_layernorm = DiffbatchMDMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = DiffbatchMDMMLP(config)
 
-    def forward(self, hidden, cos, sin, attention_mask, past=None):
-        attended, kv = self.self_attn(self.input_layernorm(hidden), cos, sin, attention_mask, past)
+    def forward(self, hidden, cos, sin, attention_mask, past=None, write_offset=None):
+        attended, kv = self.self_attn(self.input_layernorm(hidden), cos, sin, attention_mask, past, write_offset)
         hidden = hidden + attended
         return hidden + self.mlp(self.post_attention_layernorm(hidden)), kv
 
@@ -133,14 +141,16 @@ class DiffbatchMDMModel(DiffbatchMDMPreTrainedModel):
         self.norm = DiffbatchMDMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, write_offset=None):
         """Hidden states (B, L, hidden) and, per layer, (keys, values) of past + these tokens.
 
         ``past_key_values``: per layer (keys, values) of earlier positions, (B, H, Lpast, D); the
-        mask then covers Lpast + L keys and ``position_ids`` must be given.
+        mask then covers Lpast + L keys and ``position_ids`` must be given. With ``write_offset``
+        (int) they are buffers written in place instead (DiffbatchMDMAttention), Lpast = write_offset.
         """
         batch, length = input_ids.shape
-        past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        past_length = (0 if past_key_values is None else
+                       write_offset if write_offset is not None else past_key_values[0][0].shape[2])
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + length,
                                         device=input_ids.device).expand(batch, length)
@@ -155,7 +165,7 @@ class DiffbatchMDMModel(DiffbatchMDMPreTrainedModel):
         key_values = []
         for i, layer in enumerate(self.layers):
             hidden, kv = layer(hidden, cos, sin, attention_mask, None if past_key_values is None
-                               else past_key_values[i])
+                               else past_key_values[i], write_offset)
             key_values.append(kv)
         return self.norm(hidden), key_values
 
@@ -227,10 +237,11 @@ class DiffbatchMDMForMaskedDiffusion(DiffbatchMDMPreTrainedModel):
         logits_to_keep: int = 0,
         past_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         use_cache: bool = False,
+        write_offset: int | None = None,
         **kwargs,
     ) -> DiffbatchMDMOutput:
-        hidden, key_values = self.model(input_ids, attention_mask=attention_mask,
-                                        position_ids=position_ids, past_key_values=past_key_values)
+        hidden, key_values = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                        past_key_values=past_key_values, write_offset=write_offset)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return DiffbatchMDMOutput(logits=self.lm_head(hidden),  # (B, L or logits_to_keep, V)
