@@ -44,14 +44,17 @@ PROMPT = 'def {name}(items, key=None):\n    """Return the {name} of items, by ke
 NAMES = ("median", "mode", "largest", "smallest", "first_duplicate", "running_total", "histogram", "spread")
 
 
-def modes(parallel: str, caches: str = "exact") -> dict:
-    """label: (sampler options, cache). The recompute baseline, then reference and each parallel
-    sampler with each cache ("exact": the block KV cache, labelled "kv cache"; "delayed")."""
-    table = {"reference, recompute": ({"sampler": "reference"}, "none")}
-    for cache in caches.split(","):
-        name = "kv cache" if cache == "exact" else f"{cache} cache"
-        for label in ["reference", *parallel.split(",")]:
-            table[f"{label.strip()}, {name}"] = (sampler_options(label), cache)
+def modes(parallel: str, caches: str = "exact", blocks: tuple[int, ...] = (32,)) -> dict:
+    """label: (sampler options, cache). The recompute baseline at the first block length, then
+    reference and each parallel sampler with each cache ("exact": the block KV cache, labelled
+    "kv cache"; "delayed"), at each block length (labelled when not the first)."""
+    table = {"reference, recompute": ({"sampler": "reference", "block_length": blocks[0]}, "none")}
+    for block in blocks:
+        suffix = "" if block == blocks[0] else f", block {block}"
+        for cache in caches.split(","):
+            name = "kv cache" if cache == "exact" else f"{cache} cache"
+            for label in ["reference", *parallel.split(",")]:
+                table[f"{label.strip()}, {name}{suffix}"] = ({**sampler_options(label), "block_length": block}, cache)
     return table
 
 
@@ -184,6 +187,8 @@ def main(argv: list[str]) -> int:
                         "default: their documented defaults)")
     parser.add_argument("--caches", default="exact",
                         help="comma-separated caches for the cached rows: exact, delayed (default exact)")
+    parser.add_argument("--block-lengths", help="comma-separated; the first is the baseline's (default: "
+                        "the trained block, 32, then the model's default block if it differs)")
     parser.add_argument("--random-shape", help="HIDDENxLAYERSxHEADS: random weights of the built-in "
                         "architecture at this shape instead of the checkpoint's (speed only)")
     args = parser.parse_args(argv[1:])
@@ -194,12 +199,15 @@ def main(argv: list[str]) -> int:
         path = f"{loaded.name} ({sum(p.numel() for p in loaded.model.parameters()) / 1e6:.0f}M parameters)"
     dtype = next(loaded.model.parameters()).dtype
     counter = count_flops(loaded.model)
+    default_block = Engine(loaded).default_block_length
+    blocks = tuple(int(b) for b in args.block_lengths.split(",")) if args.block_lengths else tuple(
+        dict.fromkeys([32, default_block]))
     peak, size = matmul_peak(args.device, dtype)
     print(f"command: {' '.join([sys.executable, *argv])}")
     print(f"machine: {os.cpu_count()} CPUs {platform.machine()}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), device {args.device}, {dtype}; model {path}")
     print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s ({dtype}, {size}x{size})\n")
-    print(f"{'batch':>5} {'mode':28} {'tokens':>7} {'seconds':>8} {'tok/s':>9} {'vs ref':>7} {'vs AR':>6} "
+    print(f"{'batch':>5} {'mode':40} {'tokens':>7} {'seconds':>8} {'tok/s':>9} {'vs ref':>7} {'vs AR':>6} "
           f"{'passes/tok':>10} {'MFLOP/tok':>9} {'GFLOP/s':>8} {'% peak':>7} {'peak MB':>8}")
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = [PROMPT.format(name=NAMES[i % len(NAMES)]) for i in range(max(args.prompts, batch))]
@@ -207,7 +215,7 @@ def main(argv: list[str]) -> int:
                                 loaded.tokenizer)
         ar_rate = ar["tokens"] / ar["seconds"]
         rows, baseline = [], None
-        for label, (options, cache) in modes(args.samplers, args.caches).items():
+        for label, (options, cache) in modes(args.samplers, args.caches, blocks).items():
             if cache == "none" and batch > args.recompute_up_to:
                 continue
             row = run_engine(loaded, args.device, batch, prompts, args.new_tokens, options, cache, counter)
@@ -215,12 +223,12 @@ def main(argv: list[str]) -> int:
             baseline = baseline or (rate if cache == "none" else None)
             achieved = row["flops"] / row["seconds"]
             versus = f"{rate / baseline:>6.2f}x" if baseline else f"{'-':>7}"
-            print(f"{batch:>5} {label:28} {row['tokens']:>7} {row['seconds']:>8.2f} {rate:>9.1f} {versus} "
+            print(f"{batch:>5} {label:40} {row['tokens']:>7} {row['seconds']:>8.2f} {rate:>9.1f} {versus} "
                   f"{rate / ar_rate:>5.2f}x {row['passes_per_token']:>10.3f} {row['flops'] / row['tokens'] / 1e6:>9.1f} "
                   f"{achieved / 1e9:>8.2f} {100 * achieved / peak:>6.1f}% {row['memory_mb']:>8.0f}")
             rows.append((label, rate))
         versus = f"{ar_rate / baseline:>6.2f}x" if baseline else f"{'-':>7}"
-        print(f"{batch:>5} {'autoregressive (generate)':28} {ar['tokens']:>7} {ar['seconds']:>8.2f} "
+        print(f"{batch:>5} {'autoregressive (generate)':40} {ar['tokens']:>7} {ar['seconds']:>8.2f} "
               f"{ar_rate:>9.1f} {versus} {1.0:>5.2f}x {1.0:>10.3f} {ar['flops'] / ar['tokens'] / 1e6:>9.1f}")
         best = max(rows, key=lambda r: r[1])
         print(f"{batch:>5} fastest engine mode: {best[0]} at {best[1] / ar_rate:.2f}x the autoregressive baseline\n")

@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--block-length", type=int, help="default: the model's (config.json)")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--frequency-penalty", type=float, default=0.0)
@@ -87,6 +87,7 @@ def main(argv: list[str]) -> int:
     path = args.model or str(Settings().model_path)
     loaded = load_model(path)
     engines = {cache: Engine(loaded, max_batch_size=args.batch, cache=cache) for cache in args.caches.split(",")}
+    args.block_length = args.block_length or next(iter(engines.values())).default_block_length
     _, held_out = split(list_sources())
     prompts = function_prompts(held_out, limit=args.prompts)
     stops = CODEX_STOPS if args.stop == ["codex"] else args.stop

@@ -34,7 +34,8 @@ class DiffusionOptions(_Strict):
     """Diffusion-specific options, all under `body.diffusion`.
 
     ``sampler`` and ``block_length`` left unset mean the served model's defaults (the block-causal
-    models: reference, 32; DiffusionGemma: entropy_bound, its canvas length).
+    models: reference and 32 unless the checkpoint's config.json names others, the built-in model's
+    block 16; DiffusionGemma: entropy_bound, its canvas length).
     """
 
     sampler: Literal[SAMPLERS] | None = None  # type: ignore[valid-type]
@@ -71,8 +72,9 @@ class DiffusionOptions(_Strict):
     @field_validator("steps")
     @classmethod
     def _steps_fit_block(cls, steps: int | None, info) -> int | None:
-        block = info.data.get("block_length") or 32
-        if steps is not None and steps > block:
+        # Against an unset block_length the worker checks, once the model's default is known.
+        block = info.data.get("block_length")
+        if steps is not None and block is not None and steps > block:
             raise ValueError(f"must be at most block_length ({block}): each step commits at least one token")
         return steps
 

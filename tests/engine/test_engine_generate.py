@@ -156,6 +156,20 @@ def test_a_checkpoint_names_the_sampler_of_requests_that_name_none(tiny_path, tm
         Engine(load_model(str(folder)))
 
 
+@pytest.mark.parametrize("value", [0, "16", 16.0, True, 2048])
+def test_a_checkpoint_default_block_must_be_a_block_length(tiny_path, tmp_path, value):
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert Engine(load_model(str(folder))).default_block_length == 32  # none named
+    (folder / "config.json").write_text(json.dumps({**config, "diffbatch_default_block_length": value}))
+    with pytest.raises(ValueError, match="diffbatch_default_block_length .* is not an integer in"):
+        Engine(load_model(str(folder)))
+
+
 def test_stop_string_trims_text(engine):
     prompt = engine.encode_completion("stop me")
     plain = engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=48, temperature=1.0, seed=4))])[0]

@@ -29,7 +29,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 class Engine:
     default_sampler = "reference"  # unless the checkpoint's config.json names its own (below)
-    default_block_length = 32
+    default_block_length = 32  # likewise (diffbatch_default_block_length)
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32, kv_cache: bool = True,
                  cache: str | None = None, max_batch_tokens: int | None = None):
@@ -53,6 +53,13 @@ class Engine:
         if default not in SAMPLERS:
             raise ValueError(f"config.json's diffbatch_default_sampler {default!r} is not one of {list(SAMPLERS)}")
         self.default_sampler = default
+        # The block a request that names none gets may be shorter than the one the model was trained
+        # with: the built-in model's config.json names 16 (README: same quality, fewer FLOPs a token).
+        block = getattr(loaded.config, "diffbatch_default_block_length", None)
+        block = self.default_block_length if block is None else block
+        if not isinstance(block, int) or isinstance(block, bool) or not 1 <= block <= 1024:
+            raise ValueError(f"config.json's diffbatch_default_block_length {block!r} is not an integer in [1, 1024]")
+        self.default_block_length = block
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
