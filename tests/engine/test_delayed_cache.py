@@ -30,9 +30,10 @@ def test_kept_positions_give_the_logits_of_a_full_block_pass_and_are_not_run_aga
     room = [tuple(torch.cat([t, t.new_zeros(3, t.shape[1], 8, t.shape[3])], dim=2) for t in kv)
             for kv in prefill.key_values]  # the cache with the block's columns after it
     forward = DelayedBlockForward(model, room, valid, positions, mask_id)
-    first = forward(block).clone()
+    every = torch.arange(8).expand(3, -1)  # logits at every block position
+    first = forward(block, every).clone()
     assert forward.computed == 24 and torch.equal(forward.kept, committed)
-    second = forward(block)
+    second = forward(block, every)
     assert forward.computed == 24 + int((~committed).sum())  # the masked ones only
     masked = ~committed
     torch.testing.assert_close(second[masked], first[masked], atol=1e-4, rtol=1e-4)
@@ -43,9 +44,9 @@ def test_kept_positions_give_the_logits_of_a_full_block_pass_and_are_not_run_aga
     torch.testing.assert_close(second[masked], plain[masked], atol=1e-4, rtol=1e-4)
     # Every REFRESH_EVERY steps the whole block runs again, so no kept key grows older than that.
     for _ in range(REFRESH_EVERY - 2):
-        forward(block)
+        forward(block, every)
     before = forward.computed
-    forward(block)
+    forward(block, every)
     assert forward.computed - before == 24
 
 

@@ -89,7 +89,8 @@ class EosAtPosition(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, **kwargs):
         output = self.inner(input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
-        kept_positions = position_ids[:, -output.logits.shape[1]:]  # (B, K)
+        at = kwargs.get("logits_at")  # the block positions whose logits the engine asked for
+        kept_positions = position_ids[:, -output.logits.shape[1]:] if at is None else position_ids.gather(1, at)
         output.logits[..., self.eos_id] += 100.0 * (kept_positions == self.position)
         return output
 

@@ -1,6 +1,7 @@
 """Full-attention models (LLaDA, Dream): recompute, or Fast-dLLM's approximate prefix / dual KV cache.
 
-Same shape as cache.py's callables, ``forward(x[:, :end]) -> logits of the active block (B, K, V)``,
+Same shape as cache.py's callables, ``forward(x[:, :end], slots) -> logits at the active block's
+positions ``slots``, (B, n, V)``,
 so ``samplers.denoise_block`` runs one loop whatever the model family and cache (DESIGN.md §6). For
 full attention the whole canvas (prompt and every generation block, the future ones still masked)
 is in every forward, as these models were trained; ``x[:, :end]`` only says which block is active,
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import Recompute
+from .cache import Recompute, take_slots
 from .layout import BatchLayout
 
 CACHE_MODES = ("exact", "delayed", "prefix", "dual", "none")
@@ -88,9 +89,9 @@ class FullRecompute:
                           position_ids=layout.position_ids, logits_to_keep=self._logits_columns(lo),
                           use_cache=use_cache)
 
-    def __call__(self, prefix: torch.Tensor) -> torch.Tensor:
+    def __call__(self, prefix: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         _, _, lo = self._span(prefix)
-        return self._full_pass(lo).logits  # (B, K, V)
+        return take_slots(self._full_pass(lo).logits, slots)  # (B, n, V)
 
 
 class PrefixCache(FullRecompute):
@@ -102,16 +103,16 @@ class PrefixCache(FullRecompute):
         self.key_values = None  # per layer (keys, values) of the cached columns, (B, H_kv, ., D)
         self.step_mask = None  # (B, 1, window, cached + window): the mask of one step's forward
 
-    def __call__(self, prefix: torch.Tensor) -> torch.Tensor:
+    def __call__(self, prefix: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         start, end, lo = self._span(prefix)
         if start != self.block_start:
-            return self._refresh(start, end, lo)
+            return take_slots(self._refresh(start, end, lo), slots)
         hi = self._window_end(end)
         layout = self.layout
         output = self.model(input_ids=layout.x[:, lo:hi], past_key_values=self.key_values,
                             attention_mask=self.step_mask, position_ids=layout.position_ids[:, lo:hi],
                             logits_to_keep=self._logits_columns(0))
-        return output.logits  # (B, K, V)
+        return take_slots(output.logits, slots)  # (B, n, V)
 
     def _window_end(self, end: int) -> int:
         return self.layout.x.shape[1]  # the block and everything after it

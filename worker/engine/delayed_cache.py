@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import torch
 
+from .cache import take_slots
+
 REFRESH_EVERY = 4
 
 
 class DelayedBlockForward:
-    """``forward(block) -> logits (B, K, V)`` for one round of the continuous scheduler.
+    """``forward(block, slots) -> logits (B, n, V)`` for one round of the continuous scheduler.
 
     ``key_values``: per layer (B, H, C + K, D), the running batch's exact cache with room for the
     block after it (C = ``key_valid``'s (B, C) columns); kept positions' keys and values go there.
@@ -53,7 +55,7 @@ class DelayedBlockForward:
         self.logits = None  # (B, K, V)
         self.computed = 0  # positions run, summed over rows and steps (the benchmark's count)
 
-    def __call__(self, block: torch.Tensor) -> torch.Tensor:
+    def __call__(self, block: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         batch, block_length = block.shape
         if self.refresh_every and self.steps and self.steps % self.refresh_every == 0:
             self.kept.zero_()  # a full pass over the block: every kept position is computed afresh
@@ -73,7 +75,7 @@ class DelayedBlockForward:
             self.logits = output.logits.new_zeros((batch, block_length, output.logits.shape[-1]))
         self.logits.scatter_(1, chosen[:, :, None].expand_as(output.logits), output.logits)
         self._keep(output.key_values, chosen, real & (ids != self.mask_token_id), width)
-        return self.logits
+        return take_slots(self.logits, slots)
 
     def _keep(self, key_values, chosen: torch.Tensor, newly_kept: torch.Tensor, width: int) -> None:
         """Store the keys and values this step computed for positions that were already committed."""

@@ -202,9 +202,9 @@ def denoise_block(
 
     Returns, per row, the forward passes in which it still had masks (the batch ran max of them).
 
-    ``rows`` holds each row's SamplingParams. ``forward(x[:, :end])`` returns the logits of the
-    block only, (B, end - start, V): with block-causal attention nothing after ``end`` can change
-    them. Inactive rows (finished earlier) get no tokens and draw no noise, so they cost only their
+    ``rows`` holds each row's SamplingParams. ``forward(x[:, :end], slots)`` returns the logits of
+    the block's positions ``slots`` (B, n), (B, n, V) (cache.py): with block-causal attention
+    nothing after ``end`` can change them. Inactive rows (finished earlier) get no tokens and draw no noise, so they cost only their
     share of the forward pass. A reference row finishes in exactly its ``steps``; a parallel one in
     as few as the model's confidence allows. ``first_allowed`` (B, V) bool restricts the block's
     first position (token healing of the first generated token); None leaves it free.
@@ -238,17 +238,16 @@ def denoise_block(
             break
         has_mask = [count > 0 for count in masked_counts]
         passes = [n + working for n, working in zip(passes, has_mask)]
-        logits = forward(x[:, :end])  # (B, K, V)
         # Only masked positions are sampled: gathered to the front, the float64 work of a step runs
         # over max(masked) positions instead of the whole block (x0 and confidence are per position,
-        # so this changes no token).
+        # so this changes no token), and the forward projects logits for those positions alone.
         slots = (~mask_index).to(torch.int8).argsort(dim=-1, stable=True)[:, : max(masked_counts)]  # (B, n)
-        logits_n = logits.gather(1, slots[..., None].expand(-1, -1, logits.shape[-1]))  # (B, n, V)
+        logits_n = forward(x[:, :end], slots)  # (B, n, V)
         noisy_rows = [r for r, working in enumerate(has_mask) if working and temperature[r] > 0]
         denominator = noise.gumbel_denominator(noisy_rows, temperature, masked_counts, logits_n.shape)
         penalty = None
         if penalised:  # what this block committed so far counts as generated too
-            counts = token_counts(block, block != mask_token_id, logits.shape[-1])
+            counts = token_counts(block, block != mask_token_id, logits_n.shape[-1])
             counts = counts if history is None else counts + history
             penalty = repetition_penalty(counts, frequency_t, presence_t)
         x0_n, confidence_n = predict_x0(logits_n, temperature_t, top_p_t, denominator, mask_token_id,

@@ -206,7 +206,8 @@ class DiffbatchMDMForMaskedDiffusion(DiffbatchMDMPreTrainedModel):
     """The mask predictor: logits over the vocabulary at every (kept) position.
 
     ``logits_to_keep`` (int) projects only the last N positions, so a denoising step pays for the
-    vocabulary projection of the active block only.
+    vocabulary projection of the active block only; ``logits_at`` (B, n) then narrows it to those
+    positions of each row (the ones still masked), logits (B, n, V).
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -238,11 +239,14 @@ class DiffbatchMDMForMaskedDiffusion(DiffbatchMDMPreTrainedModel):
         past_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         use_cache: bool = False,
         write_offset: int | None = None,
+        logits_at: torch.Tensor | None = None,
         **kwargs,
     ) -> DiffbatchMDMOutput:
         hidden, key_values = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                         past_key_values=past_key_values, write_offset=write_offset)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
+        if logits_at is not None:
+            hidden = hidden.gather(1, logits_at[..., None].expand(-1, -1, hidden.shape[-1]))
         return DiffbatchMDMOutput(logits=self.lm_head(hidden),  # (B, L or logits_to_keep, V)
                                   key_values=key_values if use_cache else None)
