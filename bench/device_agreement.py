@@ -28,8 +28,8 @@ from worker.engine.params import GenerationRequest, SamplingParams
 
 def generate(loaded, prompts, new_tokens: int, batch: int, cache: str = "exact") -> list[list[int]]:
     engine = Engine(loaded, max_batch_size=batch, cache=cache)
-    requests = [GenerationRequest(engine.encode_completion(p), SamplingParams(max_tokens=new_tokens, sampler="reference"))
-                for p in prompts]
+    params = SamplingParams(max_tokens=new_tokens, sampler="reference")
+    requests = [GenerationRequest(engine.encode_completion(p), params) for p in prompts]
     return [list(r.token_ids) for r in engine.generate(requests)]
 
 

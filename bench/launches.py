@@ -89,7 +89,8 @@ def main(argv: list[str]) -> int:
         finally:
             del loaded.model.forward
         model_ops = sum(counts) / len(counts)
-        print(f"{cache:8} {passes:>6} {total / passes:>8.0f} {model_ops:>17.0f} {len(counts) / passes:>13.2f} {ms:>8.2f}")
+        print(f"{cache:8} {passes:>6} {total / passes:>8.0f} {model_ops:>17.0f} "
+              f"{len(counts) / passes:>13.2f} {ms:>8.2f}")
     return 0
 
 

@@ -87,4 +87,3 @@ class DelayedBlockForward:
                 index = chosen[:, None, :, None].expand_as(step_columns)
                 block_store.scatter_(2, index, torch.where(write, step_columns, block_store.gather(2, index)))
         self.kept |= torch.zeros_like(self.kept).scatter_(1, chosen, newly_kept)
-

@@ -248,5 +248,5 @@ class DiffbatchMDMForMaskedDiffusion(DiffbatchMDMPreTrainedModel):
             hidden = hidden[:, -logits_to_keep:]
         if logits_at is not None:
             hidden = hidden.gather(1, logits_at[..., None].expand(-1, -1, hidden.shape[-1]))
-        return DiffbatchMDMOutput(logits=self.lm_head(hidden),  # (B, L or logits_to_keep, V)
+        return DiffbatchMDMOutput(logits=self.lm_head(hidden),  # (B, L or logits_to_keep or n, V)
                                   key_values=key_values if use_cache else None)
