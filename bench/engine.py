@@ -54,7 +54,8 @@ def modes(parallel: str, caches: str = "exact", blocks: tuple[int, ...] = (32,))
         for cache in caches.split(","):
             name = "kv cache" if cache == "exact" else f"{cache} cache"
             for label in ["reference", *parallel.split(",")]:
-                table[f"{label.strip()}, {name}{suffix}"] = ({**sampler_options(label), "block_length": block}, cache)
+                options = {**sampler_options(label), "block_length": block}
+                table[f"{label.strip()}, {name}{suffix}"] = (options, cache)
     return table
 
 

@@ -74,9 +74,9 @@ def train(config: TrainConfig) -> dict:
 def run(config: TrainConfig, label: str, model, tokenizer, held_out: TokenStream, take_step, **first_log) -> dict:
     """The loop both training commands share: AdamW, resumed from ``out_dir/state.pt``, then
     ``take_step(optimizer, step) -> figures`` (at the schedule's learning rate) until ``config.steps``
-    or the deadline, with a progress bar, a log line every 10 steps, a held-out evaluation every ``eval_every`` (and at step 0, the
-    baseline), ``state.pt`` every ``checkpoint_every_s``, and the export at the end. ``first_log``
-    goes into step 0's log line. Returns the step and the last evaluation."""
+    or the deadline, with a progress bar, a log line every 10 steps, a held-out evaluation every
+    ``eval_every`` (and at step 0, the baseline), ``state.pt`` every ``checkpoint_every_s``, and the
+    export at the end. ``first_log`` goes into step 0's log line. Returns the step and the last evaluation."""
     out = Path(config.out_dir)
     mask_id = tokenizer.mask_token_id
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.learning_rate,

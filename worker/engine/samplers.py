@@ -206,8 +206,9 @@ def denoise_block(
     the block's positions ``slots`` (B, n), (B, n, V) (cache.py): with block-causal attention
     nothing after ``end`` can change them. Inactive rows (finished earlier) get no tokens and draw
     no noise, so they cost only their share of the forward pass. A reference row finishes in
-    exactly its ``steps``; a parallel one in as few as the model's confidence allows. ``first_allowed`` (B, V) bool restricts the block's
-    first position (token healing of the first generated token); None leaves it free.
+    exactly its ``steps``; a parallel one in as few as the model's confidence allows.
+    ``first_allowed`` (B, V) bool restricts the block's first position (token healing of the first
+    generated token); None leaves it free.
     ``history`` (B, V): counts of the tokens generated before this block, for rows with a frequency
     or presence penalty (None: nothing generated yet).
     """
