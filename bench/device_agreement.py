@@ -7,7 +7,9 @@ function prompts. Prints, for each comparison, how many requests came out token 
 and the mean position of the first differing token among those that did not:
   - the device in float32 against the CPU in float32 (kernels differ, so ties may break apart);
   - on the device, a batch of N against N batches of 1, in float32 and in the device's default dtype;
-  - on the device, the block cache against full recomputation, in float32.
+  - on the device, the block cache against full recomputation, in float32;
+  - on the device, steps replayed from a CUDA graph (the default there) against eager steps, in
+    float32 and in the default dtype (worker/engine/cuda_graph.py).
 The tests hold the last two exactly on the CPU; this shows how far they hold on the device.
 """
 
@@ -26,8 +28,9 @@ from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
 
 
-def generate(loaded, prompts, new_tokens: int, batch: int, cache: str = "exact") -> list[list[int]]:
-    engine = Engine(loaded, max_batch_size=batch, cache=cache)
+def generate(loaded, prompts, new_tokens: int, batch: int, cache: str = "exact",
+             graphs: bool | None = None) -> list[list[int]]:
+    engine = Engine(loaded, max_batch_size=batch, cache=cache, graphs=graphs)
     params = SamplingParams(max_tokens=new_tokens, sampler="reference")
     requests = [GenerationRequest(engine.encode_completion(p), params) for p in prompts]
     return [list(r.token_ids) for r in engine.generate(requests)]
@@ -67,6 +70,10 @@ def main(argv: list[str]) -> int:
     compare(f"{args.device} default dtype vs float32 (batch {args.batch})", native_batched, batched)
     compare(f"{args.device} float32: block cache vs recompute (batch {args.batch})", batched,
             generate(exact, prompts, args.new_tokens, args.batch, cache="none"))
+    compare(f"{args.device} float32: graph vs eager steps (batch {args.batch})", batched,
+            generate(exact, prompts, args.new_tokens, args.batch, graphs=False))
+    compare(f"{args.device} default dtype: graph vs eager steps (batch {args.batch})", native_batched,
+            generate(native, prompts, args.new_tokens, args.batch, graphs=False))
     return 0
 
 

@@ -1,7 +1,7 @@
 """Engine speed, side by side in one run: samplers, KV cache, an autoregressive baseline, FLOP/s.
 
     python bench/engine.py [--device cpu|cuda] [--new-tokens 256] [--batches 1,8,32,64] [--prompts 64]
-                           [--samplers "threshold 0.9,factor 1.0"] [--caches exact,delayed]
+                           [--samplers "threshold 0.9,factor 1.0"] [--caches exact,graph,delayed]
                            [--random-shape 2048x24x16]
 
 Prints tokens/s and ratios for, at each batch size:
@@ -10,6 +10,8 @@ Prints tokens/s and ratios for, at each batch size:
   - the parallel samplers (threshold, factor) with the cache;
   - with --caches exact,delayed, each sampler again with the delayed in-block cache (approximate:
     committed positions of the active block are not run again; worker/engine/delayed_cache.py);
+  - with --caches exact,graph (the default on CUDA), each sampler again with the exact cache and each
+    round's step replayed from a CUDA graph (worker/engine/cuda_graph.py); "exact" rows run eagerly;
   - an autoregressive Llama of the same width and depth decoding with its KV cache
     (transformers' generate, greedy, exactly --new-tokens tokens);
 and, per engine mode, forward passes per token, achieved FLOP/s as a share of this machine's
@@ -47,12 +49,13 @@ NAMES = ("median", "mode", "largest", "smallest", "first_duplicate", "running_to
 def modes(parallel: str, caches: str = "exact", blocks: tuple[int, ...] = (32,)) -> dict:
     """label: (sampler options, cache). The recompute baseline at the first block length, then
     reference and each parallel sampler with each cache ("exact": the block KV cache, labelled
-    "kv cache"; "delayed"), at each block length (labelled when not the first)."""
+    "kv cache"; "graph": the same, steps replayed from a CUDA graph; "delayed"), at each block length
+    (labelled when not the first)."""
     table = {"reference, recompute": ({"sampler": "reference", "block_length": blocks[0]}, "none")}
     for block in blocks:
         suffix = "" if block == blocks[0] else f", block {block}"
         for cache in caches.split(","):
-            name = "kv cache" if cache == "exact" else f"{cache} cache"
+            name = {"exact": "kv cache", "graph": "kv cache, cuda graph"}.get(cache, f"{cache} cache")
             for label in ["reference", *parallel.split(",")]:
                 options = {**sampler_options(label), "block_length": block}
                 table[f"{label.strip()}, {name}{suffix}"] = (options, cache)
@@ -77,7 +80,22 @@ def count_flops(model) -> dict:
         total["flops"] += 2 * config.vocab_size * hidden * logits  # kept logits only
         total["flops"] += 4 * layers * hidden * queries * keys  # QK^T and AV
 
-    model.register_forward_hook(hook, with_kwargs=True)
+    def counted_hook(_module, args, kwargs, output) -> None:
+        before = total["flops"]
+        hook(_module, args, kwargs, output)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # Captured, not run: each replay of that graph runs it (below).
+            total["captured"], total["flops"] = total["flops"] - before, before
+
+    model.register_forward_hook(counted_hook, with_kwargs=True)
+    if torch.cuda.is_available():
+        replay = torch.cuda.CUDAGraph.replay
+
+        def counted_replay(graph) -> None:  # a round's graph replays only until the next capture
+            total["flops"] += total.get("captured", 0.0)
+            replay(graph)
+
+        torch.cuda.CUDAGraph.replay = counted_replay
     return total
 
 
@@ -122,7 +140,8 @@ def peak_memory_mb(device: str) -> float:
 
 
 def run_engine(loaded, device, batch, prompts, new_tokens, options, cache, counter) -> dict:
-    engine = Engine(loaded, max_batch_size=batch, cache=cache)
+    engine = Engine(loaded, max_batch_size=batch, cache="exact" if cache == "graph" else cache,
+                    graphs=cache == "graph")
     requests = [GenerationRequest(engine.encode_completion(p), SamplingParams(max_tokens=new_tokens, **options))
                 for p in prompts]
     engine.generate(requests[:batch])  # warm-up
@@ -186,8 +205,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--samplers", default="threshold 0.9,factor 1.0",
                         help="parallel samplers to run with the cache: 'threshold TAU', 'factor F' (comma-separated; "
                         "default: their documented defaults)")
-    parser.add_argument("--caches", default="exact",
-                        help="comma-separated caches for the cached rows: exact, delayed (default exact)")
+    parser.add_argument("--caches", help="comma-separated caches for the cached rows: exact (eager steps), "
+                        "graph (CUDA only), delayed (default: exact, and graph on CUDA)")
     parser.add_argument("--block-lengths", help="comma-separated; the first is the baseline's (default: "
                         "the trained block, 32, then the model's default block if it differs)")
     parser.add_argument("--random-shape", help="HIDDENxLAYERSxHEADS: random weights of the built-in "
@@ -210,13 +229,14 @@ def main(argv: list[str]) -> int:
     print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s ({dtype}, {size}x{size})\n")
     print(f"{'batch':>5} {'mode':40} {'tokens':>7} {'seconds':>8} {'tok/s':>9} {'vs ref':>7} {'vs AR':>6} "
           f"{'passes/tok':>10} {'MFLOP/tok':>9} {'GFLOP/s':>8} {'% peak':>7} {'peak MB':>8}")
+    caches = args.caches or ("exact,graph" if args.device.startswith("cuda") else "exact")
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = [PROMPT.format(name=NAMES[i % len(NAMES)]) for i in range(max(args.prompts, batch))]
         ar = run_autoregressive(loaded.config, args.device, dtype, batch, prompts, args.new_tokens,
                                 loaded.tokenizer)
         ar_rate = ar["tokens"] / ar["seconds"]
         rows, baseline = [], None
-        for label, (options, cache) in modes(args.samplers, args.caches, blocks).items():
+        for label, (options, cache) in modes(args.samplers, caches, blocks).items():
             if cache == "none" and batch > args.recompute_up_to:
                 continue
             row = run_engine(loaded, args.device, batch, prompts, args.new_tokens, options, cache, counter)

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     # full attention); "delayed" (block-causal, approximate inside the active block), "prefix",
     # "none". DiffusionGemma has its own cache and ignores it.
     cache: Literal["exact", "delayed", "prefix", "dual", "none"] | None = None
+    # On a CUDA device, capture each round's denoising step as a CUDA graph (block-causal models with
+    # the exact cache; worker/engine/cuda_graph.py). False runs every step eagerly.
+    cuda_graphs: bool = True
     chunk_size: int = 64  # requests per Celery message
     max_attempts: int = 3  # claims of one request before it ends as an error line
     heartbeat_s: int = 10

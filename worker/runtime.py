@@ -51,7 +51,8 @@ class Runtime:
         log.info("loading model %s from %s on %s", self.model_name, path, self.settings.device)
         loaded = load_model(str(path), device=self.settings.device, dtype=self.settings.dtype,
                             trust_remote_code=self.settings.trust_remote_code)
-        return make_engine(loaded, max_batch_size=self.settings.max_batch_size, cache=self.settings.cache)
+        return make_engine(loaded, max_batch_size=self.settings.max_batch_size, cache=self.settings.cache,
+                           cuda_graphs=self.settings.cuda_graphs)
 
 
 def ensure_model(settings: Settings):

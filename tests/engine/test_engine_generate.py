@@ -238,6 +238,23 @@ def test_exact_block_cache_gives_the_tokens_of_full_recomputation(loaded, kw):
         assert a.token_ids == b.token_ids and a.forward_passes == b.forward_passes
 
 
+def test_step_graph_protocol_gives_the_tokens_of_the_eager_steps(loaded, engine):
+    """The CUDA-graph step (cuda_graph.py) on a CPU runs its protocol without capture: one static
+    input buffer per round, whole-block logits with the slots taken afterwards, the commit pass
+    through the same forward. It must change no token, no pass count, through continuous batching
+    (batch of 2, rows joining), sampling rows, parallel samplers and an infilling template."""
+    graphed, eager = Engine(loaded, max_batch_size=2, graphs=True), Engine(loaded, max_batch_size=2, graphs=False)
+    assert graphed.scheduler.graphs and not eager.scheduler.graphs
+    specs = MIXED + [("x = 1\n", dict(max_tokens=48, sampler="threshold", threshold=0.004)),
+                     ("y", dict(max_tokens=40, sampler="factor", factor=4.0, presence_penalty=0.8))]
+    requests = requests_for(engine, specs)
+    canvas = engine.encode_template("    total = {{fill:5}}\n    return total + {{fill:3}}\n")
+    requests.append(GenerationRequest(engine.encode_completion("def f(a, b):\n"),
+                                      SamplingParams(max_tokens=len(canvas), block_length=8), template_ids=canvas))
+    for a, b in zip(graphed.generate(requests), eager.generate(requests), strict=True):
+        assert a.token_ids == b.token_ids and a.forward_passes == b.forward_passes
+
+
 def test_stop_string_ends_generation_at_the_block_where_it_appears(engine):
     prompt = engine.encode_completion("stop early")
     plain = engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=96, temperature=1.0, seed=9))])[0]

@@ -32,14 +32,17 @@ class Engine:
     default_block_length = 32  # likewise (diffbatch_default_block_length)
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32, kv_cache: bool = True,
-                 cache: str | None = None, max_batch_tokens: int | None = None):
+                 cache: str | None = None, max_batch_tokens: int | None = None, graphs: bool | None = None):
         """``kv_cache``: reuse finished blocks' keys and values (exact for block-causal models);
         False recomputes the whole prefix at every step, the baseline the cache is tested against.
         ``cache``: "exact" | "delayed" (exact across blocks, committed positions kept within the active
         block: delayed_cache.py) | "none" for block-causal models, "prefix" | "dual" | "none" (Fast-dLLM's
         approximate caches, approx_cache.py) for full-attention ones; None picks from ``kv_cache``.
         With the exact cache, rows are batched continuously (scheduler.py); ``max_batch_tokens`` caps
-        rows x cached positions of the running batch (default: max_batch_size x the model's positions)."""
+        rows x cached positions of the running batch (default: max_batch_size x the model's positions).
+        ``graphs``: with the exact cache, each round's step forward is captured as a CUDA graph and
+        replayed (cuda_graph.py); None = on a CUDA device. True elsewhere runs the same static-shape
+        protocol without capture (whole-block logits), which is how the CPU tests check it."""
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError("max_batch_size must be a positive integer")
         if loaded.family not in SUPPORTED_FAMILIES:
@@ -76,7 +79,8 @@ class Engine:
             self.model, tokenizer=self.tokenizer, mask_token_id=loaded.mask_token_id,
             pad_token_id=loaded.pad_token_id, eos_token_ids=loaded.eos_token_ids, max_batch_size=max_batch_size,
             max_batch_tokens=max_batch_tokens or max_batch_size * self.max_positions, device=self.device,
-            vocab_size=self.vocab_size, delayed=self.cache_mode == "delayed")
+            vocab_size=self.vocab_size, delayed=self.cache_mode == "delayed",
+            graphs=self.device.type == "cuda" if graphs is None else graphs)
         self.healer = TokenHealer(self.tokenizer, self.vocab_size)
 
     # ---- prompts -------------------------------------------------------------------------

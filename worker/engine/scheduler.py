@@ -29,6 +29,7 @@ import torch
 from .params import GenerationRequest, GenerationResult
 from .healing import first_token_mask
 from .postprocess import apply_stop, completion_text, cut_at_eos, finish_row
+from .cuda_graph import BlockStepGraph
 from .delayed_cache import DelayedBlockForward
 from .samplers import RowNoise, denoise_block, token_counts
 
@@ -94,11 +95,14 @@ def _left_pad(tensor: torch.Tensor, length: int, *, dim: int) -> torch.Tensor:
 class BlockScheduler:
     def __init__(self, model, *, tokenizer, mask_token_id: int, pad_token_id: int, eos_token_ids: tuple[int, ...],
                  max_batch_size: int, max_batch_tokens: int, device: torch.device, vocab_size: int,
-                 delayed: bool = False):
+                 delayed: bool = False, graphs: bool = False):
         """``delayed``: inside the active block, stop recomputing committed positions
-        (delayed_cache.py; approximate). Finished blocks are cached exactly either way."""
+        (delayed_cache.py; approximate). Finished blocks are cached exactly either way.
+        ``graphs`` (exact cache only): each round's step forward is one static-shape forward,
+        captured as a CUDA graph on a CUDA device and replayed at every step (cuda_graph.py)."""
         self.model, self.tokenizer, self.device, self.vocab_size = model, tokenizer, device, vocab_size
         self.delayed = delayed
+        self.graphs = graphs and not delayed
         self.mask_token_id, self.pad_token_id, self.eos_token_ids = mask_token_id, pad_token_id, eos_token_ids
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
 
@@ -170,14 +174,22 @@ class BlockScheduler:
         # into the new columns in place, and the last pass leaves the committed block's there.
         cached = batch.key_valid.shape[1]
         key_values = [(_extend(k, block_length), _extend(v, block_length)) for k, v in batch.key_values]
+
+        def run(active_block: torch.Tensor, **logits) -> torch.Tensor:
+            return self.model(input_ids=active_block, past_key_values=key_values, write_offset=cached,
+                              attention_mask=mask, position_ids=positions, **logits).logits
+
         if self.delayed:
             forward = DelayedBlockForward(self.model, key_values, batch.key_valid, positions, self.mask_token_id)
+            commit = lambda clean: run(clean, logits_to_keep=1)  # noqa: E731
+        elif self.graphs:
+            forward = BlockStepGraph(run, block, capture=self.device.type == "cuda")
+            commit = forward.commit
         else:
-            def forward(active_block: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-                # Logits at the still-masked positions only: the vocabulary projection is ~a fifth
-                # of the built-in model's FLOPs a position, and half the block is filled on average.
-                return self.model(input_ids=active_block, past_key_values=key_values, write_offset=cached,
-                                  attention_mask=mask, position_ids=positions, logits_at=slots).logits
+            # Logits at the still-masked positions only: the vocabulary projection is ~a fifth of
+            # the built-in model's FLOPs a position, and half the block is filled on average.
+            forward = lambda active_block, slots: run(active_block, logits_at=slots)  # noqa: E731
+            commit = lambda clean: run(clean, logits_to_keep=1)  # noqa: E731
 
         noise = RowNoise.from_generators([row.generator for row in batch.rows], self.device)
         # Token healing binds a row's first generated token, which opens its first block.
@@ -186,8 +198,7 @@ class BlockScheduler:
                                rows=[row.request.params for row in batch.rows], active=[True] * size,
                                noise=noise, first_allowed=first_token_mask(healings, self.vocab_size, self.device),
                                history=self._history(batch.rows))
-        self.model(input_ids=block, past_key_values=key_values, write_offset=cached, attention_mask=mask,
-                   position_ids=positions, logits_to_keep=1)
+        commit(block)
         batch.key_values, batch.key_valid = key_values, keys
         batch.next_position = batch.next_position + block_length
         for row, tokens, n in zip(batch.rows, block.tolist(), passes):
