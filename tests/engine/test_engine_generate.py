@@ -8,7 +8,7 @@ from torch import nn
 
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
-from worker.engine.params import GenerationRequest, SamplingParams
+from worker.engine.params import GenerationRequest, Healing, SamplingParams
 
 MIXED = [
     ("a", dict(max_tokens=40, temperature=0.0, seed=None)),
@@ -238,20 +238,33 @@ def test_exact_block_cache_gives_the_tokens_of_full_recomputation(loaded, kw):
         assert a.token_ids == b.token_ids and a.forward_passes == b.forward_passes
 
 
-def test_step_graph_protocol_gives_the_tokens_of_the_eager_steps(loaded, engine):
-    """The CUDA-graph step (cuda_graph.py) on a CPU runs its protocol without capture: one static
-    input buffer per round, whole-block logits with the slots taken afterwards, the commit pass
-    through the same forward. It must change no token, no pass count, through continuous batching
-    (batch of 2, rows joining), sampling rows, parallel samplers and an infilling template."""
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy-whole-step", "sampling-forward-only"])
+def test_step_graph_protocol_gives_the_tokens_of_the_eager_steps(loaded, engine, greedy):
+    """The CUDA-graph rounds (cuda_graph.py) on a CPU run their protocol without capture. Greedy
+    rounds: the whole step with static shapes (samplers.GreedyBlockSteps: every position scored,
+    step count and passes on the device, the commit pass one more step). Rounds with sampling rows:
+    one static input buffer, whole-block logits with the slots taken afterwards. Neither may change
+    a token or a pass count, through continuous batching (batch of 2, rows joining), reference rows
+    with fewer steps, parallel samplers, a presence penalty, token healing and an infilling template."""
     graphed, eager = Engine(loaded, max_batch_size=2, graphs=True), Engine(loaded, max_batch_size=2, graphs=False)
     assert graphed.scheduler.graphs and not eager.scheduler.graphs
-    specs = MIXED + [("x = 1\n", dict(max_tokens=48, sampler="threshold", threshold=0.004)),
-                     ("y", dict(max_tokens=40, sampler="factor", factor=4.0, presence_penalty=0.8))]
+    specs = [(text, kw) for text, kw in MIXED if greedy is (kw["temperature"] == 0)] + [
+        ("x = 1\n", dict(max_tokens=48, sampler="threshold", threshold=0.004)),
+        ("y", dict(max_tokens=40, sampler="factor", factor=4.0, presence_penalty=0.8)),
+        ("z", dict(max_tokens=24, steps=8, frequency_penalty=0.5))]
+    if not greedy:
+        specs = [(text, {**kw, "temperature": 0.7, "seed": 1}) for text, kw in specs]
     requests = requests_for(engine, specs)
+    healing = Healing(text="", allowed=(7, 11, 13))  # the first token bound, as token healing does
+    requests.append(GenerationRequest(engine.encode_completion("def f(a, b):"),
+                                      SamplingParams(max_tokens=20, temperature=requests[0].params.temperature),
+                                      healing=healing))
     canvas = engine.encode_template("    total = {{fill:5}}\n    return total + {{fill:3}}\n")
     requests.append(GenerationRequest(engine.encode_completion("def f(a, b):\n"),
                                       SamplingParams(max_tokens=len(canvas), block_length=8), template_ids=canvas))
-    for a, b in zip(graphed.generate(requests), eager.generate(requests), strict=True):
+    results = graphed.generate(requests)
+    assert results[-2].token_ids[0] in healing.allowed
+    for a, b in zip(results, eager.generate(requests), strict=True):
         assert a.token_ids == b.token_ids and a.forward_passes == b.forward_passes
 
 

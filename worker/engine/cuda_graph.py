@@ -9,16 +9,22 @@ step replays it: one launch instead of hundreds. (The technique of vLLM's and SG
 graphs, and of PyTorch's "CUDA Graphs" notes: static input buffers, a warm-up on a side stream;
 written here for a per-round capture.)
 
-What the graph gives up: shapes must be static, so it projects logits for the whole block and the
-still-masked slots are gathered afterwards (``take_slots``), where the eager step projects only
-those. At one token a pass on a GPU that projection is not what costs.
+Two captures, by what the round's rows need:
+  - greedy rows (temperature 0, the default): the whole step, forward and decision
+    (samplers.GreedyBlockSteps), is one graph, so a step is one launch and, for reference rows,
+    no host sync at all;
+  - rows that sample draw their noise from per-request generators, eagerly: only the forward is
+    captured (BlockForwardGraph) and the decision runs as before.
+What a graph gives up: shapes must be static, so it projects logits for the whole block, where the
+eager step projects only the still-masked positions. At one token a pass on a GPU that projection
+is not what costs.
 
-``capture=False`` runs the same protocol eagerly (static input buffer, whole-block logits, slots
-taken afterwards): that is how the CPU tests check it, and what a device without graphs gets.
+``capture=False`` runs the same protocol eagerly: that is how the CPU tests check it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -26,55 +32,63 @@ import torch
 from .cache import take_slots
 
 
-class BlockStepGraph:
-    """``forward(block, slots) -> (B, n, V)`` for one round, and ``commit(block)`` for its last pass.
+class CapturedCall:
+    """``fn()`` run eagerly at the first call (a real call, and the warm-up PyTorch's notes ask
+    for: libraries set up their workspaces outside the capture, on a side stream), then captured,
+    and replayed at every later call. ``fn`` must read and write only tensors that outlive this
+    object and return a tensor or None; its output is the graph's static buffer, overwritten by the
+    next replay. ``capture=False`` calls ``fn`` every time."""
+
+    def __init__(self, fn: Callable[[], torch.Tensor | None], *, capture: bool):
+        self.fn, self.capture = fn, capture
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.output: torch.Tensor | None = None
+
+    def __call__(self) -> torch.Tensor | None:
+        if not self.capture:
+            return self.fn()
+        if self.graph is not None:
+            self.graph.replay()
+            return self.output
+        side = _side_stream(torch.cuda.current_device())
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            output = self.fn()
+        torch.cuda.current_stream().wait_stream(side)
+        # Capturing runs nothing: it costs host time once, and the state fn changes stays as the
+        # eager call left it. Its own memory pool, freed with the graph when the round ends (a pool
+        # shared across rounds' captures tripped an allocator assertion in torch 2.11 on an H200).
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=side):
+            self.output = self.fn()
+        return output
+
+
+class BlockForwardGraph:
+    """``forward(block, slots) -> (B, n, V)`` for one round of rows that sample (their noise comes
+    from per-request generators, drawn eagerly), and ``commit(block)`` for the round's last pass.
 
     ``run(ids)`` must be the round's model forward returning the whole block's logits (B, K, V); it
     writes the block's keys and values into the round's cache columns in place, so running it again
     with other ids is harmless (each run overwrites them before attention reads them).
     """
 
-    def __init__(self, run, block: torch.Tensor, *, capture: bool):
-        self.run, self.capture = run, capture
+    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], block: torch.Tensor, *, capture: bool):
         self.ids = block.clone()  # the graph's static input: every step copies its block here
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
+        self.call = CapturedCall(lambda: run(self.ids), capture=capture)
 
     def __call__(self, block: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        return take_slots(self._logits(block), slots)
+        self.ids.copy_(block)
+        return take_slots(self.call(), slots)
 
     def commit(self, block: torch.Tensor) -> None:
         """The round's last pass: the committed block's keys and values stay in the cache."""
-        self._logits(block)
-
-    def _logits(self, block: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(block)
-        if not self.capture:
-            return self.run(self.ids)
-        if self.graph is None:
-            return self._warm_up_and_capture()
-        self.graph.replay()
-        return self.logits
-
-    def _warm_up_and_capture(self) -> torch.Tensor:
-        # The first step runs eagerly on a side stream (libraries set up their workspaces outside the
-        # capture, as PyTorch's notes ask) and its logits are this step's answer; the capture itself
-        # runs nothing, so it costs host time once and the next steps replay it.
-        side = _side_stream(self.ids.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            logits = self.run(self.ids)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # Its own memory pool: freed with the graph when the round ends (a pool shared across rounds'
-        # captures tripped an allocator assertion in torch 2.11 on an H200).
-        with torch.cuda.graph(self.graph, stream=side):
-            self.logits = self.run(self.ids)
-        return logits
+        self.call()
 
 
 @cache
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
+def _side_stream(device: int) -> torch.cuda.Stream:
     """One side stream per device for every round's warm-up and capture. cuBLAS keeps a workspace
     per stream it runs on: a new stream each round held ~1 GB more at batch 1 on an H200."""
     return torch.cuda.Stream(device=device)

@@ -185,6 +185,57 @@ def parallel_transfer_count(
     return torch.where(mask_index.any(dim=-1), count.clamp(min=1), torch.zeros_like(count))
 
 
+class BlockRules:
+    """A round's per-row sampling settings as device tensors, made once per block (not per step)."""
+
+    def __init__(self, rows: list, block_length: int, device: torch.device):
+        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+        self.temperature = [float(p.temperature) for p in rows]
+        self.temperature_t = as_tensor(self.temperature, torch.float64)  # (B,)
+        use_top_p = any(p.temperature > 0 and p.top_p < 1 for p in rows)
+        self.top_p_t = as_tensor([float(p.top_p) for p in rows], torch.float64) if use_top_p else None  # (B,)
+        self.is_reference = as_tensor([p.sampler == "reference" for p in rows], torch.bool)  # (B,)
+        self.any_parallel = any(p.sampler != "reference" for p in rows)
+        self.by_threshold = as_tensor([p.sampler == "threshold" for p in rows], torch.bool)  # (B,)
+        self.threshold_t = as_tensor([float(p.threshold) for p in rows], torch.float64)  # (B,)
+        self.factor_t = as_tensor([float(p.factor) for p in rows], torch.float64)  # (B,)
+        steps = [p.steps_per_block for p in rows]
+        self.max_steps = max(steps)
+        schedule = num_transfer_schedule(block_length, steps)
+        self.schedule_t = as_tensor([row + [0] * (block_length - len(row)) for row in schedule], torch.long)  # (B, K)
+        self.penalised = any(p.penalised for p in rows)
+        self.frequency_t = as_tensor([float(p.frequency_penalty) for p in rows], torch.float64)  # (B,)
+        self.presence_t = as_tensor([float(p.presence_penalty) for p in rows], torch.float64)  # (B,)
+
+    @property
+    def greedy(self) -> bool:
+        return not any(t > 0 for t in self.temperature)
+
+
+def commit_step(block: torch.Tensor, logits_n: torch.Tensor, slots: torch.Tensor, mask_index: torch.Tensor,
+                num_transfer: torch.Tensor, rules: BlockRules, *, mask_token_id: int,
+                denominator: torch.Tensor | None = None, first_allowed: torch.Tensor | None = None,
+                history: torch.Tensor | None = None) -> None:
+    """One step's decision, written into ``block`` (B, K) in place: predict x0 at ``slots`` (B, n)
+    from their logits (B, n, V), then commit the positions the rows' samplers choose
+    (``num_transfer`` (B,) for reference rows, the confidences for parallel ones)."""
+    penalty = None
+    if rules.penalised:  # what this block committed so far counts as generated too
+        counts = token_counts(block, block != mask_token_id, logits_n.shape[-1])
+        counts = counts if history is None else counts + history
+        penalty = repetition_penalty(counts, rules.frequency_t, rules.presence_t)
+    x0_n, confidence_n = predict_x0(logits_n, rules.temperature_t, rules.top_p_t, denominator, mask_token_id,
+                                    first_allowed, penalty, first_column=slots == 0)
+    x0 = block.scatter(1, slots, x0_n)  # (B, K); committed positions keep their tokens
+    confidence = confidence_n.new_zeros(block.shape).scatter_(1, slots, confidence_n)  # (B, K)
+    if rules.any_parallel:
+        parallel = parallel_transfer_count(confidence, mask_index, rules.by_threshold, rules.threshold_t,
+                                           rules.factor_t)
+        num_transfer = torch.where(rules.is_reference, num_transfer, parallel)
+    transfer = select_transfer(confidence, mask_index, num_transfer)
+    block.copy_(torch.where(transfer, x0, block))
+
+
 def denoise_block(
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -212,25 +263,10 @@ def denoise_block(
     ``history`` (B, V): counts of the tokens generated before this block, for rows with a frequency
     or presence penalty (None: nothing generated yet).
     """
-    block_length, device = end - start, x.device
-    as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
-    temperature = [float(p.temperature) for p in rows]
-    temperature_t = as_tensor(temperature, torch.float64)  # (B,)
-    use_top_p = any(p.temperature > 0 and p.top_p < 1 for p in rows)
-    top_p_t = as_tensor([float(p.top_p) for p in rows], torch.float64) if use_top_p else None  # (B,)
-    is_reference = as_tensor([p.sampler == "reference" for p in rows], torch.bool)  # (B,)
-    any_parallel = any(p.sampler != "reference" for p in rows)
-    by_threshold = as_tensor([p.sampler == "threshold" for p in rows], torch.bool)  # (B,)
-    threshold_t = as_tensor([float(p.threshold) for p in rows], torch.float64)  # (B,)
-    factor_t = as_tensor([float(p.factor) for p in rows], torch.float64)  # (B,)
-    schedule = num_transfer_schedule(block_length, [p.steps_per_block for p in rows])
-    schedule_t = as_tensor([row + [0] * (block_length - len(row)) for row in schedule], torch.long)  # (B, K)
-    active_t = as_tensor(active, torch.bool)[:, None]  # (B, 1)
+    block_length = end - start
+    rules = BlockRules(rows, block_length, x.device)
+    active_t = torch.tensor(active, dtype=torch.bool, device=x.device)[:, None]  # (B, 1)
     passes = [0] * len(rows)
-    penalised = any(p.penalised for p in rows)
-    frequency_t = as_tensor([float(p.frequency_penalty) for p in rows], torch.float64)  # (B,)
-    presence_t = as_tensor([float(p.presence_penalty) for p in rows], torch.float64)  # (B,)
-
     for step in range(block_length):
         block = x[:, start:end]  # (B, K)
         mask_index = (block == mask_token_id) & active_t  # (B, K)
@@ -244,21 +280,52 @@ def denoise_block(
         # so this changes no token), and the forward projects logits for those positions alone.
         slots = (~mask_index).to(torch.int8).argsort(dim=-1, stable=True)[:, : max(masked_counts)]  # (B, n)
         logits_n = forward(x[:, :end], slots)  # (B, n, V)
-        noisy_rows = [r for r, working in enumerate(has_mask) if working and temperature[r] > 0]
-        denominator = noise.gumbel_denominator(noisy_rows, temperature, masked_counts, logits_n.shape)
-        penalty = None
-        if penalised:  # what this block committed so far counts as generated too
-            counts = token_counts(block, block != mask_token_id, logits_n.shape[-1])
-            counts = counts if history is None else counts + history
-            penalty = repetition_penalty(counts, frequency_t, presence_t)
-        x0_n, confidence_n = predict_x0(logits_n, temperature_t, top_p_t, denominator, mask_token_id,
-                                        first_allowed, penalty, first_column=slots == 0)
-        x0 = block.scatter(1, slots, x0_n)  # (B, K); committed positions keep their tokens
-        confidence = confidence_n.new_zeros(block.shape).scatter_(1, slots, confidence_n)  # (B, K)
-        num_transfer = schedule_t[:, step]  # (B,)
-        if any_parallel:
-            parallel = parallel_transfer_count(confidence, mask_index, by_threshold, threshold_t, factor_t)
-            num_transfer = torch.where(is_reference, num_transfer, parallel)
-        transfer = select_transfer(confidence, mask_index, num_transfer)
-        x[:, start:end] = torch.where(transfer, x0, block)
+        noisy_rows = [r for r, working in enumerate(has_mask) if working and rules.temperature[r] > 0]
+        denominator = noise.gumbel_denominator(noisy_rows, rules.temperature, masked_counts, logits_n.shape)
+        commit_step(block, logits_n, slots, mask_index, rules.schedule_t[:, step], rules,
+                    mask_token_id=mask_token_id, denominator=denominator, first_allowed=first_allowed,
+                    history=history)
     return passes
+
+
+class GreedyBlockSteps:
+    """A greedy round's steps with static shapes and no host sync inside a step, so a whole step
+    (forward and decision) can be captured as one CUDA graph (cuda_graph.py): every position of the
+    block is scored (the committed ones are never chosen), and the step count and each row's passes
+    live on the device. Gives the tokens and pass counts of ``denoise_block`` for rows at
+    temperature 0 (greedy needs no per-row noise, the one thing a graph could not draw)."""
+
+    def __init__(self, block: torch.Tensor, rows: list, *, mask_token_id: int,
+                 first_allowed: torch.Tensor | None = None, history: torch.Tensor | None = None):
+        size, length = block.shape
+        self.block, self.mask_token_id = block, mask_token_id  # (B, K), denoised in place
+        self.rules = BlockRules(rows, length, block.device)
+        if not self.rules.greedy:
+            raise ValueError("GreedyBlockSteps serves rows at temperature 0 only")
+        self.first_allowed, self.history = first_allowed, history
+        self.slots = torch.arange(length, device=block.device).expand(size, length)  # every position
+        self.step = torch.zeros((size, 1), dtype=torch.long, device=block.device)
+        self.passes = torch.zeros(size, dtype=torch.long, device=block.device)
+
+    def __call__(self, forward_block: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """One step: ``forward_block(block)`` gives the whole block's logits (B, K, V). Once no mask
+        is left a step changes no token (and, in the scheduler, leaves the clean block's keys and
+        values in the cache)."""
+        mask_index = self.block == self.mask_token_id  # (B, K)
+        logits = forward_block(self.block)
+        last = self.rules.schedule_t.shape[1] - 1  # past a row's steps its schedule is 0 anyway
+        num_transfer = self.rules.schedule_t.gather(1, self.step.clamp(max=last)).squeeze(1)  # (B,)
+        commit_step(self.block, logits, self.slots, mask_index, num_transfer, self.rules,
+                    mask_token_id=self.mask_token_id, first_allowed=self.first_allowed, history=self.history)
+        self.passes += mask_index.any(dim=-1)
+        self.step += 1
+
+    def run(self, step: Callable[[], None]) -> list[int]:
+        """Denoise the block with ``step`` (this object's step, maybe replayed from a graph); returns
+        each row's passes. Reference rows take a fixed number of steps, so only parallel rows make
+        the host look at the block (once a step) to know when it is done."""
+        for _ in range(self.rules.max_steps if not self.rules.any_parallel else self.block.shape[1]):
+            step()
+            if self.rules.any_parallel and not bool((self.block == self.mask_token_id).any()):
+                break
+        return self.passes.tolist()

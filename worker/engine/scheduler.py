@@ -29,9 +29,9 @@ import torch
 from .params import GenerationRequest, GenerationResult
 from .healing import first_token_mask
 from .postprocess import apply_stop, completion_text, cut_at_eos, finish_row
-from .cuda_graph import BlockStepGraph
+from .cuda_graph import BlockForwardGraph, CapturedCall
 from .delayed_cache import DelayedBlockForward
-from .samplers import RowNoise, denoise_block, token_counts
+from .samplers import GreedyBlockSteps, RowNoise, denoise_block, token_counts
 
 
 @dataclass
@@ -179,26 +179,35 @@ class BlockScheduler:
             return self.model(input_ids=active_block, past_key_values=key_values, write_offset=cached,
                               attention_mask=mask, position_ids=positions, **logits).logits
 
-        if self.delayed:
-            forward = DelayedBlockForward(self.model, key_values, batch.key_valid, positions, self.mask_token_id)
-            commit = lambda clean: run(clean, logits_to_keep=1)  # noqa: E731
-        elif self.graphs:
-            forward = BlockStepGraph(run, block, capture=self.device.type == "cuda")
-            commit = forward.commit
-        else:
-            # Logits at the still-masked positions only: the vocabulary projection is ~a fifth of
-            # the built-in model's FLOPs a position, and half the block is filled on average.
-            forward = lambda active_block, slots: run(active_block, logits_at=slots)  # noqa: E731
-            commit = lambda clean: run(clean, logits_to_keep=1)  # noqa: E731
-
-        noise = RowNoise.from_generators([row.generator for row in batch.rows], self.device)
+        params = [row.request.params for row in batch.rows]
         # Token healing binds a row's first generated token, which opens its first block.
         healings = [None if row.generated else row.request.healing for row in batch.rows]
-        passes = denoise_block(forward, block, 0, block_length, mask_token_id=self.mask_token_id,
-                               rows=[row.request.params for row in batch.rows], active=[True] * size,
-                               noise=noise, first_allowed=first_token_mask(healings, self.vocab_size, self.device),
-                               history=self._history(batch.rows))
-        commit(block)
+        first_allowed = first_token_mask(healings, self.vocab_size, self.device)
+        history = self._history(batch.rows)
+        capture = self.device.type == "cuda"
+        if self.graphs and all(p.temperature == 0 for p in params):
+            steps = GreedyBlockSteps(block, params, mask_token_id=self.mask_token_id,
+                                     first_allowed=first_allowed, history=history)
+            step = CapturedCall(lambda: steps(run), capture=capture)
+            passes = steps.run(step)
+            step()  # no mask is left: the step only leaves the clean block's keys and values cached
+        else:
+            if self.delayed:
+                forward = DelayedBlockForward(self.model, key_values, batch.key_valid, positions, self.mask_token_id)
+                commit = lambda clean: run(clean, logits_to_keep=1)  # noqa: E731
+            elif self.graphs:
+                forward = BlockForwardGraph(run, block, capture=capture)
+                commit = forward.commit
+            else:
+                # Logits at the still-masked positions only: the vocabulary projection is ~a fifth of
+                # the built-in model's FLOPs a position, and half the block is filled on average.
+                forward = lambda active_block, slots: run(active_block, logits_at=slots)  # noqa: E731
+                commit = lambda clean: run(clean, logits_to_keep=1)  # noqa: E731
+            noise = RowNoise.from_generators([row.generator for row in batch.rows], self.device)
+            passes = denoise_block(forward, block, 0, block_length, mask_token_id=self.mask_token_id,
+                                   rows=params, active=[True] * size, noise=noise, first_allowed=first_allowed,
+                                   history=history)
+            commit(block)
         batch.key_values, batch.key_valid = key_values, keys
         batch.next_position = batch.next_position + block_length
         for row, tokens, n in zip(batch.rows, block.tolist(), passes):
