@@ -28,13 +28,14 @@ DEFAULT_SAMPLERS = "reference,threshold 0.9,factor 1.0"
 
 
 def sampler_options(label: str) -> dict:
-    """Diffusion options for a label: ``reference``, ``threshold TAU`` or ``factor F``."""
+    """Diffusion options for a label: ``reference``, ``reference STEPS`` (steps per block),
+    ``threshold TAU`` or ``factor F``."""
     name, _, value = label.strip().partition(" ")
-    if name == "reference" and not value:
-        return {"sampler": "reference"}
+    if name == "reference":
+        return {"sampler": "reference", **({"steps": int(value)} if value else {})}
     if name in ("threshold", "factor") and value:
         return {"sampler": name, name: float(value)}
-    raise SystemExit(f"--samplers: {label!r} is not 'reference', 'threshold TAU' or 'factor F'")
+    raise SystemExit(f"--samplers: {label!r} is not 'reference', 'reference STEPS', 'threshold TAU' or 'factor F'")
 
 
 # The stop sequences of the Codex/HumanEval evaluation (Chen et al. 2021, arXiv:2107.03374): a line

@@ -19,7 +19,7 @@ What a graph gives up: shapes must be static, so it projects logits for the whol
 eager step projects only the still-masked positions. At one token a pass on a GPU that projection
 is not what costs.
 
-``capture=False`` runs the same protocol eagerly: that is how the CPU tests check it.
+On a CPU the same protocol runs eagerly: that is how the tests check it.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ class CapturedCall:
     for: libraries set up their workspaces outside the capture, on a side stream), then captured,
     and replayed at every later call. ``fn`` must read and write only tensors that outlive this
     object and return a tensor or None; its output is the graph's static buffer, overwritten by the
-    next replay. ``capture=False`` calls ``fn`` every time."""
+    next replay. On a device other than CUDA it calls ``fn`` every time."""
 
-    def __init__(self, fn: Callable[[], torch.Tensor | None], *, capture: bool):
-        self.fn, self.capture = fn, capture
+    def __init__(self, fn: Callable[[], torch.Tensor | None], device: torch.device):
+        self.fn, self.device, self.capture = fn, device, device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: torch.Tensor | None = None
 
@@ -50,17 +50,18 @@ class CapturedCall:
         if self.graph is not None:
             self.graph.replay()
             return self.output
-        side = _side_stream(torch.cuda.current_device())
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            output = self.fn()
-        torch.cuda.current_stream().wait_stream(side)
-        # Capturing runs nothing: it costs host time once, and the state fn changes stays as the
-        # eager call left it. Its own memory pool, freed with the graph when the round ends (a pool
-        # shared across rounds' captures tripped an allocator assertion in torch 2.11 on an H200).
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=side):
-            self.output = self.fn()
+        with torch.cuda.device(self.device):  # the model's GPU, whichever is current
+            side = _side_stream(torch.cuda.current_device())
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                output = self.fn()
+            torch.cuda.current_stream().wait_stream(side)
+            # Capturing runs nothing: it costs host time once, and the state fn changes stays as the
+            # eager call left it. Its own memory pool, freed with the graph when the round ends (a pool
+            # shared across rounds' captures tripped an allocator assertion in torch 2.11 on an H200).
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=side):
+                self.output = self.fn()
         return output
 
 
@@ -73,9 +74,9 @@ class BlockForwardGraph:
     with other ids is harmless (each run overwrites them before attention reads them).
     """
 
-    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], block: torch.Tensor, *, capture: bool):
+    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], block: torch.Tensor):
         self.ids = block.clone()  # the graph's static input: every step copies its block here
-        self.call = CapturedCall(lambda: run(self.ids), capture=capture)
+        self.call = CapturedCall(lambda: run(self.ids), block.device)
 
     def __call__(self, block: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(block)

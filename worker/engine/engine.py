@@ -40,9 +40,10 @@ class Engine:
         approximate caches, approx_cache.py) for full-attention ones; None picks from ``kv_cache``.
         With the exact cache, rows are batched continuously (scheduler.py); ``max_batch_tokens`` caps
         rows x cached positions of the running batch (default: max_batch_size x the model's positions).
-        ``graphs``: with the exact cache, each round's step forward is captured as a CUDA graph and
-        replayed (cuda_graph.py); None = on a CUDA device. True elsewhere runs the same static-shape
-        protocol without capture (whole-block logits), which is how the CPU tests check it."""
+        ``graphs``: with the exact cache, each round's step (greedy rounds) or forward (rounds with
+        sampling rows) is captured as a CUDA graph and replayed (cuda_graph.py); None = on a CUDA
+        device. True elsewhere runs the same static-shape protocol without capture, which is how the
+        CPU tests check it."""
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError("max_batch_size must be a positive integer")
         if loaded.family not in SUPPORTED_FAMILIES:

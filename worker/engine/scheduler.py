@@ -184,25 +184,23 @@ class BlockScheduler:
         healings = [None if row.generated else row.request.healing for row in batch.rows]
         first_allowed = first_token_mask(healings, self.vocab_size, self.device)
         history = self._history(batch.rows)
-        capture = self.device.type == "cuda"
         if self.graphs and all(p.temperature == 0 for p in params):
             steps = GreedyBlockSteps(block, params, mask_token_id=self.mask_token_id,
                                      first_allowed=first_allowed, history=history)
-            step = CapturedCall(lambda: steps(run), capture=capture)
+            step = CapturedCall(lambda: steps(run), self.device)
             passes = steps.run(step)
             step()  # no mask is left: the step only leaves the clean block's keys and values cached
         else:
+            commit = lambda clean: run(clean, logits_to_keep=1)  # noqa: E731
             if self.delayed:
                 forward = DelayedBlockForward(self.model, key_values, batch.key_valid, positions, self.mask_token_id)
-                commit = lambda clean: run(clean, logits_to_keep=1)  # noqa: E731
             elif self.graphs:
-                forward = BlockForwardGraph(run, block, capture=capture)
+                forward = BlockForwardGraph(run, block)
                 commit = forward.commit
             else:
                 # Logits at the still-masked positions only: the vocabulary projection is ~a fifth of
                 # the built-in model's FLOPs a position, and half the block is filled on average.
                 forward = lambda active_block, slots: run(active_block, logits_at=slots)  # noqa: E731
-                commit = lambda clean: run(clean, logits_to_keep=1)  # noqa: E731
             noise = RowNoise.from_generators([row.generator for row in batch.rows], self.device)
             passes = denoise_block(forward, block, 0, block_length, mask_token_id=self.mask_token_id,
                                    rows=params, active=[True] * size, noise=noise, first_allowed=first_allowed,
