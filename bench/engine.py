@@ -197,6 +197,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", help="checkpoint folder (default: the built-in model)")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (the engine's default: "
+                        "bfloat16 on CUDA, float32 elsewhere)")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batches", default="1,8,32,64", help="comma-separated batch sizes")
     parser.add_argument("--recompute-up-to", type=int, default=32,
@@ -213,7 +215,7 @@ def main(argv: list[str]) -> int:
                         "architecture at this shape instead of the checkpoint's (speed only)")
     args = parser.parse_args(argv[1:])
     path = args.model or str(Settings().model_path)
-    loaded = load_model(path, device=args.device)
+    loaded = load_model(path, device=args.device, dtype=args.dtype)
     if args.random_shape:
         loaded = with_random_weights(loaded, args.random_shape, args.device)
         path = f"{loaded.name} ({sum(p.numel() for p in loaded.model.parameters()) / 1e6:.0f}M parameters)"

@@ -66,6 +66,8 @@ def measure(engine: Engine, prompts, new_tokens: int, options: dict, healing: bo
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint folder (default: the built-in model)")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (the engine's default: "
+                        "bfloat16 on CUDA, float32 elsewhere)")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
@@ -86,7 +88,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv[1:])
     path = args.model or str(Settings().model_path)
-    loaded = load_model(path)
+    loaded = load_model(path, dtype=args.dtype)
     engines = {cache: Engine(loaded, max_batch_size=args.batch, cache=cache) for cache in args.caches.split(",")}
     args.block_length = args.block_length or next(iter(engines.values())).default_block_length
     _, held_out = split(list_sources())
