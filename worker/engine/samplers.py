@@ -20,6 +20,7 @@ the single most confident position, so a block always finishes. Rows of one batc
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import accumulate
 
 import torch
 
@@ -199,10 +200,9 @@ class BlockRules:
         self.by_threshold = as_tensor([p.sampler == "threshold" for p in rows], torch.bool)  # (B,)
         self.threshold_t = as_tensor([float(p.threshold) for p in rows], torch.float64)  # (B,)
         self.factor_t = as_tensor([float(p.factor) for p in rows], torch.float64)  # (B,)
-        steps = [p.steps_per_block for p in rows]
-        self.max_steps = max(steps)
-        schedule = num_transfer_schedule(block_length, steps)
-        self.schedule_t = as_tensor([row + [0] * (block_length - len(row)) for row in schedule], torch.long)  # (B, K)
+        self.schedule = num_transfer_schedule(block_length, [p.steps_per_block for p in rows])
+        self.schedule_t = as_tensor([row + [0] * (block_length - len(row)) for row in self.schedule],
+                                    torch.long)  # (B, K)
         self.penalised = any(p.penalised for p in rows)
         self.frequency_t = as_tensor([float(p.frequency_penalty) for p in rows], torch.float64)  # (B,)
         self.presence_t = as_tensor([float(p.presence_penalty) for p in rows], torch.float64)  # (B,)
@@ -322,9 +322,16 @@ class GreedyBlockSteps:
 
     def run(self, step: Callable[[], None]) -> list[int]:
         """Denoise the block with ``step`` (this object's step, maybe replayed from a graph); returns
-        each row's passes. Reference rows take a fixed number of steps, so only parallel rows make
-        the host look at the block (once a step) to know when it is done."""
-        for _ in range(self.rules.max_steps if not self.rules.any_parallel else self.block.shape[1]):
+        each row's passes. A reference row commits its schedule's count a step (fewer once its
+        masks run out), so the steps a reference-only round needs are known from the masks it starts
+        with; only parallel rows make the host look at the block after every step."""
+        masked = (self.block == self.mask_token_id).sum(dim=-1).tolist()  # once a round
+        if self.rules.any_parallel:
+            steps = self.block.shape[1]
+        else:  # a template's fixed text leaves fewer masks than the schedule plans for
+            steps = max(sum(done < m for done in accumulate(schedule)) + (m > 0)
+                        for schedule, m in zip(self.rules.schedule, masked))
+        for _ in range(steps):
             step()
             if self.rules.any_parallel and not bool((self.block == self.mask_token_id).any()):
                 break
