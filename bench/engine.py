@@ -12,6 +12,7 @@ Prints tokens/s and ratios for, at each batch size:
     committed positions of the active block are not run again; worker/engine/delayed_cache.py);
   - with --caches exact,graph (the default on CUDA), each sampler again with the exact cache and each
     round's step replayed from a CUDA graph (worker/engine/cuda_graph.py); "exact" rows run eagerly;
+    under each graph row, the host time its rounds spent outside replays (eager first steps, captures);
   - an autoregressive Llama of the same width and depth decoding with its KV cache
     (transformers' generate, greedy, exactly --new-tokens tokens);
 and, per engine mode, forward passes per token, achieved FLOP/s as a share of this machine's
@@ -36,6 +37,7 @@ import torch
 
 from common.settings import Settings
 from quality import sampler_options  # bench/ is the script's folder, so first on sys.path
+from worker.engine import cuda_graph
 from worker.engine.builtin import DiffbatchMDMForMaskedDiffusion
 from worker.engine.builtin.create import config_for
 from worker.engine.engine import Engine
@@ -99,6 +101,26 @@ def count_flops(model) -> dict:
     return total
 
 
+def time_graph_rounds() -> dict:
+    """Host seconds the CUDA-graph rounds spend outside their replays: the eager first step of each
+    round and its capture (worker/engine/cuda_graph.py), summed since the caller last reset them."""
+    spent = {"captures": 0, "capture_s": 0.0, "first_step_s": 0.0}
+
+    def timed(name: str, fn):
+        def wrapper(*args):
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                spent[name] += time.perf_counter() - start
+                spent["captures"] += name == "capture_s"
+        return wrapper
+
+    cuda_graph._capture = timed("capture_s", cuda_graph._capture)
+    cuda_graph._on_side_stream = timed("first_step_s", cuda_graph._on_side_stream)
+    return spent
+
+
 def with_random_weights(loaded, shape: str, device: str):
     """The built-in architecture at HIDDENxLAYERSxHEADS (MLP width 8/3 hidden, rounded to 64), random
     weights built on the device in the loaded model's dtype; tokenizer and special ids unchanged."""
@@ -139,7 +161,7 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def run_engine(loaded, device, batch, prompts, new_tokens, options, cache, counter) -> dict:
+def run_engine(loaded, device, batch, prompts, new_tokens, options, cache, counter, rounds) -> dict:
     engine = Engine(loaded, max_batch_size=batch, cache="exact" if cache == "graph" else cache,
                     graphs=cache == "graph")
     requests = [GenerationRequest(engine.encode_completion(p), SamplingParams(max_tokens=new_tokens, **options))
@@ -148,6 +170,7 @@ def run_engine(loaded, device, batch, prompts, new_tokens, options, cache, count
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     counter["flops"] = 0.0
+    rounds.update(captures=0, capture_s=0.0, first_step_s=0.0)
     sync(device)
     start = time.perf_counter()
     results = engine.generate(requests)
@@ -156,7 +179,7 @@ def run_engine(loaded, device, batch, prompts, new_tokens, options, cache, count
     tokens = sum(len(r.token_ids) for r in results)
     passes = sum(r.forward_passes for r in results) / len(results)
     return {"tokens": tokens, "seconds": seconds, "passes_per_token": passes / new_tokens,
-            "flops": counter["flops"], "memory_mb": peak_memory_mb(device)}
+            "flops": counter["flops"], "memory_mb": peak_memory_mb(device), "rounds": dict(rounds)}
 
 
 def run_autoregressive(config, device, dtype, batch, prompts, new_tokens, tokenizer) -> dict:
@@ -221,6 +244,7 @@ def main(argv: list[str]) -> int:
         path = f"{loaded.name} ({sum(p.numel() for p in loaded.model.parameters()) / 1e6:.0f}M parameters)"
     dtype = next(loaded.model.parameters()).dtype
     counter = count_flops(loaded.model)
+    rounds = time_graph_rounds()
     default_block = Engine(loaded).default_block_length
     blocks = tuple(int(b) for b in args.block_lengths.split(",")) if args.block_lengths else tuple(
         dict.fromkeys([32, default_block]))
@@ -241,7 +265,7 @@ def main(argv: list[str]) -> int:
         for label, (options, cache) in modes(args.samplers, caches, blocks).items():
             if cache == "none" and batch > args.recompute_up_to:
                 continue
-            row = run_engine(loaded, args.device, batch, prompts, args.new_tokens, options, cache, counter)
+            row = run_engine(loaded, args.device, batch, prompts, args.new_tokens, options, cache, counter, rounds)
             rate = row["tokens"] / row["seconds"]
             baseline = baseline or (rate if cache == "none" else None)
             achieved = row["flops"] / row["seconds"]
@@ -249,6 +273,10 @@ def main(argv: list[str]) -> int:
             print(f"{batch:>5} {label:40} {row['tokens']:>7} {row['seconds']:>8.2f} {rate:>9.1f} {versus} "
                   f"{rate / ar_rate:>5.2f}x {row['passes_per_token']:>10.3f} {row['flops'] / row['tokens'] / 1e6:>9.1f} "
                   f"{achieved / 1e9:>8.2f} {100 * achieved / peak:>6.1f}% {row['memory_mb']:>8.0f}")
+            if row["rounds"]["captures"]:
+                spent = row["rounds"]
+                print(f"{'':>5}   of which, host time: {spent['first_step_s']:.2f} s in the eager first steps and "
+                      f"{spent['capture_s']:.2f} s in the captures of {spent['captures']} rounds")
             rows.append((label, rate))
         versus = f"{ar_rate / baseline:>6.2f}x" if baseline else f"{'-':>7}"
         print(f"{batch:>5} {'autoregressive (generate)':40} {ar['tokens']:>7} {ar['seconds']:>8.2f} "
