@@ -10,7 +10,8 @@ and the mean position of the first differing token among those that did not:
   - on the device, the block cache against full recomputation, in float32;
   - on the device, steps replayed from a CUDA graph (the default there) against eager steps, in
     float32 and in the default dtype (worker/engine/cuda_graph.py).
-The tests hold the last two exactly on the CPU; this shows how far they hold on the device.
+The tests hold the batch, cache and graph comparisons exactly on the CPU; this shows how far they
+hold on the device.
 """
 
 from __future__ import annotations

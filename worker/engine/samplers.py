@@ -325,10 +325,10 @@ class GreedyBlockSteps:
         each row's passes. A reference row commits its schedule's count a step (fewer once its
         masks run out), so the steps a reference-only round needs are known from the masks it starts
         with; only parallel rows make the host look at the block after every step."""
-        masked = (self.block == self.mask_token_id).sum(dim=-1).tolist()  # once a round
         if self.rules.any_parallel:
             steps = self.block.shape[1]
         else:  # a template's fixed text leaves fewer masks than the schedule plans for
+            masked = (self.block == self.mask_token_id).sum(dim=-1).tolist()  # once a round
             steps = max(sum(done < m for done in accumulate(schedule)) + (m > 0)
                         for schedule, m in zip(self.rules.schedule, masked))
         for _ in range(steps):
