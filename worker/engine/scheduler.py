@@ -191,16 +191,7 @@ class BlockScheduler:
             passes = steps.run(step)
             step()  # no mask is left: the step only leaves the clean block's keys and values cached
         else:
-            commit = lambda clean: run(clean, logits_to_keep=1)  # noqa: E731
-            if self.delayed:
-                forward = DelayedBlockForward(self.model, key_values, batch.key_valid, positions, self.mask_token_id)
-            elif self.graphs:
-                forward = BlockForwardGraph(run, block)
-                commit = forward.commit
-            else:
-                # Logits at the still-masked positions only: the vocabulary projection is ~a fifth of
-                # the built-in model's FLOPs a position, and half the block is filled on average.
-                forward = lambda active_block, slots: run(active_block, logits_at=slots)  # noqa: E731
+            forward, commit = self._step_forward(run, block, key_values, batch.key_valid, positions)
             noise = RowNoise.from_generators([row.generator for row in batch.rows], self.device)
             passes = denoise_block(forward, block, 0, block_length, mask_token_id=self.mask_token_id,
                                    rows=params, active=[True] * size, noise=noise, first_allowed=first_allowed,
@@ -211,6 +202,18 @@ class BlockScheduler:
         for row, tokens, n in zip(batch.rows, block.tolist(), passes):
             row.generated.extend(tokens)
             row.passes += n
+
+    def _step_forward(self, run, block, key_values, key_valid, positions):
+        """The eager loop's ``forward(block, slots)`` for this round, and its commit pass."""
+        commit = lambda clean: run(clean, logits_to_keep=1)  # noqa: E731
+        if self.delayed:
+            return DelayedBlockForward(self.model, key_values, key_valid, positions, self.mask_token_id), commit
+        if self.graphs:  # rows that sample: the forward alone is captured
+            graph = BlockForwardGraph(run, block)
+            return graph, graph.commit
+        # Logits at the still-masked positions only: the vocabulary projection is ~a fifth of the
+        # built-in model's FLOPs a position, and half the block is filled on average.
+        return (lambda active_block, slots: run(active_block, logits_at=slots)), commit
 
     def _history(self, rows: list[Row]) -> torch.Tensor | None:
         """Counts of each row's generated tokens (B, V), when a row has a repetition penalty."""
