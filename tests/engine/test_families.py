@@ -186,6 +186,25 @@ def test_full_attention_layout_masks_padding_only():
     assert layout.position_ids[1].tolist() == [0, 0, 1, 2, 3, 4]
 
 
+def test_layout_of_rows_at_different_blocks():
+    """Continuous batching lays rows out again each round: a row's committed blocks follow its prompt,
+    each its own block of the block-causal mask, and its canvas ends at its own length."""
+    layout = build_layout([[5, 6], [7]], committed=[[], [8, 9]], gen_length=[4, 2], block_length=2,
+                          pad_token_id=0, mask_token_id=1, device="cpu")
+    assert layout.prompt_length == 3 and layout.block_span(0) == (3, 5)
+    assert layout.x.tolist() == [[0, 5, 6, 1, 1, 1, 1], [7, 8, 9, 1, 1, 0, 0]]
+    assert layout.position_ids[1, :5].tolist() == [0, 1, 2, 3, 4]
+    # Row 1: its prompt [7] is block 0, [8, 9] block 1, the active block [1, 1] block 2.
+    sees = layout.attention_mask[1, 0].int().tolist()
+    assert sees[0] == [1, 0, 0, 0, 0, 0, 0]  # the prompt sees no generated token
+    assert sees[1] == sees[2] == [1, 1, 1, 0, 0, 0, 0]
+    assert sees[3] == [1, 1, 1, 1, 1, 0, 0]  # the right padding is nobody's key
+    assert layout.attention_mask[0, 0, 3].int().tolist() == [0, 1, 1, 1, 1, 0, 0]
+    full = build_layout([[5, 6], [7]], committed=[[], [8, 9]], gen_length=[4, 2], block_length=2,
+                        pad_token_id=0, mask_token_id=1, device="cpu", full_attention=True)
+    assert full.attention_mask[1, 0, 0].int().tolist() == [1, 1, 1, 1, 1, 0, 0]
+
+
 def test_block_logits_are_read_with_the_family_shift(family_loaded):
     """LLaDA scores column i at column i; Dream at column i - 1 (its AR parent's alignment)."""
     family, loaded = family_loaded
@@ -205,17 +224,67 @@ def test_block_logits_are_read_with_the_family_shift(family_loaded):
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+MIXED = [  # lengths, samplers and seeds that differ, so batch-mates differ in every way
+    ("hi", dict(max_tokens=20, temperature=0.0)),
+    ("a much longer prompt than the others", dict(max_tokens=5, temperature=0.9, seed=3)),
+    ("mid length", dict(max_tokens=12, sampler="threshold", threshold=0.2)),
+    ("x", dict(max_tokens=8, temperature=0.7, seed=5, steps=2, presence_penalty=0.5)),
+]
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_generation_runs_and_batch_of_n_equals_n_batches_of_one(family_loaded, mode):
+def test_a_row_gets_the_tokens_it_gets_alone_whatever_its_batch_mates(family_loaded, mode):
+    """Under full attention a row sees its whole canvas, the still-masked blocks included, so its
+    canvas must end at its own max_tokens, not at its longest batch-mate's (the old fixed batches
+    gave a row other tokens next to a longer one). Continuous batching (2 rows at a time) must not
+    change a token either."""
     _, loaded = family_loaded
-    engine = Engine(loaded, max_batch_size=8, cache=mode)
-    requests = requests_for(engine, max_tokens=12, block_length=4, temperature=0.0)
+    engine = Engine(loaded, max_batch_size=2, cache=mode)
+    requests = [GenerationRequest(engine.encode_completion(p), SamplingParams(block_length=4, **kw))
+                for p, kw in MIXED]
     batched = engine.generate(requests)
-    for request, together in zip(requests, batched):
-        assert together.token_ids == engine.generate([request])[0].token_ids
+    for (_, kw), request, together in zip(MIXED, requests, batched):
+        alone = engine.generate([request])[0]
+        assert together.token_ids == alone.token_ids and together.forward_passes == alone.forward_passes
         assert loaded.mask_token_id not in together.token_ids
-        assert together.finish_reason in ("stop", "length") and len(together.token_ids) <= 12
-        assert together.forward_passes <= 12  # 3 blocks x 4 steps at most (fewer after EOS)
+        assert together.finish_reason in ("stop", "length") and len(together.token_ids) <= kw["max_tokens"]
+        blocks = -(-kw["max_tokens"] // 4)
+        assert together.forward_passes <= blocks * 4  # at most one token a pass (fewer after EOS)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_finished_rows_leave_and_waiting_ones_join(family_loaded, mode):
+    """A batch of 2 serves 4 requests: the 20-token row is admitted first (shortest prompt), and the
+    short ones pass through the other slot and stream out while it runs, instead of waiting for it."""
+    _, loaded = family_loaded
+    engine = Engine(loaded, max_batch_size=2, cache=mode)
+    specs = [("z", 20), ("aa", 4), ("bb", 4), ("cc", 4)]
+    requests = [GenerationRequest(engine.encode_completion(p), SamplingParams(max_tokens=n, block_length=4,
+                                                                              temperature=0.0))
+                for p, n in specs]
+    assert [i for i, _ in engine.stream(requests)] == [1, 2, 3, 0]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_infilling_holes_see_the_template_text_after_them(family_loaded, mode):
+    """Full attention sees the whole canvas: a hole in the first block is filled knowing the
+    template's text in later blocks (block-causal models cannot), the text is kept as written, and
+    a batch-mate changes nothing."""
+    _, loaded = family_loaded
+    engine = Engine(loaded, max_batch_size=4, cache=mode)
+    prompt = engine.encode_completion("def f(a):")
+    fills = []
+    for suffix in ("return a", "pass # a", "print(a)"):  # one length: only the text differs
+        canvas = engine.encode_template("{{fill:4}}" + suffix + "{{fill:2}}")
+        request = GenerationRequest(prompt, SamplingParams(max_tokens=len(canvas), block_length=4,
+                                                           temperature=0.0), template_ids=canvas)
+        [result] = engine.generate([request])
+        assert len(result.token_ids) == len(canvas)
+        assert all(got == want for got, want in zip(result.token_ids, canvas) if want is not None)
+        mates = requests_for(engine, max_tokens=8, block_length=4, temperature=0.5, seed=1)
+        assert engine.generate([*mates, request])[-1].token_ids == result.token_ids
+        fills.append(result.token_ids[:4])
+    assert len({tuple(f) for f in fills}) > 1  # the first hole depends on the text that follows it
 
 
 @pytest.mark.parametrize("mode", ("prefix", "dual"))

@@ -1,9 +1,10 @@
 """Token canvas, position ids and block-causal attention mask of a padded batch.
 
-Layout of one batch (P = longest prompt, G = generation length, a multiple of block_length):
+Layout of one batch (P = longest prompt, G = longest generation, a multiple of block_length):
 
     columns  [0, P)            the prompts, left-padded so every prompt ends at column P
-    columns  [P, P + G)        G [MASK] tokens, generation block j = columns P + j*bl .. P + (j+1)*bl
+    columns  [P, P + G)        [MASK] tokens, generation block j = columns P + j*bl .. P + (j+1)*bl;
+                               a row with a shorter generation is right-padded past its own end
 
 Block index of a column: 0 for the prompt (one bidirectional prefix block, as a prefix LM), and
 1 + j for generation block j. A query may attend to a key iff the key is not padding and the key's
@@ -23,8 +24,8 @@ class BatchLayout:
     x: torch.Tensor  # (B, P + G) long: prompts and [MASK]s, denoised in place
     position_ids: torch.Tensor  # (B, P + G) long
     attention_mask: torch.Tensor  # (B, 1, P + G, P + G) bool, True = may attend
-    prompt_length: int  # P
-    gen_length: int  # G
+    prompt_length: int  # P: the active generation starts here (after prompts and committed blocks)
+    gen_length: int  # G, the longest row's
     block_length: int
     full_attention: bool = False  # padding-only mask: every column sees every real column
 
@@ -41,39 +42,52 @@ class BatchLayout:
 def build_layout(
     prompts: list[list[int]],
     *,
-    gen_length: int,
+    gen_length: int | list[int],
     block_length: int,
     pad_token_id: int,
     mask_token_id: int,
     device: torch.device | str,
     full_attention: bool = False,
+    committed: list[list[int]] | None = None,
 ) -> BatchLayout:
-    """``full_attention`` (LLaDA, Dream): every token attends to every real token, the whole canvas,
-    prompt and all blocks, as those models were trained; the mask then only hides padding."""
-    if gen_length % block_length != 0:
-        raise ValueError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
+    """``gen_length``: one for every row, or each row's own. ``committed``: each row's generated
+    blocks so far, placed after its prompt (whole blocks, each its own block of the mask); the
+    layout's generation then starts after them, and P counts them. ``full_attention`` (LLaDA,
+    Dream): every token attends to every real token, the whole canvas, prompt and all blocks, as
+    those models were trained; the mask then only hides padding. So under full attention a row's
+    canvas must be its own length: the still-masked columns it sees change its tokens."""
     batch = len(prompts)
-    prompt_length = max(len(p) for p in prompts)
+    gen_lengths = [gen_length] * batch if isinstance(gen_length, int) else list(gen_length)
+    committed = committed or [[] for _ in prompts]
+    if len(gen_lengths) != batch or len(committed) != batch:
+        raise ValueError(f"{len(gen_lengths)} generation lengths and {len(committed)} histories for {batch} prompts")
+    for length in [*gen_lengths, *(len(c) for c in committed)]:
+        if length % block_length != 0:
+            raise ValueError(f"gen_length {length} is not a multiple of block_length {block_length}")
+    prompt_length = max(len(p) + len(c) for p, c in zip(prompts, committed))
+    gen_length = max(gen_lengths)
     total = prompt_length + gen_length
 
     x = torch.full((batch, total), mask_token_id, dtype=torch.long)
     is_real = torch.ones((batch, total), dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        pad = prompt_length - len(prompt)
+    prompt_end = torch.empty((batch, 1), dtype=torch.long)  # the column after each row's prompt
+    for row, (prompt, done, length) in enumerate(zip(prompts, committed, gen_lengths)):
+        pad = prompt_length - len(prompt) - len(done)
         x[row, :pad] = pad_token_id
-        x[row, pad:prompt_length] = torch.tensor(prompt, dtype=torch.long)
+        x[row, pad:prompt_length] = torch.tensor(prompt + done, dtype=torch.long)
+        x[row, prompt_length + length :] = pad_token_id
         is_real[row, :pad] = False
+        is_real[row, prompt_length + length :] = False
+        prompt_end[row] = pad + len(prompt)
 
     # Positions count real tokens only, so a row's positions do not depend on its padding.
     position_ids = (is_real.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, L)
-    columns = torch.arange(total)
-    block_index = torch.where(
-        columns < prompt_length, 0, 1 + (columns - prompt_length) // block_length
-    )  # (L,)
-    causal_blocks = block_index[None, :] <= block_index[:, None]  # (Lq, Lk)
+    columns = torch.arange(total)[None, :]
+    block_index = torch.where(columns < prompt_end, 0, 1 + (columns - prompt_end) // block_length)  # (B, L)
+    causal_blocks = block_index[:, None, :] <= block_index[:, :, None]  # (B, Lq, Lk)
     if full_attention:
         causal_blocks = torch.ones_like(causal_blocks)
-    attention_mask = causal_blocks[None, None] & is_real[:, None, None, :]  # (B, 1, Lq, Lk)
+    attention_mask = (causal_blocks & is_real[:, None, :])[:, None]  # (B, 1, Lq, Lk)
 
     return BatchLayout(
         x=x.to(device),

@@ -244,20 +244,18 @@ def denoise_block(
     *,
     mask_token_id: int,
     rows: list,
-    active: list[bool],
     noise: RowNoise,
     first_allowed: torch.Tensor | None = None,
     history: torch.Tensor | None = None,
 ) -> int:
-    """Denoise x[:, start:end] in place until no active row has a mask left.
+    """Denoise x[:, start:end] in place until no row has a mask left.
 
     Returns, per row, the forward passes in which it still had masks (the batch ran max of them).
 
     ``rows`` holds each row's SamplingParams. ``forward(x[:, :end], slots)`` returns the logits of
     the block's positions ``slots`` (B, n), (B, n, V) (cache.py): with block-causal attention
-    nothing after ``end`` can change them. Inactive rows (finished earlier) get no tokens and draw
-    no noise, so they cost only their share of the forward pass. A reference row finishes in
-    exactly its ``steps``; a parallel one in as few as the model's confidence allows.
+    nothing after ``end`` can change them. A reference row finishes in exactly its ``steps``; a
+    parallel one in as few as the model's confidence allows.
     ``first_allowed`` (B, V) bool restricts the block's first position (token healing of the first
     generated token); None leaves it free.
     ``history`` (B, V): counts of the tokens generated before this block, for rows with a frequency
@@ -265,11 +263,10 @@ def denoise_block(
     """
     block_length = end - start
     rules = BlockRules(rows, block_length, x.device)
-    active_t = torch.tensor(active, dtype=torch.bool, device=x.device)[:, None]  # (B, 1)
     passes = [0] * len(rows)
     for step in range(block_length):
         block = x[:, start:end]  # (B, K)
-        mask_index = (block == mask_token_id) & active_t  # (B, K)
+        mask_index = block == mask_token_id  # (B, K)
         masked_counts = mask_index.sum(dim=-1).tolist()  # the step's one host sync: who works, how wide
         if not any(masked_counts):
             break

@@ -1,0 +1,77 @@
+"""Continuous batching without a cross-block cache: full recomputation, and the approximate prefix /
+dual caches of full-attention models (LLaDA, Dream). The loop is continuous.py's.
+
+Nothing is kept between rounds but the rows, so each round lays the running rows' canvases out
+again (layout.py): a row's prompt and committed blocks (each still its own block of a block-causal
+mask), left-padded so that every row's active block is the same columns, then the row's own
+still-masked blocks up to its ``max_tokens``, right-padded to the longest. All rows advance one block a round, so a row that joins late simply has a shorter
+history. Under full attention a row sees its whole canvas, masked future included, so its canvas
+is exactly the one it would have alone: its tokens do not depend on its batch-mates' lengths. The
+cache of a round (approx_cache.py) is refreshed at its block's first step, so laying the canvas out
+again costs no extra forward pass.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .approx_cache import make_forward
+from .continuous import ContinuousScheduler, Row
+from .healing import first_token_mask
+from .layout import build_layout
+from .samplers import RowNoise, denoise_block
+
+
+@dataclass
+class CanvasBatch:
+    rows: list[Row]
+
+    def keep(self, kept: list[bool]) -> None:
+        self.rows = [row for row, k in zip(self.rows, kept) if k]
+
+
+def _ahead(row: Row, block_length: int) -> int:
+    """Positions a row has still to denoise: its max_tokens rounded up to whole blocks, less what is
+    committed."""
+    return -(-row.request.params.max_tokens // block_length) * block_length - len(row.generated)
+
+
+class CanvasScheduler(ContinuousScheduler):
+    def __init__(self, model, *, cache_mode: str, full_attention: bool, logits_shift: int = 0, **common):
+        """``cache_mode``: "none", or "prefix" / "dual" for full-attention models (approx_cache.py).
+        ``common``: ContinuousScheduler's arguments."""
+        super().__init__(model, **common)
+        self.cache_mode, self.full_attention, self.logits_shift = cache_mode, full_attention, logits_shift
+
+    def _admit(self, batch: CanvasBatch | None, waiting: deque, block_length: int) -> CanvasBatch:
+        rows = [] if batch is None else batch.rows
+        history = [len(row.request.prompt_ids) + len(row.generated) for row in rows]
+        ahead = [_ahead(row, block_length) for row in rows]
+
+        def width_with(new) -> int:  # the next round's canvas columns
+            rounded = [-(-r.params.max_tokens // block_length) * block_length for r in new]
+            return max(history + [len(r.prompt_ids) for r in new]) + max(ahead + rounded)
+
+        return CanvasBatch(rows + self._new_rows(self._choose(len(rows), waiting, width_with)))
+
+    def _denoise_round(self, batch: CanvasBatch, block_length: int) -> None:
+        rows = batch.rows
+        ahead = [_ahead(row, block_length) for row in rows]
+        layout = build_layout([row.request.prompt_ids for row in rows], gen_length=ahead,
+                              committed=[row.generated for row in rows], block_length=block_length,
+                              pad_token_id=self.pad_token_id, mask_token_id=self.mask_token_id,
+                              device=self.device, full_attention=self.full_attention)
+        start, end = layout.block_span(0)
+        if any(row.request.template_ids for row in rows):  # the template's text ahead, holes [MASK]
+            canvas = self._canvas(rows, layout.gen_length)
+            layout.x[:, start:] = canvas.where(layout.x[:, start:] == self.mask_token_id, layout.x[:, start:])
+        forward = make_forward(self.cache_mode, self.model, layout, logits_shift=self.logits_shift)
+        # Token healing binds a row's first generated token, which opens its first block.
+        healings = [None if row.generated else row.request.healing for row in rows]
+        passes = denoise_block(forward, layout.x, start, end, mask_token_id=self.mask_token_id,
+                               rows=[row.request.params for row in rows],
+                               noise=RowNoise.from_generators([row.generator for row in rows], self.device),
+                               first_allowed=first_token_mask(healings, self.vocab_size, self.device),
+                               history=self._history(rows))
+        self._commit(rows, layout.x[:, start:end], passes)

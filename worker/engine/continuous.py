@@ -1,0 +1,148 @@
+"""Continuous batching: rows leave and join the running batch at block boundaries.
+
+Every round denoises one block of every running row, then
+
+  - rows that are done (max_tokens reached, EOS or a stop string in the committed text) leave, and
+  - waiting rows join while the batch has fewer than ``max_batch_size`` rows and its tokens stay
+    within ``max_batch_tokens``.
+
+So the batch stays full while there is work, and a short request does not wait for the longest one
+of its batch. A request's tokens depend only on its prompt, parameters and seed (its own
+torch.Generator), not on its batch-mates. (Scheduling in the spirit of nano-vllm's scheduler and
+SDAR/JetEngine's block-diffusion serving; written for this engine.)
+
+Two schedulers run this loop; they differ in what the batch keeps from one round to the next:
+  - scheduler.BlockScheduler (block-causal models, exact and delayed caches) keeps the batch's KV
+    cache, since finished blocks never change;
+  - canvas_scheduler.CanvasScheduler (full recomputation, and the approximate caches of
+    full-attention models) keeps nothing but the rows: each round lays their canvases out again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .params import GenerationRequest, GenerationResult
+from .postprocess import apply_stop, completion_text, cut_at_eos, finish_row
+from .samplers import token_counts
+
+
+@dataclass
+class Row:
+    index: int  # position in the caller's request list
+    request: GenerationRequest
+    generator: torch.Generator
+    admitted_at: float
+    generated: list[int] = field(default_factory=list)  # committed tokens, whole blocks
+    passes: int = 0
+
+
+class ContinuousScheduler:
+    """The loop and the rows' bookkeeping. A subclass says how rows join (``_admit``) and how one
+    block of every row is denoised (``_denoise_round``); its batch has ``rows`` and ``keep(kept)``."""
+
+    def __init__(self, model, *, tokenizer, mask_token_id: int, pad_token_id: int, eos_token_ids: tuple[int, ...],
+                 max_batch_size: int, max_batch_tokens: int, device: torch.device, vocab_size: int):
+        self.model, self.tokenizer, self.device, self.vocab_size = model, tokenizer, device, vocab_size
+        self.mask_token_id, self.pad_token_id, self.eos_token_ids = mask_token_id, pad_token_id, eos_token_ids
+        self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
+
+    @torch.inference_mode()
+    def run(self, requests: list[tuple[int, GenerationRequest]]) -> Iterator[tuple[int, GenerationResult]]:
+        """Yield (index, result) as rows finish. All requests share one block_length."""
+        block_length = requests[0][1].params.block_length
+        if any(r.params.block_length != block_length for _, r in requests):
+            raise ValueError("one scheduler run serves one diffusion.block_length")
+        waiting = deque(sorted(requests, key=lambda item: len(item[1].prompt_ids)))  # less padding
+        batch = None
+        while waiting or (batch and batch.rows):
+            batch = self._admit(batch, waiting, block_length)
+            self._denoise_round(batch, block_length)
+            done = [self._is_done(row) for row in batch.rows]
+            for row, finished in zip(batch.rows, done):
+                if finished:
+                    yield row.index, self._result(row)
+            batch.keep([not d for d in done])
+
+    def _admit(self, batch, waiting: deque, block_length: int):
+        """The batch with the waiting rows that fit joined (a new one if ``batch`` is None or empty)."""
+        raise NotImplementedError
+
+    def _choose(self, running: int, waiting: deque, width_with) -> list[tuple[int, GenerationRequest]]:
+        """Take waiting requests in order while the batch has room: at most ``max_batch_size`` rows,
+        and rows x ``width_with(new requests)`` (the batch's columns with them) within
+        ``max_batch_tokens``, though a lone row is always taken."""
+        chosen: list[tuple[int, GenerationRequest]] = []
+        while waiting and running + len(chosen) < self.max_batch_size:
+            size = running + len(chosen) + 1
+            if size > 1 and size * width_with([r for _, r in chosen] + [waiting[0][1]]) > self.max_batch_tokens:
+                break  # the budget allows this row later, when others have left
+            chosen.append(waiting.popleft())
+        return chosen
+
+    def _denoise_round(self, batch, block_length: int) -> None:
+        raise NotImplementedError
+
+    def _new_rows(self, chosen: list[tuple[int, GenerationRequest]]) -> list[Row]:
+        now = time.perf_counter()
+        return [Row(index=index, request=request, admitted_at=now,
+                    generator=torch.Generator(device=self.device).manual_seed(request.params.effective_seed))
+                for index, request in chosen]
+
+    @staticmethod
+    def _commit(rows: list[Row], block: torch.Tensor, passes: list[int]) -> None:
+        """Append each row's denoised block (B, K) and the passes it took."""
+        for row, tokens, n in zip(rows, block.tolist(), passes):
+            row.generated.extend(tokens)
+            row.passes += n
+
+    def _history(self, rows: list[Row]) -> torch.Tensor | None:
+        """Counts of each row's generated tokens (B, V), when a row has a repetition penalty."""
+        longest = max(len(row.generated) for row in rows)  # rows joined in different rounds
+        if longest == 0 or not any(row.request.params.penalised for row in rows):
+            return None
+        ids = torch.zeros((len(rows), longest), dtype=torch.long)
+        counted = torch.zeros((len(rows), longest), dtype=torch.bool)
+        for r, row in enumerate(rows):  # once per block, not per step
+            ids[r, : len(row.generated)] = torch.tensor(row.generated, dtype=torch.long)
+            counted[r, : len(row.generated)] = True
+        return token_counts(ids.to(self.device), counted.to(self.device), self.vocab_size)
+
+    def _canvas(self, rows: list[Row], length: int) -> torch.Tensor:
+        """(B, length): each row's next ``length`` generated positions, [MASK] everywhere but where an
+        infilling template fixes text (a row's columns past its own end are [MASK] too)."""
+        canvas = torch.full((len(rows), length), self.mask_token_id, dtype=torch.long)
+        for r, row in enumerate(rows):  # once per block, not per step
+            template = row.request.template_ids
+            if template:
+                part = template[len(row.generated) : len(row.generated) + length]
+                canvas[r, : len(part)] = torch.tensor([self.mask_token_id if t is None else t for t in part])
+        return canvas.to(self.device)
+
+    def _eos_for(self, row: Row) -> tuple[int, ...]:
+        # A template's length is fixed: an EOS a hole holds does not end it (decoding drops it).
+        return () if row.request.template_ids else self.eos_token_ids
+
+    def _is_done(self, row: Row) -> bool:
+        params = row.request.params
+        if len(row.generated) >= params.max_tokens:
+            return True
+        kept, hit_eos = cut_at_eos(row.generated, self._eos_for(row))
+        if hit_eos or not params.stop:
+            return hit_eos
+        # Committed blocks never change, so a stop string found now is final.
+        return apply_stop(completion_text(self.tokenizer, kept, row.request.healed_text), params.stop)[1]
+
+    def _result(self, row: Row) -> GenerationResult:
+        params = row.request.params
+        finished = finish_row(row.generated, max_tokens=params.max_tokens, eos_token_ids=self._eos_for(row),
+                              stop=params.stop, tokenizer=self.tokenizer, healed=row.request.healed_text)
+        return GenerationResult(token_ids=finished.token_ids, text=finished.text,
+                                finish_reason=finished.finish_reason, prompt_tokens=len(row.request.prompt_ids),
+                                completion_tokens=len(finished.token_ids), forward_passes=row.passes,
+                                elapsed_s=time.perf_counter() - row.admitted_at)
