@@ -109,7 +109,7 @@ def test_eos_cuts_output_and_stops_early(loaded):
     assert result.forward_passes == 32  # stopped after the first of four blocks
 
 
-@pytest.mark.parametrize("kv_cache", [True, False], ids=["continuous", "fixed batches"])
+@pytest.mark.parametrize("kv_cache", [True, False], ids=["kv-cache", "canvas-recompute"])
 def test_any_end_token_ends_the_completion(loaded, kv_cache):
     """A chat checkpoint ends turns with a token its config may not list as eos (LLaDA's <|eot_id|>):
     every id in eos_token_ids ends the row, in both engine paths."""

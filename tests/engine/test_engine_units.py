@@ -135,7 +135,7 @@ def test_no_healing_with_a_tokenizer_whose_tokens_spell_differently_alone():
     assert TokenHealer(tokenizer, len(vocab)).heal(ids) == (ids, None)
 
 
-@pytest.mark.parametrize("kv_cache", [True, False], ids=["continuous", "fixed batches"])
+@pytest.mark.parametrize("kv_cache", [True, False], ids=["kv-cache", "canvas-recompute"])
 def test_a_healed_request_starts_with_an_allowed_token_and_reports_text_after_the_healed_part(loaded, kv_cache):
     from worker.engine.params import Healing
 
@@ -169,8 +169,8 @@ def test_penalties_count_generated_tokens_per_occurrence_and_presence():
 
 
 def test_a_penalised_request_gives_the_same_tokens_in_both_engine_paths(loaded):
-    """The penalty counts earlier blocks (the scheduler keeps them per row, the fixed batch reads its
-    canvas) and this block's committed positions: both paths must count the same, alone or batched."""
+    """The penalty counts earlier blocks and this block's committed positions: the KV-cache scheduler
+    and the canvas scheduler (recomputation) must count the same, alone or batched."""
     prompts = ["def f(x):\n", "class A:\n    pass\n", "x"]
     params = [SamplingParams(max_tokens=40, block_length=8, frequency_penalty=1.5, presence_penalty=0.5),
               SamplingParams(max_tokens=24, block_length=8, presence_penalty=2.0, temperature=0.8, seed=3),

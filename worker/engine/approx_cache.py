@@ -52,8 +52,8 @@ def make_forward(mode: str, model, layout: BatchLayout, *, logits_shift: int = 0
     if not layout.full_attention:
         if logits_shift:
             raise ValueError("logits_shift applies to full-attention layouts only")
-        if mode != "none":  # "exact" runs in the continuous scheduler, never on a fixed layout
-            raise ValueError(f"cache {mode!r} does not run on a fixed block-causal layout")
+        if mode != "none":  # "exact" and "delayed" keep a KV cache across rounds (scheduler.py)
+            raise ValueError(f"cache {mode!r} does not run on a laid-out block-causal canvas")
         return Recompute(model, layout)
     classes = {"none": FullRecompute, "prefix": PrefixCache, "dual": DualCache}
     if mode not in classes:
