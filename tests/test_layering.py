@@ -29,15 +29,32 @@ def test_api_process_runs_without_torch_or_worker():
     assert not loaded & {"torch", "transformers", "worker"}
 
 
-@pytest.mark.parametrize("module", ["worker.engine.engine", "worker.engine.loader", "worker.engine.builtin",
-                                    "worker.engine.factory", "worker.engine.diffusion_gemma.engine",
-                                    "worker.engine.diffusion_gemma.tiny", "worker.engine.families",
-                                    "worker.engine.approx_cache"])
-def test_engine_is_a_pure_torch_library(module):
-    loaded = _top(_modules_after(f"import {module}"))
-    assert not loaded & {*SERVICE_PACKAGES, "db", "api", "common", "pydantic", "cli"}
-    assert not {m for m in _modules_after(f"import {module}") if m.startswith("worker.") and
-                not m.startswith("worker.engine")}
+ENGINE_MODULES = ["worker.engine.engine", "worker.engine.loader", "worker.engine.builtin", "worker.engine.factory",
+                  "worker.engine.diffusion_gemma.engine", "worker.engine.diffusion_gemma.tiny",
+                  "worker.engine.families", "worker.engine.approx_cache"]
+
+
+def _modules_brought_by(modules: list[str]) -> dict[str, set[str]]:
+    """Import ``modules`` one after another in one fresh interpreter (torch loads once, not once per
+    module): what each import added to sys.modules. A module that pulls in a package is named by
+    the first import that brought it, and the union is what importing them all brings."""
+    code = ("import sys, json, importlib\nseen, brought = set(sys.modules), {}\n"
+            f"for name in {modules!r}:\n"
+            "    importlib.import_module(name)\n"
+            "    brought[name] = sorted(set(sys.modules) - seen)\n"
+            "    seen = set(sys.modules)\n"
+            "print(json.dumps(brought))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return {name: set(added) for name, added in json.loads(result.stdout.splitlines()[-1]).items()}
+
+
+def test_engine_is_a_pure_torch_library():
+    brought = _modules_brought_by(ENGINE_MODULES)
+    assert set(brought) == set(ENGINE_MODULES)
+    for module, added in brought.items():
+        assert not _top(added) & {*SERVICE_PACKAGES, "db", "api", "common", "pydantic", "cli"}, module
+        assert not {m for m in added if m.startswith("worker.") and not m.startswith("worker.engine")}, module
 
 
 def test_db_imports_sqlalchemy_only():
