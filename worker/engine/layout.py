@@ -23,7 +23,7 @@ import torch
 class BatchLayout:
     x: torch.Tensor  # (B, P + G) long: prompts and [MASK]s, denoised in place
     position_ids: torch.Tensor  # (B, P + G) long
-    attention_mask: torch.Tensor  # (B, 1, P + G, P + G) bool, True = may attend
+    attention_mask: torch.Tensor  # (B, 1, P + G, P + G) bool, True = may attend (full attention: a view)
     prompt_length: int  # P: the active generation starts here (after prompts and committed blocks)
     gen_length: int  # G, the longest row's
     block_length: int
@@ -82,17 +82,18 @@ def build_layout(
 
     # Positions count real tokens only, so a row's positions do not depend on its padding.
     position_ids = (is_real.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, L)
-    columns = torch.arange(total)[None, :]
-    block_index = torch.where(columns < prompt_end, 0, 1 + (columns - prompt_end) // block_length)  # (B, L)
-    causal_blocks = block_index[:, None, :] <= block_index[:, :, None]  # (B, Lq, Lk)
-    if full_attention:
-        causal_blocks = torch.ones_like(causal_blocks)
-    attention_mask = (causal_blocks & is_real[:, None, :])[:, None]  # (B, 1, Lq, Lk)
+    if full_attention:  # every query sees the same keys: a view of the (B, L) padding mask, no L x L copy
+        attention_mask = is_real.to(device)[:, None, None, :].expand(batch, 1, total, total)
+    else:
+        columns = torch.arange(total)[None, :]
+        block_index = torch.where(columns < prompt_end, 0, 1 + (columns - prompt_end) // block_length)  # (B, L)
+        causal_blocks = block_index[:, None, :] <= block_index[:, :, None]  # (B, Lq, Lk)
+        attention_mask = (causal_blocks & is_real[:, None, :])[:, None].to(device)  # (B, 1, Lq, Lk)
 
     return BatchLayout(
         x=x.to(device),
         position_ids=position_ids.to(device),
-        attention_mask=attention_mask.to(device),
+        attention_mask=attention_mask,
         prompt_length=prompt_length,
         gen_length=gen_length,
         block_length=block_length,
