@@ -95,6 +95,35 @@ class EosAtPosition(nn.Module):
         return output
 
 
+@pytest.mark.parametrize("kv_cache", [True, False], ids=["kv-cache", "canvas-recompute"])
+@pytest.mark.parametrize(("max_tokens", "budget", "most_rows"), [(8, 30, 2), (24, 40, 1)])
+def test_the_token_budget_caps_the_rows_of_a_pass(loaded, kv_cache, max_tokens, budget, most_rows):
+    """max_batch_tokens bounds rows x columns of the running batch for its whole run (each row's
+    remaining blocks reserved), whatever max_batch_size allows; a row waits for room and gets the
+    tokens it gets alone. Prompts of 2-5 tokens, block 8: one block each reaches 10-13 columns
+    (two rows fit in 30); three blocks reach 26-29, so two rows that would fit the first round
+    (2 x 13) would not fit the last (2 x 29 > 40)."""
+    widths = []
+
+    def record(_module, args, kwargs, _output) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs["attention_mask"]
+        widths.append((ids.shape[0], mask.shape[-1]))  # rows, and the columns they attend over
+
+    free = Engine(loaded, max_batch_size=8, kv_cache=kv_cache)
+    requests = requests_for(free, [(p, dict(max_tokens=max_tokens, block_length=8))
+                                   for p in ("a", "bb", "ccc", "dddd")])
+    capped = Engine(loaded, max_batch_size=8, kv_cache=kv_cache, max_batch_tokens=budget)
+    handle = loaded.model.register_forward_hook(record, with_kwargs=True)
+    try:
+        results = capped.generate(requests)
+    finally:
+        handle.remove()
+    assert max(rows for rows, _ in widths) == most_rows
+    assert all(rows * columns <= budget for rows, columns in widths if rows > 1)
+    assert [r.token_ids for r in results] == [r.token_ids for r in free.generate(requests)]
+
+
 def test_eos_cuts_output_and_stops_early(loaded):
     prompt = loaded.tokenizer("eos please")["input_ids"]
     wrapped = dataclasses.replace(

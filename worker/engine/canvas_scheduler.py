@@ -4,11 +4,12 @@ dual caches of full-attention models (LLaDA, Dream). The loop is continuous.py's
 Nothing is kept between rounds but the rows, so each round lays the running rows' canvases out
 again (layout.py): a row's prompt and committed blocks (each still its own block of a block-causal
 mask), left-padded so that every row's active block is the same columns, then the row's own
-still-masked blocks up to its ``max_tokens``, right-padded to the longest. All rows advance one block a round, so a row that joins late simply has a shorter
-history. Under full attention a row sees its whole canvas, masked future included, so its canvas
-is exactly the one it would have alone: its tokens do not depend on its batch-mates' lengths. The
-cache of a round (approx_cache.py) is refreshed at its block's first step, so laying the canvas out
-again costs no extra forward pass.
+still-masked blocks up to its ``max_tokens``, right-padded to the longest. All rows advance one
+block a round, so a row that joins late simply has a shorter history. Under full attention a row
+sees its whole canvas, masked future included, so its canvas is exactly the one it would have
+alone: its tokens do not depend on its batch-mates' lengths. The cache of a round
+(approx_cache.py) is refreshed at its block's first step, so laying the canvas out again costs no
+extra forward pass.
 """
 
 from __future__ import annotations
@@ -31,12 +32,6 @@ class CanvasBatch:
         self.rows = [row for row, k in zip(self.rows, kept) if k]
 
 
-def _ahead(row: Row, block_length: int) -> int:
-    """Positions a row has still to denoise: its max_tokens rounded up to whole blocks, less what is
-    committed."""
-    return -(-row.request.params.max_tokens // block_length) * block_length - len(row.generated)
-
-
 class CanvasScheduler(ContinuousScheduler):
     def __init__(self, model, *, cache_mode: str, full_attention: bool, logits_shift: int = 0, **common):
         """``cache_mode``: "none", or "prefix" / "dual" for full-attention models (approx_cache.py).
@@ -46,19 +41,13 @@ class CanvasScheduler(ContinuousScheduler):
 
     def _admit(self, batch: CanvasBatch | None, waiting: deque, block_length: int) -> CanvasBatch:
         rows = [] if batch is None else batch.rows
-        history = [len(row.request.prompt_ids) + len(row.generated) for row in rows]
-        ahead = [_ahead(row, block_length) for row in rows]
-
-        def width_with(new) -> int:  # the next round's canvas columns
-            rounded = [-(-r.params.max_tokens // block_length) * block_length for r in new]
-            return max(history + [len(r.prompt_ids) for r in new]) + max(ahead + rounded)
-
-        return CanvasBatch(rows + self._new_rows(self._choose(len(rows), waiting, width_with)))
+        behind = max((len(row.request.prompt_ids) + len(row.generated) for row in rows), default=0)
+        return CanvasBatch(rows + self._new_rows(self._choose(rows, behind, waiting, block_length)))
 
     def _denoise_round(self, batch: CanvasBatch, block_length: int) -> None:
         rows = batch.rows
-        ahead = [_ahead(row, block_length) for row in rows]
-        layout = build_layout([row.request.prompt_ids for row in rows], gen_length=ahead,
+        layout = build_layout([row.request.prompt_ids for row in rows],
+                              gen_length=[row.ahead(block_length) for row in rows],
                               committed=[row.generated for row in rows], block_length=block_length,
                               pad_token_id=self.pad_token_id, mask_token_id=self.mask_token_id,
                               device=self.device, full_attention=self.full_attention)

@@ -3,8 +3,8 @@
 Every round denoises one block of every running row, then
 
   - rows that are done (max_tokens reached, EOS or a stop string in the committed text) leave, and
-  - waiting rows join while the batch has fewer than ``max_batch_size`` rows and its tokens stay
-    within ``max_batch_tokens``.
+  - waiting rows join while the batch has fewer than ``max_batch_size`` rows and rows x the
+    columns it can reach stay within ``max_batch_tokens`` (``_choose``).
 
 So the batch stays full while there is work, and a short request does not wait for the longest one
 of its batch. A request's tokens depend only on its prompt, parameters and seed (its own
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .layout import whole_blocks
 from .params import GenerationRequest, GenerationResult
 from .postprocess import apply_stop, completion_text, cut_at_eos, finish_row
 from .samplers import token_counts
@@ -40,6 +41,10 @@ class Row:
     admitted_at: float
     generated: list[int] = field(default_factory=list)  # committed tokens, whole blocks
     passes: int = 0
+
+    def ahead(self, block_length: int) -> int:
+        """Positions still to denoise: max_tokens rounded up to whole blocks, less what is committed."""
+        return whole_blocks(self.request.params.max_tokens, block_length) - len(self.generated)
 
 
 class ContinuousScheduler:
@@ -73,20 +78,27 @@ class ContinuousScheduler:
         """The batch with the waiting rows that fit joined (a new one if ``batch`` is None or empty)."""
         raise NotImplementedError
 
-    def _choose(self, running: int, waiting: deque, width_with) -> list[tuple[int, GenerationRequest]]:
+    def _denoise_round(self, batch, block_length: int) -> None:
+        raise NotImplementedError
+
+    def _choose(self, rows: list[Row], behind: int, waiting: deque,
+                block_length: int) -> list[tuple[int, GenerationRequest]]:
         """Take waiting requests in order while the batch has room: at most ``max_batch_size`` rows,
-        and rows x ``width_with(new requests)`` (the batch's columns with them) within
-        ``max_batch_tokens``, though a lone row is always taken."""
+        and rows x the columns the batch can reach within ``max_batch_tokens`` (a lone row is always
+        taken). The columns reserve every row's remaining blocks: the longest history (``behind``:
+        the running batch's columns left of its active block, or a new row's prompt) plus the most
+        blocks any row has still to denoise. So the budget bounds the cache or canvas for the whole
+        run, not just the next round."""
+        ahead = [row.ahead(block_length) for row in rows]
         chosen: list[tuple[int, GenerationRequest]] = []
-        while waiting and running + len(chosen) < self.max_batch_size:
-            size = running + len(chosen) + 1
-            if size > 1 and size * width_with([r for _, r in chosen] + [waiting[0][1]]) > self.max_batch_tokens:
+        while waiting and len(rows) + len(chosen) < self.max_batch_size:
+            new = [r for _, r in chosen] + [waiting[0][1]]
+            width = (max([behind, *(len(r.prompt_ids) for r in new)])
+                     + max(ahead + [whole_blocks(r.params.max_tokens, block_length) for r in new]))
+            if len(rows) + len(new) > 1 and (len(rows) + len(new)) * width > self.max_batch_tokens:
                 break  # the budget allows this row later, when others have left
             chosen.append(waiting.popleft())
         return chosen
-
-    def _denoise_round(self, batch, block_length: int) -> None:
-        raise NotImplementedError
 
     def _new_rows(self, chosen: list[tuple[int, GenerationRequest]]) -> list[Row]:
         now = time.perf_counter()

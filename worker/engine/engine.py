@@ -9,6 +9,7 @@ from .approx_cache import resolve_cache_mode
 from .canvas_scheduler import CanvasScheduler
 from .healing import TokenHealer
 from .infill import encode_template
+from .layout import whole_blocks
 from .loader import FULL_ATTENTION_FAMILIES, LOGITS_SHIFT, LoadedModel
 from .params import DIFFUSION_GEMMA_OPTIONS, ContextLengthError, GenerationRequest, GenerationResult, Healing
 from .prompts import encode_chat, encode_completion
@@ -16,10 +17,6 @@ from .scheduler import BlockScheduler
 
 SUPPORTED_FAMILIES = ("block_causal", *FULL_ATTENTION_FAMILIES)
 SAMPLERS = ("reference", "threshold", "factor")  # entropy_bound is DiffusionGemma's
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 class Engine:
@@ -33,8 +30,9 @@ class Engine:
         ``cache``: "exact" | "delayed" (exact across blocks, committed positions kept within the active
         block: delayed_cache.py) | "none" for block-causal models, "prefix" | "dual" | "none" (Fast-dLLM's
         approximate caches, approx_cache.py) for full-attention ones; None picks from ``kv_cache``.
-        Rows are batched continuously (continuous.py); ``max_batch_tokens`` caps rows x columns of the
-        running batch (default: max_batch_size x the model's positions).
+        Rows are batched continuously (continuous.py); ``max_batch_tokens`` caps rows x the columns the
+        running batch can reach, every row's remaining blocks reserved (default: max_batch_size x the
+        model's positions).
         ``graphs``: with the exact cache, each round's step (greedy rounds) or forward (rounds with
         sampling rows) is captured as a CUDA graph and replayed (cuda_graph.py); None = on a CUDA
         device. True elsewhere runs the same static-shape protocol without capture, which is how the
@@ -119,7 +117,7 @@ class Engine:
         if healing is not None and (request.template_ids is not None or not healing.allowed or not all(
                 isinstance(t, int) and 0 <= t < self.vocab_size for t in healing.allowed)):
             raise ValueError(f"token healing needs allowed token ids in [0, {self.vocab_size}) and no template")
-        gen_length = _round_up(params.max_tokens, params.block_length)
+        gen_length = whole_blocks(params.max_tokens, params.block_length)
         if len(prompt) + gen_length > self.max_positions:
             raise ContextLengthError(
                 f"prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} (rounded up to "

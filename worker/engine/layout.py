@@ -19,6 +19,11 @@ from dataclasses import dataclass
 import torch
 
 
+def whole_blocks(tokens: int, block_length: int) -> int:
+    """``tokens`` rounded up to whole blocks: the positions a generation of that length denoises."""
+    return -(-tokens // block_length) * block_length
+
+
 @dataclass
 class BatchLayout:
     x: torch.Tensor  # (B, P + G) long: prompts and [MASK]s, denoised in place
@@ -60,7 +65,8 @@ def build_layout(
     gen_lengths = [gen_length] * batch if isinstance(gen_length, int) else list(gen_length)
     committed = committed or [[] for _ in prompts]
     if len(gen_lengths) != batch or len(committed) != batch:
-        raise ValueError(f"{len(gen_lengths)} generation lengths and {len(committed)} histories for {batch} prompts")
+        raise ValueError(f"{len(gen_lengths)} generation lengths and {len(committed)} histories "
+                         f"for {batch} prompts")
     for length in [*gen_lengths, *(len(c) for c in committed)]:
         if length % block_length != 0:
             raise ValueError(f"gen_length {length} is not a multiple of block_length {block_length}")

@@ -83,11 +83,9 @@ class BlockScheduler(ContinuousScheduler):
         self.graphs = graphs and not delayed
 
     def _admit(self, batch: RunningBatch | None, waiting: deque, block_length: int) -> RunningBatch:
-        rows = 0 if batch is None else len(batch.rows)
-        length = 0 if batch is None else batch.key_valid.shape[1]
-        # The cache after this round: the longest history (or prompt) plus the block.
-        chosen = self._choose(rows, waiting, lambda new: max([length, *(len(r.prompt_ids) for r in new)])
-                              + block_length)
+        rows = [] if batch is None else batch.rows
+        behind = batch.key_valid.shape[1] if rows else 0  # the cache's columns
+        chosen = self._choose(rows, behind, waiting, block_length)
         if not chosen:
             return batch
         joined = self._prefill(chosen)
