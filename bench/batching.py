@@ -2,6 +2,7 @@
 
     python bench/batching.py [--family llada|dream] [--shape 512x4x8] [--requests 32] [--batch 8]
                              [--max-tokens 32,256] [--caches none,dual] [--block-length 32]
+                             [--device cpu|cuda]
 
 A batch job's requests ask for different lengths. Fixed batches (how diffbatch ran full-attention
 models before continuous.py) keep every row in the forward pass until the batch's longest row is
@@ -34,7 +35,7 @@ from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
 
 
-def random_model(family: str, shape: str, folder: str):
+def random_model(family: str, shape: str, folder: str, device: str):
     hidden, layers, heads = (int(n) for n in shape.split("x"))
     tokenizer = build_byte_tokenizer()
     ids = dict(mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -53,7 +54,7 @@ def random_model(family: str, shape: str, folder: str):
         model = DreamForMaskedDiffusion(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return load_model(folder)
+    return load_model(folder, device=device)  # the engine's dtype: bf16 on CUDA, float32 elsewhere
 
 
 def workload(engine: Engine, count: int, lengths: tuple[int, int], block: int) -> list[GenerationRequest]:
@@ -98,17 +99,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-tokens", default="32,256", help="the range max_tokens is drawn from")
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--caches", default="none,dual")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv[1:])
     low, high = (int(n) for n in args.max_tokens.split(","))
     with tempfile.TemporaryDirectory() as folder:
-        loaded = random_model(args.family, args.shape, folder)
+        loaded = random_model(args.family, args.shape, folder, args.device)
     counted = {"tokens": 0}
     loaded.model.register_forward_hook(
         lambda _m, args_, kwargs, _out: counted.__setitem__(
             "tokens", counted["tokens"] + (kwargs.get("input_ids", args_[0] if args_ else None)).numel()),
         with_kwargs=True)
     print(f"command: {' '.join([sys.executable, *argv])}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.family} {args.shape} random; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}; "
+          f"{args.family} {args.shape} random; "
           f"{args.requests} requests, max_tokens {low}-{high}, block {args.block_length}, batch {args.batch}")
     print(f"{'cache':6} {'batching':11} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'ratio':>6} {'computed/token':>15}")
     for cache in args.caches.split(","):
