@@ -105,10 +105,11 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as folder:
         loaded = random_model(args.family, args.shape, folder, args.device)
     counted = {"tokens": 0}
-    loaded.model.register_forward_hook(
-        lambda _m, args_, kwargs, _out: counted.__setitem__(
-            "tokens", counted["tokens"] + (kwargs.get("input_ids", args_[0] if args_ else None)).numel()),
-        with_kwargs=True)
+
+    def count_tokens(_module, positional, kwargs, _output) -> None:  # every token a forward runs
+        counted["tokens"] += kwargs.get("input_ids", positional[0] if positional else None).numel()
+
+    loaded.model.register_forward_hook(count_tokens, with_kwargs=True)
     print(f"command: {' '.join([sys.executable, *argv])}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}; "
           f"{args.family} {args.shape} random; "

@@ -1,15 +1,18 @@
 """Token canvas, position ids and block-causal attention mask of a padded batch.
 
-Layout of one batch (P = longest prompt, G = longest generation, a multiple of block_length):
+Layout of one batch (P = longest prompt with its committed blocks, G = longest generation still to
+denoise, a multiple of block_length):
 
-    columns  [0, P)            the prompts, left-padded so every prompt ends at column P
+    columns  [0, P)            each row's prompt, then the blocks it has committed (continuous
+                               batching lays rows out again each round), left-padded to end at P
     columns  [P, P + G)        [MASK] tokens, generation block j = columns P + j*bl .. P + (j+1)*bl;
                                a row with a shorter generation is right-padded past its own end
 
-Block index of a column: 0 for the prompt (one bidirectional prefix block, as a prefix LM), and
-1 + j for generation block j. A query may attend to a key iff the key is not padding and the key's
-block index <= the query's. Left padding makes the block boundaries the same columns in every
-row, so one mask slice and one forward over x[:, :end] serve the whole batch.
+Block index of a column, per row: 0 for its prompt (one bidirectional prefix block, as a prefix LM),
+then one index per block after it, committed or not. A query may attend to a key iff the key is
+not padding and the key's block index <= the query's. Left padding puts every row's active block
+(and those after it) at the same columns, so one mask slice and one forward over x[:, :end] serve
+the whole batch.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def build_layout(
                          f"for {batch} prompts")
     for length in [*gen_lengths, *(len(c) for c in committed)]:
         if length % block_length != 0:
-            raise ValueError(f"gen_length {length} is not a multiple of block_length {block_length}")
+            raise ValueError(f"a generation of {length} tokens is not a multiple of block_length {block_length}")
     prompt_length = max(len(p) + len(c) for p, c in zip(prompts, committed))
     gen_length = max(gen_lengths)
     total = prompt_length + gen_length
