@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 SERVICE_PACKAGES = ("celery", "kombu", "redis", "sqlalchemy", "fastapi", "pydantic_settings")
 
