@@ -247,7 +247,7 @@ def denoise_block(
     noise: RowNoise,
     first_allowed: torch.Tensor | None = None,
     history: torch.Tensor | None = None,
-) -> int:
+) -> list[int]:
     """Denoise x[:, start:end] in place until no row has a mask left.
 
     Returns, per row, the forward passes in which it still had masks (the batch ran max of them).
