@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 from .approx_cache import make_forward
 from .continuous import ContinuousScheduler, Row
-from .healing import first_token_mask
 from .layout import build_layout
 from .samplers import RowNoise, denoise_block
 
@@ -41,26 +40,25 @@ class CanvasScheduler(ContinuousScheduler):
 
     def _admit(self, batch: CanvasBatch | None, waiting: deque, block_length: int) -> CanvasBatch:
         rows = [] if batch is None else batch.rows
-        behind = max((len(row.request.prompt_ids) + len(row.generated) for row in rows), default=0)
-        return CanvasBatch(rows + self._new_rows(self._choose(rows, behind, waiting, block_length)))
+        behind = max((len(row.head) + len(row.generated) for row in rows), default=0)
+        return CanvasBatch(rows + self._new_rows(self._choose(rows, behind, waiting, block_length), block_length))
 
     def _denoise_round(self, batch: CanvasBatch, block_length: int) -> None:
         rows = batch.rows
-        layout = build_layout([row.request.prompt_ids for row in rows],
+        layout = build_layout([row.head for row in rows],
                               gen_length=[row.ahead(block_length) for row in rows],
                               committed=[row.generated for row in rows], block_length=block_length,
                               pad_token_id=self.pad_token_id, mask_token_id=self.mask_token_id,
-                              device=self.device, full_attention=self.full_attention)
+                              device=self.device, full_attention=self.full_attention, aligned=self.aligned)
         start, end = layout.block_span(0)
-        if any(row.request.template_ids for row in rows):  # the template's text ahead, holes [MASK]
+        if any(row.request.template_ids or (row.lead and not row.generated) for row in rows):
+            # the fixed text ahead (a template's, a lead), holes [MASK]
             canvas = self._canvas(rows, layout.gen_length)
             layout.x[:, start:] = canvas.where(layout.x[:, start:] == self.mask_token_id, layout.x[:, start:])
         forward = make_forward(self.cache_mode, self.model, layout, logits_shift=self.logits_shift)
-        # Token healing binds a row's first generated token, which opens its first block.
-        healings = [None if row.generated else row.request.healing for row in rows]
+        first_allowed, first_slot = self._first_token(rows)
         passes = denoise_block(forward, layout.x, start, end, mask_token_id=self.mask_token_id,
                                rows=[row.request.params for row in rows],
                                noise=RowNoise.from_generators([row.generator for row in rows], self.device),
-                               first_allowed=first_token_mask(healings, self.vocab_size, self.device),
-                               history=self._history(rows))
+                               first_allowed=first_allowed, first_slot=first_slot, history=self._history(rows))
         self._commit(rows, layout.x[:, start:end], passes)

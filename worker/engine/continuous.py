@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .layout import whole_blocks
+from .healing import first_token_mask
+from .layout import lead_length, whole_blocks
 from .params import GenerationRequest, GenerationResult
 from .postprocess import apply_stop, completion_text, cut_at_eos, finish_row
 from .samplers import token_counts
@@ -39,12 +40,23 @@ class Row:
     request: GenerationRequest
     generator: torch.Generator
     admitted_at: float
-    generated: list[int] = field(default_factory=list)  # committed tokens, whole blocks
+    lead: list[int] = field(default_factory=list)  # prompt tokens that open the first block (layout.lead_length)
+    generated: list[int] = field(default_factory=list)  # committed blocks, whole: the lead, then the completion
     passes: int = 0
 
+    @property
+    def head(self) -> list[int]:
+        """The prompt before the first block: all of it unless the row has a lead."""
+        return self.request.prompt_ids[: len(self.request.prompt_ids) - len(self.lead)]
+
+    @property
+    def completion(self) -> list[int]:
+        return self.generated[len(self.lead):]
+
     def ahead(self, block_length: int) -> int:
-        """Positions still to denoise: max_tokens rounded up to whole blocks, less what is committed."""
-        return whole_blocks(self.request.params.max_tokens, block_length) - len(self.generated)
+        """Positions still to denoise: the lead and max_tokens rounded up to whole blocks, less what
+        is committed."""
+        return whole_blocks(len(self.lead) + self.request.params.max_tokens, block_length) - len(self.generated)
 
 
 class ContinuousScheduler:
@@ -52,8 +64,12 @@ class ContinuousScheduler:
     block of every row is denoised (``_denoise_round``); its batch has ``rows`` and ``keep(kept)``."""
 
     def __init__(self, model, *, tokenizer, mask_token_id: int, pad_token_id: int, eos_token_ids: tuple[int, ...],
-                 max_batch_size: int, max_batch_tokens: int, device: torch.device, vocab_size: int):
+                 max_batch_size: int, max_batch_tokens: int, device: torch.device, vocab_size: int,
+                 aligned: bool = False):
+        """``aligned``: the model's blocks are aligned from position 0, the prompt's included
+        (SDAR; layout.lead_length), instead of the prompt being one block."""
         self.model, self.tokenizer, self.device, self.vocab_size = model, tokenizer, device, vocab_size
+        self.aligned = aligned
         self.mask_token_id, self.pad_token_id, self.eos_token_ids = mask_token_id, pad_token_id, eos_token_ids
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
 
@@ -93,18 +109,27 @@ class ContinuousScheduler:
         chosen: list[tuple[int, GenerationRequest]] = []
         while waiting and len(rows) + len(chosen) < self.max_batch_size:
             new = [r for _, r in chosen] + [waiting[0][1]]
-            width = (max([behind, *(len(r.prompt_ids) for r in new)])
-                     + max(ahead + [whole_blocks(r.params.max_tokens, block_length) for r in new]))
+            leads = [self._lead(r, block_length) for r in new]
+            width = (max([behind, *(len(r.prompt_ids) - lead for r, lead in zip(new, leads))])
+                     + max(ahead + [whole_blocks(lead + r.params.max_tokens, block_length)
+                                    for r, lead in zip(new, leads)]))
             if len(rows) + len(new) > 1 and (len(rows) + len(new)) * width > self.max_batch_tokens:
                 break  # the budget allows this row later, when others have left
             chosen.append(waiting.popleft())
         return chosen
 
-    def _new_rows(self, chosen: list[tuple[int, GenerationRequest]]) -> list[Row]:
+    def _lead(self, request: GenerationRequest, block_length: int) -> int:
+        return lead_length(len(request.prompt_ids), block_length, aligned=self.aligned)
+
+    def _new_rows(self, chosen: list[tuple[int, GenerationRequest]], block_length: int) -> list[Row]:
         now = time.perf_counter()
-        return [Row(index=index, request=request, admitted_at=now,
-                    generator=torch.Generator(device=self.device).manual_seed(request.params.effective_seed))
-                for index, request in chosen]
+        rows = []
+        for index, request in chosen:
+            lead = self._lead(request, block_length)
+            rows.append(Row(index=index, request=request, admitted_at=now,
+                            lead=request.prompt_ids[len(request.prompt_ids) - lead:] if lead else [],
+                            generator=torch.Generator(device=self.device).manual_seed(request.params.effective_seed)))
+        return rows
 
     @staticmethod
     def _commit(rows: list[Row], block: torch.Tensor, passes: list[int]) -> None:
@@ -115,26 +140,36 @@ class ContinuousScheduler:
 
     def _history(self, rows: list[Row]) -> torch.Tensor | None:
         """Counts of each row's generated tokens (B, V), when a row has a repetition penalty."""
-        longest = max(len(row.generated) for row in rows)  # rows joined in different rounds
+        completions = [row.completion for row in rows]
+        longest = max(len(c) for c in completions)  # rows joined in different rounds
         if longest == 0 or not any(row.request.params.penalised for row in rows):
             return None
         ids = torch.zeros((len(rows), longest), dtype=torch.long)
         counted = torch.zeros((len(rows), longest), dtype=torch.bool)
-        for r, row in enumerate(rows):  # once per block, not per step
-            ids[r, : len(row.generated)] = torch.tensor(row.generated, dtype=torch.long)
-            counted[r, : len(row.generated)] = True
+        for r, completion in enumerate(completions):  # once per block, not per step
+            ids[r, : len(completion)] = torch.tensor(completion, dtype=torch.long)
+            counted[r, : len(completion)] = True
         return token_counts(ids.to(self.device), counted.to(self.device), self.vocab_size)
 
     def _canvas(self, rows: list[Row], length: int) -> torch.Tensor:
-        """(B, length): each row's next ``length`` generated positions, [MASK] everywhere but where an
-        infilling template fixes text (a row's columns past its own end are [MASK] too)."""
+        """(B, length): each row's next ``length`` positions, [MASK] everywhere but where its lead
+        or an infilling template fixes text (a row's columns past its own end are [MASK] too)."""
         canvas = torch.full((len(rows), length), self.mask_token_id, dtype=torch.long)
         for r, row in enumerate(rows):  # once per block, not per step
-            template = row.request.template_ids
-            if template:
-                part = template[len(row.generated) : len(row.generated) + length]
+            fixed = row.lead + (row.request.template_ids or [])
+            part = fixed[len(row.generated) : len(row.generated) + length]
+            if part:
                 canvas[r, : len(part)] = torch.tensor([self.mask_token_id if t is None else t for t in part])
         return canvas.to(self.device)
+
+    def _first_token(self, rows: list[Row]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Token healing binds a row's first generated token, in its first block after its lead: the
+        tokens each row's first token may take (B, V) and its column in the block (B,), or (None, None)."""
+        allowed = first_token_mask([None if row.generated else row.request.healing for row in rows],
+                                   self.vocab_size, self.device)
+        if allowed is None:
+            return None, None
+        return allowed, torch.tensor([len(row.lead) for row in rows], device=self.device)
 
     def _eos_for(self, row: Row) -> tuple[int, ...]:
         # A template's length is fixed: an EOS a hole holds does not end it (decoding drops it).
@@ -142,9 +177,9 @@ class ContinuousScheduler:
 
     def _is_done(self, row: Row) -> bool:
         params = row.request.params
-        if len(row.generated) >= params.max_tokens:
+        if len(row.completion) >= params.max_tokens:
             return True
-        kept, hit_eos = cut_at_eos(row.generated, self._eos_for(row))
+        kept, hit_eos = cut_at_eos(row.completion, self._eos_for(row))
         if hit_eos or not params.stop:
             return hit_eos
         # Committed blocks never change, so a stop string found now is final.
@@ -152,7 +187,7 @@ class ContinuousScheduler:
 
     def _result(self, row: Row) -> GenerationResult:
         params = row.request.params
-        finished = finish_row(row.generated, max_tokens=params.max_tokens, eos_token_ids=self._eos_for(row),
+        finished = finish_row(row.completion, max_tokens=params.max_tokens, eos_token_ids=self._eos_for(row),
                               stop=params.stop, tokenizer=self.tokenizer, healed=row.request.healed_text)
         return GenerationResult(token_ids=finished.token_ids, text=finished.text,
                                 finish_reason=finished.finish_reason, prompt_tokens=len(row.request.prompt_ids),

@@ -9,13 +9,13 @@ from .approx_cache import resolve_cache_mode
 from .canvas_scheduler import CanvasScheduler
 from .healing import TokenHealer
 from .infill import encode_template
-from .layout import whole_blocks
-from .loader import FULL_ATTENTION_FAMILIES, LOGITS_SHIFT, LoadedModel
+from .layout import lead_length, whole_blocks
+from .loader import ALIGNED_FAMILIES, FULL_ATTENTION_FAMILIES, LOGITS_SHIFT, LoadedModel
 from .params import DIFFUSION_GEMMA_OPTIONS, ContextLengthError, GenerationRequest, GenerationResult, Healing
 from .prompts import encode_chat, encode_completion
 from .scheduler import BlockScheduler
 
-SUPPORTED_FAMILIES = ("block_causal", *FULL_ATTENTION_FAMILIES)
+SUPPORTED_FAMILIES = ("block_causal", *ALIGNED_FAMILIES, *FULL_ATTENTION_FAMILIES)
 SAMPLERS = ("reference", "threshold", "factor")  # entropy_bound is DiffusionGemma's
 
 
@@ -52,8 +52,11 @@ class Engine:
         self.default_sampler = default
         # The block a request that names none gets may be shorter than the one the model was trained
         # with: the built-in model's config.json names 16 (README: same quality, fewer FLOPs a token).
+        # An aligned model (SDAR) gets the block it was trained with.
+        self.aligned = loaded.family in ALIGNED_FAMILIES
         block = getattr(loaded.config, "diffbatch_default_block_length", None)
-        block = self.default_block_length if block is None else block
+        if block is None:
+            block = loaded.config.block_length if self.aligned else self.default_block_length
         if not isinstance(block, int) or isinstance(block, bool) or not 1 <= block <= 1024:
             raise ValueError(f"config.json's diffbatch_default_block_length {block!r} is not an integer in [1, 1024]")
         self.default_block_length = block
@@ -72,7 +75,8 @@ class Engine:
         common = dict(tokenizer=self.tokenizer, mask_token_id=loaded.mask_token_id,
                       pad_token_id=loaded.pad_token_id, eos_token_ids=loaded.eos_token_ids,
                       max_batch_size=max_batch_size, device=self.device, vocab_size=self.vocab_size,
-                      max_batch_tokens=max_batch_tokens or max_batch_size * self.max_positions)
+                      max_batch_tokens=max_batch_tokens or max_batch_size * self.max_positions,
+                      aligned=self.aligned)
         if self.cache_mode in ("exact", "delayed"):  # the block-causal KV cache carries the batch
             self.scheduler = BlockScheduler(self.model, delayed=self.cache_mode == "delayed",
                                             graphs=self.device.type == "cuda" if graphs is None else graphs,
@@ -117,12 +121,13 @@ class Engine:
         if healing is not None and (request.template_ids is not None or not healing.allowed or not all(
                 isinstance(t, int) and 0 <= t < self.vocab_size for t in healing.allowed)):
             raise ValueError(f"token healing needs allowed token ids in [0, {self.vocab_size}) and no template")
-        gen_length = whole_blocks(params.max_tokens, params.block_length)
-        if len(prompt) + gen_length > self.max_positions:
+        lead = lead_length(len(prompt), params.block_length, aligned=self.aligned)
+        needed = len(prompt) - lead + whole_blocks(lead + params.max_tokens, params.block_length)
+        if needed > self.max_positions:
             raise ContextLengthError(
                 f"prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} (rounded up to "
-                f"{gen_length}, a multiple of diffusion.block_length={params.block_length}) needs "
-                f"{len(prompt) + gen_length} positions; the model supports {self.max_positions}"
+                f"{needed - len(prompt)}, to end on a block of diffusion.block_length={params.block_length}) "
+                f"needs {needed} positions; the model supports {self.max_positions}"
             )
 
     def encode_template(self, template: str) -> list[int | None]:

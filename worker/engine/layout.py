@@ -9,8 +9,10 @@ denoise, a multiple of block_length):
                                a row with a shorter generation is right-padded past its own end
 
 Block index of a column, per row: 0 for its prompt (one bidirectional prefix block, as a prefix LM),
-then one index per block after it, committed or not. A query may attend to a key iff the key is
-not padding and the key's block index <= the query's. Left padding puts every row's active block
+then one index per block after it, committed or not. With ``aligned`` (SDAR) the blocks are cut
+from position 0, the prompt's included: a column's block is its position // block_length (the
+prompts given are then the rows' whole prompt blocks, ``lead_length``). A query may attend to a
+key iff the key is not padding and the key's block index <= the query's. Left padding puts every row's active block
 (and those after it) at the same columns, so one mask slice and one forward over x[:, :end] serve
 the whole batch.
 """
@@ -25,6 +27,15 @@ import torch
 def whole_blocks(tokens: int, block_length: int) -> int:
     """``tokens`` rounded up to whole blocks: the positions a generation of that length denoises."""
     return -(-tokens // block_length) * block_length
+
+
+def lead_length(prompt_length: int, block_length: int, *, aligned: bool) -> int:
+    """How many of a prompt's last tokens open its first generation block as fixed text.
+
+    A model whose blocks are aligned from position 0 (SDAR) was trained with the prompt cut into
+    blocks like the rest, so its whole blocks are the prefix and its last partial block starts the
+    first block to denoise (SDAR's ``generate.py``). 0 when the prompt is one block of its own."""
+    return prompt_length % block_length if aligned else 0
 
 
 @dataclass
@@ -57,22 +68,25 @@ def build_layout(
     device: torch.device | str,
     full_attention: bool = False,
     committed: list[list[int]] | None = None,
+    aligned: bool = False,
 ) -> BatchLayout:
     """``gen_length``: one for every row, or each row's own. ``committed``: each row's generated
     blocks so far, placed after its prompt (whole blocks, each its own block of the mask); the
     layout's generation then starts after them, and P counts them. ``full_attention`` (LLaDA,
     Dream): every token attends to every real token, the whole canvas, prompt and all blocks, as
     those models were trained; the mask then only hides padding. So under full attention a row's
-    canvas must be its own length: the still-masked columns it sees change its tokens."""
+    canvas must be its own length: the still-masked columns it sees change its tokens.
+    ``aligned``: blocks cut from position 0 (module docstring); each prompt a whole number of blocks."""
     batch = len(prompts)
     gen_lengths = [gen_length] * batch if isinstance(gen_length, int) else list(gen_length)
     committed = committed or [[] for _ in prompts]
     if len(gen_lengths) != batch or len(committed) != batch:
         raise ValueError(f"{len(gen_lengths)} generation lengths and {len(committed)} histories "
                          f"for {batch} prompts")
-    for length in [*gen_lengths, *(len(c) for c in committed)]:
+    for length in [*gen_lengths, *(len(c) for c in committed), *(len(p) for p in prompts if aligned)]:
         if length % block_length != 0:
-            raise ValueError(f"a generation of {length} tokens is not a multiple of block_length {block_length}")
+            raise ValueError(f"a span of {length} tokens (generation, history or aligned prompt) is not "
+                             f"a multiple of block_length {block_length}")
     prompt_length = max(len(p) + len(c) for p, c in zip(prompts, committed))
     gen_length = max(gen_lengths)
     total = prompt_length + gen_length
@@ -95,7 +109,8 @@ def build_layout(
         attention_mask = is_real.to(device)[:, None, None, :].expand(batch, 1, total, total)
     else:
         columns = torch.arange(total)[None, :]
-        block_index = torch.where(columns < prompt_end, 0, 1 + (columns - prompt_end) // block_length)  # (B, L)
+        block_index = (position_ids // block_length if aligned else
+                       torch.where(columns < prompt_end, 0, 1 + (columns - prompt_end) // block_length))  # (B, L)
         causal_blocks = block_index[:, None, :] <= block_index[:, :, None]  # (B, Lq, Lk)
         attention_mask = (causal_blocks & is_real[:, None, :])[:, None].to(device)  # (B, 1, Lq, Lk)
 

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 # Registers the built-in model type with the Auto classes before anything is loaded.
 import worker.engine.builtin  # noqa: F401
 
-# Registers diffbatch's own LLaDA ("llada") and Dream ("Dream") implementations likewise.
+# Registers diffbatch's own LLaDA ("llada"), Dream ("Dream") and SDAR ("sdar") implementations likewise.
 import worker.engine.families  # noqa: F401
 
 # model_type -> attention family, for checkpoints that do not record `diffbatch_family`.
@@ -27,14 +27,19 @@ FAMILIES_BY_MODEL_TYPE = {
     "diffusion_gemma": "diffusion_gemma",
     "llada": "llada",  # LLaDA-8B, LLaDA-1.5: full attention, logits at the mask's position
     "Dream": "dream",  # Dream-v0, DiffuCoder: full attention, logits shifted by one
+    "sdar": "sdar",  # SDAR: block-causal, blocks aligned from position 0 (families/sdar.py)
 }
 # Families whose every token attends to every token (approximate prefix / dual KV caches).
 FULL_ATTENTION_FAMILIES = ("llada", "dream")
+# Block-causal families whose blocks are aligned from position 0, the prompt included: its whole
+# blocks are prefilled block-causally and its last partial block opens the first decoded block.
+# (The built-in model's prompt is one bidirectional block instead.)
+ALIGNED_FAMILIES = ("sdar",)
 # Families whose logit for position i is read at position i - LOGITS_SHIFT (AR-initialised models).
 LOGITS_SHIFT = {"dream": 1}
 # Model types diffbatch implements itself: their folders' remote code (written for transformers 4)
 # is never run, whatever the caller's trust_remote_code.
-OWN_MODEL_TYPES = ("diffbatch_mdm", "llada", "Dream")
+OWN_MODEL_TYPES = ("diffbatch_mdm", "llada", "Dream", "sdar")
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,

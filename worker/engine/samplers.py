@@ -130,9 +130,9 @@ def predict_x0(
     no row asks for a nucleus, which skips a sort over the vocabulary. Gumbel-max runs in float64
     as in LLaDA (low precision hurts quality, arXiv:2409.02908): argmax of
     exp(logits) / (-log u) ** T samples softmax(logits / T).
-    first_allowed (B, V) bool, or None: the tokens the block's first position may take (token
+    first_allowed (B, V) bool, or None: the tokens the first generated position may take (token
     healing, healing.py); the other tokens get no probability there, in the confidence too.
-    first_column (B, K) bool, with first_allowed: which of the given positions is the block's first.
+    first_column (B, K) bool, with first_allowed: which of the given positions is that one.
     penalty (B, V) or None: subtracted from every position's logits (repetition_penalty).
     Returns x0 (B, K) and confidence (B, K) = softmax(logits)[x0], LLaDA's low-confidence score.
     """
@@ -215,17 +215,19 @@ class BlockRules:
 def commit_step(block: torch.Tensor, logits_n: torch.Tensor, slots: torch.Tensor, mask_index: torch.Tensor,
                 num_transfer: torch.Tensor, rules: BlockRules, *, mask_token_id: int,
                 denominator: torch.Tensor | None = None, first_allowed: torch.Tensor | None = None,
-                history: torch.Tensor | None = None) -> None:
+                first_slot: torch.Tensor | None = None, history: torch.Tensor | None = None) -> None:
     """One step's decision, written into ``block`` (B, K) in place: predict x0 at ``slots`` (B, n)
     from their logits (B, n, V), then commit the positions the rows' samplers choose
-    (``num_transfer`` (B,) for reference rows, the confidences for parallel ones)."""
+    (``num_transfer`` (B,) for reference rows, the confidences for parallel ones). ``first_slot`` (B,):
+    the block position ``first_allowed`` binds (a row's lead comes before it); None = position 0."""
     penalty = None
     if rules.penalised:  # what this block committed so far counts as generated too
         counts = token_counts(block, block != mask_token_id, logits_n.shape[-1])
         counts = counts if history is None else counts + history
         penalty = repetition_penalty(counts, rules.frequency_t, rules.presence_t)
     x0_n, confidence_n = predict_x0(logits_n, rules.temperature_t, rules.top_p_t, denominator, mask_token_id,
-                                    first_allowed, penalty, first_column=slots == 0)
+                                    first_allowed, penalty,
+                                    first_column=slots == (0 if first_slot is None else first_slot[:, None]))
     x0 = block.scatter(1, slots, x0_n)  # (B, K); committed positions keep their tokens
     confidence = confidence_n.new_zeros(block.shape).scatter_(1, slots, confidence_n)  # (B, K)
     if rules.any_parallel:
@@ -246,6 +248,7 @@ def denoise_block(
     rows: list,
     noise: RowNoise,
     first_allowed: torch.Tensor | None = None,
+    first_slot: torch.Tensor | None = None,
     history: torch.Tensor | None = None,
 ) -> list[int]:
     """Denoise x[:, start:end] in place until no row has a mask left.
@@ -256,8 +259,8 @@ def denoise_block(
     the block's positions ``slots`` (B, n), (B, n, V) (cache.py): with block-causal attention
     nothing after ``end`` can change them. A reference row finishes in exactly its ``steps``; a
     parallel one in as few as the model's confidence allows.
-    ``first_allowed`` (B, V) bool restricts the block's first position (token healing of the first
-    generated token); None leaves it free.
+    ``first_allowed`` (B, V) bool restricts the first generated token (token healing) at the block
+    position ``first_slot`` (B,) (None: 0); None leaves it free.
     ``history`` (B, V): counts of the tokens generated before this block, for rows with a frequency
     or presence penalty (None: nothing generated yet).
     """
@@ -281,7 +284,7 @@ def denoise_block(
         denominator = noise.gumbel_denominator(noisy_rows, rules.temperature, masked_counts, logits_n.shape)
         commit_step(block, logits_n, slots, mask_index, rules.schedule_t[:, step], rules,
                     mask_token_id=mask_token_id, denominator=denominator, first_allowed=first_allowed,
-                    history=history)
+                    first_slot=first_slot, history=history)
     return passes
 
 
@@ -293,13 +296,14 @@ class GreedyBlockSteps:
     temperature 0 (greedy needs no per-row noise, the one thing a graph could not draw)."""
 
     def __init__(self, block: torch.Tensor, rows: list, *, mask_token_id: int,
-                 first_allowed: torch.Tensor | None = None, history: torch.Tensor | None = None):
+                 first_allowed: torch.Tensor | None = None, first_slot: torch.Tensor | None = None,
+                 history: torch.Tensor | None = None):
         size, length = block.shape
         self.block, self.mask_token_id = block, mask_token_id  # (B, K), denoised in place
         self.rules = BlockRules(rows, length, block.device)
         if not self.rules.greedy:
             raise ValueError("GreedyBlockSteps serves rows at temperature 0 only")
-        self.first_allowed, self.history = first_allowed, history
+        self.first_allowed, self.first_slot, self.history = first_allowed, first_slot, history
         self.slots = torch.arange(length, device=block.device).expand(size, length)  # every position
         self.step = torch.zeros((size, 1), dtype=torch.long, device=block.device)
         self.passes = torch.zeros(size, dtype=torch.long, device=block.device)
@@ -313,7 +317,8 @@ class GreedyBlockSteps:
         last = self.rules.schedule_t.shape[1] - 1  # past a row's steps its schedule is 0 anyway
         num_transfer = self.rules.schedule_t.gather(1, self.step.clamp(max=last)).squeeze(1)  # (B,)
         commit_step(self.block, logits, self.slots, mask_index, num_transfer, self.rules,
-                    mask_token_id=self.mask_token_id, first_allowed=self.first_allowed, history=self.history)
+                    mask_token_id=self.mask_token_id, first_allowed=self.first_allowed, first_slot=self.first_slot,
+                    history=self.history)
         self.passes += mask_index.any(dim=-1)
         self.step += 1
 

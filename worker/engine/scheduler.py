@@ -18,8 +18,6 @@ import torch
 from .continuous import ContinuousScheduler, Row
 from .cuda_graph import BlockForwardGraph, CapturedCall
 from .delayed_cache import DelayedBlockForward
-from .healing import first_token_mask
-from .params import GenerationRequest
 from .samplers import GreedyBlockSteps, RowNoise, denoise_block
 
 
@@ -88,26 +86,34 @@ class BlockScheduler(ContinuousScheduler):
         chosen = self._choose(rows, behind, waiting, block_length)
         if not chosen:
             return batch
-        joined = self._prefill(chosen)
+        joined = self._prefill(self._new_rows(chosen, block_length), block_length)
         if batch is None or not batch.rows:
             return joined
         batch.join(joined)
         return batch
 
-    def _prefill(self, chosen: list[tuple[int, GenerationRequest]]) -> RunningBatch:
-        """One pass over the new prompts (left-padded, each a bidirectional block) fills their caches."""
-        longest = max(len(r.prompt_ids) for _, r in chosen)
-        ids = torch.full((len(chosen), longest), self.pad_token_id, dtype=torch.long)
-        valid = torch.zeros((len(chosen), longest), dtype=torch.bool)
-        for row, (_, request) in enumerate(chosen):
-            ids[row, longest - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
-            valid[row, longest - len(request.prompt_ids):] = True
+    def _prefill(self, rows: list[Row], block_length: int) -> RunningBatch:
+        """One pass over the new rows' prompts (left-padded) fills their caches. A prompt is one
+        bidirectional block, or with ``aligned`` its whole blocks of ``block_length``, block-causal
+        (its lead, the rest, opens the first block instead)."""
+        heads = [row.head for row in rows]
+        longest = max(1, *(len(head) for head in heads))  # an aligned row's head may be empty
+        ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
+        valid = torch.zeros((len(rows), longest), dtype=torch.bool)
+        for r, head in enumerate(heads):
+            if head:
+                ids[r, longest - len(head):] = torch.tensor(head)
+                valid[r, longest - len(head):] = True
         ids, valid = ids.to(self.device), valid.to(self.device)
         positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
-        mask = valid[:, None, None, :].expand(-1, 1, longest, -1)  # (Bn, 1, L, L)
+        if self.aligned:  # padding queries see every column, so no softmax runs over nothing
+            blocks = positions // block_length
+            mask = ((blocks[:, None, :] <= blocks[:, :, None]) & valid[:, None, :] | ~valid[:, :, None])[:, None]
+        else:
+            mask = valid[:, None, None, :].expand(-1, 1, longest, -1)  # (Bn, 1, L, L)
         output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                             logits_to_keep=1)
-        return RunningBatch(rows=self._new_rows(chosen), key_values=output.key_values, key_valid=valid,
+        return RunningBatch(rows=rows, key_values=output.key_values, key_valid=valid,
                             next_position=valid.sum(dim=1))
 
     def _denoise_round(self, batch: RunningBatch, block_length: int) -> None:
@@ -129,13 +135,11 @@ class BlockScheduler(ContinuousScheduler):
                               attention_mask=mask, position_ids=positions, **logits).logits
 
         params = [row.request.params for row in batch.rows]
-        # Token healing binds a row's first generated token, which opens its first block.
-        healings = [None if row.generated else row.request.healing for row in batch.rows]
-        first_allowed = first_token_mask(healings, self.vocab_size, self.device)
+        first_allowed, first_slot = self._first_token(batch.rows)
         history = self._history(batch.rows)
         if self.graphs and all(p.temperature == 0 for p in params):
             steps = GreedyBlockSteps(block, params, mask_token_id=self.mask_token_id,
-                                     first_allowed=first_allowed, history=history)
+                                     first_allowed=first_allowed, first_slot=first_slot, history=history)
             step = CapturedCall(lambda: steps(run), self.device)
             passes = steps.run(step)
             step()  # no mask is left: the step only leaves the clean block's keys and values cached
@@ -144,7 +148,7 @@ class BlockScheduler(ContinuousScheduler):
             noise = RowNoise.from_generators([row.generator for row in batch.rows], self.device)
             passes = denoise_block(forward, block, 0, block_length, mask_token_id=self.mask_token_id,
                                    rows=params, noise=noise, first_allowed=first_allowed,
-                                   history=history)
+                                   first_slot=first_slot, history=history)
             commit(block)
         batch.key_values, batch.key_valid = key_values, keys
         batch.next_position = batch.next_position + block_length

@@ -13,7 +13,7 @@ from .configuration import DiffbatchMDMConfig
 from .modeling import DiffbatchMDMForMaskedDiffusion
 
 
-def _fused_projections() -> list[WeightConverter]:
+def fused_projections() -> list[WeightConverter]:
     """Checkpoints store q/k/v and gate/up as separate tensors (the common layout, readable by any
     tool); the model holds each group as one matrix. transformers concatenates them on load and
     splits them again on save (the reverse of Concatenate is Chunk)."""
@@ -35,7 +35,7 @@ def _register() -> None:
         AutoModelForMaskedLM.register(DiffbatchMDMConfig, DiffbatchMDMForMaskedDiffusion)
     except ValueError:
         pass
-    register_checkpoint_conversion_mapping(DiffbatchMDMConfig.model_type, _fused_projections(), overwrite=True)
+    register_checkpoint_conversion_mapping(DiffbatchMDMConfig.model_type, fused_projections(), overwrite=True)
 
 
 _register()

@@ -20,6 +20,9 @@ class DiffbatchMDMConfig(PretrainedConfig):
     hidden_size: int = 64
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
+    num_key_value_heads: int | None = None  # grouped-query attention; None: one per query head
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    qk_norm: bool = False  # RMSNorm on each query and key head before rotation (Qwen3, SDAR)
     intermediate_size: int = 176
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
@@ -36,11 +39,18 @@ class DiffbatchMDMConfig(PretrainedConfig):
     diffbatch_name: str | None = None
 
     def __post_init__(self, **kwargs):
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be a multiple of "
-                f"num_attention_heads ({self.num_attention_heads})"
-            )
-        if (self.hidden_size // self.num_attention_heads) % 2 != 0:
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads != 0:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be a multiple of "
+                    f"num_attention_heads ({self.num_attention_heads})"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2 != 0:
             raise ValueError("the head dimension must be even for rotary position embeddings")
         super().__post_init__(**kwargs)

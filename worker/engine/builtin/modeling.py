@@ -58,25 +58,39 @@ class DiffbatchMDMAttention(nn.Module):
     """Queries, keys and values come from one fused projection (``qkv_proj``) and the rotary rotation
     runs once over queries and keys together: a denoising step is many small forwards, and on an
     accelerator each of them costs launches, not arithmetic. Checkpoints keep separate
-    q_proj/k_proj/v_proj tensors; the conversion registered in ``__init__.py`` joins and splits them."""
+    q_proj/k_proj/v_proj tensors; the conversion registered in ``__init__.py`` joins and splits them.
+
+    Grouped-query heads (``num_key_value_heads``) and per-head query/key RMSNorm (``qk_norm``) are
+    Qwen3's, which SDAR's checkpoints use (families/sdar.py); the built-in model has neither."""
 
     def __init__(self, config: DiffbatchMDMConfig):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
-        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
+                                  bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        if config.qk_norm:
+            self.q_norm = DiffbatchMDMRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = DiffbatchMDMRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(self, hidden, cos, sin, attention_mask, past=None, write_offset=None):
-        """Returns the output and (keys, values) of past + these tokens, (B, H, Lpast + L, D) each.
+        """Returns the output and (keys, values) of past + these tokens, (B, H_kv, Lpast + L, D) each.
 
         With ``write_offset``, ``past`` is a buffer with room for these tokens: their keys and values
         are written into its columns [write_offset, write_offset + L) in place and the tokens attend
         to columns [0, write_offset + L). A step copies L columns, not the whole cache."""
         batch, length, _ = hidden.shape
-        heads = self.qkv_proj(hidden).view(batch, length, 3 * self.num_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(heads[:, : 2 * self.num_heads], cos, sin).split(self.num_heads, dim=1)
-        v = heads[:, 2 * self.num_heads :]
+        queries_keys = self.num_heads + self.num_kv_heads
+        heads = self.qkv_proj(hidden).view(batch, length, queries_keys + self.num_kv_heads, self.head_dim)
+        qk = heads[:, :, :queries_keys]
+        if self.qk_norm:  # one norm over query and key heads, each scaled by its own weight
+            weight = torch.cat([self.q_norm.weight.expand(self.num_heads, -1),
+                                self.k_norm.weight.expand(self.num_kv_heads, -1)])  # (Hq + Hkv, D)
+            qk = weight * F.rms_norm(qk.float(), (self.head_dim,), eps=self.q_norm.eps).to(qk.dtype)
+        q, k = apply_rotary(qk.transpose(1, 2), cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        v = heads[:, :, queries_keys:].transpose(1, 2)
         if write_offset is not None:
             end = write_offset + length
             past[0][:, :, write_offset:end], past[1][:, :, write_offset:end] = k, v
@@ -84,7 +98,8 @@ class DiffbatchMDMAttention(nn.Module):
         elif past is not None:  # keys of earlier, finished blocks: exact, they never attend forward
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         # No is_causal: masked diffusion attends both ways; the mask alone decides the layout.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # (B, H, L, D)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, L, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), (k, v)
 
 
@@ -160,8 +175,7 @@ class DiffbatchMDMModel(DiffbatchMDMPreTrainedModel):
             # Additive once here: attention turns a bool mask into this form in every layer, each time.
             attention_mask = torch.zeros(attention_mask.shape, dtype=hidden.dtype, device=hidden.device
                                          ).masked_fill_(~attention_mask, torch.finfo(hidden.dtype).min)
-        head_dim = self.config.hidden_size // self.config.num_attention_heads
-        cos, sin = rotary_cos_sin(position_ids, head_dim, self.config.rope_theta, hidden.dtype)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
         key_values = []
         for i, layer in enumerate(self.layers):
             hidden, kv = layer(hidden, cos, sin, attention_mask, None if past_key_values is None

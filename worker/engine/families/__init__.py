@@ -1,4 +1,5 @@
-"""diffbatch's own transformers-5 implementations of published diffusion LM architectures.
+"""diffbatch's own transformers-5 implementations of published diffusion LM architectures: LLaDA and
+Dream (full attention), SDAR (block-causal, on the built-in model's classes).
 
 Importing this package registers each family's ``model_type`` (the value in the published
 checkpoints' config.json) with ``AutoConfig`` and ``AutoModelForMaskedLM``, so the loader reads those
@@ -7,13 +8,17 @@ Importing it again is harmless.
 """
 
 from transformers import AutoConfig, AutoModelForMaskedLM
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 
+from ..builtin import fused_projections
 from .dream import DreamConfig, DreamForMaskedDiffusion
 from .llada import LLaDAConfig, LLaDAForMaskedDiffusion
+from .sdar import SDARConfig, SDARForBlockDiffusion
 
 
 def _register() -> None:
-    pairs = ((LLaDAConfig, LLaDAForMaskedDiffusion), (DreamConfig, DreamForMaskedDiffusion))
+    pairs = ((LLaDAConfig, LLaDAForMaskedDiffusion), (DreamConfig, DreamForMaskedDiffusion),
+             (SDARConfig, SDARForBlockDiffusion))
     for config_class, model_class in pairs:
         # transformers raises if a model type is registered twice (e.g. after importlib.reload).
         try:
@@ -24,8 +29,11 @@ def _register() -> None:
             AutoModelForMaskedLM.register(config_class, model_class)
         except ValueError:
             pass
+    # SDAR's weights load into the built-in model's classes, whose q/k/v and gate/up are fused.
+    register_checkpoint_conversion_mapping(SDARConfig.model_type, fused_projections(), overwrite=True)
 
 
 _register()
 
-__all__ = ["DreamConfig", "DreamForMaskedDiffusion", "LLaDAConfig", "LLaDAForMaskedDiffusion"]
+__all__ = ["DreamConfig", "DreamForMaskedDiffusion", "LLaDAConfig", "LLaDAForMaskedDiffusion", "SDARConfig",
+           "SDARForBlockDiffusion"]

@@ -1,0 +1,152 @@
+"""SDAR checkpoints (block-causal, blocks aligned from position 0): loading, architecture, decoding.
+
+The oracles are independent of diffbatch's code: transformers' own Qwen3 for the architecture (SDAR
+is Qwen3 with a block-causal mask; under a causal mask, which is block-causal with blocks of one,
+the logits must be Qwen3's), and for decoding a plain re-statement of SDAR's published sampler
+(JetAstra/SDAR ``generate.py``): the whole sequence recomputed at every step under a block-causal
+mask cut from position 0, the prompt's last partial block decoded together with the first new tokens.
+"""
+
+import json
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from worker.engine.builtin.tokenizer import build_byte_tokenizer
+from worker.engine.engine import Engine
+from worker.engine.families import SDARConfig, SDARForBlockDiffusion
+from worker.engine.loader import load_model
+from worker.engine.params import ContextLengthError, GenerationRequest, Healing, SamplingParams
+
+BLOCK = 4
+SIZES = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+
+
+def published_config(tokenizer) -> dict:
+    """config.json as SDAR-1.7B-Chat writes it (its key set), at the tiny model's sizes."""
+    return dict(
+        architectures=["SDARForCausalLM"], attention_bias=False, attention_dropout=0.0,
+        attn_implementation="flex_attention", auto_map={
+            "AutoConfig": "configuration_sdar.SDARConfig", "AutoModel": "modeling_sdar.SDARModel",
+            "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM"},
+        block_size=BLOCK, bos_token_id=tokenizer.bos_token_id, debug=False, eos_token_id=tokenizer.eos_token_id,
+        ep_size=1, fuse_cross_entropy=True, hidden_act="silu", initializer_range=0.02,
+        mask_token_id=tokenizer.mask_token_id, max_window_layers=28, micro_forward=False, model_type="sdar",
+        rms_norm_eps=1e-06, rope_scaling=None, rope_theta=1000000, skip_checkpoint=False, sliding_window=None,
+        tie_word_embeddings=False, torch_dtype="bfloat16", transformers_version="4.52.4", use_cache=False,
+        use_deepep=False, use_sliding_window=False, vocab_size=len(tokenizer), **SIZES)
+
+
+@pytest.fixture(scope="module")
+def sdar(tmp_path_factory):
+    """A published-style SDAR folder whose weights were written by transformers' Qwen3 (the same
+    parameter names), with remote code that raises if it runs; and that Qwen3 model."""
+    tokenizer = build_byte_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        qwen3 = Qwen3ForCausalLM(Qwen3Config(
+            vocab_size=len(tokenizer), tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, initializer_range=0.2,
+            **SIZES)).eval()
+        with torch.no_grad():  # norms away from 1, so a norm left out or misplaced shows
+            for name, parameter in qwen3.named_parameters():
+                if "norm" in name:
+                    parameter.normal_(1.0, 0.3)
+    folder = tmp_path_factory.mktemp("sdar") / "SDAR-tiny-Chat"
+    qwen3.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    config = published_config(tokenizer)
+    (folder / "config.json").write_text(json.dumps(config))
+    for module in {v.split(".")[0] for v in config["auto_map"].values()}:
+        (folder / f"{module}.py").write_text("raise RuntimeError('remote code ran')\n")
+    return load_model(str(folder), trust_remote_code=True), qwen3
+
+
+def test_published_folder_loads_as_qwen3_with_a_block_causal_mask(sdar):
+    loaded, qwen3 = sdar
+    assert type(loaded.model) is SDARForBlockDiffusion and loaded.family == "sdar"
+    assert loaded.mask_token_id == loaded.tokenizer.mask_token_id and loaded.config.block_length == BLOCK
+    ids = torch.randint(0, loaded.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
+    causal = torch.ones(13, 13, dtype=torch.bool).tril()[None, None].expand(2, 1, 13, 13)
+    with torch.no_grad():
+        ours = loaded.model(input_ids=ids, attention_mask=causal).logits
+        theirs = qwen3(input_ids=ids).logits
+    assert (ours - theirs).abs().max().item() < 1e-5
+
+
+def sdar_reference(model, prompt: list[int], gen_length: int, *, mask_token_id: int) -> list[int]:
+    """SDAR's generate.py, greedy, one token a step ("low_confidence_static", steps = block), full
+    recomputation. As diffbatch's samplers, [MASK] itself is never a prediction."""
+    total = -(-(len(prompt) + gen_length) // BLOCK) * BLOCK
+    x = torch.full((1, total), mask_token_id)
+    x[0, : len(prompt)] = torch.tensor(prompt)
+    blocks = torch.arange(total) // BLOCK
+    mask = (blocks[None, :] <= blocks[:, None])[None, None]
+    for block in range(len(prompt) // BLOCK, total // BLOCK):
+        start, end = block * BLOCK, (block + 1) * BLOCK
+        while (x[0, start:end] == mask_token_id).any():
+            logits = model(input_ids=x[:, :end], attention_mask=mask[..., :end, :end],
+                           position_ids=torch.arange(end)[None]).logits[0, start:end].double()
+            logits[:, mask_token_id] = float("-inf")
+            confidence, x0 = logits.softmax(dim=-1).max(dim=-1)
+            confidence[x[0, start:end] != mask_token_id] = float("-inf")
+            position = start + int(confidence.argmax())
+            x[0, position] = x0[position - start]
+    return x[0, len(prompt):].tolist()
+
+
+PROMPT_LENGTHS = (1, 3, 4, 5, 10, 7)  # leads 1, 3, 0, 1, 2, 3; the first two have no whole block
+
+
+@pytest.mark.parametrize("cache,graphs", [("exact", False), ("exact", True), ("none", False)])
+def test_engine_gives_sdar_reference_tokens_in_one_mixed_batch(sdar, cache, graphs):
+    """Prompts of every length mod the block (an empty head, a whole-block prompt, leads of 1-3),
+    different max_tokens, in one continuous batch of 3: each row gets the reference's tokens."""
+    loaded, _ = sdar
+    engine = Engine(loaded, max_batch_size=3, cache=cache, graphs=graphs)
+    prompts = [[(7 + 31 * n + 17 * i) % 250 + 10 for i in range(n)] for n in PROMPT_LENGTHS]
+    requests = [GenerationRequest(p, SamplingParams(max_tokens=5 + 3 * i, block_length=BLOCK))
+                for i, p in enumerate(prompts)]
+    results = engine.generate(requests)
+    for request, result in zip(requests, results):
+        expected = sdar_reference(loaded.model, request.prompt_ids, request.params.max_tokens,
+                                  mask_token_id=loaded.mask_token_id)
+        assert result.token_ids == expected[: len(result.token_ids)]
+        if result.finish_reason == "stop":  # the engine stops at EOS, the reference decodes on
+            assert expected[len(result.token_ids)] in loaded.eos_token_ids
+        else:
+            assert len(result.token_ids) == request.params.max_tokens
+        assert result.prompt_tokens == len(request.prompt_ids)
+
+
+def test_token_healing_binds_the_first_token_after_the_lead(sdar):
+    """With a lead, the first generated token is not the block's first position: healing must
+    restrict the position after the lead (restricting position 0, the lead's, would do nothing)."""
+    loaded, _ = sdar
+    engine = Engine(loaded, max_batch_size=2)
+    prompt = [40, 50, 60, 70, 80, 90]  # a lead of 2
+    free = engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=4, block_length=BLOCK))])[0]
+    allowed = tuple(t for t in range(10, 20) if t != free.token_ids[0])
+    healed = GenerationRequest(prompt, SamplingParams(max_tokens=4, block_length=BLOCK),
+                               healing=Healing(text="", allowed=allowed))
+    assert len(prompt) % BLOCK and engine.generate([healed])[0].token_ids[0] in allowed
+
+
+def test_default_block_is_the_trained_one_and_context_counts_aligned_blocks(sdar):
+    loaded, _ = sdar
+    engine = Engine(loaded)
+    assert engine.default_block_length == BLOCK
+    prompt = [5] * 250  # 248 in whole blocks + a lead of 2; 2 + 6 new tokens fill two blocks: 256
+    engine.check(GenerationRequest(prompt, SamplingParams(max_tokens=6, block_length=BLOCK)))
+    with pytest.raises(ContextLengthError, match="needs 260 positions"):
+        engine.check(GenerationRequest(prompt, SamplingParams(max_tokens=7, block_length=BLOCK)))
+
+
+def test_unsupported_sdar_options_are_refused():
+    for option, match in [(dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope scaling"),
+                          (dict(attention_bias=True), "attention bias"),
+                          (dict(use_sliding_window=True), "sliding-window")]:
+        with pytest.raises(ValueError, match=match):
+            SDARForBlockDiffusion(SDARConfig(**SIZES, vocab_size=300, **option))
