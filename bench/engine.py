@@ -2,7 +2,7 @@
 
     python bench/engine.py [--device cpu|cuda] [--new-tokens 256] [--batches 1,8,32,64] [--prompts 64]
                            [--samplers "threshold 0.9,factor 1.0"] [--caches exact,graph,delayed]
-                           [--random-shape 2048x24x16]
+                           [--random-shape 2048x24x16 [--family sdar]]
 
 Prints tokens/s and ratios for, at each batch size:
   - the reference sampler (LLaDA, one token a pass) with full recomputation: the published baseline;
@@ -14,13 +14,16 @@ Prints tokens/s and ratios for, at each batch size:
     round's step replayed from a CUDA graph (worker/engine/cuda_graph.py); "exact" rows run eagerly;
     under each graph row, the host time its rounds spent outside replays (eager first steps, captures);
   - an autoregressive Llama of the same width and depth decoding with its KV cache
-    (transformers' generate, greedy, exactly --new-tokens tokens);
+    (transformers' generate, greedy, exactly --new-tokens tokens); for an SDAR model, a Qwen3 of
+    its shape (the architecture SDAR was trained from);
 and, per engine mode, forward passes per token, achieved FLOP/s as a share of this machine's
 measured matmul peak, and peak memory (CUDA: allocated bytes; CPU: process RSS high-water mark).
 The model is the built-in trained one (`--model PATH` for another); the parallel samplers run at
 their documented defaults, whose quality bench/quality.py measures on the same model.
 `--random-shape HIDDENxLAYERSxHEADS` swaps in random weights of the built-in architecture at that
 shape (built-in tokenizer): speed only, for sizes where the accelerator, not launches, sets the pace.
+With `--family sdar` those weights are SDAR's architecture instead (Qwen3: half as many key/value
+heads as query heads, q/k norm, untied head; blocks aligned from position 0, trained block 4).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from worker.engine import cuda_graph
 from worker.engine.builtin import DiffbatchMDMForMaskedDiffusion
 from worker.engine.builtin.create import config_for
 from worker.engine.engine import Engine
+from worker.engine.families import SDARConfig, SDARForBlockDiffusion
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
 
@@ -121,18 +125,29 @@ def time_graph_rounds() -> dict:
     return spent
 
 
-def with_random_weights(loaded, shape: str, device: str):
-    """The built-in architecture at HIDDENxLAYERSxHEADS (MLP width 8/3 hidden, rounded to 64), random
-    weights built on the device in the loaded model's dtype; tokenizer and special ids unchanged."""
+def with_random_weights(loaded, shape: str, device: str, family: str = "block_causal"):
+    """The built-in architecture (or SDAR's) at HIDDENxLAYERSxHEADS (MLP width 8/3 hidden, rounded to
+    64), random weights built on the device in the loaded model's dtype; tokenizer and special ids
+    unchanged."""
     hidden, layers, heads = (int(v) for v in shape.lower().split("x"))
-    config = config_for(loaded.tokenizer, name=f"random-{shape}", hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=64 * round(hidden * 8 / 3 / 64),
-                        max_position_embeddings=loaded.max_positions, block_length=loaded.config.block_length)
+    sizes = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                 intermediate_size=64 * round(hidden * 8 / 3 / 64), max_position_embeddings=loaded.max_positions)
+    if family == "sdar":
+        tokenizer = loaded.tokenizer
+        config = SDARConfig(**sizes, num_key_value_heads=max(1, heads // 2), head_dim=hidden // heads,
+                            vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            bos_token_id=tokenizer.bos_token_id, diffbatch_name=f"random-sdar-{shape}")
+        model_class, family_name = SDARForBlockDiffusion, "sdar"
+    else:
+        config = config_for(loaded.tokenizer, name=f"random-{shape}", block_length=loaded.config.block_length,
+                            **sizes)
+        model_class, family_name = DiffbatchMDMForMaskedDiffusion, loaded.family
     dtype = next(loaded.model.parameters()).dtype
     torch.manual_seed(0)
     with torch.device(device):
-        model = DiffbatchMDMForMaskedDiffusion(config).to(dtype).eval()
-    return dataclasses.replace(loaded, model=model, config=config, name=config.diffbatch_name)
+        model = model_class(config).to(dtype).eval()
+    return dataclasses.replace(loaded, model=model, config=config, name=config.diffbatch_name, family=family_name)
 
 
 def matmul_peak(device: str, dtype: torch.dtype, repeat: int = 10) -> tuple[float, int]:
@@ -183,17 +198,22 @@ def run_engine(loaded, device, batch, prompts, new_tokens, options, cache, count
 
 
 def run_autoregressive(config, device, dtype, batch, prompts, new_tokens, tokenizer) -> dict:
-    """A Llama of the same width and depth, random weights, greedy, KV cache: tokens/s only."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A Llama of the same width and depth (a Qwen3 of the same shape for SDAR), random weights,
+    greedy, KV cache: tokens/s only."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    ar_config = LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                            intermediate_size=config.intermediate_size,
-                            num_hidden_layers=config.num_hidden_layers,
-                            num_attention_heads=config.num_attention_heads,
-                            max_position_embeddings=config.max_position_embeddings,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=None, bos_token_id=None)
+    shape = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                 intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+                 num_attention_heads=config.num_attention_heads,
+                 max_position_embeddings=config.max_position_embeddings,
+                 pad_token_id=tokenizer.pad_token_id, eos_token_id=None, bos_token_id=None)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(ar_config).to(device=device, dtype=dtype).eval()
+    if isinstance(config, SDARConfig):
+        model = Qwen3ForCausalLM(Qwen3Config(**shape, num_key_value_heads=config.num_key_value_heads,
+                                             head_dim=config.head_dim, tie_word_embeddings=False))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**shape))
+    model = model.to(device=device, dtype=dtype).eval()
     counter = count_flops(model)
     tokenizer.padding_side = "left"
     # Warm-up at this batch shape, as the engine gets: the first generate call pays one-off costs
@@ -236,11 +256,13 @@ def main(argv: list[str]) -> int:
                         "the trained block, 32, then the model's default block if it differs)")
     parser.add_argument("--random-shape", help="HIDDENxLAYERSxHEADS: random weights of the built-in "
                         "architecture at this shape instead of the checkpoint's (speed only)")
+    parser.add_argument("--family", default="block_causal", choices=["block_causal", "sdar"],
+                        help="with --random-shape: the built-in architecture or SDAR's")
     args = parser.parse_args(argv[1:])
     path = args.model or str(Settings().model_path)
     loaded = load_model(path, device=args.device, dtype=args.dtype)
     if args.random_shape:
-        loaded = with_random_weights(loaded, args.random_shape, args.device)
+        loaded = with_random_weights(loaded, args.random_shape, args.device, args.family)
         path = f"{loaded.name} ({sum(p.numel() for p in loaded.model.parameters()) / 1e6:.0f}M parameters)"
     dtype = next(loaded.model.parameters()).dtype
     counter = count_flops(loaded.model)

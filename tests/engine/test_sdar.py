@@ -8,6 +8,7 @@ mask cut from position 0, the prompt's last partial block decoded together with 
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -150,3 +151,17 @@ def test_unsupported_sdar_options_are_refused():
                           (dict(use_sliding_window=True), "sliding-window")]:
         with pytest.raises(ValueError, match=match):
             SDARForBlockDiffusion(SDARConfig(**SIZES, vocab_size=300, **option))
+
+
+def test_a_folder_missing_weights_is_refused(sdar, tmp_path):
+    """transformers would fill a missing parameter with random values and only log it."""
+    from safetensors.torch import load_file, save_file
+
+    loaded, _ = sdar
+    folder = tmp_path / "incomplete"
+    shutil.copytree(loaded.config.name_or_path, folder)
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.1.self_attn.k_norm.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 1 of the weights .*k_norm"):
+        load_model(str(folder))

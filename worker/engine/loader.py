@@ -96,7 +96,14 @@ def load_model(
     if pad_token_id is None:
         raise ValueError(f"model at {str(path)!r} defines neither a pad nor an eos token")
 
-    model = AutoModelForMaskedLM.from_pretrained(folder, config=config, dtype=torch_dtype, **kwargs)
+    model, loading = AutoModelForMaskedLM.from_pretrained(folder, config=config, dtype=torch_dtype,
+                                                          output_loading_info=True, **kwargs)
+    # transformers fills a parameter the folder lacks with random values and only logs it: a
+    # checkpoint of another layout (a variant with other parameter names) would generate noise.
+    missing = sorted(loading["missing_keys"])
+    if missing:
+        raise ValueError(f"model at {str(path)!r} lacks {len(missing)} of the weights its model_type "
+                         f"{config.model_type!r} needs, e.g. {missing[:3]}")
     model.to(device).eval()
     return LoadedModel(
         model=model,
