@@ -165,3 +165,16 @@ def test_a_folder_missing_weights_is_refused(sdar, tmp_path):
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"lacks 1 of the weights .*k_norm"):
         load_model(str(folder))
+
+
+def test_an_infilling_template_follows_the_lead(sdar):
+    """The template's text comes after the prompt's lead in the canvas, so it lands where it says."""
+    loaded, _ = sdar
+    engine = Engine(loaded, max_batch_size=2)
+    template = [None, None, 100, 101, None, 102, None, None, None, 103]
+    for prompt in ([40, 50, 60, 70, 80, 90], [40, 50, 60, 70]):  # leads of 2 and 0
+        request = GenerationRequest(prompt, SamplingParams(max_tokens=len(template), block_length=BLOCK),
+                                    template_ids=template)
+        tokens = engine.generate([request])[0].token_ids
+        assert len(tokens) == len(template)
+        assert [t for t, fixed in zip(tokens, template) if fixed is not None] == [100, 101, 102, 103]
