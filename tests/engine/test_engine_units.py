@@ -186,3 +186,15 @@ def test_a_penalised_request_gives_the_same_tokens_in_both_engine_paths(loaded):
     unpenalised = Engine(loaded).generate([GenerationRequest(Engine(loaded).encode_completion(prompts[0]),
                                                              SamplingParams(max_tokens=40, block_length=8))])
     assert unpenalised[0].token_ids != outputs[0][0]  # the penalty changed what was written
+
+
+def test_a_prefilled_cache_holds_only_its_keys_and_values(loaded):
+    """Keys and values come out of larger projection tensors; the cache must not keep those alive
+    (it held 2.6x its size for the built-in model, 1.8 GB more at 32 prompts of 1.9K tokens)."""
+    prompts = [[5] * 30, [6] * 20]
+    ids = torch.tensor([p + [0] * (30 - len(p)) for p in prompts])
+    with torch.inference_mode():
+        output = loaded.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    for keys, values in output.key_values:
+        for tensor in (keys, values):
+            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()

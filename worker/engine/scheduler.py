@@ -110,7 +110,7 @@ class BlockScheduler(ContinuousScheduler):
             blocks = positions // block_length
             mask = ((blocks[:, None, :] <= blocks[:, :, None]) & valid[:, None, :] | ~valid[:, :, None])[:, None]
         else:
-            mask = valid[:, None, None, :].expand(-1, 1, longest, -1)  # (Bn, 1, L, L)
+            mask = valid  # key padding only: the model keeps it (Bn, 1, 1, L), not one row per query
         output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                             logits_to_keep=1)
         return RunningBatch(rows=rows, key_values=output.key_values, key_valid=valid,

@@ -156,8 +156,10 @@ class DiffbatchMDMModel(DiffbatchMDMPreTrainedModel):
         self.norm = DiffbatchMDMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, write_offset=None):
-        """Hidden states (B, L, hidden) and, per layer, (keys, values) of past + these tokens.
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, write_offset=None,
+                use_cache=False):
+        """Hidden states (B, L, hidden) and, with ``use_cache``, per layer (keys, values) of past +
+        these tokens (else None per layer).
 
         ``past_key_values``: per layer (keys, values) of earlier positions, (B, H, Lpast, D); the
         mask then covers Lpast + L keys and ``position_ids`` must be given. With ``write_offset``
@@ -180,7 +182,11 @@ class DiffbatchMDMModel(DiffbatchMDMPreTrainedModel):
         for i, layer in enumerate(self.layers):
             hidden, kv = layer(hidden, cos, sin, attention_mask, None if past_key_values is None
                                else past_key_values[i], write_offset)
-            key_values.append(kv)
+            if use_cache and past_key_values is None:
+                # A prefill's keys and values are views into the layer's whole q/k/v projection; kept
+                # as they are, the cache held those (2.6x its size for the built-in model).
+                kv = (kv[0].contiguous(), kv[1].contiguous())
+            key_values.append(kv if use_cache else None)
         return self.norm(hidden), key_values
 
 
@@ -257,7 +263,8 @@ class DiffbatchMDMForMaskedDiffusion(DiffbatchMDMPreTrainedModel):
         **kwargs,
     ) -> DiffbatchMDMOutput:
         hidden, key_values = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                        past_key_values=past_key_values, write_offset=write_offset)
+                                        past_key_values=past_key_values, write_offset=write_offset,
+                                        use_cache=use_cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         if logits_at is not None:
