@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from worker.engine import scheduler
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, Healing, SamplingParams
+from worker.engine.scheduler import prefill_spans
 
 MIXED = [
     ("a", dict(max_tokens=40, temperature=0.0, seed=None)),
@@ -31,6 +33,19 @@ def test_batch_of_n_equals_n_batches_of_one(engine):
         assert together.token_ids == alone.token_ids
         assert together.text == alone.text
         assert together.finish_reason == alone.finish_reason
+
+
+def test_prompts_prefilled_a_few_rows_a_forward_give_the_same_tokens(engine, monkeypatch):
+    """Prefill caps the prompt tokens of a forward (memory); the rows' caches must not depend on it."""
+    requests = requests_for(engine, MIXED)
+    together = engine.generate(requests)
+    monkeypatch.setattr(scheduler, "PREFILL_TOKENS", 1)  # one row a forward
+    assert [r.token_ids for r in engine.generate(requests)] == [r.token_ids for r in together]
+
+
+def test_prefill_spans_hold_at_most_the_budget_and_a_long_prompt_alone():
+    assert prefill_spans([3, 3, 3, 5, 5, 20, 2], 10) == [(0, 3), (3, 5), (5, 6), (6, 7)]
+    assert prefill_spans([4], 1) == [(0, 1)]
 
 
 def test_results_keep_input_order_across_batches(loaded):

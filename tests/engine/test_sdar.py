@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from worker.engine import scheduler
 from worker.engine.builtin.tokenizer import build_byte_tokenizer
 from worker.engine.engine import Engine
 from worker.engine.families import SDARConfig, SDARForBlockDiffusion
@@ -101,11 +102,14 @@ def sdar_reference(model, prompt: list[int], gen_length: int, *, mask_token_id: 
 PROMPT_LENGTHS = (1, 3, 4, 5, 10, 7)  # leads 1, 3, 0, 1, 2, 3; the first two have no whole block
 
 
-@pytest.mark.parametrize("cache,graphs", [("exact", False), ("exact", True), ("none", False)])
-def test_engine_gives_sdar_reference_tokens_in_one_mixed_batch(sdar, cache, graphs):
+@pytest.mark.parametrize("cache,graphs,prefill_tokens", [
+    ("exact", False, 16384), ("exact", False, 1), ("exact", True, 16384), ("none", False, 16384)])
+def test_engine_gives_sdar_reference_tokens_in_one_mixed_batch(sdar, cache, graphs, prefill_tokens, monkeypatch):
     """Prompts of every length mod the block (an empty head, a whole-block prompt, leads of 1-3),
-    different max_tokens, in one continuous batch of 3: each row gets the reference's tokens."""
+    different max_tokens, in one continuous batch of 3: each row gets the reference's tokens, whether
+    the prompts are prefilled together or a row a forward."""
     loaded, _ = sdar
+    monkeypatch.setattr(scheduler, "PREFILL_TOKENS", prefill_tokens)
     engine = Engine(loaded, max_batch_size=3, cache=cache, graphs=graphs)
     prompts = [[(7 + 31 * n + 17 * i) % 250 + 10 for i in range(n)] for n in PROMPT_LENGTHS]
     requests = [GenerationRequest(p, SamplingParams(max_tokens=5 + 3 * i, block_length=BLOCK))

@@ -54,6 +54,23 @@ class RunningBatch:
         ]
 
 
+# Prompt tokens prefilled in one forward at most (rows x the longest prompt among them): a forward's
+# activations grow with it (the MLP's alone are rows x length x 2 x intermediate_size), while the
+# tokens computed do not depend on how the rows are grouped. A longer prompt is prefilled alone.
+PREFILL_TOKENS = 16384
+
+
+def prefill_spans(lengths: list[int], tokens: int) -> list[tuple[int, int]]:
+    """Consecutive runs [start, end) of prompts whose padded lengths hold at most ``tokens`` each."""
+    spans, start, longest = [], 0, 0
+    for i, length in enumerate(lengths):
+        if i > start and (i - start + 1) * max(longest, length) > tokens:
+            spans.append((start, i))
+            start, longest = i, 0
+        longest = max(longest, length)
+    return spans + [(start, len(lengths))]
+
+
 def _extend(tensor: torch.Tensor, columns: int) -> torch.Tensor:
     """(B, H, C, D) -> (B, H, C + columns, D), the new columns zero."""
     batch, heads, _, dim = tensor.shape
@@ -93,9 +110,10 @@ class BlockScheduler(ContinuousScheduler):
         return batch
 
     def _prefill(self, rows: list[Row], block_length: int) -> RunningBatch:
-        """One pass over the new rows' prompts (left-padded) fills their caches. A prompt is one
-        bidirectional block, or with ``aligned`` its whole blocks of ``block_length``, block-causal
-        (its lead, the rest, opens the first block instead)."""
+        """The new rows' caches, from their prompts (left-padded), a few rows a forward
+        (``PREFILL_TOKENS``) written into one cache. A prompt is one bidirectional block, or with
+        ``aligned`` its whole blocks of ``block_length``, block-causal (its lead, the rest, opens
+        the first block instead)."""
         heads = [row.head for row in rows]
         longest = max(1, *(len(head) for head in heads))  # an aligned row's head may be empty
         ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
@@ -105,16 +123,26 @@ class BlockScheduler(ContinuousScheduler):
                 ids[r, longest - len(head):] = torch.tensor(head)
                 valid[r, longest - len(head):] = True
         ids, valid = ids.to(self.device), valid.to(self.device)
-        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
-        if self.aligned:  # padding queries see every column, so no softmax runs over nothing
-            blocks = positions // block_length
-            mask = ((blocks[:, None, :] <= blocks[:, :, None]) & valid[:, None, :] | ~valid[:, :, None])[:, None]
-        else:
-            mask = valid  # key padding only: the model keeps it (Bn, 1, 1, L), not one row per query
-        output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            logits_to_keep=1)
-        return RunningBatch(rows=rows, key_values=output.key_values, key_valid=valid,
-                            next_position=valid.sum(dim=1))
+        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # padding does not shift them
+        key_values = None
+        for start, end in prefill_spans([max(1, len(head)) for head in heads], PREFILL_TOKENS):
+            width = max(1, *(len(head) for head in heads[start:end]))  # the span's own left padding
+            span_valid, span_positions = valid[start:end, -width:], positions[start:end, -width:]
+            if self.aligned:  # padding queries see every column, so no softmax runs over nothing
+                blocks = span_positions // block_length
+                mask = ((blocks[:, None, :] <= blocks[:, :, None]) & span_valid[:, None, :]
+                        | ~span_valid[:, :, None])[:, None]
+            else:
+                mask = span_valid  # key padding only: the model keeps it (Bn, 1, 1, L), not a row per query
+            output = self.model(input_ids=ids[start:end, -width:], attention_mask=mask,
+                                position_ids=span_positions, use_cache=True, logits_to_keep=1)
+            if key_values is None:
+                key_values = [(k.new_zeros((len(rows), k.shape[1], longest, k.shape[3])),
+                               v.new_zeros((len(rows), v.shape[1], longest, v.shape[3])))
+                              for k, v in output.key_values]
+            for (keys, values), (k, v) in zip(key_values, output.key_values):
+                keys[start:end, :, -width:], values[start:end, :, -width:] = k, v
+        return RunningBatch(rows=rows, key_values=key_values, key_valid=valid, next_position=valid.sum(dim=1))
 
     def _denoise_round(self, batch: RunningBatch, block_length: int) -> None:
         """Denoise one block for every row, then cache it (one more pass over the clean block)."""
