@@ -23,13 +23,28 @@ from .samplers import GreedyBlockSteps, RowNoise, denoise_block
 
 @dataclass
 class RunningBatch:
+    """The running rows and their cache. ``key_values`` are buffers with room past the columns in use
+    (``key_valid``'s): a round writes its block into the next columns in place, so the cache is not
+    copied a block wider every round (which held it twice at once)."""
+
     rows: list[Row]
-    key_values: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (B, H, C, D) each
+    key_values: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (B, H, capacity, D) each
     key_valid: torch.Tensor  # (B, C) bool: real keys; False = left padding
     next_position: torch.Tensor  # (B,) long: position id of each row's next token
 
+    def widened(self, columns: int, reserve: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values) views of the cache ``columns`` wider than in use. Only when the
+        buffers lack the room are they copied, into buffers with ``reserve`` columns more."""
+        used = self.key_valid.shape[1]
+        if used + columns > self.key_values[0][0].shape[2]:
+            self.key_values = [(_with_room(k, used, columns + reserve), _with_room(v, used, columns + reserve))
+                               for k, v in self.key_values]
+        return [(k[:, :, : used + columns], v[:, :, : used + columns]) for k, v in self.key_values]
+
     def keep(self, kept: list[bool]) -> None:
         """Drop the rows not kept, then the padding columns no remaining row needs."""
+        if all(kept):
+            return  # nothing to drop: no copy of the cache
         index = torch.tensor([i for i, k in enumerate(kept) if k], dtype=torch.long,
                              device=self.key_valid.device)
         self.rows = [row for row, k in zip(self.rows, kept) if k]
@@ -37,21 +52,41 @@ class RunningBatch:
         first = int(valid.any(dim=0).long().argmax()) if self.rows else 0  # first column in use
         self.key_valid = valid[:, first:]
         self.next_position = self.next_position.index_select(0, index)
-        self.key_values = [(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
+        self.key_values = [(k[:, :, first:].index_select(0, index), v[:, :, first:].index_select(0, index))
                            for k, v in self.key_values]
 
     def join(self, other: RunningBatch) -> None:
         """Append ``other``'s rows; the shorter caches are left-padded with masked zeros."""
         length = max(self.key_valid.shape[1], other.key_valid.shape[1])
+        room = max(part.key_values[0][0].shape[2] - part.key_valid.shape[1] for part in (self, other))
+        self.key_values = [
+            (_stacked(k, k2, self.key_valid.shape[1], other.key_valid.shape[1], length, room),
+             _stacked(v, v2, self.key_valid.shape[1], other.key_valid.shape[1], length, room))
+            for (k, v), (k2, v2) in zip(self.key_values, other.key_values)
+        ]
         self.rows += other.rows
         self.key_valid = torch.cat([_left_pad(self.key_valid, length, dim=1),
                                     _left_pad(other.key_valid, length, dim=1)])
         self.next_position = torch.cat([self.next_position, other.next_position])
-        self.key_values = [
-            (torch.cat([_left_pad(k, length, dim=2), _left_pad(k2, length, dim=2)]),
-             torch.cat([_left_pad(v, length, dim=2), _left_pad(v2, length, dim=2)]))
-            for (k, v), (k2, v2) in zip(self.key_values, other.key_values)
-        ]
+
+
+def _with_room(buffer: torch.Tensor, used: int, room: int) -> torch.Tensor:
+    """(B, H, ., D) -> (B, H, used + room, D): the ``used`` columns copied, the rest zero (masked
+    keys must hold numbers: attention multiplies their values by a zero weight)."""
+    batch, heads, _, dim = buffer.shape
+    grown = buffer.new_zeros((batch, heads, used + room, dim))
+    grown[:, :, :used] = buffer[:, :, :used]
+    return grown
+
+
+def _stacked(first: torch.Tensor, second: torch.Tensor, first_used: int, second_used: int, length: int,
+             room: int) -> torch.Tensor:
+    """Two caches' used columns stacked row-wise, each left-padded to end at ``length``, with
+    ``room`` zero columns after."""
+    stacked = first.new_zeros((first.shape[0] + second.shape[0], first.shape[1], length + room, first.shape[3]))
+    stacked[: first.shape[0], :, length - first_used : length] = first[:, :, :first_used]
+    stacked[first.shape[0]:, :, length - second_used : length] = second[:, :, :second_used]
+    return stacked
 
 
 # Prompt tokens prefilled in one forward at most (rows x the longest prompt among them): a forward's
@@ -69,12 +104,6 @@ def prefill_spans(lengths: list[int], tokens: int) -> list[tuple[int, int]]:
             start, longest = i, 0
         longest = max(longest, length)
     return spans + [(start, len(lengths))]
-
-
-def _extend(tensor: torch.Tensor, columns: int) -> torch.Tensor:
-    """(B, H, C, D) -> (B, H, C + columns, D), the new columns zero."""
-    batch, heads, _, dim = tensor.shape
-    return torch.cat([tensor, tensor.new_zeros((batch, heads, columns, dim))], dim=2)
 
 
 def _left_pad(tensor: torch.Tensor, length: int, *, dim: int) -> torch.Tensor:
@@ -136,12 +165,14 @@ class BlockScheduler(ContinuousScheduler):
                 mask = span_valid  # key padding only: the model keeps it (Bn, 1, 1, L), not a row per query
             output = self.model(input_ids=ids[start:end, -width:], attention_mask=mask,
                                 position_ids=span_positions, use_cache=True, logits_to_keep=1)
-            if key_values is None:
-                key_values = [(k.new_zeros((len(rows), k.shape[1], longest, k.shape[3])),
-                               v.new_zeros((len(rows), v.shape[1], longest, v.shape[3])))
+            if key_values is None:  # with room for every block the rows still have to denoise
+                capacity = longest + max(row.ahead(block_length) for row in rows)
+                key_values = [(k.new_zeros((len(rows), k.shape[1], capacity, k.shape[3])),
+                               v.new_zeros((len(rows), v.shape[1], capacity, v.shape[3])))
                               for k, v in output.key_values]
             for (keys, values), (k, v) in zip(key_values, output.key_values):
-                keys[start:end, :, -width:], values[start:end, :, -width:] = k, v
+                keys[start:end, :, longest - width : longest] = k
+                values[start:end, :, longest - width : longest] = v
         return RunningBatch(rows=rows, key_values=key_values, key_valid=valid, next_position=valid.sum(dim=1))
 
     def _denoise_round(self, batch: RunningBatch, block_length: int) -> None:
@@ -156,7 +187,8 @@ class BlockScheduler(ContinuousScheduler):
         # The cache grows by the block once per round; every step writes the block's keys and values
         # into the new columns in place, and the last pass leaves the committed block's there.
         cached = batch.key_valid.shape[1]
-        key_values = [(_extend(k, block_length), _extend(v, block_length)) for k, v in batch.key_values]
+        key_values = batch.widened(block_length, reserve=max(row.ahead(block_length) for row in batch.rows)
+                                   - block_length)  # the rows' later blocks
 
         def run(active_block: torch.Tensor, **logits) -> torch.Tensor:
             return self.model(input_ids=active_block, past_key_values=key_values, write_offset=cached,
@@ -178,7 +210,7 @@ class BlockScheduler(ContinuousScheduler):
                                    rows=params, noise=noise, first_allowed=first_allowed,
                                    first_slot=first_slot, history=history)
             commit(block)
-        batch.key_values, batch.key_valid = key_values, keys
+        batch.key_valid = keys
         batch.next_position = batch.next_position + block_length
         self._commit(batch.rows, block, passes)
 
