@@ -95,33 +95,35 @@ class FullRecompute:
 
 
 class PrefixCache(FullRecompute):
-    """Reuse the keys and values of columns [0, block start - shift) for the block's steps."""
+    """Reuse the keys and values of columns [0, block start - shift) for the block's steps.
+
+    The cache is the refresh pass's keys and values of the whole canvas; a step runs its window of
+    columns (here the block and everything after it), writes their keys and values over the
+    window's in place and attends to every column. So no step copies the cache (a concatenation
+    of cache and window did, every step)."""
 
     def __init__(self, model, layout: BatchLayout, *, logits_shift: int = 0):
         super().__init__(model, layout, logits_shift=logits_shift)
         self.block_start = None  # the block the cache was refreshed for
-        self.key_values = None  # per layer (keys, values) of the cached columns, (B, H_kv, ., D)
-        self.step_mask = None  # (B, 1, window, cached + window): the mask of one step's forward
+        self.key_values = None  # per layer (keys, values) of every column of the canvas, (B, H_kv, L, D)
 
     def __call__(self, prefix: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         start, end, lo = self._span(prefix)
         if start != self.block_start:
-            return take_slots(self._refresh(start, end, lo), slots)
+            return take_slots(self._refresh(start, lo), slots)
         hi = self._window_end(end)
         layout = self.layout
-        output = self.model(input_ids=layout.x[:, lo:hi], past_key_values=self.key_values,
-                            attention_mask=self.step_mask, position_ids=layout.position_ids[:, lo:hi],
-                            logits_to_keep=self._logits_columns(0))
+        output = self.model(input_ids=layout.x[:, lo:hi], past_key_values=self.key_values, write_offset=lo,
+                            attention_mask=layout.attention_mask[:, :, lo:hi],
+                            position_ids=layout.position_ids[:, lo:hi], logits_to_keep=self._logits_columns(0))
         return take_slots(output.logits, slots)  # (B, n, V)
 
     def _window_end(self, end: int) -> int:
         return self.layout.x.shape[1]  # the block and everything after it
 
-    def _refresh(self, start: int, end: int, lo: int) -> torch.Tensor:
+    def _refresh(self, start: int, lo: int) -> torch.Tensor:
         output = self._full_pass(lo, use_cache=True)
-        self.key_values = [(k[:, :, :lo], v[:, :, :lo]) for k, v in output.key_values]
-        # Keys are the cache, then the window: exactly the mask's column order.
-        self.step_mask = self.layout.attention_mask[:, :, lo:, :]
+        self.key_values = output.key_values
         self.block_start = start
         return output.logits
 
@@ -132,14 +134,3 @@ class DualCache(PrefixCache):
 
     def _window_end(self, end: int) -> int:
         return end
-
-    def _refresh(self, start: int, end: int, lo: int) -> torch.Tensor:
-        output = self._full_pass(lo, use_cache=True)
-        self.key_values = [(torch.cat([k[:, :, :lo], k[:, :, end:]], dim=2),
-                            torch.cat([v[:, :, :lo], v[:, :, end:]], dim=2)) for k, v in output.key_values]
-        # Keys are prefix cache, suffix cache, then the window: reorder the mask's columns to match
-        # (attention is a sum over keys, so their order changes nothing else).
-        rows = self.layout.attention_mask[:, :, lo:end]
-        self.step_mask = torch.cat([rows[..., :lo], rows[..., end:], rows[..., lo:end]], dim=-1)
-        self.block_start = start
-        return output.logits

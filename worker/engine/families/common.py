@@ -8,6 +8,10 @@ engine drives them all:
   None = every query sees every key.
 - ``past_key_values``: per layer (keys, values) of earlier columns, (B, H_kv, Lpast, D), keys
   already rotated; the mask then covers Lpast + Lq keys in that order (cache first, then inputs).
+  With ``write_offset`` they are instead the whole canvas's, (B, H_kv, Lk, D): the inputs are its
+  columns [write_offset, write_offset + Lq), whose keys and values are written there in place, and
+  they attend to all Lk columns (the approximate caches refresh a window of the canvas this way,
+  without copying the cache every step).
 - ``logits_to_keep``: 0 = all positions, an int N = the last N, or a 1-D LongTensor of positions
   (transformers' convention), so a full-attention step projects only the active block.
 """
@@ -58,6 +62,15 @@ def past_length_of(past_key_values) -> int:
     return 0 if past_key_values is None else past_key_values[0][0].shape[2]
 
 
+def key_length_of(past_key_values, length: int, write_offset: int | None) -> int:
+    """The keys a forward of ``length`` inputs attends to (see the module docstring)."""
+    if write_offset is not None:
+        if past_key_values is None or not 0 <= write_offset <= past_key_values[0][0].shape[2] - length:
+            raise ValueError("write_offset needs past_key_values with room for the inputs at that offset")
+        return past_key_values[0][0].shape[2]
+    return past_length_of(past_key_values) + length
+
+
 def rotary_angles(position_ids: torch.Tensor, head_dim: int, theta: float):
     """float32 cos/sin (B, L, head_dim) for ``position_ids`` (B, L): the "rotate half" RoPE layout
     (frequencies repeated over both halves) that LLaDA and Dream (Qwen2) both use."""
@@ -75,10 +88,15 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def attend(q, k, v, attention_mask, past):
+def attend(q, k, v, attention_mask, past, write_offset=None):
     """Scaled dot-product attention of q (B, Hq, L, D) over past + (k, v) (B, Hkv, ., D), no causal
-    mask (masked diffusion sees both ways). Returns the output and the (keys, values) to cache."""
-    if past is not None:
+    mask (masked diffusion sees both ways), or with ``write_offset`` over the canvas buffers ``past``
+    with (k, v) written into them there. Returns the output and the (keys, values) to cache."""
+    if write_offset is not None:
+        end = write_offset + k.shape[2]
+        past[0][:, :, write_offset:end], past[1][:, :, write_offset:end] = k, v
+        k, v = past
+    elif past is not None:
         k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
     gqa = q.shape[1] != k.shape[1]  # grouped-query heads: query head h reads kv head h // group
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, enable_gqa=gqa)

@@ -22,7 +22,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
 from .common import (FamilyOutput, as_attention_mask, attend, default_position_ids, keep_positions,
-                     past_length_of, rotary_angles, rotate)
+                     key_length_of, past_length_of, rotary_angles, rotate)
 
 # Dream predicts the token at position i from the hidden state at position i - 1.
 LOGITS_SHIFT = 1
@@ -106,7 +106,7 @@ class DreamAttention(nn.Module):
         self.v_proj = nn.Linear(d, kv, bias=True)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, hidden, cos, sin, attention_mask, past=None):
+    def forward(self, hidden, cos, sin, attention_mask, past=None, write_offset=None):
         batch, length, _ = hidden.shape
 
         def heads(proj, n):  # (B, L, n * D) -> (B, n, L, D)
@@ -114,7 +114,7 @@ class DreamAttention(nn.Module):
 
         q = rotate(heads(self.q_proj, self.num_heads), cos, sin)
         k = rotate(heads(self.k_proj, self.num_kv_heads), cos, sin)
-        out, kv = attend(q, k, heads(self.v_proj, self.num_kv_heads), attention_mask, past)
+        out, kv = attend(q, k, heads(self.v_proj, self.num_kv_heads), attention_mask, past, write_offset)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), kv
 
 
@@ -138,8 +138,8 @@ class DreamDecoderLayer(nn.Module):
         self.input_layernorm = DreamRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = DreamRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden, cos, sin, attention_mask, past=None):
-        attended, kv = self.self_attn(self.input_layernorm(hidden), cos, sin, attention_mask, past)
+    def forward(self, hidden, cos, sin, attention_mask, past=None, write_offset=None):
+        attended, kv = self.self_attn(self.input_layernorm(hidden), cos, sin, attention_mask, past, write_offset)
         hidden = hidden + attended
         return hidden + self.mlp(self.post_attention_layernorm(hidden)), kv
 
@@ -197,12 +197,12 @@ class DreamForMaskedDiffusion(DreamPreTrainedModel):
         self.lm_head = value
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0,
-                past_key_values=None, use_cache=False, **kwargs) -> FamilyOutput:
+                past_key_values=None, use_cache=False, write_offset=None, **kwargs) -> FamilyOutput:
         batch, length = input_ids.shape
-        past_length = past_length_of(past_key_values)
+        past_length = past_length_of(past_key_values) if write_offset is None else write_offset
         if position_ids is None:
             position_ids = default_position_ids(input_ids, past_length)
-        mask = as_attention_mask(attention_mask, batch, length, past_length + length)
+        mask = as_attention_mask(attention_mask, batch, length, key_length_of(past_key_values, length, write_offset))
         hidden = self.model.embed_tokens(input_ids)  # (B, L, hidden)
         cos, sin = rotary_angles(position_ids, self.config.hidden_size // self.config.num_attention_heads,
                                  self.config.rope_base)
@@ -210,7 +210,7 @@ class DreamForMaskedDiffusion(DreamPreTrainedModel):
         key_values = []
         for i, layer in enumerate(self.model.layers):
             past = None if past_key_values is None else past_key_values[i]
-            hidden, kv = layer(hidden, cos, sin, mask, past)
+            hidden, kv = layer(hidden, cos, sin, mask, past, write_offset)
             key_values.append(kv)
         hidden = self.model.norm(keep_positions(hidden, logits_to_keep))
         return FamilyOutput(logits=self.lm_head(hidden), key_values=key_values if use_cache else None)

@@ -25,7 +25,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
 from .common import (FamilyOutput, as_attention_mask, attend, default_position_ids, keep_positions,
-                     past_length_of, rotary_angles, rotate)
+                     key_length_of, past_length_of, rotary_angles, rotate)
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 LAYER_NORMS = ("rms", "gemma_rms", "default", "low_precision")
@@ -155,7 +155,7 @@ class LLaDALlamaBlock(nn.Module):
         self.ff_out = nn.Linear(hidden, d, bias=config.include_bias)
         self.act = ACTIVATIONS[config.activation_type]
 
-    def forward(self, x, cos, sin, attention_mask, past=None):
+    def forward(self, x, cos, sin, attention_mask, past=None, write_offset=None):
         batch, length, _ = x.shape
         normed = self.attn_norm(x)
 
@@ -168,7 +168,7 @@ class LLaDALlamaBlock(nn.Module):
             q, k = rotate(q.float(), cos, sin).to(q.dtype), rotate(k.float(), cos, sin).to(k.dtype)
         else:
             q, k = rotate(q, cos.to(q.dtype), sin.to(q.dtype)), rotate(k, cos.to(k.dtype), sin.to(k.dtype))
-        out, kv = attend(q, k, v, attention_mask, past)  # keys cached after RoPE: positions are baked in
+        out, kv = attend(q, k, v, attention_mask, past, write_offset)  # keys cached after RoPE: positions baked in
         x = x + self.attn_out(out.transpose(1, 2).reshape(batch, length, -1))
         normed = self.ff_norm(x)
         return x + self.ff_out(self.act(self.ff_proj(normed)) * self.up_proj(normed)), kv
@@ -226,20 +226,20 @@ class LLaDAForMaskedDiffusion(LLaDAPreTrainedModel):
         self.model.transformer.wte = value
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0,
-                past_key_values=None, use_cache=False, **kwargs) -> FamilyOutput:
+                past_key_values=None, use_cache=False, write_offset=None, **kwargs) -> FamilyOutput:
         config, transformer = self.config, self.model.transformer
         batch, length = input_ids.shape
-        past_length = past_length_of(past_key_values)
+        past_length = past_length_of(past_key_values) if write_offset is None else write_offset
         if position_ids is None:
             position_ids = default_position_ids(input_ids, past_length)
-        mask = as_attention_mask(attention_mask, batch, length, past_length + length)
+        mask = as_attention_mask(attention_mask, batch, length, key_length_of(past_key_values, length, write_offset))
         x = transformer.wte(input_ids)  # (B, L, d_model)
         if config.input_emb_norm:
             x = x * config.d_model**0.5
         cos, sin = rotary_angles(position_ids, config.d_model // config.n_heads, config.rope_theta)
         key_values = []
         for i, block in enumerate(transformer.blocks):
-            x, kv = block(x, cos, sin, mask, None if past_key_values is None else past_key_values[i])
+            x, kv = block(x, cos, sin, mask, None if past_key_values is None else past_key_values[i], write_offset)
             key_values.append(kv)
         x = transformer.ln_f(keep_positions(x, logits_to_keep))
         logits = F.linear(x, transformer.wte.weight) if config.weight_tying else transformer.ff_out(x)
