@@ -198,3 +198,20 @@ def test_a_prefilled_cache_holds_only_its_keys_and_values(loaded):
     for keys, values in output.key_values:
         for tensor in (keys, values):
             assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+
+def test_rounds_write_the_running_cache_in_place(loaded):
+    """The cache has room for every block the rows still have to denoise: a round where no row
+    leaves or joins must not copy it (a copy a round held it twice at once)."""
+    engine = Engine(loaded, max_batch_size=4)
+    scheduler = engine.scheduler
+    requests = [GenerationRequest([5 + i] * (10 + i), SamplingParams(max_tokens=3 * 8, block_length=8))
+                for i in range(3)]
+    with torch.inference_mode():
+        batch = scheduler._prefill(scheduler._new_rows(list(enumerate(requests)), 8), 8)
+        buffers = [k.data_ptr() for k, _ in batch.key_values]
+        for _ in range(3):
+            scheduler._denoise_round(batch, 8)
+            batch.keep([True] * len(batch.rows))
+            assert [k.data_ptr() for k, _ in batch.key_values] == buffers
+    assert all(len(row.generated) == 24 for row in batch.rows)
