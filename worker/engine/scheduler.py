@@ -1,11 +1,12 @@
 """Continuous batching for block-causal models over their exact KV cache (the loop: continuous.py).
 
 A block-causal model's finished blocks never change and never attend forward, so a row's whole
-history is its exact KV cache (computed once per finished block) plus the position of its next block. The
-running batch is therefore only: per layer (keys, values) of shape (B, H, C, D), a (B, C) mask of
-real keys (rows are left-padded to the longest history), and each row's next position. Every round
-denoises one block for all rows and appends the committed block to the cache; joining rows have
-their prompts prefilled in one pass and their caches left-padded and joined.
+history is its exact KV cache (computed once per finished block) plus the position of its next
+block. The running batch is therefore only: per layer (keys, values) buffers (B, H, capacity, D)
+with room for the rows' remaining blocks, a (B, C) mask of the real keys among the C columns in use
+(rows are left-padded to the longest history), and each row's next position. Every round denoises
+one block for all rows and writes the committed block into the next columns; joining rows have
+their prompts prefilled (a few rows a forward) and their caches left-padded and joined.
 """
 
 from __future__ import annotations
