@@ -182,3 +182,16 @@ def test_an_infilling_template_follows_the_lead(sdar):
         tokens = engine.generate([request])[0].token_ids
         assert len(tokens) == len(template)
         assert [t for t, fixed in zip(tokens, template) if fixed is not None] == [100, 101, 102, 103]
+
+
+def test_delayed_cache_rows_with_leads_get_their_tokens_alone(sdar):
+    """The delayed cache keeps a lead's positions like committed ones: a row's tokens and passes
+    must still not depend on its batch-mates' leads."""
+    loaded, _ = sdar
+    engine = Engine(loaded, max_batch_size=3, cache="delayed")
+    prompts = [[(7 + 31 * n + 17 * i) % 250 + 10 for i in range(n)] for n in PROMPT_LENGTHS]
+    requests = [GenerationRequest(p, SamplingParams(max_tokens=9, block_length=BLOCK, sampler="threshold",
+                                                    threshold=0.3)) for p in prompts]
+    for request, together in zip(requests, engine.generate(requests)):
+        alone = engine.generate([request])[0]
+        assert (together.token_ids, together.forward_passes) == (alone.token_ids, alone.forward_passes)
