@@ -103,7 +103,7 @@ PROMPT_LENGTHS = (1, 3, 4, 5, 10, 7)  # leads 1, 3, 0, 1, 2, 3; the first two ha
 
 
 @pytest.mark.parametrize("cache,graphs,prefill_tokens", [
-    ("exact", False, 16384), ("exact", False, 1), ("exact", True, 16384), ("none", False, 16384)])
+    ("exact", False, 8192), ("exact", False, 1), ("exact", True, 8192), ("none", False, 8192)])
 def test_engine_gives_sdar_reference_tokens_in_one_mixed_batch(sdar, cache, graphs, prefill_tokens, monkeypatch):
     """Prompts of every length mod the block (an empty head, a whole-block prompt, leads of 1-3),
     different max_tokens, in one continuous batch of 3: each row gets the reference's tokens, whether

@@ -93,7 +93,7 @@ def _stacked(first: torch.Tensor, second: torch.Tensor, first_used: int, second_
 # Prompt tokens prefilled in one forward at most (rows x the longest prompt among them): a forward's
 # activations grow with it (the MLP's alone are rows x length x 2 x intermediate_size), while the
 # tokens computed do not depend on how the rows are grouped. A longer prompt is prefilled alone.
-PREFILL_TOKENS = 16384
+PREFILL_TOKENS = 8192
 
 
 def prefill_spans(lengths: list[int], tokens: int) -> list[tuple[int, int]]:
