@@ -1,9 +1,11 @@
 """Does the engine give the same tokens on an accelerator as on the CPU? One run, side by side.
 
     python bench/device_agreement.py --device cuda [--prompts 16] [--new-tokens 64] [--batch 8]
+                                     [--random-shape 512x8x8 [--family sdar] [--block-length 4]]
 
-Greedy reference sampling on the built-in model (or --model PATH), exact block cache, held-out
-function prompts. Prints, for each comparison, how many requests came out token for token equal
+Greedy reference sampling on the built-in model (or --model PATH, or random weights of the built-in
+or SDAR architecture at --random-shape, made once on the CPU so every copy has the same weights),
+exact block cache, held-out function prompts. Prints, for each comparison, how many requests came out token for token equal
 and the mean position of the first differing token among those that did not:
   - the device in float32 against the CPU in float32 (kernels differ, so ties may break apart);
   - on the device, a batch of N against N batches of 1, in float32 and in the device's default dtype;
@@ -17,11 +19,14 @@ hold on the device.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import sys
 
 import torch
 
 from common.settings import Settings
+from engine import with_random_weights  # bench/ is the script's folder, so first on sys.path
 from training.completions import function_prompts
 from training.corpus import list_sources, split
 from worker.engine.engine import Engine
@@ -32,7 +37,7 @@ from worker.engine.params import GenerationRequest, SamplingParams
 def generate(loaded, prompts, new_tokens: int, batch: int, cache: str = "exact",
              graphs: bool | None = None) -> list[list[int]]:
     engine = Engine(loaded, max_batch_size=batch, cache=cache, graphs=graphs)
-    params = SamplingParams(max_tokens=new_tokens, sampler="reference")
+    params = SamplingParams(max_tokens=new_tokens, sampler="reference", block_length=engine.default_block_length)
     requests = [GenerationRequest(engine.encode_completion(p), params) for p in prompts]
     return [list(r.token_ids) for r in engine.generate(requests)]
 
@@ -51,12 +56,25 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--random-shape", help="HIDDENxLAYERSxHEADS: random weights instead of the checkpoint's")
+    parser.add_argument("--family", default="block_causal", choices=["block_causal", "sdar"],
+                        help="with --random-shape: the built-in architecture or SDAR's")
     args = parser.parse_args(argv[1:])
     path = args.model or str(Settings().model_path)
     prompts = [p.prompt for p in function_prompts(split(list_sources())[1], limit=args.prompts)]
     cpu = load_model(path, device="cpu", dtype="float32")
-    exact = load_model(path, device=args.device, dtype="float32")
-    native = load_model(path, device=args.device)
+    if args.random_shape:
+        cpu = with_random_weights(cpu, args.random_shape, "cpu", args.family)
+        path = f"{cpu.name} (random {args.family} weights)"
+
+        def on_device(dtype):
+            return dataclasses.replace(cpu, model=copy.deepcopy(cpu.model).to(device=args.device, dtype=dtype))
+
+        exact = on_device(torch.float32)
+        native = on_device(torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    else:
+        exact = load_model(path, device=args.device, dtype="float32")
+        native = load_model(path, device=args.device)
     print(f"model {path}; {len(prompts)} prompts, {args.new_tokens} new tokens, greedy reference sampler; "
           f"device {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else ''}), "
           f"default dtype {next(native.model.parameters()).dtype}")
