@@ -12,9 +12,9 @@ Block index of a column, per row: 0 for its prompt (one bidirectional prefix blo
 then one index per block after it, committed or not. With ``aligned`` (SDAR) the blocks are cut
 from position 0, the prompt's included: a column's block is its position // block_length (the
 prompts given are then the rows' whole prompt blocks, ``lead_length``). A query may attend to a
-key iff the key is not padding and the key's block index <= the query's. Left padding puts every row's active block
-(and those after it) at the same columns, so one mask slice and one forward over x[:, :end] serve
-the whole batch.
+key iff the key is not padding and the key's block index <= the query's. Left padding puts every
+row's active block (and those after it) at the same columns, so one mask slice and one forward over
+x[:, :end] serve the whole batch.
 """
 
 from __future__ import annotations
