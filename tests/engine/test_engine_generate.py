@@ -48,34 +48,6 @@ def test_prefill_spans_hold_at_most_the_budget_and_a_long_prompt_alone():
     assert prefill_spans([4], 1) == [(0, 1)]
 
 
-@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-protocol"])
-def test_a_slow_rows_block_carries_over_and_every_row_gets_its_tokens_alone(loaded, graphs):
-    """Three rows finish a block in 4 steps and one needs 12: the round ends without the slow row,
-    whose block carries over to the next round (masked there until it commits). Every row must get
-    the tokens and passes it gets alone, or with rounds that wait for the slowest row."""
-    specs = [(f"fast {i}", dict(max_tokens=64, steps=4, seed=i, temperature=0.0 if graphs else 0.8))
-             for i in range(3)] + [("slow", dict(max_tokens=64, steps=12, seed=9,
-                                           temperature=0.0 if graphs else 0.7))]  # 3 a step, then 2
-    engine = Engine(loaded, max_batch_size=4, graphs=graphs)
-    requests = requests_for(engine, specs)
-    carried = []
-    original = engine.scheduler._denoise_round
-
-    def counting(batch, block_length):
-        original(batch, block_length)
-        carried.append(sum(row.carry is not None for row in batch.rows))
-
-    engine.scheduler._denoise_round = counting
-    together = engine.generate(requests)
-    assert carried[0] == 1  # the first round ended after the fast rows' 4 steps
-    waiting = Engine(loaded, max_batch_size=4, graphs=graphs)
-    waiting.scheduler.carry = False
-    for request, result, lockstep in zip(requests, together, waiting.generate(requests)):
-        alone = engine.generate([request])[0]
-        assert (result.token_ids, result.forward_passes) == (alone.token_ids, alone.forward_passes)
-        assert result.token_ids == lockstep.token_ids
-
-
 def test_results_keep_input_order_across_batches(loaded):
     small = Engine(loaded, max_batch_size=2)
     specs = MIXED + [("other block size", dict(max_tokens=20, block_length=8, temperature=0.5, seed=1))]

@@ -43,8 +43,6 @@ class Row:
     lead: list[int] = field(default_factory=list)  # prompt tokens that open the first block (layout.lead_length)
     generated: list[int] = field(default_factory=list)  # committed blocks, whole: the lead, then the completion
     passes: int = 0
-    carry: list[int] | None = None  # a block left unfinished by the last round (scheduler.py), or None
-    block_steps: int = 0  # the steps the carried block took so far
 
     @property
     def head(self) -> list[int]:

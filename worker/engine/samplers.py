@@ -250,14 +250,10 @@ def denoise_block(
     first_allowed: torch.Tensor | None = None,
     first_slot: torch.Tensor | None = None,
     history: torch.Tensor | None = None,
-    step_offset: list[int] | None = None,
-    stop_below: int = 0,
-    must_finish: list[bool] | None = None,
 ) -> list[int]:
-    """Denoise x[:, start:end] in place until no row has a mask left, or until at most
-    ``stop_below`` rows have (none of them ``must_finish``): the caller carries those rows' blocks on.
+    """Denoise x[:, start:end] in place until no row has a mask left.
 
-    Returns, per row, the forward passes in which it still had masks.
+    Returns, per row, the forward passes in which it still had masks (the batch ran max of them).
 
     ``rows`` holds each row's SamplingParams. ``forward(x[:, :end], slots)`` returns the logits of
     the block's positions ``slots`` (B, n), (B, n, V) (cache.py): with block-causal attention
@@ -267,22 +263,17 @@ def denoise_block(
     position ``first_slot`` (B,) (None: 0); None leaves it free.
     ``history`` (B, V): counts of the tokens generated before this block, for rows with a frequency
     or presence penalty (None: nothing generated yet).
-    ``step_offset``: the steps each row already took on this block (a carried block continues its
-    reference schedule there; None: 0).
     """
     block_length = end - start
     rules = BlockRules(rows, block_length, x.device)
-    offset = torch.tensor(step_offset or [0] * len(rows), device=x.device)[:, None]  # (B, 1)
-    must_finish = must_finish or [False] * len(rows)
     passes = [0] * len(rows)
     for step in range(block_length):
         block = x[:, start:end]  # (B, K)
         mask_index = block == mask_token_id  # (B, K)
         masked_counts = mask_index.sum(dim=-1).tolist()  # the step's one host sync: who works, how wide
-        has_mask = [count > 0 for count in masked_counts]
-        if not any(has_mask) or (step and sum(has_mask) <= stop_below
-                                 and not any(m and f for m, f in zip(has_mask, must_finish))):
+        if not any(masked_counts):
             break
+        has_mask = [count > 0 for count in masked_counts]
         passes = [n + working for n, working in zip(passes, has_mask)]
         # Only masked positions are sampled: gathered to the front, the float64 work of a step runs
         # over max(masked) positions instead of the whole block (x0 and confidence are per position,
@@ -291,8 +282,7 @@ def denoise_block(
         logits_n = forward(x[:, :end], slots)  # (B, n, V)
         noisy_rows = [r for r, working in enumerate(has_mask) if working and rules.temperature[r] > 0]
         denominator = noise.gumbel_denominator(noisy_rows, rules.temperature, masked_counts, logits_n.shape)
-        num_transfer = rules.schedule_t.gather(1, (offset + step).clamp(max=block_length - 1)).squeeze(1)
-        commit_step(block, logits_n, slots, mask_index, num_transfer, rules,
+        commit_step(block, logits_n, slots, mask_index, rules.schedule_t[:, step], rules,
                     mask_token_id=mask_token_id, denominator=denominator, first_allowed=first_allowed,
                     first_slot=first_slot, history=history)
     return passes
@@ -307,7 +297,7 @@ class GreedyBlockSteps:
 
     def __init__(self, block: torch.Tensor, rows: list, *, mask_token_id: int,
                  first_allowed: torch.Tensor | None = None, first_slot: torch.Tensor | None = None,
-                 history: torch.Tensor | None = None, step_offset: list[int] | None = None):
+                 history: torch.Tensor | None = None):
         size, length = block.shape
         self.block, self.mask_token_id = block, mask_token_id  # (B, K), denoised in place
         self.rules = BlockRules(rows, length, block.device)
@@ -315,8 +305,7 @@ class GreedyBlockSteps:
             raise ValueError("GreedyBlockSteps serves rows at temperature 0 only")
         self.first_allowed, self.first_slot, self.history = first_allowed, first_slot, history
         self.slots = torch.arange(length, device=block.device).expand(size, length)  # every position
-        self.offset = step_offset or [0] * size  # steps each row already took on this block
-        self.step = torch.tensor(self.offset, dtype=torch.long, device=block.device)[:, None]  # (B, 1)
+        self.step = torch.zeros((size, 1), dtype=torch.long, device=block.device)
         self.passes = torch.zeros(size, dtype=torch.long, device=block.device)
 
     def __call__(self, forward_block: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -333,27 +322,19 @@ class GreedyBlockSteps:
         self.passes += mask_index.any(dim=-1)
         self.step += 1
 
-    def run(self, step: Callable[[], None], stop_below: int = 0, must_finish: list[bool] | None = None) -> list[int]:
-        """Denoise the block with ``step`` (this object's step, maybe replayed from a graph) as
-        ``denoise_block`` does, ``stop_below`` and ``must_finish`` included; returns each row's passes.
-        A reference row commits its schedule's count a step (fewer once its masks run out), so the
-        steps a reference-only round needs are known from the masks it starts with; only parallel
-        rows make the host look at the block after every step."""
-        must_finish = must_finish or [False] * self.block.shape[0]
+    def run(self, step: Callable[[], None]) -> list[int]:
+        """Denoise the block with ``step`` (this object's step, maybe replayed from a graph); returns
+        each row's passes. A reference row commits its schedule's count a step (fewer once its
+        masks run out), so the steps a reference-only round needs are known from the masks it starts
+        with; only parallel rows make the host look at the block after every step."""
         if self.rules.any_parallel:
             steps = self.block.shape[1]
         else:  # a template's fixed text leaves fewer masks than the schedule plans for
             masked = (self.block == self.mask_token_id).sum(dim=-1).tolist()  # once a round
-            needed = [sum(done < m for done in accumulate(schedule[offset:])) + (m > 0)
-                      for schedule, m, offset in zip(self.rules.schedule, masked, self.offset)]
-            ranked = sorted(needed)  # the round may end once at most stop_below rows still work
-            steps = max([ranked[len(ranked) - 1 - min(stop_below, len(ranked) - 1)]]
-                        + [n for n, f in zip(needed, must_finish) if f])
-        for taken in range(steps):
-            if self.rules.any_parallel:
-                working = (self.block == self.mask_token_id).any(dim=-1).tolist()
-                if not any(working) or (taken and sum(working) <= stop_below
-                                        and not any(w and f for w, f in zip(working, must_finish))):
-                    break
+            steps = max(sum(done < m for done in accumulate(schedule)) + (m > 0)
+                        for schedule, m in zip(self.rules.schedule, masked))
+        for _ in range(steps):
             step()
+            if self.rules.any_parallel and not bool((self.block == self.mask_token_id).any()):
+                break
         return self.passes.tolist()

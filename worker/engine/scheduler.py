@@ -90,9 +90,6 @@ def _stacked(first: torch.Tensor, second: torch.Tensor, first_used: int, second_
     return stacked
 
 
-# A round ends once at most this share of its rows still have masks; their blocks carry over.
-CARRY_FRACTION = 0.25
-
 # Prompt tokens prefilled in one forward at most (rows x the longest prompt among them): a forward's
 # activations grow with it (the MLP's alone are rows x length x 2 x intermediate_size), while the
 # tokens computed do not depend on how the rows are grouped. A longer prompt is prefilled alone.
@@ -120,7 +117,7 @@ def _left_pad(tensor: torch.Tensor, length: int, *, dim: int) -> torch.Tensor:
 
 
 class BlockScheduler(ContinuousScheduler):
-    def __init__(self, model, *, delayed: bool = False, graphs: bool = False, carry: bool = True, **common):
+    def __init__(self, model, *, delayed: bool = False, graphs: bool = False, **common):
         """``delayed``: inside the active block, stop recomputing committed positions
         (delayed_cache.py; approximate). Finished blocks are cached exactly either way.
         ``graphs`` (exact cache only): each round's step forward is one static-shape forward,
@@ -129,7 +126,6 @@ class BlockScheduler(ContinuousScheduler):
         super().__init__(model, **common)
         self.delayed = delayed
         self.graphs = graphs and not delayed
-        self.carry = carry
 
     def _admit(self, batch: RunningBatch | None, waiting: deque, block_length: int) -> RunningBatch:
         rows = [] if batch is None else batch.rows
@@ -181,21 +177,12 @@ class BlockScheduler(ContinuousScheduler):
         return RunningBatch(rows=rows, key_values=key_values, key_valid=valid, next_position=valid.sum(dim=1))
 
     def _denoise_round(self, batch: RunningBatch, block_length: int) -> None:
-        """Denoise one block for every row, then cache it (one more pass over the clean block).
-
-        In a batch a block takes as many passes as its slowest row, so with parallel samplers the
-        round ends once at most a quarter of the rows still have masks (``CARRY_FRACTION``): their
-        blocks are carried to the next round, where they continue at the same positions (the
-        round's columns stay masked for them) and must finish; the others commit theirs."""
+        """Denoise one block for every row, then cache it (one more pass over the clean block)."""
         size = len(batch.rows)
         block = self._canvas(batch.rows, block_length)  # (B, K)
-        carried = [row.carry is not None for row in batch.rows]
-        for r, row in enumerate(batch.rows):
-            if row.carry is not None:
-                block[r] = torch.tensor(row.carry, device=self.device)
         positions = batch.next_position[:, None] + torch.arange(block_length, device=self.device)  # (B, K)
         keys = torch.cat([batch.key_valid, torch.ones((size, block_length), dtype=torch.bool,
-                                                      device=self.device)], dim=1)  # this round's keys
+                                                      device=self.device)], dim=1)
         mask = keys[:, None, None, :].expand(-1, 1, block_length, -1)  # (B, 1, K, C + K)
 
         # The cache grows by the block once per round; every step writes the block's keys and values
@@ -211,37 +198,22 @@ class BlockScheduler(ContinuousScheduler):
         params = [row.request.params for row in batch.rows]
         first_allowed, first_slot = self._first_token(batch.rows)
         history = self._history(batch.rows)
-        offsets = [row.block_steps for row in batch.rows]
-        stop_below = int(size * CARRY_FRACTION) if self.carry else 0
         if self.graphs and all(p.temperature == 0 for p in params):
-            steps = GreedyBlockSteps(block, params, mask_token_id=self.mask_token_id, first_allowed=first_allowed,
-                                     first_slot=first_slot, history=history, step_offset=offsets)
+            steps = GreedyBlockSteps(block, params, mask_token_id=self.mask_token_id,
+                                     first_allowed=first_allowed, first_slot=first_slot, history=history)
             step = CapturedCall(lambda: steps(run), self.device)
-            passes = steps.run(step, stop_below=stop_below, must_finish=carried)
-            finished = (block != self.mask_token_id).all(dim=-1).tolist()
-            if all(finished):
-                step()  # no mask is left: the step only leaves the clean block's keys and values cached
-            else:  # a replayed step would also denoise the carried rows: the forward alone
-                run(block, logits_to_keep=1)
+            passes = steps.run(step)
+            step()  # no mask is left: the step only leaves the clean block's keys and values cached
         else:
             forward, commit = self._step_forward(run, block, key_values, batch.key_valid, positions)
             noise = RowNoise.from_generators([row.generator for row in batch.rows], self.device)
             passes = denoise_block(forward, block, 0, block_length, mask_token_id=self.mask_token_id,
                                    rows=params, noise=noise, first_allowed=first_allowed,
-                                   first_slot=first_slot, history=history, step_offset=offsets,
-                                   stop_below=stop_below, must_finish=carried)
-            commit(block)  # a carried row's columns are written too, and stay masked
-            finished = (block != self.mask_token_id).all(dim=-1).tolist()
-        done = torch.tensor(finished, device=self.device)
-        batch.key_valid = torch.cat([batch.key_valid, done[:, None].expand(-1, block_length)], dim=1)
-        batch.next_position = batch.next_position + block_length * done
-        for row, tokens, n, complete in zip(batch.rows, block.tolist(), passes, finished):
-            row.passes += n
-            if complete:
-                row.generated.extend(tokens)
-                row.carry, row.block_steps = None, 0
-            else:
-                row.carry, row.block_steps = tokens, row.block_steps + n
+                                   first_slot=first_slot, history=history)
+            commit(block)
+        batch.key_valid = keys
+        batch.next_position = batch.next_position + block_length
+        self._commit(batch.rows, block, passes)
 
     def _step_forward(self, run, block, key_values, key_valid, positions):
         """The eager loop's ``forward(block, slots)`` for this round, and its commit pass."""
