@@ -51,8 +51,7 @@ class CanvasScheduler(ContinuousScheduler):
                               pad_token_id=self.pad_token_id, mask_token_id=self.mask_token_id,
                               device=self.device, full_attention=self.full_attention, aligned=self.aligned)
         start, end = layout.block_span(0)
-        if any(row.request.template_ids or (row.lead and not row.generated) for row in rows):
-            # the fixed text ahead (a template's, a lead), holes [MASK]
+        if any(row.lead or row.request.template_ids for row in rows):  # fixed text ahead, holes [MASK]
             canvas = self._canvas(rows, layout.gen_length)
             layout.x[:, start:] = canvas.where(layout.x[:, start:] == self.mask_token_id, layout.x[:, start:])
         forward = make_forward(self.cache_mode, self.model, layout, logits_shift=self.logits_shift)

@@ -123,13 +123,10 @@ class ContinuousScheduler:
 
     def _new_rows(self, chosen: list[tuple[int, GenerationRequest]], block_length: int) -> list[Row]:
         now = time.perf_counter()
-        rows = []
-        for index, request in chosen:
-            lead = self._lead(request, block_length)
-            rows.append(Row(index=index, request=request, admitted_at=now,
-                            lead=request.prompt_ids[len(request.prompt_ids) - lead:] if lead else [],
-                            generator=torch.Generator(device=self.device).manual_seed(request.params.effective_seed)))
-        return rows
+        return [Row(index=index, request=request, admitted_at=now,
+                    lead=request.prompt_ids[len(request.prompt_ids) - self._lead(request, block_length):],
+                    generator=torch.Generator(device=self.device).manual_seed(request.params.effective_seed))
+                for index, request in chosen]
 
     @staticmethod
     def _commit(rows: list[Row], block: torch.Tensor, passes: list[int]) -> None:

@@ -158,14 +158,9 @@ class BlockScheduler(ContinuousScheduler):
         for start, end in prefill_spans([max(1, len(head)) for head in heads], PREFILL_TOKENS):
             width = max(1, *(len(head) for head in heads[start:end]))  # the span's own left padding
             span_valid, span_positions = valid[start:end, -width:], positions[start:end, -width:]
-            if self.aligned:  # padding queries see every column, so no softmax runs over nothing
-                blocks = span_positions // block_length
-                mask = ((blocks[:, None, :] <= blocks[:, :, None]) & span_valid[:, None, :]
-                        | ~span_valid[:, :, None])[:, None]
-            else:
-                mask = span_valid  # key padding only: the model keeps it (Bn, 1, 1, L), not a row per query
-            output = self.model(input_ids=ids[start:end, -width:], attention_mask=mask,
-                                position_ids=span_positions, use_cache=True, logits_to_keep=1)
+            output = self.model(input_ids=ids[start:end, -width:], position_ids=span_positions,
+                                attention_mask=self._prompt_mask(span_valid, span_positions, block_length),
+                                use_cache=True, logits_to_keep=1)
             if key_values is None:  # with room for every block the rows still have to denoise
                 capacity = longest + max(row.ahead(block_length) for row in rows)
                 key_values = [(k.new_zeros((len(rows), k.shape[1], capacity, k.shape[3])),
@@ -176,14 +171,23 @@ class BlockScheduler(ContinuousScheduler):
                 values[start:end, :, longest - width : longest] = v
         return RunningBatch(rows=rows, key_values=key_values, key_valid=valid, next_position=valid.sum(dim=1))
 
+    def _prompt_mask(self, valid: torch.Tensor, positions: torch.Tensor, block_length: int) -> torch.Tensor:
+        """The mask of a prefill over left-padded prompts (B, L): key padding only for a prompt that
+        is one block (the model keeps it (B, 1, 1, L), not a row per query); block-causal by
+        position when ``aligned``, where padding queries see every column, so that no softmax runs
+        over nothing."""
+        if not self.aligned:
+            return valid
+        blocks = positions // block_length
+        return ((blocks[:, None, :] <= blocks[:, :, None]) & valid[:, None, :] | ~valid[:, :, None])[:, None]
+
     def _denoise_round(self, batch: RunningBatch, block_length: int) -> None:
         """Denoise one block for every row, then cache it (one more pass over the clean block)."""
         size = len(batch.rows)
         block = self._canvas(batch.rows, block_length)  # (B, K)
         positions = batch.next_position[:, None] + torch.arange(block_length, device=self.device)  # (B, K)
         keys = torch.cat([batch.key_valid, torch.ones((size, block_length), dtype=torch.bool,
-                                                      device=self.device)], dim=1)
-        mask = keys[:, None, None, :].expand(-1, 1, block_length, -1)  # (B, 1, K, C + K)
+                                                      device=self.device)], dim=1)  # (B, C + K)
 
         # The cache grows by the block once per round; every step writes the block's keys and values
         # into the new columns in place, and the last pass leaves the committed block's there.
@@ -192,8 +196,10 @@ class BlockScheduler(ContinuousScheduler):
                                    - block_length)  # the rows' later blocks
 
         def run(active_block: torch.Tensor, **logits) -> torch.Tensor:
+            # Key padding only, as every query of the block sees the same keys: the model keeps the
+            # mask (B, 1, 1, C + K), not a row per query.
             return self.model(input_ids=active_block, past_key_values=key_values, write_offset=cached,
-                              attention_mask=mask, position_ids=positions, **logits).logits
+                              attention_mask=keys, position_ids=positions, **logits).logits
 
         params = [row.request.params for row in batch.rows]
         first_allowed, first_slot = self._first_token(batch.rows)
