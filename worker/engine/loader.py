@@ -18,7 +18,8 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 # Registers the built-in model type with the Auto classes before anything is loaded.
 import worker.engine.builtin  # noqa: F401
 
-# Registers diffbatch's own LLaDA ("llada"), Dream ("Dream") and SDAR ("sdar") implementations likewise.
+# Registers diffbatch's own LLaDA ("llada"), Dream ("Dream"), SDAR ("sdar") and LLaDA2 ("llada2_moe")
+# implementations likewise.
 import worker.engine.families  # noqa: F401
 
 # model_type -> attention family, for checkpoints that do not record `diffbatch_family`.
@@ -28,18 +29,22 @@ FAMILIES_BY_MODEL_TYPE = {
     "llada": "llada",  # LLaDA-8B, LLaDA-1.5: full attention, logits at the mask's position
     "Dream": "dream",  # Dream-v0, DiffuCoder: full attention, logits shifted by one
     "sdar": "sdar",  # SDAR: block-causal, blocks aligned from position 0 (families/sdar.py)
+    "llada2_moe": "llada2",  # LLaDA2.0: as SDAR, with experts (families/llada2.py)
 }
 # Families whose every token attends to every token (approximate prefix / dual KV caches).
 FULL_ATTENTION_FAMILIES = ("llada", "dream")
 # Block-causal families whose blocks are aligned from position 0, the prompt included: its whole
 # blocks are prefilled block-causally and its last partial block opens the first decoded block.
 # (The built-in model's prompt is one bidirectional block instead.)
-ALIGNED_FAMILIES = ("sdar",)
+ALIGNED_FAMILIES = ("sdar", "llada2")
 # Families whose logit for position i is read at position i - LOGITS_SHIFT (AR-initialised models).
 LOGITS_SHIFT = {"dream": 1}
 # Model types diffbatch implements itself: their folders' remote code (written for transformers 4)
 # is never run, whatever the caller's trust_remote_code.
-OWN_MODEL_TYPES = ("diffbatch_mdm", "llada", "Dream", "sdar")
+OWN_MODEL_TYPES = ("diffbatch_mdm", "llada", "Dream", "sdar", "llada2_moe")
+# The [MASK] spelling of checkpoints whose tokenizer does not name a mask token (LLaDA2's "<|mask|>",
+# id 156895, which its sampler takes as an argument).
+MASK_TOKEN_TEXT = "<|mask|>"
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -87,7 +92,8 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     if family == "diffusion_gemma":
         return _load_diffusion_gemma(folder, config, tokenizer, device=device, dtype=torch_dtype)
-    mask_token_id = _first_id(getattr(config, "mask_token_id", None), tokenizer.mask_token_id)
+    mask_token_id = _first_id(getattr(config, "mask_token_id", None), tokenizer.mask_token_id,
+                              _vocabulary_id(tokenizer, MASK_TOKEN_TEXT))
     if mask_token_id is None:
         raise ValueError(f"model at {str(path)!r} defines no mask token (config.mask_token_id)")
     eos_token_ids = _eos_ids(folder, config, tokenizer)
@@ -191,6 +197,12 @@ def _resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
+
+
+def _vocabulary_id(tokenizer, text: str) -> int | None:
+    """The id of the token spelled ``text``, or None where the vocabulary has no such token."""
+    token_id = tokenizer.convert_tokens_to_ids(text)
+    return None if token_id is None or token_id == tokenizer.unk_token_id else token_id
 
 
 def _first_id(*candidates) -> int | None:

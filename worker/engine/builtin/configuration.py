@@ -23,6 +23,9 @@ class DiffbatchMDMConfig(PretrainedConfig):
     num_key_value_heads: int | None = None  # grouped-query attention; None: one per query head
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
     qk_norm: bool = False  # RMSNorm on each query and key head before rotation (Qwen3, SDAR)
+    qkv_bias: bool = False  # biases on the query/key/value and output projections (LLaDA2's options)
+    o_proj_bias: bool = False
+    partial_rotary_factor: float = 1.0  # the share of each head's dimensions that rotate (LLaDA2: 0.5)
     intermediate_size: int = 176
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
@@ -51,6 +54,12 @@ class DiffbatchMDMConfig(PretrainedConfig):
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
-        if self.head_dim % 2 != 0:
-            raise ValueError("the head dimension must be even for rotary position embeddings")
+        if self.rotary_dim % 2 != 0 or not 0 < self.rotary_dim <= self.head_dim:
+            raise ValueError(f"the rotated part of each head ({self.rotary_dim} of {self.head_dim} dimensions) "
+                             "must be even and not empty for rotary position embeddings")
         super().__post_init__(**kwargs)
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of each head's dimensions rotate (a property: not saved in config.json)."""
+        return int(self.head_dim * self.partial_rotary_factor)

@@ -33,23 +33,27 @@ class DiffbatchMDMRMSNorm(nn.Module):
         return self.weight * x.to(hidden.dtype)
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables for ``position_ids`` (B, L), each (B, L, head_dim).
+def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables for ``position_ids`` (B, L), each (B, L, rotary_dim).
 
     Computed on the fly rather than kept in a buffer: it is cheap, and non-persistent buffers are
     easy to lose when transformers materialises a model from meta tensors.
     """
     inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+        theta ** (torch.arange(0, rotary_dim, 2, device=position_ids.device, dtype=torch.float32) / rotary_dim)
     )
-    freqs = position_ids[..., None].float() * inv_freq  # (B, L, head_dim / 2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, L, head_dim)
+    freqs = position_ids[..., None].float() * inv_freq  # (B, L, rotary_dim / 2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, L, rotary_dim)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, H, L, D) by the position tables (B, L, D)."""
-    half = x.shape[-1] // 2
+    """Rotate ``x`` (B, H, L, D) by the position tables (B, L, R): its first R dimensions (all of
+    them unless the model rotates only part of each head, as LLaDA2 does), the rest pass through."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < x.shape[-1]:
+        return torch.cat((apply_rotary(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]), dim=-1)
+    half = rotary_dim // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]
 
@@ -61,15 +65,16 @@ class DiffbatchMDMAttention(nn.Module):
     q_proj/k_proj/v_proj tensors; the conversion registered in ``__init__.py`` joins and splits them.
 
     Grouped-query heads (``num_key_value_heads``) and per-head query/key RMSNorm (``qk_norm``) are
-    Qwen3's, which SDAR's checkpoints use (families/sdar.py); the built-in model has neither."""
+    Qwen3's, which SDAR's checkpoints use (families/sdar.py); the built-in model has neither. Biases
+    on the projections and a rotation of part of each head are LLaDA2's options (families/llada2.py)."""
 
     def __init__(self, config: DiffbatchMDMConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
-                                  bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+                                  bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_proj_bias)
         if config.qk_norm:
             self.q_norm = DiffbatchMDMRMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = DiffbatchMDMRMSNorm(self.head_dim, config.rms_norm_eps)
@@ -117,12 +122,12 @@ class DiffbatchMDMMLP(nn.Module):
 
 
 class DiffbatchMDMLayer(nn.Module):
-    def __init__(self, config: DiffbatchMDMConfig):
+    def __init__(self, config: DiffbatchMDMConfig, mlp: nn.Module):
         super().__init__()
         self.input_layernorm = DiffbatchMDMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = DiffbatchMDMAttention(config)
         self.post_attention_layernorm = DiffbatchMDMRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = DiffbatchMDMMLP(config)
+        self.mlp = mlp
 
     def forward(self, hidden, cos, sin, attention_mask, past=None, write_offset=None):
         attended, kv = self.self_attn(self.input_layernorm(hidden), cos, sin, attention_mask, past, write_offset)
@@ -152,9 +157,14 @@ class DiffbatchMDMModel(DiffbatchMDMPreTrainedModel):
     def __init__(self, config: DiffbatchMDMConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DiffbatchMDMLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DiffbatchMDMLayer(config, self.layer_mlp(config, index))
+                                    for index in range(config.num_hidden_layers))
         self.norm = DiffbatchMDMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
+
+    def layer_mlp(self, config: DiffbatchMDMConfig, index: int) -> nn.Module:
+        """The feed-forward block of layer ``index``; a family with experts overrides it (LLaDA2)."""
+        return DiffbatchMDMMLP(config)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, write_offset=None,
                 use_cache=False):
@@ -177,7 +187,7 @@ class DiffbatchMDMModel(DiffbatchMDMPreTrainedModel):
             # Additive once here: attention turns a bool mask into this form in every layer, each time.
             attention_mask = torch.zeros(attention_mask.shape, dtype=hidden.dtype, device=hidden.device
                                          ).masked_fill_(~attention_mask, torch.finfo(hidden.dtype).min)
-        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
+        cos, sin = rotary_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta, hidden.dtype)
         key_values = []
         for i, layer in enumerate(self.layers):
             hidden, kv = layer(hidden, cos, sin, attention_mask, None if past_key_values is None
@@ -231,10 +241,11 @@ class DiffbatchMDMForMaskedDiffusion(DiffbatchMDMPreTrainedModel):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    body_class = DiffbatchMDMModel
 
     def __init__(self, config: DiffbatchMDMConfig):
         super().__init__(config)
-        self.model = DiffbatchMDMModel(config)
+        self.model = self.body_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 

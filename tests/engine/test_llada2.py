@@ -1,0 +1,244 @@
+"""LLaDA2 checkpoints (block-causal with experts, blocks aligned from position 0): loading, architecture,
+decoding.
+
+The oracles are independent of diffbatch's code: the architecture is re-stated below from the
+published modeling code's description (plain tensor operations over the published parameter names),
+and decoding is a re-statement of the published sampler (the model's ``generate``): the whole
+sequence recomputed at every step under a block-causal mask cut from position 0, every masked
+position whose confidence exceeds the threshold committed, at least the most confident one.
+"""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from worker.engine import scheduler
+from worker.engine.builtin.tokenizer import build_byte_tokenizer
+from worker.engine.engine import Engine
+from worker.engine.families import LLaDA2Config, LLaDA2ForBlockDiffusion
+from worker.engine.loader import load_model
+from worker.engine.params import GenerationRequest, SamplingParams
+
+BLOCK = 4
+SIZES = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, num_experts=8, n_group=4,
+             topk_group=2, num_experts_per_tok=2, moe_intermediate_size=24, num_shared_experts=1,
+             first_k_dense_replace=1)
+
+
+def published_config(vocab_size: int) -> dict:
+    """config.json with LLaDA2.0-mini's keys (``use_bias`` left out: its config class defaults it to
+    true), at the tiny model's sizes; q/k/v biases on, so that path is exercised."""
+    return dict(
+        architectures=["LLaDA2MoeModelLM"], auto_map={
+            "AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
+            "AutoModel": "modeling_llada2_moe.LLaDA2MoeModel",
+            "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM"},
+        dtype="bfloat16", hidden_act="silu", initializer_range=0.02, model_type="llada2_moe",
+        moe_router_enable_expert_bias=True, norm_topk_prob=True, output_router_logits=False,
+        pad_token_id=0, partial_rotary_factor=0.5, rms_norm_eps=1e-06, rope_theta=600000,
+        routed_scaling_factor=2.5, router_dtype="fp32", score_function="sigmoid", tie_word_embeddings=False,
+        use_qk_norm=True, use_qkv_bias=True, vocab_size=vocab_size, **SIZES)
+
+
+def published_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights under the published parameter names and shapes."""
+    generator = torch.Generator().manual_seed(seed)
+    normal = lambda *shape, mean=0.0, std=0.2: mean + std * torch.randn(*shape, generator=generator)  # noqa: E731
+    h, d, v = config["hidden_size"], config["head_dim"], config["vocab_size"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    weights = {"model.word_embeddings.weight": normal(v, h), "model.norm.weight": normal(h, mean=1.0, std=0.3),
+               "lm_head.weight": normal(v, h)}
+
+    def mlp(prefix: str, inner: int):
+        weights.update({f"{prefix}.gate_proj.weight": normal(inner, h), f"{prefix}.up_proj.weight": normal(inner, h),
+                        f"{prefix}.down_proj.weight": normal(h, inner)})
+
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        weights.update({
+            f"{p}.input_layernorm.weight": normal(h, mean=1.0, std=0.3),
+            f"{p}.post_attention_layernorm.weight": normal(h, mean=1.0, std=0.3),
+            f"{p}.attention.query_key_value.weight": normal((heads + 2 * kv) * d, h),
+            f"{p}.attention.query_key_value.bias": normal((heads + 2 * kv) * d),
+            f"{p}.attention.dense.weight": normal(h, heads * d), f"{p}.attention.dense.bias": normal(h),
+            f"{p}.attention.query_layernorm.weight": normal(d, mean=1.0, std=0.3),
+            f"{p}.attention.key_layernorm.weight": normal(d, mean=1.0, std=0.3)})
+        if i < config["first_k_dense_replace"]:
+            mlp(f"{p}.mlp", config["intermediate_size"])
+            continue
+        weights[f"{p}.mlp.gate.weight"] = normal(config["num_experts"], h, std=1.0)
+        weights[f"{p}.mlp.gate.expert_bias"] = normal(config["num_experts"], std=0.5)
+        for e in range(config["num_experts"]):
+            mlp(f"{p}.mlp.experts.{e}", config["moe_intermediate_size"])
+        mlp(f"{p}.mlp.shared_experts", config["moe_intermediate_size"] * config["num_shared_experts"])
+    return weights
+
+
+def oracle_logits(w: dict, c: dict, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """LLaDA2's forward, written out: ids (B, L), mask (B, 1, L, L) bool -> logits (B, L, V)."""
+    def rms(x, weight):
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c["rms_norm_eps"]))
+
+    def swiglu(x, p):
+        return F.linear(F.silu(F.linear(x, w[f"{p}.gate_proj.weight"])) * F.linear(x, w[f"{p}.up_proj.weight"]),
+                        w[f"{p}.down_proj.weight"])
+
+    batch, length = ids.shape
+    heads, kv, d = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    rot = int(d * c["partial_rotary_factor"])
+    inv_freq = 1.0 / c["rope_theta"] ** (torch.arange(0, rot, 2).float() / rot)
+    angles = torch.arange(length).float()[:, None] * inv_freq
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+
+    def rotate(x):  # only the first `rot` dimensions of each head, rotate-half style
+        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        half = torch.cat([-x_rot[..., rot // 2:], x_rot[..., : rot // 2]], -1)
+        return torch.cat([x_rot * cos + half * sin, x_pass], -1)
+
+    x = w["model.word_embeddings.weight"][ids]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        qkv = F.linear(rms(x, w[f"{p}.input_layernorm.weight"]), w[f"{p}.attention.query_key_value.weight"],
+                       w[f"{p}.attention.query_key_value.bias"]).view(batch, length, heads + 2 * kv, d).transpose(1, 2)
+        q, k, v = qkv.split([heads, kv, kv], dim=1)
+        q = rotate(rms(q, w[f"{p}.attention.query_layernorm.weight"]))
+        k = rotate(rms(k, w[f"{p}.attention.key_layernorm.weight"])).repeat_interleave(heads // kv, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out = scores.softmax(-1) @ v.repeat_interleave(heads // kv, dim=1)
+        x = x + F.linear(out.transpose(1, 2).reshape(batch, length, -1), w[f"{p}.attention.dense.weight"],
+                         w[f"{p}.attention.dense.bias"])
+        hidden = rms(x, w[f"{p}.post_attention_layernorm.weight"])
+        if i < c["first_k_dense_replace"]:
+            x = x + swiglu(hidden, f"{p}.mlp")
+            continue
+        scores = torch.sigmoid(hidden @ w[f"{p}.mlp.gate.weight"].T)  # (B, L, E)
+        biased = scores + w[f"{p}.mlp.gate.expert_bias"]
+        per_group = c["num_experts"] // c["n_group"]
+        moe = torch.zeros_like(hidden)
+        for b in range(batch):
+            for t in range(length):
+                groups = biased[b, t].view(c["n_group"], per_group)
+                best = groups.topk(2, -1).values.sum(-1).topk(c["topk_group"]).indices
+                allowed = [e for e in range(c["num_experts"]) if e // per_group in best.tolist()]
+                ranked = sorted(allowed, key=lambda e: -biased[b, t, e].item())[: c["num_experts_per_tok"]]
+                gate = scores[b, t, ranked]
+                gate = gate / gate.sum() * c["routed_scaling_factor"]
+                for e, g in zip(ranked, gate):
+                    moe[b, t] += g * swiglu(hidden[b, t], f"{p}.mlp.experts.{e}")
+        x = x + moe + swiglu(hidden, f"{p}.mlp.shared_experts")
+    return F.linear(rms(x, w["model.norm.weight"]), w["lm_head.weight"])
+
+
+@pytest.fixture(scope="module")
+def llada2(tmp_path_factory):
+    """A published-style LLaDA2 folder (its config keys and parameter names, remote code that raises
+    if it runs, a tokenizer that names no mask token but spells <|mask|>) and its weights."""
+    tokenizer = build_byte_tokenizer()
+    config = published_config(len(tokenizer))
+    weights = published_weights(config)
+    folder = tmp_path_factory.mktemp("llada2") / "LLaDA2-tiny"
+    folder.mkdir()
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    tokenizer.save_pretrained(folder)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings.pop("mask_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    (folder / "config.json").write_text(json.dumps(config))
+    for module in {v.split(".")[0] for v in config["auto_map"].values()}:
+        (folder / f"{module}.py").write_text("raise RuntimeError('remote code ran')\n")
+    return load_model(str(folder), trust_remote_code=True), weights, config
+
+
+def block_causal(length: int) -> torch.Tensor:
+    blocks = torch.arange(length) // BLOCK
+    return (blocks[None, :] <= blocks[:, None])[None, None]
+
+
+def test_published_folder_loads_and_computes_llada2s_forward(llada2):
+    loaded, weights, config = llada2
+    assert type(loaded.model) is LLaDA2ForBlockDiffusion and loaded.family == "llada2"
+    assert loaded.mask_token_id == loaded.tokenizer.convert_tokens_to_ids("<|mask|>")
+    assert loaded.tokenizer.mask_token_id is None  # found by its spelling, as in LLaDA2's vocabulary
+    assert loaded.model.model.layers[0].self_attn.o_proj.bias is not None  # use_bias's default
+    ids = torch.randint(0, config["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(1))
+    for mask in (block_causal(13).expand(2, 1, 13, 13), torch.ones(2, 1, 13, 13, dtype=torch.bool)):
+        with torch.no_grad():
+            ours = loaded.model(input_ids=ids, attention_mask=mask).logits
+            theirs = oracle_logits(weights, config, ids, mask)
+        assert theirs.abs().max() > 1 and (ours - theirs).abs().max().item() < 1e-4
+
+
+def llada2_reference(model, prompt: list[int], gen_length: int, *, mask_token_id: int, threshold: float):
+    """LLaDA2's generate at temperature 0 with one step a token (steps = block length), full
+    recomputation. As diffbatch's samplers, [MASK] itself is never a prediction."""
+    total = -(-(len(prompt) + gen_length) // BLOCK) * BLOCK
+    x = torch.full((1, total), mask_token_id)
+    x[0, : len(prompt)] = torch.tensor(prompt)
+    mask = block_causal(total)
+    commits = 0
+    for block in range(len(prompt) // BLOCK, total // BLOCK):
+        start, end = block * BLOCK, (block + 1) * BLOCK
+        while (x[0, start:end] == mask_token_id).any():
+            logits = model(input_ids=x[:, :end], attention_mask=mask[..., :end, :end],
+                           position_ids=torch.arange(end)[None]).logits[0, start:end].double()
+            logits[:, mask_token_id] = float("-inf")
+            confidence, x0 = logits.softmax(dim=-1).max(dim=-1)
+            confidence[x[0, start:end] != mask_token_id] = float("-inf")
+            chosen = confidence > threshold
+            if not chosen.any():
+                chosen = confidence == confidence.max()
+            x[0, start:end] = torch.where(chosen, x0, x[0, start:end])
+            commits += 1
+    return x[0, len(prompt):].tolist(), commits
+
+
+PROMPT_LENGTHS = (1, 3, 4, 5, 10, 7)  # leads 1, 3, 0, 1, 2, 3; the first two have no whole block
+
+
+@pytest.mark.parametrize("cache,graphs", [("exact", False), ("exact", True), ("none", False)])
+def test_engine_gives_llada2s_tokens_in_one_mixed_batch(llada2, cache, graphs, monkeypatch):
+    """Prompts of every length mod the block, different max_tokens, continuous batch of 3, the
+    threshold sampler: each row gets the published sampler's tokens, several a pass at times."""
+    loaded, _, _ = llada2
+    monkeypatch.setattr(scheduler, "PREFILL_TOKENS", 16)  # and prefill spread over forwards
+    engine = Engine(loaded, max_batch_size=3, cache=cache, graphs=graphs)
+    prompts = [[(7 + 31 * n + 17 * i) % 250 + 10 for i in range(n)] for n in PROMPT_LENGTHS]
+    requests = [GenerationRequest(p, SamplingParams(max_tokens=5 + 3 * i, block_length=BLOCK, sampler="threshold",
+                                                    threshold=0.2)) for i, p in enumerate(prompts)]
+    parallel = False
+    for request, result in zip(requests, engine.generate(requests)):
+        expected, _ = llada2_reference(loaded.model, request.prompt_ids, request.params.max_tokens,
+                                       mask_token_id=loaded.mask_token_id, threshold=0.2)
+        assert result.token_ids == expected[: len(result.token_ids)]
+        if result.finish_reason == "length":
+            assert len(result.token_ids) == request.params.max_tokens
+        else:  # the engine stops at EOS, the reference decodes on
+            assert expected[len(result.token_ids)] in loaded.eos_token_ids
+        parallel |= result.forward_passes < len(result.token_ids)
+    assert parallel
+
+
+def test_unsupported_llada2_options_are_refused():
+    for option, match in [(dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope scaling"),
+                          (dict(score_function="softmax"), "score_function"),
+                          (dict(num_experts=6), "6 experts in 4 groups")]:
+        with pytest.raises(ValueError, match=match):
+            LLaDA2ForBlockDiffusion(LLaDA2Config(**{**SIZES, "vocab_size": 300, **option}))
+
+
+def test_an_expert_missing_from_the_folder_is_refused(llada2, tmp_path):
+    loaded, _, _ = llada2
+    folder = tmp_path / "incomplete"
+    shutil.copytree(loaded.config.name_or_path, folder)
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.2.mlp.experts.5.up_proj.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 1 of the weights .*experts\.5\.up_proj"):
+        load_model(str(folder))

@@ -1,0 +1,210 @@
+"""LLaDA2 (inclusionAI's LLaDA2.0-mini / -flash, ``model_type`` "llada2_moe"): block-causal, with experts.
+
+A published folder holds config.json with the keys of its ``LLaDA2MoeConfig``, the parameter names of
+its ``modeling_llada2_moe.py`` (``model.word_embeddings``, ``model.layers.N.attention.query_key_value``,
+``.mlp.experts.E.gate_proj``, ...) and that remote code, written for transformers 4. What the
+architecture is, read from that modeling code and rewritten here:
+  - the attention of Qwen3 (fused q/k/v in that order, grouped-query heads, RMSNorm on each query and
+    key head before the rotation), except that only the first ``partial_rotary_factor`` of each head
+    rotates, and the q/k/v and output projections may carry biases (``use_qkv_bias``, ``use_bias``);
+  - the first ``first_k_dense_replace`` layers have a SwiGLU MLP; the others a mixture of experts:
+    a sigmoid router with a bias used only to choose (``expert_bias``), experts chosen within the
+    ``topk_group`` best of ``n_group`` groups (a group scores the sum of its two best experts), the
+    chosen experts' sigmoid scores normalised to sum to one and scaled by ``routed_scaling_factor``,
+    plus shared experts that every token passes through;
+  - an untied head, logits read at the masked position (no shift).
+Its sampler (the model's ``generate``) lays blocks from position 0 like SDAR's, so the engine treats
+it as an aligned family (``ALIGNED_FAMILIES`` in loader.py): the prompt's whole blocks are prefilled
+block-causally and its last partial block opens the first decoded block. Its rule at temperature 0
+with one step a token (its default: 32 steps for blocks of 32) is the ``threshold`` sampler:
+commit every masked position whose confidence clears the threshold (0.95 by default), at least the
+most confident one. The attention and dense layers are the built-in model's classes; only the
+experts are new here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.core_model_loading import Concatenate, WeightConverter, WeightRenaming
+
+from ..builtin.configuration import DiffbatchMDMConfig
+from ..builtin.modeling import DiffbatchMDMForMaskedDiffusion, DiffbatchMDMMLP, DiffbatchMDMModel
+
+
+class LLaDA2Config(DiffbatchMDMConfig):
+    """The keys of LLaDA2's config.json, with the defaults of its own config class (a key a
+    published file leaves out means what it meant there: ``use_bias`` true, for one)."""
+
+    model_type = "llada2_moe"
+
+    vocab_size: int = 30592
+    hidden_size: int = 1024
+    intermediate_size: int | None = None
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = 0  # 0: one per query head
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    use_qkv_bias: bool = False
+    use_qk_norm: bool = True
+    use_bias: bool = True
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 16384
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    use_sliding_window: bool = False
+    partial_rotary_factor: float = 0.5
+    num_experts: int | None = 16
+    num_shared_experts: int | None = 0
+    num_experts_per_tok: int = 2
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    moe_intermediate_size: int | None = None
+    first_k_dense_replace: int = 0
+    score_function: str = "sigmoid"
+    moe_router_enable_expert_bias: bool = True
+    pad_token_id: int | None = 126081
+    mask_token_id: int | None = None  # the tokenizer's <|mask|> (loader.py)
+    diffbatch_family: str = "llada2"
+
+    def __post_init__(self, **kwargs):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.qk_norm, self.qkv_bias, self.o_proj_bias = self.use_qk_norm, self.use_qkv_bias, self.use_bias
+        kwargs.pop("attn_implementation", None)  # diffbatch runs its own attention (SDPA)
+        super().__post_init__(**kwargs)
+
+    def check_supported(self) -> None:
+        problems = [
+            (self.rope_scaling is not None, f"rope scaling {self.rope_scaling!r}"),
+            (self.use_sliding_window, "sliding-window attention"),
+            (self.hidden_act != "silu", f"hidden_act {self.hidden_act!r}"),
+            (self.score_function != "sigmoid", f"router score_function {self.score_function!r}"),
+            (bool(self.num_experts) and self.num_experts % self.n_group != 0,
+             f"{self.num_experts} experts in {self.n_group} groups"),
+        ]
+        unsupported = [what for bad, what in problems if bad]
+        if unsupported:
+            raise ValueError(f"this LLaDA2 checkpoint uses {', '.join(unsupported)}, which diffbatch does not "
+                             "implement")
+
+
+class LLaDA2Expert(nn.Module):
+    """One expert (or the shared experts together): SwiGLU with the checkpoint's separate gate and up
+    projections, so the published expert tensors load under their own names."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, hidden):
+        return self.down_proj(F.silu(self.gate_proj(hidden)) * self.up_proj(hidden))
+
+
+class LLaDA2Router(nn.Module):
+    """Chooses ``num_experts_per_tok`` experts a token and weighs them (float32 throughout, as the
+    published router computes)."""
+
+    def __init__(self, config: LLaDA2Config):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = config.num_experts_per_tok, config.n_group, config.topk_group
+        self.scaling = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        if config.moe_router_enable_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(config.num_experts))
+        else:
+            self.expert_bias = None
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (T, hidden) -> the chosen experts (T, k), best first, and their weights (T, k) float32."""
+        scores = F.linear(tokens.float(), self.weight.float()).sigmoid()  # (T, E)
+        biased = scores if self.expert_bias is None else scores + self.expert_bias
+        grouped = biased.view(len(tokens), self.n_group, -1)  # (T, G, E / G)
+        best_groups = grouped.topk(2, dim=-1).values.sum(dim=-1).topk(self.topk_group, dim=-1).indices
+        allowed = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
+        biased = biased.masked_fill(~allowed.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
+        chosen = biased.topk(self.top_k, dim=-1).indices  # (T, k)
+        weights = scores.gather(1, chosen)
+        if self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return chosen, weights * self.scaling
+
+
+class LLaDA2Experts(nn.Module):
+    """The feed-forward block of LLaDA2's expert layers: routed experts plus shared ones.
+
+    Each expert runs once on the tokens routed to it. That needs their count on the host (one sync
+    a layer), so these layers cannot be captured in a CUDA graph; the engine's capture then falls
+    back to eager steps (cuda_graph.py)."""
+
+    def __init__(self, config: LLaDA2Config):
+        super().__init__()
+        self.gate = LLaDA2Router(config)
+        self.experts = nn.ModuleList(LLaDA2Expert(config.hidden_size, config.moe_intermediate_size)
+                                     for _ in range(config.num_experts))
+        self.shared_experts = (LLaDA2Expert(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts)
+                               if config.num_shared_experts else None)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        tokens = hidden.reshape(-1, hidden.shape[-1])  # (T, hidden)
+        chosen, weights = self.gate(tokens)
+        by_expert = chosen.flatten().argsort(stable=True)  # (T * k,): (token, slot) pairs grouped by expert
+        counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
+        routed = tokens[by_expert // chosen.shape[1]]
+        outputs = torch.empty_like(routed)
+        start = 0
+        for expert, count in zip(self.experts, counts):
+            if count:
+                outputs[start:start + count] = expert(routed[start:start + count])
+            start += count
+        per_slot = torch.empty_like(outputs).index_copy_(0, by_expert, outputs)  # back to (token, slot) order
+        # Weighted in float32 and summed over the slots, then the shared experts added: the published order.
+        mixed = (per_slot.view(*chosen.shape, -1).float() * weights[..., None]).sum(dim=1).to(hidden.dtype)
+        if self.shared_experts is not None:
+            mixed = mixed + self.shared_experts(tokens)
+        return mixed.view_as(hidden)
+
+
+class LLaDA2Model(DiffbatchMDMModel):
+    config_class = LLaDA2Config
+
+    def layer_mlp(self, config: LLaDA2Config, index: int) -> nn.Module:
+        if config.num_experts and index >= config.first_k_dense_replace:
+            return LLaDA2Experts(config)
+        return DiffbatchMDMMLP(config)
+
+
+class LLaDA2ForBlockDiffusion(DiffbatchMDMForMaskedDiffusion):
+    config_class = LLaDA2Config
+    config: LLaDA2Config
+    body_class = LLaDA2Model
+
+    def __init__(self, config: LLaDA2Config):
+        config.check_supported()
+        super().__init__(config)
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, LLaDA2Router):  # transformers' helpers skip what a checkpoint filled
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.expert_bias is not None:
+                init.zeros_(module.expert_bias)
+
+
+def llada2_weight_names() -> list:
+    """The published parameter names onto the built-in classes' (the dense layers' gate and up
+    projections fused as the built-in model holds them; experts keep their own names)."""
+    renames = {"word_embeddings": "embed_tokens", "attention.query_key_value": "self_attn.qkv_proj",
+               "attention.dense": "self_attn.o_proj", "attention.query_layernorm": "self_attn.q_norm",
+               "attention.key_layernorm": "self_attn.k_norm"}
+    return [
+        *(WeightRenaming(rf"\.{source.replace('.', '[.]')}\.", f".{target}.") for source, target in renames.items()),
+        WeightConverter(source_patterns=["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+                        target_patterns="mlp.gate_up_proj.weight", operations=[Concatenate(dim=0)]),
+    ]
