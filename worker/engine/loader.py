@@ -42,9 +42,9 @@ LOGITS_SHIFT = {"dream": 1}
 # Model types diffbatch implements itself: their folders' remote code (written for transformers 4)
 # is never run, whatever the caller's trust_remote_code.
 OWN_MODEL_TYPES = ("diffbatch_mdm", "llada", "Dream", "sdar", "llada2_moe")
-# The [MASK] spelling of checkpoints whose tokenizer does not name a mask token (LLaDA2's "<|mask|>",
-# id 156895, which its sampler takes as an argument).
-MASK_TOKEN_TEXT = "<|mask|>"
+# The [MASK] token's spelling in families whose tokenizer does not name it (LLaDA2's sampler takes
+# its id, 156895, as an argument).
+MASK_SPELLING = {"llada2": "<|mask|>"}
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -93,7 +93,7 @@ def load_model(
     if family == "diffusion_gemma":
         return _load_diffusion_gemma(folder, config, tokenizer, device=device, dtype=torch_dtype)
     mask_token_id = _first_id(getattr(config, "mask_token_id", None), tokenizer.mask_token_id,
-                              _vocabulary_id(tokenizer, MASK_TOKEN_TEXT))
+                              _vocabulary_id(tokenizer, MASK_SPELLING.get(family)))
     if mask_token_id is None:
         raise ValueError(f"model at {str(path)!r} defines no mask token (config.mask_token_id)")
     eos_token_ids = _eos_ids(folder, config, tokenizer)
@@ -199,8 +199,10 @@ def _resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _vocabulary_id(tokenizer, text: str) -> int | None:
+def _vocabulary_id(tokenizer, text: str | None) -> int | None:
     """The id of the token spelled ``text``, or None where the vocabulary has no such token."""
+    if text is None:
+        return None
     token_id = tokenizer.convert_tokens_to_ids(text)
     return None if token_id is None or token_id == tokenizer.unk_token_id else token_id
 

@@ -140,8 +140,9 @@ class LLaDA2Experts(nn.Module):
     """The feed-forward block of LLaDA2's expert layers: routed experts plus shared ones.
 
     Each expert runs once on the tokens routed to it. That needs their count on the host (one sync
-    a layer), so these layers cannot be captured in a CUDA graph; the engine's capture then falls
-    back to eager steps (cuda_graph.py)."""
+    a layer), so these layers cannot be captured in a CUDA graph: the engine runs LLaDA2 eagerly.
+    (The loop is the published inference path's too; a grouped matmul would serve many experts better
+    on an accelerator.)"""
 
     def __init__(self, config: LLaDA2Config):
         super().__init__()
@@ -184,6 +185,7 @@ class LLaDA2ForBlockDiffusion(DiffbatchMDMForMaskedDiffusion):
     config_class = LLaDA2Config
     config: LLaDA2Config
     body_class = LLaDA2Model
+    supports_cuda_graphs = False  # the experts' token counts are read on the host (LLaDA2Experts)
 
     def __init__(self, config: LLaDA2Config):
         config.check_supported()
