@@ -167,12 +167,18 @@ def test_published_folder_loads_and_computes_llada2s_forward(llada2):
     assert loaded.mask_token_id == loaded.tokenizer.convert_tokens_to_ids("<|mask|>")
     assert loaded.tokenizer.mask_token_id is None  # found by its spelling, as in LLaDA2's vocabulary
     assert loaded.model.model.layers[0].self_attn.o_proj.bias is not None  # use_bias's default
+    assert loaded.model.config._experts_implementation == "grouped_mm"  # transformers' default kernel
     ids = torch.randint(0, config["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(1))
-    for mask in (block_causal(13).expand(2, 1, 13, 13), torch.ones(2, 1, 13, 13, dtype=torch.bool)):
-        with torch.no_grad():
-            ours = loaded.model(input_ids=ids, attention_mask=mask).logits
-            theirs = oracle_logits(weights, config, ids, mask)
-        assert theirs.abs().max() > 1 and (ours - theirs).abs().max().item() < 1e-4
+    try:
+        for experts in ("grouped_mm", "eager"):  # the library's kernel and the module's own loop
+            loaded.model.set_experts_implementation(experts)
+            for mask in (block_causal(13).expand(2, 1, 13, 13), torch.ones(2, 1, 13, 13, dtype=torch.bool)):
+                with torch.no_grad():
+                    ours = loaded.model(input_ids=ids, attention_mask=mask).logits
+                    theirs = oracle_logits(weights, config, ids, mask)
+                assert theirs.abs().max() > 1 and (ours - theirs).abs().max().item() < 1e-4
+    finally:
+        loaded.model.set_experts_implementation("grouped_mm")
 
 
 def llada2_reference(model, prompt: list[int], gen_length: int, *, mask_token_id: int, threshold: float):
@@ -233,12 +239,16 @@ def test_unsupported_llada2_options_are_refused():
             LLaDA2ForBlockDiffusion(LLaDA2Config(**{**SIZES, "vocab_size": 300, **option}))
 
 
-def test_an_expert_missing_from_the_folder_is_refused(llada2, tmp_path):
+@pytest.mark.parametrize("tensor,error", [
+    ("model.layers.2.mlp.gate.weight", r"lacks 1 of the weights .*layers\.2\.mlp\.gate\.weight"),
+    ("model.layers.2.mlp.experts.5.up_proj.weight", r"could not be assembled .*'llada2_moe'")])
+def test_a_folder_missing_a_tensor_is_refused(llada2, tmp_path, tensor, error):
+    """Not loaded with random values in its place (transformers' default for a missing parameter)."""
     loaded, _, _ = llada2
     folder = tmp_path / "incomplete"
     shutil.copytree(loaded.config.name_or_path, folder)
     weights = load_file(folder / "model.safetensors")
-    del weights["model.layers.2.mlp.experts.5.up_proj.weight"]
+    del weights[tensor]
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"lacks 1 of the weights .*experts\.5\.up_proj"):
+    with pytest.raises(ValueError, match=error):
         load_model(str(folder))

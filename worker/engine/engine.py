@@ -79,18 +79,13 @@ class Engine:
                       aligned=self.aligned)
         if self.cache_mode in ("exact", "delayed"):  # the block-causal KV cache carries the batch
             self.scheduler = BlockScheduler(self.model, delayed=self.cache_mode == "delayed",
-                                            graphs=self._graphs_by_default() if graphs is None else graphs,
+                                            graphs=self.device.type == "cuda" if graphs is None else graphs,
                                             **common)
         else:  # recomputation and the approximate caches: each round lays the canvases out again
             self.scheduler = CanvasScheduler(self.model, cache_mode=self.cache_mode,
                                              full_attention=self.full_attention, logits_shift=self.logits_shift,
                                              **common)
         self.healer = TokenHealer(self.tokenizer, self.vocab_size)
-
-    def _graphs_by_default(self) -> bool:
-        """CUDA graphs on a CUDA device, unless the model's forward syncs with the host (LLaDA2's
-        experts count their tokens), which a capture cannot hold."""
-        return self.device.type == "cuda" and getattr(self.model, "supports_cuda_graphs", True)
 
     # ---- prompts -------------------------------------------------------------------------
 

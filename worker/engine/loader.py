@@ -102,8 +102,15 @@ def load_model(
     if pad_token_id is None:
         raise ValueError(f"model at {str(path)!r} defines neither a pad nor an eos token")
 
-    model, loading = AutoModelForMaskedLM.from_pretrained(folder, config=config, dtype=torch_dtype,
-                                                          output_loading_info=True, **kwargs)
+    try:
+        model, loading = AutoModelForMaskedLM.from_pretrained(folder, config=config, dtype=torch_dtype,
+                                                              output_loading_info=True, **kwargs)
+    except RuntimeError as error:  # e.g. stacking LLaDA2's experts with one of their tensors missing
+        if "conversion" not in str(error):
+            raise
+        raise ValueError(f"model at {str(path)!r}: its tensors could not be assembled into the weights its "
+                         f"model_type {config.model_type!r} needs (one missing or of another shape; the loading "
+                         "report logged above names it)") from error
     # transformers fills a parameter the folder lacks with random values and only logs it: a
     # checkpoint of another layout (a variant with other parameter names) would generate noise.
     missing = sorted(loading["missing_keys"])

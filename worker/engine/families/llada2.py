@@ -19,7 +19,7 @@ block-causally and its last partial block opens the first decoded block. Its rul
 with one step a token (its default: 32 steps for blocks of 32) is the ``threshold`` sampler:
 commit every masked position whose confidence clears the threshold (0.95 by default), at least the
 most confident one. The attention and dense layers are the built-in model's classes; only the
-experts are new here.
+router and experts are new here, the experts on transformers' experts kernels.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.core_model_loading import Concatenate, WeightConverter, WeightRenaming
+from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming
+from transformers.integrations.moe import use_experts_implementation
 
 from ..builtin.configuration import DiffbatchMDMConfig
 from ..builtin.modeling import DiffbatchMDMForMaskedDiffusion, DiffbatchMDMMLP, DiffbatchMDMModel
@@ -94,8 +95,8 @@ class LLaDA2Config(DiffbatchMDMConfig):
 
 
 class LLaDA2Expert(nn.Module):
-    """One expert (or the shared experts together): SwiGLU with the checkpoint's separate gate and up
-    projections, so the published expert tensors load under their own names."""
+    """The shared experts (one SwiGLU), with the checkpoint's separate gate and up projections so the
+    published tensors load under their own names."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -122,7 +123,8 @@ class LLaDA2Router(nn.Module):
             self.expert_bias = None
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens (T, hidden) -> the chosen experts (T, k), best first, and their weights (T, k) float32."""
+        """tokens (T, hidden) -> the chosen experts (T, k), best first, and their weights (T, k) float32.
+        No host sync (a CUDA graph can hold it)."""
         scores = F.linear(tokens.float(), self.weight.float()).sigmoid()  # (T, E)
         biased = scores if self.expert_bias is None else scores + self.expert_bias
         grouped = biased.view(len(tokens), self.n_group, -1)  # (T, G, E / G)
@@ -136,37 +138,45 @@ class LLaDA2Router(nn.Module):
         return chosen, weights * self.scaling
 
 
-class LLaDA2Experts(nn.Module):
-    """The feed-forward block of LLaDA2's expert layers: routed experts plus shared ones.
+@use_experts_implementation
+class LLaDA2RoutedExperts(nn.Module):
+    """The routed experts' weights stacked, (E, 2 * inner, hidden) and (E, hidden, inner), so that
+    transformers' experts kernels run them all at once (``grouped_mm`` by default: one grouped matmul
+    a projection, no host sync, so a CUDA graph can hold it; integrations/moe.py). The published
+    per-expert tensors are stacked on load (``llada2_weight_names``). ``forward`` below is the
+    ``experts_implementation="eager"`` path: each expert once on the tokens routed to it."""
 
-    Each expert runs once on the tokens routed to it. That needs their count on the host (one sync
-    a layer), so these layers cannot be captured in a CUDA graph: the engine runs LLaDA2 eagerly.
-    (The loop is the published inference path's too; a grouped matmul would serve many experts better
-    on an accelerator.)"""
+    def __init__(self, config: LLaDA2Config):
+        super().__init__()
+        self.num_experts, inner = config.num_experts, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * inner, config.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, inner))
+        self.act_fn = F.silu
+
+    def forward(self, tokens: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        mixed = torch.zeros_like(tokens, dtype=torch.float32)
+        for expert in top_k_index.unique().tolist():
+            token, slot = (top_k_index == expert).nonzero(as_tuple=True)
+            gate, up = F.linear(tokens[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
+            mixed.index_add_(0, token, out.float() * top_k_weights[token, slot, None])
+        return mixed.to(tokens.dtype)
+
+
+class LLaDA2Experts(nn.Module):
+    """The feed-forward block of LLaDA2's expert layers: routed experts, weighed in float32 and
+    summed, plus the shared experts every token passes through (the published order)."""
 
     def __init__(self, config: LLaDA2Config):
         super().__init__()
         self.gate = LLaDA2Router(config)
-        self.experts = nn.ModuleList(LLaDA2Expert(config.hidden_size, config.moe_intermediate_size)
-                                     for _ in range(config.num_experts))
+        self.experts = LLaDA2RoutedExperts(config)
         self.shared_experts = (LLaDA2Expert(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts)
                                if config.num_shared_experts else None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         tokens = hidden.reshape(-1, hidden.shape[-1])  # (T, hidden)
-        chosen, weights = self.gate(tokens)
-        by_expert = chosen.flatten().argsort(stable=True)  # (T * k,): (token, slot) pairs grouped by expert
-        counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
-        routed = tokens[by_expert // chosen.shape[1]]
-        outputs = torch.empty_like(routed)
-        start = 0
-        for expert, count in zip(self.experts, counts):
-            if count:
-                outputs[start:start + count] = expert(routed[start:start + count])
-            start += count
-        per_slot = torch.empty_like(outputs).index_copy_(0, by_expert, outputs)  # back to (token, slot) order
-        # Weighted in float32 and summed over the slots, then the shared experts added: the published order.
-        mixed = (per_slot.view(*chosen.shape, -1).float() * weights[..., None]).sum(dim=1).to(hidden.dtype)
+        mixed = self.experts(tokens, *self.gate(tokens))
         if self.shared_experts is not None:
             mixed = mixed + self.shared_experts(tokens)
         return mixed.view_as(hidden)
@@ -185,7 +195,6 @@ class LLaDA2ForBlockDiffusion(DiffbatchMDMForMaskedDiffusion):
     config_class = LLaDA2Config
     config: LLaDA2Config
     body_class = LLaDA2Model
-    supports_cuda_graphs = False  # the experts' token counts are read on the host (LLaDA2Experts)
 
     def __init__(self, config: LLaDA2Config):
         config.check_supported()
@@ -193,15 +202,20 @@ class LLaDA2ForBlockDiffusion(DiffbatchMDMForMaskedDiffusion):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, LLaDA2Router):  # transformers' helpers skip what a checkpoint filled
-            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        std = self.config.initializer_range  # transformers' helpers skip what a checkpoint filled
+        if isinstance(module, LLaDA2Router):
+            init.normal_(module.weight, mean=0.0, std=std)
             if module.expert_bias is not None:
                 init.zeros_(module.expert_bias)
+        elif isinstance(module, LLaDA2RoutedExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
 
 
 def llada2_weight_names() -> list:
     """The published parameter names onto the built-in classes' (the dense layers' gate and up
-    projections fused as the built-in model holds them; experts keep their own names)."""
+    projections fused as the built-in model holds them), and the routed experts' tensors stacked
+    (as transformers' Qwen2-MoE mapping does)."""
     renames = {"word_embeddings": "embed_tokens", "attention.query_key_value": "self_attn.qkv_proj",
                "attention.dense": "self_attn.o_proj", "attention.query_layernorm": "self_attn.q_norm",
                "attention.key_layernorm": "self_attn.k_norm"}
@@ -209,4 +223,9 @@ def llada2_weight_names() -> list:
         *(WeightRenaming(rf"\.{source.replace('.', '[.]')}\.", f".{target}.") for source, target in renames.items()),
         WeightConverter(source_patterns=["mlp.gate_proj.weight", "mlp.up_proj.weight"],
                         target_patterns="mlp.gate_up_proj.weight", operations=[Concatenate(dim=0)]),
+        WeightConverter(source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
+                        target_patterns="mlp.experts.gate_up_proj",
+                        operations=[MergeModulelist(dim=0), Concatenate(dim=1)]),
+        WeightConverter(source_patterns="mlp.experts.*.down_proj.weight", target_patterns="mlp.experts.down_proj",
+                        operations=[MergeModulelist(dim=0)]),
     ]
