@@ -1,7 +1,7 @@
 """Does the engine give the same tokens on an accelerator as on the CPU? One run, side by side.
 
     python bench/device_agreement.py --device cuda [--prompts 16] [--new-tokens 64] [--batch 8]
-                                     [--random-shape 512x8x8 [--family sdar] [--block-length 4]]
+                                     [--random-shape 512x8x8 [--family sdar|llada2] [--block-length 4]]
 
 Greedy reference sampling on the built-in model (or --model PATH, or random weights of the built-in
 or SDAR architecture at --random-shape, made once on the CPU so every copy has the same weights),
@@ -57,8 +57,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--random-shape", help="HIDDENxLAYERSxHEADS: random weights instead of the checkpoint's")
-    parser.add_argument("--family", default="block_causal", choices=["block_causal", "sdar"],
-                        help="with --random-shape: the built-in architecture or SDAR's")
+    parser.add_argument("--family", default="block_causal", choices=["block_causal", "sdar", "llada2"],
+                        help="with --random-shape: the built-in architecture, SDAR's or LLaDA2's")
     args = parser.parse_args(argv[1:])
     path = args.model or str(Settings().model_path)
     prompts = [p.prompt for p in function_prompts(split(list_sources())[1], limit=args.prompts)]

@@ -2,7 +2,7 @@
 
     python bench/engine.py [--device cpu|cuda] [--new-tokens 256] [--batches 1,8,32,64] [--prompts 64]
                            [--samplers "threshold 0.9,factor 1.0"] [--caches exact,graph,delayed]
-                           [--random-shape 2048x24x16 [--family sdar]]
+                           [--random-shape 2048x24x16 [--family sdar|llada2]]
 
 Prints tokens/s and ratios for, at each batch size:
   - the reference sampler (LLaDA, one token a pass) with full recomputation: the published baseline;
@@ -15,7 +15,8 @@ Prints tokens/s and ratios for, at each batch size:
     under each graph row, the host time its rounds spent outside replays (eager first steps, captures);
   - an autoregressive Llama of the same width and depth decoding with its KV cache
     (transformers' generate, greedy, exactly --new-tokens tokens); for an SDAR model, a Qwen3 of
-    its shape (the architecture SDAR was trained from);
+    its shape (the architecture SDAR was trained from), for a LLaDA2 model a GLM-4.5-style mixture
+    of experts of its shape (the same router, shared expert and partial rotation);
 and, per engine mode, forward passes per token, achieved FLOP/s as a share of this machine's
 measured matmul peak, and peak memory (CUDA: allocated bytes; CPU: process RSS high-water mark).
 The model is the built-in trained one (`--model PATH` for another); the parallel samplers run at
@@ -23,7 +24,10 @@ their documented defaults, whose quality bench/quality.py measures on the same m
 `--random-shape HIDDENxLAYERSxHEADS` swaps in random weights of the built-in architecture at that
 shape (built-in tokenizer): speed only, for sizes where the accelerator, not launches, sets the pace.
 With `--family sdar` those weights are SDAR's architecture instead (Qwen3: half as many key/value
-heads as query heads, q/k norm, untied head; blocks aligned from position 0, trained block 4).
+heads as query heads, q/k norm, untied head; blocks aligned from position 0, trained block 4), and
+with `--family llada2` LLaDA2's (LLaDA2.0-mini's proportions: a quarter as many key/value heads, 256
+experts of a quarter of the hidden width, 8 chosen in the 4 best of 8 groups, one shared expert, the
+first layer dense; block 32).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from worker.engine import cuda_graph
 from worker.engine.builtin import DiffbatchMDMForMaskedDiffusion
 from worker.engine.builtin.create import config_for
 from worker.engine.engine import Engine
-from worker.engine.families import SDARConfig, SDARForBlockDiffusion
+from worker.engine.families import LLaDA2Config, LLaDA2ForBlockDiffusion, SDARConfig, SDARForBlockDiffusion
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
 
@@ -76,6 +80,9 @@ def count_flops(model) -> dict:
     # (named_parameters lists a tied lm_head once, under the embedding's name).
     weights = sum(p.numel() for n, p in model.named_parameters()
                   if p.dim() == 2 and "embed" not in n and "lm_head" not in n)
+    # Stacked experts (E, out, in): a token passes through num_experts_per_tok of them.
+    weights += sum(p.numel() * config.num_experts_per_tok // p.shape[0]
+                   for p in model.parameters() if p.dim() == 3)
 
     def hook(_module, args, kwargs, output) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -126,18 +133,24 @@ def time_graph_rounds() -> dict:
 
 
 def with_random_weights(loaded, shape: str, device: str, family: str = "block_causal"):
-    """The built-in architecture (or SDAR's) at HIDDENxLAYERSxHEADS (MLP width 8/3 hidden, rounded to
-    64), random weights built on the device in the loaded model's dtype; tokenizer and special ids
+    """The built-in architecture (or SDAR's, or LLaDA2's) at HIDDENxLAYERSxHEADS (MLP width 8/3 hidden,
+    rounded to 64), random weights built on the device in the loaded model's dtype; tokenizer and special ids
     unchanged."""
     hidden, layers, heads = (int(v) for v in shape.lower().split("x"))
     sizes = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                  intermediate_size=64 * round(hidden * 8 / 3 / 64), max_position_embeddings=loaded.max_positions)
-    if family == "sdar":
-        tokenizer = loaded.tokenizer
-        config = SDARConfig(**sizes, num_key_value_heads=max(1, heads // 2), head_dim=hidden // heads,
-                            vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                            bos_token_id=tokenizer.bos_token_id, diffbatch_name=f"random-sdar-{shape}")
+    tokenizer = loaded.tokenizer
+    special = dict(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
+                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                   bos_token_id=tokenizer.bos_token_id, diffbatch_name=f"random-{family}-{shape}")
+    if family == "llada2":
+        config = LLaDA2Config(**{**sizes, "intermediate_size": 64 * round(hidden * 2.5 / 64)},
+                              num_key_value_heads=max(1, heads // 4), head_dim=hidden // heads, num_experts=256,
+                              num_experts_per_tok=8, n_group=8, topk_group=4, moe_intermediate_size=hidden // 4,
+                              num_shared_experts=1, first_k_dense_replace=1, use_bias=False, **special)
+        model_class, family_name = LLaDA2ForBlockDiffusion, "llada2"
+    elif family == "sdar":
+        config = SDARConfig(**sizes, num_key_value_heads=max(1, heads // 2), head_dim=hidden // heads, **special)
         model_class, family_name = SDARForBlockDiffusion, "sdar"
     else:
         config = config_for(loaded.tokenizer, name=f"random-{shape}", block_length=loaded.config.block_length,
@@ -198,9 +211,10 @@ def run_engine(loaded, device, batch, prompts, new_tokens, options, cache, count
 
 
 def run_autoregressive(config, device, dtype, batch, prompts, new_tokens, tokenizer) -> dict:
-    """A Llama of the same width and depth (a Qwen3 of the same shape for SDAR), random weights,
-    greedy, KV cache: tokens/s only."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    """A Llama of the same width and depth (a Qwen3 of the same shape for SDAR, a GLM-4.5-style
+    mixture of experts for LLaDA2), random weights, greedy, KV cache: tokens/s only."""
+    from transformers import (Glm4MoeConfig, Glm4MoeForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
     shape = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
                  intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
@@ -208,7 +222,15 @@ def run_autoregressive(config, device, dtype, batch, prompts, new_tokens, tokeni
                  max_position_embeddings=config.max_position_embeddings,
                  pad_token_id=tokenizer.pad_token_id, eos_token_id=None, bos_token_id=None)
     torch.manual_seed(0)
-    if isinstance(config, SDARConfig):
+    if isinstance(config, LLaDA2Config):
+        model = Glm4MoeForCausalLM(Glm4MoeConfig(
+            **shape, num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
+            partial_rotary_factor=config.partial_rotary_factor, use_qk_norm=True, n_routed_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok, n_group=config.n_group, topk_group=config.topk_group,
+            moe_intermediate_size=config.moe_intermediate_size, n_shared_experts=config.num_shared_experts,
+            routed_scaling_factor=config.routed_scaling_factor, first_k_dense_replace=config.first_k_dense_replace,
+            num_mtp_layers=0))
+    elif isinstance(config, SDARConfig):
         model = Qwen3ForCausalLM(Qwen3Config(**shape, num_key_value_heads=config.num_key_value_heads,
                                              head_dim=config.head_dim, tie_word_embeddings=False))
     else:
@@ -256,8 +278,8 @@ def main(argv: list[str]) -> int:
                         "the trained block, 32, then the model's default block if it differs)")
     parser.add_argument("--random-shape", help="HIDDENxLAYERSxHEADS: random weights of the built-in "
                         "architecture at this shape instead of the checkpoint's (speed only)")
-    parser.add_argument("--family", default="block_causal", choices=["block_causal", "sdar"],
-                        help="with --random-shape: the built-in architecture or SDAR's")
+    parser.add_argument("--family", default="block_causal", choices=["block_causal", "sdar", "llada2"],
+                        help="with --random-shape: the built-in architecture, SDAR's or LLaDA2's")
     args = parser.parse_args(argv[1:])
     path = args.model or str(Settings().model_path)
     loaded = load_model(path, device=args.device, dtype=args.dtype)

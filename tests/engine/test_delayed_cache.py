@@ -62,7 +62,9 @@ def test_delayed_cache_batch_of_n_equals_n_batches_of_one(loaded):
 
 def test_delayed_cache_keeps_the_reference_schedule_and_fills_templates(loaded):
     delayed, exact = Engine(loaded, max_batch_size=4, cache="delayed"), Engine(loaded, max_batch_size=4)
-    requests = requests_for(delayed, [("a", dict(max_tokens=40, steps=8)), ("b c", dict(max_tokens=64))])
+    # Whole blocks: within a block that max_tokens cuts, a row's passes depend on the order its
+    # positions are committed in, which the approximate cache may change.
+    requests = requests_for(delayed, [("a", dict(max_tokens=64, steps=8)), ("b c", dict(max_tokens=64))])
     for a, b in zip(delayed.generate(requests), exact.generate(requests)):
         assert a.forward_passes == b.forward_passes and len(a.token_ids) == len(b.token_ids)
     canvas = delayed.encode_template("x = {{fill:5}}\ny = {{fill:4}}\n")

@@ -66,12 +66,31 @@ def test_max_tokens_and_counts(engine):
         if result.finish_reason == "length":
             assert len(result.token_ids) == kw["max_tokens"]
     assert results[4].token_ids and len(results[4].token_ids) == 1
-    # A row counts the passes that worked on it: its blocks times its steps per block (fewer if it
-    # met EOS at an earlier block boundary), whatever its batch-mates needed.
+    # A row counts the passes that worked on it, whatever its batch-mates needed: its steps per block,
+    # except in a last block that its max_tokens cuts, where it stops once the positions it keeps are
+    # committed (at least the steps that commit that many); fewer if it met EOS.
     for (_, kw), result in zip(MIXED, results):
         block = kw.get("block_length", 32)
-        full = -(-kw["max_tokens"] // block) * (kw.get("steps") or block)
-        assert result.forward_passes == full if result.finish_reason == "length" else result.forward_passes <= full
+        steps = kw.get("steps") or block
+        whole, kept = divmod(kw["max_tokens"], block)
+        full = (whole + (kept > 0)) * steps
+        least = whole * steps + -(-kept * steps // block)
+        if result.finish_reason == "length":
+            assert least <= result.forward_passes <= full
+        else:
+            assert result.forward_passes <= full
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_row_stops_once_the_positions_it_keeps_are_committed(engine, temperature):
+    """max_tokens inside a block: the same tokens as the whole block's first ones (what a row keeps
+    never changes once committed), in fewer passes than the whole block takes."""
+    prompt = engine.encode_completion("def add(a, b):\n")
+    whole, cut = (engine.generate([GenerationRequest(prompt, SamplingParams(
+        max_tokens=n, block_length=16, temperature=temperature, seed=4))])[0] for n in (32, 21))
+    assert whole.finish_reason == cut.finish_reason == "length"
+    assert cut.token_ids == whole.token_ids[:21]
+    assert 21 <= cut.forward_passes < whole.forward_passes == 32
 
 
 def test_short_requests_leave_the_batch_early_and_waiting_ones_take_their_place(loaded):

@@ -115,7 +115,9 @@ def parallel_oracle(model, prompt, *, max_tokens, block_length, rule, cutoff, te
     passes = 0
     for lo in range(len(prompt), len(x), block_length):
         while mask_id in x[lo:lo + block_length]:
-            passes += 1
+            # A row stops once its positions up to max_tokens are committed: later steps only fill
+            # the ones it cuts off (the engine runs none; the oracle runs them, changing nothing kept).
+            passes += mask_id in x[lo:min(lo + block_length, len(prompt) + max_tokens)]
             x0, probs = predict_block(model, x, allowed, lo, lo + block_length, temperature=temperature,
                                       generator=generator, mask_id=mask_id)
             masked = [j for j in range(block_length) if x[lo + j] == mask_id]

@@ -59,5 +59,6 @@ class CanvasScheduler(ContinuousScheduler):
         passes = denoise_block(forward, layout.x, start, end, mask_token_id=self.mask_token_id,
                                rows=[row.request.params for row in rows],
                                noise=RowNoise.from_generators([row.generator for row in rows], self.device),
-                               first_allowed=first_allowed, first_slot=first_slot, history=self._history(rows))
+                               first_allowed=first_allowed, first_slot=first_slot, history=self._history(rows),
+                               wanted=self._wanted(rows, block_length))
         self._commit(rows, layout.x[:, start:end], passes)

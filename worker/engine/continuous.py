@@ -159,6 +159,15 @@ class ContinuousScheduler:
                 canvas[r, : len(part)] = torch.tensor([self.mask_token_id if t is None else t for t in part])
         return canvas.to(self.device)
 
+    def _wanted(self, rows: list[Row], block_length: int) -> torch.Tensor | None:
+        """The positions of the next block each row keeps (B, K) bool, or None when every row keeps
+        all: a row's last block ends at its max_tokens (with a lead, or max_tokens not a multiple of
+        the block, inside the block), and the denoiser stops a row once those are committed."""
+        left = [len(row.lead) + row.request.params.max_tokens - len(row.generated) for row in rows]
+        if min(left) >= block_length:
+            return None
+        return torch.arange(block_length, device=self.device) < torch.tensor(left, device=self.device)[:, None]
+
     def _first_token(self, rows: list[Row]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Token healing binds a row's first generated token, in its first block after its lead: the
         tokens each row's first token may take (B, V) and its column in the block (B,), or (None, None)."""

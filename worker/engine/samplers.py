@@ -250,10 +250,11 @@ def denoise_block(
     first_allowed: torch.Tensor | None = None,
     first_slot: torch.Tensor | None = None,
     history: torch.Tensor | None = None,
+    wanted: torch.Tensor | None = None,
 ) -> list[int]:
-    """Denoise x[:, start:end] in place until no row has a mask left.
+    """Denoise x[:, start:end] in place until no row has a mask left where it is ``wanted``.
 
-    Returns, per row, the forward passes in which it still had masks (the batch ran max of them).
+    Returns, per row, the forward passes in which it still had such masks (the batch ran max of them).
 
     ``rows`` holds each row's SamplingParams. ``forward(x[:, :end], slots)`` returns the logits of
     the block's positions ``slots`` (B, n), (B, n, V) (cache.py): with block-causal attention
@@ -263,6 +264,10 @@ def denoise_block(
     position ``first_slot`` (B,) (None: 0); None leaves it free.
     ``history`` (B, V): counts of the tokens generated before this block, for rows with a frequency
     or presence penalty (None: nothing generated yet).
+    ``wanted`` (B, K) bool, or None (all): the positions a row keeps (``ContinuousScheduler._wanted``).
+    A row's passes stop once its wanted positions are all committed, and the loop once every row's
+    are: later steps would only fill positions it cuts off (while batch-mates still work it may go
+    on filling them, which changes nothing it keeps: a committed token never changes).
     """
     block_length = end - start
     rules = BlockRules(rows, block_length, x.device)
@@ -270,10 +275,12 @@ def denoise_block(
     for step in range(block_length):
         block = x[:, start:end]  # (B, K)
         mask_index = block == mask_token_id  # (B, K)
-        masked_counts = mask_index.sum(dim=-1).tolist()  # the step's one host sync: who works, how wide
-        if not any(masked_counts):
+        left = mask_index if wanted is None else mask_index & wanted
+        # The step's one host sync: who works, how wide.
+        masked_counts, left_counts = torch.stack([mask_index.sum(dim=-1), left.sum(dim=-1)]).tolist()
+        if not any(left_counts):
             break
-        has_mask = [count > 0 for count in masked_counts]
+        has_mask = [count > 0 for count in left_counts]
         passes = [n + working for n, working in zip(passes, has_mask)]
         # Only masked positions are sampled: gathered to the front, the float64 work of a step runs
         # over max(masked) positions instead of the whole block (x0 and confidence are per position,
@@ -297,13 +304,14 @@ class GreedyBlockSteps:
 
     def __init__(self, block: torch.Tensor, rows: list, *, mask_token_id: int,
                  first_allowed: torch.Tensor | None = None, first_slot: torch.Tensor | None = None,
-                 history: torch.Tensor | None = None):
+                 history: torch.Tensor | None = None, wanted: torch.Tensor | None = None):
         size, length = block.shape
         self.block, self.mask_token_id = block, mask_token_id  # (B, K), denoised in place
         self.rules = BlockRules(rows, length, block.device)
         if not self.rules.greedy:
             raise ValueError("GreedyBlockSteps serves rows at temperature 0 only")
         self.first_allowed, self.first_slot, self.history = first_allowed, first_slot, history
+        self.wanted = wanted  # (B, K) bool or None, as denoise_block's
         self.slots = torch.arange(length, device=block.device).expand(size, length)  # every position
         self.step = torch.zeros((size, 1), dtype=torch.long, device=block.device)
         self.passes = torch.zeros(size, dtype=torch.long, device=block.device)
@@ -313,20 +321,26 @@ class GreedyBlockSteps:
         is left a step changes no token (and, in the scheduler, leaves the clean block's keys and
         values in the cache)."""
         mask_index = self.block == self.mask_token_id  # (B, K)
+        working = self._left(mask_index).any(dim=-1)  # (B,)
         logits = forward_block(self.block)
         last = self.rules.schedule_t.shape[1] - 1  # past a row's steps its schedule is 0 anyway
         num_transfer = self.rules.schedule_t.gather(1, self.step.clamp(max=last)).squeeze(1)  # (B,)
         commit_step(self.block, logits, self.slots, mask_index, num_transfer, self.rules,
                     mask_token_id=self.mask_token_id, first_allowed=self.first_allowed, first_slot=self.first_slot,
                     history=self.history)
-        self.passes += mask_index.any(dim=-1)
+        self.passes += working
         self.step += 1
+
+    def _left(self, mask_index: torch.Tensor) -> torch.Tensor:
+        return mask_index if self.wanted is None else mask_index & self.wanted
 
     def run(self, step: Callable[[], None]) -> list[int]:
         """Denoise the block with ``step`` (this object's step, maybe replayed from a graph); returns
         each row's passes. A reference row commits its schedule's count a step (fewer once its
         masks run out), so the steps a reference-only round needs are known from the masks it starts
-        with; only parallel rows make the host look at the block after every step."""
+        with; only parallel rows, or a row that stops short of the block's end (``wanted``), make
+        the host look at the block after every step."""
+        look = self.rules.any_parallel or self.wanted is not None
         if self.rules.any_parallel:
             steps = self.block.shape[1]
         else:  # a template's fixed text leaves fewer masks than the schedule plans for
@@ -335,6 +349,6 @@ class GreedyBlockSteps:
                         for schedule, m in zip(self.rules.schedule, masked))
         for _ in range(steps):
             step()
-            if self.rules.any_parallel and not bool((self.block == self.mask_token_id).any()):
+            if look and not bool(self._left(self.block == self.mask_token_id).any()):
                 break
         return self.passes.tolist()

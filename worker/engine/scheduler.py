@@ -203,19 +203,21 @@ class BlockScheduler(ContinuousScheduler):
 
         params = [row.request.params for row in batch.rows]
         first_allowed, first_slot = self._first_token(batch.rows)
-        history = self._history(batch.rows)
+        history, wanted = self._history(batch.rows), self._wanted(batch.rows, block_length)
         if self.graphs and all(p.temperature == 0 for p in params):
-            steps = GreedyBlockSteps(block, params, mask_token_id=self.mask_token_id,
-                                     first_allowed=first_allowed, first_slot=first_slot, history=history)
+            steps = GreedyBlockSteps(block, params, mask_token_id=self.mask_token_id, first_allowed=first_allowed,
+                                     first_slot=first_slot, history=history, wanted=wanted)
             step = CapturedCall(lambda: steps(run), self.device)
             passes = steps.run(step)
-            step()  # no mask is left: the step only leaves the clean block's keys and values cached
+            # No wanted mask is left: the step commits nothing and leaves the block's keys and values
+            # cached (a row's positions past its max_tokens may stay [MASK]; it ends with this block).
+            step()
         else:
             forward, commit = self._step_forward(run, block, key_values, batch.key_valid, positions)
             noise = RowNoise.from_generators([row.generator for row in batch.rows], self.device)
             passes = denoise_block(forward, block, 0, block_length, mask_token_id=self.mask_token_id,
                                    rows=params, noise=noise, first_allowed=first_allowed,
-                                   first_slot=first_slot, history=history)
+                                   first_slot=first_slot, history=history, wanted=wanted)
             commit(block)
         batch.key_valid = keys
         batch.next_position = batch.next_position + block_length

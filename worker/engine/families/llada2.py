@@ -171,8 +171,8 @@ class LLaDA2Experts(nn.Module):
         super().__init__()
         self.gate = LLaDA2Router(config)
         self.experts = LLaDA2RoutedExperts(config)
-        self.shared_experts = (LLaDA2Expert(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts)
-                               if config.num_shared_experts else None)
+        shared_width = config.moe_intermediate_size * (config.num_shared_experts or 0)
+        self.shared_experts = LLaDA2Expert(config.hidden_size, shared_width) if shared_width else None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         tokens = hidden.reshape(-1, hidden.shape[-1])  # (T, hidden)
@@ -199,6 +199,12 @@ class LLaDA2ForBlockDiffusion(DiffbatchMDMForMaskedDiffusion):
     def __init__(self, config: LLaDA2Config):
         config.check_supported()
         super().__init__(config)
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # transformers guesses this from the source of the class's module and caches the guess on the
+        # class it asked; a guess made first for the built-in parent (no experts) is inherited here.
+        return True
 
     def _init_weights(self, module):
         super()._init_weights(module)
