@@ -234,7 +234,10 @@ def test_engine_gives_llada2s_tokens_in_one_mixed_batch(llada2, cache, graphs, m
 def test_unsupported_llada2_options_are_refused():
     for option, match in [(dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope scaling"),
                           (dict(score_function="softmax"), "score_function"),
-                          (dict(num_experts=6), "6 experts in 4 groups")]:
+                          (dict(num_experts=6), "6 experts in 4 groups"),
+                          (dict(topk_group=5), "topk_group 5 of 4 groups"),
+                          (dict(num_experts_per_tok=5), "num_experts_per_tok 5 from 2 groups of 2"),
+                          (dict(moe_intermediate_size=None), "no moe_intermediate_size")]:
         with pytest.raises(ValueError, match=match):
             LLaDA2ForBlockDiffusion(LLaDA2Config(**{**SIZES, "vocab_size": 300, **option}))
 

@@ -85,13 +85,22 @@ class LLaDA2Config(DiffbatchMDMConfig):
             (self.use_sliding_window, "sliding-window attention"),
             (self.hidden_act != "silu", f"hidden_act {self.hidden_act!r}"),
             (self.score_function != "sigmoid", f"router score_function {self.score_function!r}"),
-            (bool(self.num_experts) and self.num_experts % self.n_group != 0,
-             f"{self.num_experts} experts in {self.n_group} groups"),
         ]
+        if self.num_experts:  # the router's groups must hold the experts it picks
+            per_group = self.num_experts // self.n_group if self.n_group else 0
+            problems += [
+                (not self.n_group or self.num_experts % self.n_group != 0,
+                 f"{self.num_experts} experts in {self.n_group} groups"),
+                (not 0 < self.topk_group <= self.n_group, f"topk_group {self.topk_group} of {self.n_group} groups"),
+                (per_group < 2, "fewer than 2 experts a group (a group scores its two best)"),
+                (not 0 < self.num_experts_per_tok <= self.topk_group * per_group,
+                 f"num_experts_per_tok {self.num_experts_per_tok} from {self.topk_group} groups of {per_group}"),
+                (not self.moe_intermediate_size, "no moe_intermediate_size"),
+            ]
         unsupported = [what for bad, what in problems if bad]
         if unsupported:
-            raise ValueError(f"this LLaDA2 checkpoint uses {', '.join(unsupported)}, which diffbatch does not "
-                             "implement")
+            raise ValueError(f"this LLaDA2 checkpoint's config.json has {', '.join(unsupported)}, which diffbatch "
+                             "does not implement")
 
 
 class LLaDA2Expert(nn.Module):
