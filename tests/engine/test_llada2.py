@@ -24,6 +24,8 @@ from worker.engine.families import LLaDA2Config, LLaDA2ForBlockDiffusion
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
 
+from .aligned_reference import aligned_block_decode, block_causal
+
 BLOCK = 4
 SIZES = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=256, num_experts=8, n_group=4,
@@ -156,11 +158,6 @@ def llada2(tmp_path_factory):
     return load_model(str(folder), trust_remote_code=True), weights, config
 
 
-def block_causal(length: int) -> torch.Tensor:
-    blocks = torch.arange(length) // BLOCK
-    return (blocks[None, :] <= blocks[:, None])[None, None]
-
-
 def test_published_folder_loads_and_computes_llada2s_forward(llada2):
     loaded, weights, config = llada2
     assert type(loaded.model) is LLaDA2ForBlockDiffusion and loaded.family == "llada2"
@@ -172,37 +169,14 @@ def test_published_folder_loads_and_computes_llada2s_forward(llada2):
     try:
         for experts in ("grouped_mm", "eager"):  # the library's kernel and the module's own loop
             loaded.model.set_experts_implementation(experts)
-            for mask in (block_causal(13).expand(2, 1, 13, 13), torch.ones(2, 1, 13, 13, dtype=torch.bool)):
+            for mask in (block_causal(13, BLOCK).expand(2, 1, 13, 13),
+                         torch.ones(2, 1, 13, 13, dtype=torch.bool)):
                 with torch.no_grad():
                     ours = loaded.model(input_ids=ids, attention_mask=mask).logits
                     theirs = oracle_logits(weights, config, ids, mask)
                 assert theirs.abs().max() > 1 and (ours - theirs).abs().max().item() < 1e-4
     finally:
         loaded.model.set_experts_implementation("grouped_mm")
-
-
-def llada2_reference(model, prompt: list[int], gen_length: int, *, mask_token_id: int, threshold: float):
-    """LLaDA2's generate at temperature 0 with one step a token (steps = block length), full
-    recomputation. As diffbatch's samplers, [MASK] itself is never a prediction."""
-    total = -(-(len(prompt) + gen_length) // BLOCK) * BLOCK
-    x = torch.full((1, total), mask_token_id)
-    x[0, : len(prompt)] = torch.tensor(prompt)
-    mask = block_causal(total)
-    commits = 0
-    for block in range(len(prompt) // BLOCK, total // BLOCK):
-        start, end = block * BLOCK, (block + 1) * BLOCK
-        while (x[0, start:end] == mask_token_id).any():
-            logits = model(input_ids=x[:, :end], attention_mask=mask[..., :end, :end],
-                           position_ids=torch.arange(end)[None]).logits[0, start:end].double()
-            logits[:, mask_token_id] = float("-inf")
-            confidence, x0 = logits.softmax(dim=-1).max(dim=-1)
-            confidence[x[0, start:end] != mask_token_id] = float("-inf")
-            chosen = confidence > threshold
-            if not chosen.any():
-                chosen = confidence == confidence.max()
-            x[0, start:end] = torch.where(chosen, x0, x[0, start:end])
-            commits += 1
-    return x[0, len(prompt):].tolist(), commits
 
 
 PROMPT_LENGTHS = (1, 3, 4, 5, 10, 7)  # leads 1, 3, 0, 1, 2, 3; the first two have no whole block
@@ -220,8 +194,8 @@ def test_engine_gives_llada2s_tokens_in_one_mixed_batch(llada2, cache, graphs, m
                                                     threshold=0.2)) for i, p in enumerate(prompts)]
     parallel = False
     for request, result in zip(requests, engine.generate(requests)):
-        expected, _ = llada2_reference(loaded.model, request.prompt_ids, request.params.max_tokens,
-                                       mask_token_id=loaded.mask_token_id, threshold=0.2)
+        expected = aligned_block_decode(loaded.model, request.prompt_ids, request.params.max_tokens, block=BLOCK,
+                                        mask_token_id=loaded.mask_token_id, threshold=0.2)
         assert result.token_ids == expected[: len(result.token_ids)]
         if result.finish_reason == "length":
             assert len(result.token_ids) == request.params.max_tokens

@@ -21,6 +21,8 @@ from worker.engine.families import SDARConfig, SDARForBlockDiffusion
 from worker.engine.loader import load_model
 from worker.engine.params import ContextLengthError, GenerationRequest, Healing, SamplingParams
 
+from .aligned_reference import aligned_block_decode
+
 BLOCK = 4
 SIZES = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
@@ -78,27 +80,6 @@ def test_published_folder_loads_as_qwen3_with_a_block_causal_mask(sdar):
     assert (ours - theirs).abs().max().item() < 1e-5
 
 
-def sdar_reference(model, prompt: list[int], gen_length: int, *, mask_token_id: int) -> list[int]:
-    """SDAR's generate.py, greedy, one token a step ("low_confidence_static", steps = block), full
-    recomputation. As diffbatch's samplers, [MASK] itself is never a prediction."""
-    total = -(-(len(prompt) + gen_length) // BLOCK) * BLOCK
-    x = torch.full((1, total), mask_token_id)
-    x[0, : len(prompt)] = torch.tensor(prompt)
-    blocks = torch.arange(total) // BLOCK
-    mask = (blocks[None, :] <= blocks[:, None])[None, None]
-    for block in range(len(prompt) // BLOCK, total // BLOCK):
-        start, end = block * BLOCK, (block + 1) * BLOCK
-        while (x[0, start:end] == mask_token_id).any():
-            logits = model(input_ids=x[:, :end], attention_mask=mask[..., :end, :end],
-                           position_ids=torch.arange(end)[None]).logits[0, start:end].double()
-            logits[:, mask_token_id] = float("-inf")
-            confidence, x0 = logits.softmax(dim=-1).max(dim=-1)
-            confidence[x[0, start:end] != mask_token_id] = float("-inf")
-            position = start + int(confidence.argmax())
-            x[0, position] = x0[position - start]
-    return x[0, len(prompt):].tolist()
-
-
 PROMPT_LENGTHS = (1, 3, 4, 5, 10, 7)  # leads 1, 3, 0, 1, 2, 3; the first two have no whole block
 
 
@@ -116,8 +97,8 @@ def test_engine_gives_sdar_reference_tokens_in_one_mixed_batch(sdar, cache, grap
                 for i, p in enumerate(prompts)]
     results = engine.generate(requests)
     for request, result in zip(requests, results):
-        expected = sdar_reference(loaded.model, request.prompt_ids, request.params.max_tokens,
-                                  mask_token_id=loaded.mask_token_id)
+        expected = aligned_block_decode(loaded.model, request.prompt_ids, request.params.max_tokens, block=BLOCK,
+                                        mask_token_id=loaded.mask_token_id)
         assert result.token_ids == expected[: len(result.token_ids)]
         if result.finish_reason == "stop":  # the engine stops at EOS, the reference decodes on
             assert expected[len(result.token_ids)] in loaded.eos_token_ids
