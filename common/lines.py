@@ -21,7 +21,7 @@ SAMPLERS = ("reference", "threshold", "factor", "entropy_bound")
 # The DiffusionGemma options also serve its "reference" sampler (model.generate()); whether an option
 # fits the served model's family is the engine's check.
 DIFFUSION_GEMMA_SAMPLERS = ("reference", "entropy_bound")
-SAMPLER_OPTIONS = {"steps": ("reference",), "threshold": ("threshold",), "factor": ("factor",),
+SAMPLER_OPTIONS = {"steps": ("reference", "threshold"), "threshold": ("threshold",), "factor": ("factor",),
                    "max_steps": DIFFUSION_GEMMA_SAMPLERS, "entropy_bound": DIFFUSION_GEMMA_SAMPLERS,
                    "t_min": DIFFUSION_GEMMA_SAMPLERS, "t_max": DIFFUSION_GEMMA_SAMPLERS}
 

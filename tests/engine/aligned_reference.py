@@ -2,8 +2,9 @@
 
 SDAR's ``generate.py`` and LLaDA2's ``generate`` decode alike: blocks cut from position 0 (the
 prompt's last partial block decoded with the first new tokens), the whole sequence recomputed at
-every step under a block-causal mask, greedy. SDAR's static remasking commits the most confident
-masked position a step; LLaDA2's every position above its threshold, at least the most confident.
+every step under a block-causal mask, greedy. SDAR's static remasking commits a fixed count of the
+most confident masked positions a step; LLaDA2's (and SDAR's dynamic) every position above its
+threshold, or that count if they are fewer.
 As diffbatch's samplers, [MASK] itself is never a prediction.
 """
 
@@ -17,22 +18,28 @@ def block_causal(length: int, block: int) -> torch.Tensor:
 
 
 def aligned_block_decode(model, prompt: list[int], gen_length: int, *, block: int, mask_token_id: int,
-                         threshold: float | None = None) -> list[int]:
-    """The new tokens (whole blocks: at least ``gen_length``); ``threshold`` None = one a step."""
+                         threshold: float | None = None, steps: int | None = None) -> list[int]:
+    """The new tokens (whole blocks: at least ``gen_length``). Each step commits the schedule's
+    count (``block / steps``, the remainder to the first steps; one a step by default) of the most
+    confident masked positions, or with a ``threshold`` every position above it if they are more."""
+    steps = steps or block
+    schedule = [block // steps + (s < block % steps) for s in range(steps)]
     total = -(-(len(prompt) + gen_length) // block) * block
     x = torch.full((1, total), mask_token_id)
     x[0, : len(prompt)] = torch.tensor(prompt)
     mask = block_causal(total, block)
     for start in range(len(prompt) // block * block, total, block):
         end = start + block
-        while (x[0, start:end] == mask_token_id).any():
+        for step in range(steps):
+            masked = x[0, start:end] == mask_token_id
+            if not masked.any():
+                break
             logits = model(input_ids=x[:, :end], attention_mask=mask[..., :end, :end],
                            position_ids=torch.arange(end)[None]).logits[0, start:end].double()
             logits[:, mask_token_id] = float("-inf")
             confidence, x0 = logits.softmax(dim=-1).max(dim=-1)
-            confidence[x[0, start:end] != mask_token_id] = float("-inf")
-            chosen = torch.zeros_like(x0, dtype=torch.bool) if threshold is None else confidence > threshold
-            if not chosen.any():
-                chosen[confidence.argmax()] = True
-            x[0, start:end] = torch.where(chosen, x0, x[0, start:end])
+            confidence[~masked] = float("-inf")
+            count = schedule[step] if threshold is None else max(schedule[step], int((confidence > threshold).sum()))
+            chosen = confidence.topk(min(count, int(masked.sum()))).indices
+            x[0, start + chosen] = x0[chosen]
     return x[0, len(prompt):].tolist()

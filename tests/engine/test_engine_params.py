@@ -37,7 +37,7 @@ def test_stop_list_becomes_tuple():
         (dict(seed=2**64), "seed"),
         (dict(seed="1"), "seed"),
         (dict(sampler="greedy"), "diffusion.sampler"),
-        (dict(sampler="threshold", steps=4), "diffusion.steps applies to the reference sampler only"),
+        (dict(sampler="factor", steps=4), "diffusion.steps applies to the reference and threshold samplers only"),
         (dict(sampler="threshold", threshold=0.0), "diffusion.threshold"),
         (dict(sampler="threshold", threshold=1.5), "diffusion.threshold"),
         (dict(sampler="factor", factor=0), "diffusion.factor"),

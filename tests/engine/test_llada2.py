@@ -182,20 +182,22 @@ def test_published_folder_loads_and_computes_llada2s_forward(llada2):
 PROMPT_LENGTHS = (1, 3, 4, 5, 10, 7)  # leads 1, 3, 0, 1, 2, 3; the first two have no whole block
 
 
+@pytest.mark.parametrize("threshold,steps", [(0.2, None), (0.5, 2)])
 @pytest.mark.parametrize("cache,graphs", [("exact", False), ("exact", True), ("none", False)])
-def test_engine_gives_llada2s_tokens_in_one_mixed_batch(llada2, cache, graphs, monkeypatch):
+def test_engine_gives_llada2s_tokens_in_one_mixed_batch(llada2, cache, graphs, threshold, steps, monkeypatch):
     """Prompts of every length mod the block, different max_tokens, continuous batch of 3, the
-    threshold sampler: each row gets the published sampler's tokens, several a pass at times."""
+    threshold sampler (with ``steps``: at least block / steps a step, LLaDA2's rule for fewer steps
+    than the block): each row gets the published sampler's tokens, several a pass at times."""
     loaded, _, _ = llada2
     monkeypatch.setattr(scheduler, "PREFILL_TOKENS", 16)  # and prefill spread over forwards
     engine = Engine(loaded, max_batch_size=3, cache=cache, graphs=graphs)
     prompts = [[(7 + 31 * n + 17 * i) % 250 + 10 for i in range(n)] for n in PROMPT_LENGTHS]
     requests = [GenerationRequest(p, SamplingParams(max_tokens=5 + 3 * i, block_length=BLOCK, sampler="threshold",
-                                                    threshold=0.2)) for i, p in enumerate(prompts)]
+                                                    threshold=threshold, steps=steps)) for i, p in enumerate(prompts)]
     parallel = False
     for request, result in zip(requests, engine.generate(requests)):
         expected = aligned_block_decode(loaded.model, request.prompt_ids, request.params.max_tokens, block=BLOCK,
-                                        mask_token_id=loaded.mask_token_id, threshold=0.2)
+                                        mask_token_id=loaded.mask_token_id, threshold=threshold, steps=steps)
         assert result.token_ids == expected[: len(result.token_ids)]
         if result.finish_reason == "length":
             assert len(result.token_ids) == request.params.max_tokens

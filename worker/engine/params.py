@@ -105,8 +105,8 @@ class SamplingParams:
             raise ValueError(
                 f"diffusion.steps must be an integer in [1, block_length={self.block_length}]"
             )
-        if self.steps is not None and self.sampler != "reference":
-            raise ValueError("diffusion.steps applies to the reference sampler only")
+        if self.steps is not None and self.sampler not in ("reference", "threshold"):
+            raise ValueError("diffusion.steps applies to the reference and threshold samplers only")
         if not _is_number(self.threshold) or not 0 < self.threshold <= 1:
             raise ValueError("diffusion.threshold must be a number in (0, 1]")
         if not _is_number(self.factor) or self.factor <= 0:

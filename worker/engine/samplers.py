@@ -233,7 +233,9 @@ def commit_step(block: torch.Tensor, logits_n: torch.Tensor, slots: torch.Tensor
     if rules.any_parallel:
         parallel = parallel_transfer_count(confidence, mask_index, rules.by_threshold, rules.threshold_t,
                                            rules.factor_t)
-        num_transfer = torch.where(rules.is_reference, num_transfer, parallel)
+        # At least the schedule's count: one a step unless a threshold row names fewer steps (then it
+        # is LLaDA2's and SDAR's dynamic rule, which finishes a block in at most those steps).
+        num_transfer = torch.where(rules.is_reference, num_transfer, torch.maximum(parallel, num_transfer))
     transfer = select_transfer(confidence, mask_index, num_transfer)
     block.copy_(torch.where(transfer, x0, block))
 
