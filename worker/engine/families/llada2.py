@@ -15,10 +15,10 @@ architecture is, read from that modeling code and rewritten here:
   - an untied head, logits read at the masked position (no shift).
 Its sampler (the model's ``generate``) lays blocks from position 0 like SDAR's, so the engine treats
 it as an aligned family (``ALIGNED_FAMILIES`` in loader.py): the prompt's whole blocks are prefilled
-block-causally and its last partial block opens the first decoded block. Its rule at temperature 0
-with one step a token (its default: 32 steps for blocks of 32) is the ``threshold`` sampler:
-commit every masked position whose confidence clears the threshold (0.95 by default), at least the
-most confident one. The attention and dense layers are the built-in model's classes; only the
+block-causally and its last partial block opens the first decoded block. Its rule at temperature 0 is the
+``threshold`` sampler with the same ``steps`` (its default: 32 for blocks of 32): commit every masked
+position whose confidence clears the threshold (0.95 by default), or if they are fewer the
+block / steps most confident ones. The attention and dense layers are the built-in model's classes; only the
 router and experts are new here, the experts on transformers' experts kernels.
 """
 

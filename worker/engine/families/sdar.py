@@ -17,7 +17,7 @@ What the engine must do differently, learnt from SDAR's reference sampler (JetAs
   - the logit for position i is read at position i (no shift);
   - the [MASK] id is the tokenizer's ``<|MASK|>`` (config.json may name it too).
 SDAR's "low_confidence_static" remasking is the ``reference`` sampler, and "low_confidence_dynamic"
-with one step a token is ``threshold``.
+is ``threshold``, each with the same ``steps``.
 """
 
 from __future__ import annotations
