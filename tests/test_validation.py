@@ -57,6 +57,8 @@ CASES = {
     "not an object": (_raw("[1, 2]"), 1, "invalid_json_line", None),
     "prompt longer than the model allows": (_raw(completion_line("a", prompt="x" * 5000)), 1,
                                             "context_length_exceeded", "body.prompt"),
+    "steps with factor": (_raw(completion_line("a", diffusion={"sampler": "factor", "steps": 4})), 1,
+                          "invalid_value", "body.diffusion"),
     "steps beyond block": (_raw(completion_line("a", diffusion={"block_length": 8, "steps": 9})), 1,
                            "invalid_value", "body.diffusion.steps"),
     "template without a hole": (_raw(completion_line("a", diffusion={"template": "x = 1"})), 1,
@@ -134,3 +136,10 @@ def test_non_json_create_body_is_a_400(service):
                                    headers={"content-type": "application/json"})
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_threshold_takes_steps():
+    """LLaDA2's and SDAR's dynamic rule: threshold with fewer steps than the block."""
+    from common.lines import DiffusionOptions
+
+    assert DiffusionOptions(sampler="threshold", threshold=0.95, steps=8, block_length=32).steps == 8
