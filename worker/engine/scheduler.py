@@ -209,8 +209,8 @@ class BlockScheduler(ContinuousScheduler):
                                      first_slot=first_slot, history=history, wanted=wanted)
             step = CapturedCall(lambda: steps(run), self.device)
             passes = steps.run(step)
-            # No wanted mask is left: the step commits nothing and leaves the block's keys and values
-            # cached (a row's positions past its max_tokens may stay [MASK]; it ends with this block).
+            # No wanted mask is left: the step changes no token a row keeps and leaves the block's keys
+            # and values cached (a row's positions past its max_tokens may stay [MASK]; it ends here).
             step()
         else:
             forward, commit = self._step_forward(run, block, key_values, batch.key_valid, positions)

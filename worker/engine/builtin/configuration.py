@@ -23,8 +23,8 @@ class DiffbatchMDMConfig(PretrainedConfig):
     num_key_value_heads: int | None = None  # grouped-query attention; None: one per query head
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
     qk_norm: bool = False  # RMSNorm on each query and key head before rotation (Qwen3, SDAR)
-    qkv_bias: bool = False  # biases on the query/key/value and output projections (LLaDA2's options)
-    o_proj_bias: bool = False
+    qkv_bias: bool = False  # a bias on the fused query/key/value projection (LLaDA2's use_qkv_bias)
+    o_proj_bias: bool = False  # a bias on the attention's output projection (LLaDA2's use_bias)
     partial_rotary_factor: float = 1.0  # the share of each head's dimensions that rotate (LLaDA2: 0.5)
     intermediate_size: int = 176
     max_position_embeddings: int = 2048
