@@ -43,6 +43,9 @@ class Row:
     lead: list[int] = field(default_factory=list)  # prompt tokens that open the first block (layout.lead_length)
     generated: list[int] = field(default_factory=list)  # committed blocks, whole: the lead, then the completion
     passes: int = 0
+    # A shifted block-causal model's next block opens with this token, predicted greedily by the last
+    # position before it (scheduler.py); None for other models and while the lead opens the block.
+    first: int | None = None
 
     @property
     def head(self) -> list[int]:
@@ -157,6 +160,8 @@ class ContinuousScheduler:
             part = fixed[len(row.generated) : len(row.generated) + length]
             if part:
                 canvas[r, : len(part)] = torch.tensor([self.mask_token_id if t is None else t for t in part])
+            elif row.first is not None:
+                canvas[r, 0] = row.first
         return canvas.to(self.device)
 
     def _wanted(self, rows: list[Row], block_length: int) -> torch.Tensor | None:

@@ -70,6 +70,11 @@ class Engine:
         self.full_attention = loaded.family in FULL_ATTENTION_FAMILIES
         self.cache_mode = resolve_cache_mode(cache, full_attention=self.full_attention, kv_cache=kv_cache)
         self.logits_shift = LOGITS_SHIFT.get(loaded.family, 0)
+        # A shifted block-causal model (Fast-dLLM v2) takes each block's first token from the last
+        # position of the clean block before it, which only the exact cache's commit pass computes.
+        shifted_blocks = self.logits_shift and not self.full_attention
+        if shifted_blocks and self.cache_mode != "exact":
+            raise ValueError(f"{loaded.name}: this model family runs with the exact cache only, not {self.cache_mode!r}")
         self.vocab_size = int(loaded.config.vocab_size)
         self.device = next(self.model.parameters()).device
         common = dict(tokenizer=self.tokenizer, mask_token_id=loaded.mask_token_id,
@@ -79,8 +84,9 @@ class Engine:
                       aligned=self.aligned)
         if self.cache_mode in ("exact", "delayed"):  # the block-causal KV cache carries the batch
             self.scheduler = BlockScheduler(self.model, delayed=self.cache_mode == "delayed",
-                                            graphs=self.device.type == "cuda" if graphs is None else graphs,
-                                            **common)
+                                            graphs=(self.device.type == "cuda" if graphs is None else graphs)
+                                            and not shifted_blocks, logits_shift=self.logits_shift,
+                                            sub_block=getattr(loaded.config, "diffbatch_sub_block", None), **common)
         else:  # recomputation and the approximate caches: each round lays the canvases out again
             self.scheduler = CanvasScheduler(self.model, cache_mode=self.cache_mode,
                                              full_attention=self.full_attention, logits_shift=self.logits_shift,
@@ -137,6 +143,9 @@ class Engine:
         template = request.template_ids
         if template is None:
             return
+        if self.logits_shift and not self.full_attention:
+            raise ValueError("diffusion.template is not supported for this model: each block's first token is "
+                             "its previous token's prediction, not a hole's")
         if not isinstance(template, list) or None not in template:
             raise ValueError("diffusion.template must hold at least one hole")
         if not all(t is None or (isinstance(t, int) and 0 <= t < self.vocab_size) for t in template):

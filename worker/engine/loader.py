@@ -18,8 +18,8 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 # Registers the built-in model type with the Auto classes before anything is loaded.
 import worker.engine.builtin  # noqa: F401
 
-# Registers diffbatch's own LLaDA ("llada"), Dream ("Dream"), SDAR ("sdar") and LLaDA2 ("llada2_moe")
-# implementations likewise.
+# Registers diffbatch's own LLaDA ("llada"), Dream ("Dream"), SDAR ("sdar"), LLaDA2 ("llada2_moe") and
+# Fast-dLLM v2 ("Fast_dLLM_Qwen") implementations likewise.
 import worker.engine.families  # noqa: F401
 
 # model_type -> attention family, for checkpoints that do not record `diffbatch_family`.
@@ -30,21 +30,23 @@ FAMILIES_BY_MODEL_TYPE = {
     "Dream": "dream",  # Dream-v0, DiffuCoder: full attention, logits shifted by one
     "sdar": "sdar",  # SDAR: block-causal, blocks aligned from position 0 (families/sdar.py)
     "llada2_moe": "llada2",  # LLaDA2.0: as SDAR, with experts (families/llada2.py)
+    "Fast_dLLM_Qwen": "fast_dllm_v2",  # Fast-dLLM v2: as SDAR, logits shifted by one (families/fast_dllm_v2.py)
 }
 # Families whose every token attends to every token (approximate prefix / dual KV caches).
 FULL_ATTENTION_FAMILIES = ("llada", "dream")
 # Block-causal families whose blocks are aligned from position 0, the prompt included: its whole
 # blocks are prefilled block-causally and its last partial block opens the first decoded block.
 # (The built-in model's prompt is one bidirectional block instead.)
-ALIGNED_FAMILIES = ("sdar", "llada2")
-# Families whose logit for position i is read at position i - LOGITS_SHIFT (AR-initialised models).
-LOGITS_SHIFT = {"dream": 1}
+ALIGNED_FAMILIES = ("sdar", "llada2", "fast_dllm_v2")
+# Families whose logit for position i is read at position i - LOGITS_SHIFT (AR-initialised models). A
+# block-causal one opens each block with the greedy prediction of the position before it (scheduler.py).
+LOGITS_SHIFT = {"dream": 1, "fast_dllm_v2": 1}
 # Model types diffbatch implements itself: their folders' remote code (written for transformers 4)
 # is never run, whatever the caller's trust_remote_code.
-OWN_MODEL_TYPES = ("diffbatch_mdm", "llada", "Dream", "sdar", "llada2_moe")
-# The [MASK] token's spelling in families whose tokenizer does not name it (LLaDA2's sampler takes
-# its id, 156895, as an argument).
-MASK_SPELLING = {"llada2": "<|mask|>"}
+OWN_MODEL_TYPES = ("diffbatch_mdm", "llada", "Dream", "sdar", "llada2_moe", "Fast_dLLM_Qwen")
+# The [MASK] token's spelling in families whose tokenizer does not name it (their samplers take the id
+# as an argument: LLaDA2's 156895, Fast-dLLM v2's 151665).
+MASK_SPELLING = {"llada2": "<|mask|>", "fast_dllm_v2": "|<MASK>|"}
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,

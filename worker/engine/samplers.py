@@ -189,8 +189,11 @@ def parallel_transfer_count(
 class BlockRules:
     """A round's per-row sampling settings as device tensors, made once per block (not per step)."""
 
-    def __init__(self, rows: list, block_length: int, device: torch.device):
+    def __init__(self, rows: list, block_length: int, device: torch.device, sub_block: int | None = None):
         as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+        # Sub-blocks decoded left to right (Fast-dLLM v2): a step chooses among the masked positions
+        # of the first sub-block that has any; None = the whole block.
+        self.sub_block = sub_block if sub_block and sub_block < block_length else None
         self.temperature = [float(p.temperature) for p in rows]
         self.temperature_t = as_tensor(self.temperature, torch.float64)  # (B,)
         use_top_p = any(p.temperature > 0 and p.top_p < 1 for p in rows)
@@ -212,6 +215,13 @@ class BlockRules:
         return not any(t > 0 for t in self.temperature)
 
 
+def in_first_open_sub_block(mask_index: torch.Tensor, sub_block: int) -> torch.Tensor:
+    """(B, K) bool: the positions of each row's first sub-block that still holds a mask."""
+    sub = torch.arange(mask_index.shape[1], device=mask_index.device) // sub_block  # (K,)
+    first_open = sub[mask_index.int().argmax(dim=-1)]  # (B,): the first masked position's sub-block
+    return sub[None, :] == first_open[:, None]
+
+
 def commit_step(block: torch.Tensor, logits_n: torch.Tensor, slots: torch.Tensor, mask_index: torch.Tensor,
                 num_transfer: torch.Tensor, rules: BlockRules, *, mask_token_id: int,
                 denominator: torch.Tensor | None = None, first_allowed: torch.Tensor | None = None,
@@ -230,6 +240,8 @@ def commit_step(block: torch.Tensor, logits_n: torch.Tensor, slots: torch.Tensor
                                     first_column=slots == (0 if first_slot is None else first_slot[:, None]))
     x0 = block.scatter(1, slots, x0_n)  # (B, K); committed positions keep their tokens
     confidence = confidence_n.new_zeros(block.shape).scatter_(1, slots, confidence_n)  # (B, K)
+    if rules.sub_block:
+        mask_index = mask_index & in_first_open_sub_block(mask_index, rules.sub_block)
     if rules.any_parallel:
         parallel = parallel_transfer_count(confidence, mask_index, rules.by_threshold, rules.threshold_t,
                                            rules.factor_t)
@@ -253,6 +265,7 @@ def denoise_block(
     first_slot: torch.Tensor | None = None,
     history: torch.Tensor | None = None,
     wanted: torch.Tensor | None = None,
+    sub_block: int | None = None,
 ) -> list[int]:
     """Denoise x[:, start:end] in place until no row has a mask left where it is ``wanted``.
 
@@ -270,9 +283,10 @@ def denoise_block(
     A row's passes stop once its wanted positions are all committed, and the loop once every row's
     are: later steps would only fill positions it cuts off (while batch-mates still work it may go
     on filling them, which changes nothing it keeps: a committed token never changes).
+    ``sub_block``: decode the block in sub-blocks of this many positions, left to right (BlockRules).
     """
     block_length = end - start
-    rules = BlockRules(rows, block_length, x.device)
+    rules = BlockRules(rows, block_length, x.device, sub_block)
     passes = [0] * len(rows)
     for step in range(block_length):
         block = x[:, start:end]  # (B, K)
@@ -306,10 +320,11 @@ class GreedyBlockSteps:
 
     def __init__(self, block: torch.Tensor, rows: list, *, mask_token_id: int,
                  first_allowed: torch.Tensor | None = None, first_slot: torch.Tensor | None = None,
-                 history: torch.Tensor | None = None, wanted: torch.Tensor | None = None):
+                 history: torch.Tensor | None = None, wanted: torch.Tensor | None = None,
+                 sub_block: int | None = None):
         size, length = block.shape
         self.block, self.mask_token_id = block, mask_token_id  # (B, K), denoised in place
-        self.rules = BlockRules(rows, length, block.device)
+        self.rules = BlockRules(rows, length, block.device, sub_block)
         if not self.rules.greedy:
             raise ValueError("GreedyBlockSteps serves rows at temperature 0 only")
         self.first_allowed, self.first_slot, self.history = first_allowed, first_slot, history

@@ -117,15 +117,21 @@ def _left_pad(tensor: torch.Tensor, length: int, *, dim: int) -> torch.Tensor:
 
 
 class BlockScheduler(ContinuousScheduler):
-    def __init__(self, model, *, delayed: bool = False, graphs: bool = False, **common):
+    def __init__(self, model, *, delayed: bool = False, graphs: bool = False, logits_shift: int = 0,
+                 sub_block: int | None = None, **common):
         """``delayed``: inside the active block, stop recomputing committed positions
         (delayed_cache.py; approximate). Finished blocks are cached exactly either way.
         ``graphs`` (exact cache only): each round's step forward is one static-shape forward,
         captured as a CUDA graph on a CUDA device and replayed at every step (cuda_graph.py).
+        ``logits_shift`` 1 (Fast-dLLM v2, eager exact cache only): a masked position reads the logits
+        of the position before it, and each block opens with the greedy prediction of the last
+        position before it (``Row.first``: from the prefill or the previous block's commit pass).
+        ``sub_block``: decode each block in sub-blocks of this size, left to right (samplers.py).
         ``common``: ContinuousScheduler's arguments."""
         super().__init__(model, **common)
         self.delayed = delayed
         self.graphs = graphs and not delayed
+        self.logits_shift, self.sub_block = logits_shift, sub_block
 
     def _admit(self, batch: RunningBatch | None, waiting: deque, block_length: int) -> RunningBatch:
         rows = [] if batch is None else batch.rows
@@ -161,6 +167,8 @@ class BlockScheduler(ContinuousScheduler):
             output = self.model(input_ids=ids[start:end, -width:], position_ids=span_positions,
                                 attention_mask=self._prompt_mask(span_valid, span_positions, block_length),
                                 use_cache=True, logits_to_keep=1)
+            if self.logits_shift:  # a prompt of whole blocks: its last position predicts the first token
+                self._predict_first(rows[start:end], output.logits[:, -1], first_generated=True)
             if key_values is None:  # with room for every block the rows still have to denoise
                 capacity = longest + max(row.ahead(block_length) for row in rows)
                 key_values = [(k.new_zeros((len(rows), k.shape[1], capacity, k.shape[3])),
@@ -206,7 +214,7 @@ class BlockScheduler(ContinuousScheduler):
         history, wanted = self._history(batch.rows), self._wanted(batch.rows, block_length)
         if self.graphs and all(p.temperature == 0 for p in params):
             steps = GreedyBlockSteps(block, params, mask_token_id=self.mask_token_id, first_allowed=first_allowed,
-                                     first_slot=first_slot, history=history, wanted=wanted)
+                                     first_slot=first_slot, history=history, wanted=wanted, sub_block=self.sub_block)
             step = CapturedCall(lambda: steps(run), self.device)
             passes = steps.run(step)
             # No wanted mask is left: the step changes no token a row keeps and leaves the block's keys
@@ -217,11 +225,13 @@ class BlockScheduler(ContinuousScheduler):
             noise = RowNoise.from_generators([row.generator for row in batch.rows], self.device)
             passes = denoise_block(forward, block, 0, block_length, mask_token_id=self.mask_token_id,
                                    rows=params, noise=noise, first_allowed=first_allowed,
-                                   first_slot=first_slot, history=history, wanted=wanted)
-            commit(block)
+                                   first_slot=first_slot, history=history, wanted=wanted, sub_block=self.sub_block)
+            last = commit(block)
         batch.key_valid = keys
         batch.next_position = batch.next_position + block_length
         self._commit(batch.rows, block, passes)
+        if self.logits_shift:  # the clean block's last position predicts the next block's first token
+            self._predict_first(batch.rows, last[:, -1])
 
     def _step_forward(self, run, block, key_values, key_valid, positions):
         """The eager loop's ``forward(block, slots)`` for this round, and its commit pass."""
@@ -232,5 +242,20 @@ class BlockScheduler(ContinuousScheduler):
             graph = BlockForwardGraph(run, block)
             return graph, graph.commit
         # Logits at the still-masked positions only: the vocabulary projection is ~a fifth of the
-        # built-in model's FLOPs a position, and half the block is filled on average.
-        return (lambda active_block, slots: run(active_block, logits_at=slots)), commit
+        # built-in model's FLOPs a position, and half the block is filled on average. (A shifted
+        # model's are those of the positions before them; a block's first position is never masked,
+        # so a slot 0 is a row's filler, read anywhere.)
+        shift = self.logits_shift
+        return (lambda active_block, slots: run(active_block, logits_at=(slots - shift).clamp(min=0))), commit
+
+    def _predict_first(self, rows: list[Row], logits: torch.Tensor, *, first_generated: bool = False) -> None:
+        """Each row's next block's first token (``Row.first``): the greedy prediction ``logits`` (B, V)
+        of the position before it, as the published sampler takes it; never [MASK], and the first
+        generated token obeys token healing. Rows whose lead still opens the next block take none."""
+        logits = logits.clone()
+        logits[:, self.mask_token_id] = float("-inf")
+        allowed = self._first_token(rows)[0] if first_generated else None
+        if allowed is not None:
+            logits.masked_fill_(~allowed, float("-inf"))
+        for row, token in zip(rows, logits.argmax(dim=-1).tolist()):
+            row.first = None if len(row.lead) > len(row.generated) else token
