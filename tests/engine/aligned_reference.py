@@ -11,6 +11,16 @@ As diffbatch's samplers, [MASK] itself is never a prediction.
 import torch
 
 
+def assert_row_matches(result, request, expected: list[int], eos_token_ids) -> None:
+    """The engine's row is the oracle's tokens up to where it stopped: its max_tokens, or an EOS
+    (where the engine stops at the block's end and the oracle decodes on)."""
+    assert result.token_ids == expected[: len(result.token_ids)]
+    if result.finish_reason == "length":
+        assert len(result.token_ids) == request.params.max_tokens
+    else:
+        assert expected[len(result.token_ids)] in eos_token_ids
+
+
 def block_causal(length: int, block: int) -> torch.Tensor:
     """(1, 1, L, L) bool: position i sees j when j's block is not after i's."""
     blocks = torch.arange(length) // block

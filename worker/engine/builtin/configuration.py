@@ -59,6 +59,18 @@ class DiffbatchMDMConfig(PretrainedConfig):
                              "must be even and not empty for rotary position embeddings")
         super().__post_init__(**kwargs)
 
+    def refuse_unsupported(self, checkpoint: str, problems: list[tuple[bool, str]]) -> None:
+        """Raise naming every option of this checkpoint's config.json that diffbatch does not implement:
+        ``problems`` (set, what) plus those of the Qwen-style config keys the published families share."""
+        scaling, activation = getattr(self, "rope_scaling", None), getattr(self, "hidden_act", "silu")
+        problems = [(scaling is not None, f"rope scaling {scaling!r}"),
+                    (getattr(self, "use_sliding_window", False), "sliding-window attention"),
+                    (activation != "silu", f"hidden_act {activation!r}"), *problems]
+        unsupported = [what for bad, what in problems if bad]
+        if unsupported:
+            raise ValueError(f"this {checkpoint} checkpoint's config.json has {', '.join(unsupported)}, which "
+                             "diffbatch does not implement")
+
     @property
     def rotary_dim(self) -> int:
         """How many of each head's dimensions rotate (a property: not saved in config.json)."""

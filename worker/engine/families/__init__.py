@@ -40,5 +40,6 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["DreamConfig", "DreamForMaskedDiffusion", "FastDLLMv2Config", "FastDLLMv2ForBlockDiffusion", "LLaDA2Config", "LLaDA2ForBlockDiffusion", "LLaDAConfig",
+__all__ = ["DreamConfig", "DreamForMaskedDiffusion", "FastDLLMv2Config", "FastDLLMv2ForBlockDiffusion",
+           "LLaDA2Config", "LLaDA2ForBlockDiffusion", "LLaDAConfig",
            "LLaDAForMaskedDiffusion", "SDARConfig", "SDARForBlockDiffusion"]

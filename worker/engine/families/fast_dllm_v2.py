@@ -56,17 +56,9 @@ class FastDLLMv2Config(DiffbatchMDMConfig):
         super().__post_init__(**kwargs)
 
     def check_supported(self) -> None:
-        problems = [
-            (self.rope_scaling is not None, f"rope scaling {self.rope_scaling!r}"),
-            (self.use_sliding_window, "sliding-window attention"),
-            (self.hidden_act != "silu", f"hidden_act {self.hidden_act!r}"),
+        self.refuse_unsupported("Fast-dLLM v2", [
             (self.bd_size % self.diffbatch_sub_block != 0,
-             f"bd_size {self.bd_size} not a multiple of the sub-block {self.diffbatch_sub_block}"),
-        ]
-        unsupported = [what for bad, what in problems if bad]
-        if unsupported:
-            raise ValueError(f"this Fast-dLLM v2 checkpoint's config.json has {', '.join(unsupported)}, which "
-                             "diffbatch does not implement")
+             f"bd_size {self.bd_size} not a multiple of the sub-block {self.diffbatch_sub_block}")])
 
 
 class FastDLLMv2ForBlockDiffusion(DiffbatchMDMForMaskedDiffusion):

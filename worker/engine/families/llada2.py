@@ -80,12 +80,7 @@ class LLaDA2Config(DiffbatchMDMConfig):
         super().__post_init__(**kwargs)
 
     def check_supported(self) -> None:
-        problems = [
-            (self.rope_scaling is not None, f"rope scaling {self.rope_scaling!r}"),
-            (self.use_sliding_window, "sliding-window attention"),
-            (self.hidden_act != "silu", f"hidden_act {self.hidden_act!r}"),
-            (self.score_function != "sigmoid", f"router score_function {self.score_function!r}"),
-        ]
+        problems = [(self.score_function != "sigmoid", f"router score_function {self.score_function!r}")]
         if self.num_experts:  # the router's groups must hold the experts it picks
             per_group = self.num_experts // self.n_group if self.n_group else 0
             problems += [
@@ -97,10 +92,7 @@ class LLaDA2Config(DiffbatchMDMConfig):
                  f"num_experts_per_tok {self.num_experts_per_tok} from {self.topk_group} groups of {per_group}"),
                 (not self.moe_intermediate_size, "no moe_intermediate_size"),
             ]
-        unsupported = [what for bad, what in problems if bad]
-        if unsupported:
-            raise ValueError(f"this LLaDA2 checkpoint's config.json has {', '.join(unsupported)}, which diffbatch "
-                             "does not implement")
+        self.refuse_unsupported("LLaDA2", problems)
 
 
 class LLaDA2Expert(nn.Module):

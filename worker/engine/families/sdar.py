@@ -60,16 +60,8 @@ class SDARConfig(DiffbatchMDMConfig):
         super().__post_init__(**kwargs)
 
     def check_supported(self) -> None:
-        problems = [
-            (self.rope_scaling is not None, f"rope scaling {self.rope_scaling!r}"),
-            (self.use_sliding_window, "sliding-window attention"),
-            (self.attention_bias, "attention bias"),
-            (self.hidden_act != "silu", f"hidden_act {self.hidden_act!r}"),
-            (not self.qk_norm, "no query/key norm"),
-        ]
-        unsupported = [what for bad, what in problems if bad]
-        if unsupported:
-            raise ValueError(f"this SDAR checkpoint uses {', '.join(unsupported)}, which diffbatch does not implement")
+        self.refuse_unsupported("SDAR", [(self.attention_bias, "attention bias"),
+                                         (not self.qk_norm, "no query/key norm")])
 
 
 class SDARForBlockDiffusion(DiffbatchMDMForMaskedDiffusion):
