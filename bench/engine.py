@@ -2,7 +2,7 @@
 
     python bench/engine.py [--device cpu|cuda] [--new-tokens 256] [--batches 1,8,32,64] [--prompts 64]
                            [--samplers "threshold 0.9,factor 1.0"] [--caches exact,graph,delayed]
-                           [--random-shape 2048x24x16 [--family sdar|llada2]]
+                           [--random-shape 2048x24x16 [--family sdar|llada2|fast_dllm_v2]]
 
 Prints tokens/s and ratios for, at each batch size:
   - the reference sampler (LLaDA, one token a pass) with full recomputation: the published baseline;
@@ -16,7 +16,8 @@ Prints tokens/s and ratios for, at each batch size:
   - an autoregressive Llama of the same width and depth decoding with its KV cache
     (transformers' generate, greedy, exactly --new-tokens tokens); for an SDAR model, a Qwen3 of
     its shape (the architecture SDAR was trained from), for a LLaDA2 model a GLM-4.5-style mixture
-    of experts of its shape (the same router, shared expert and partial rotation);
+    of experts of its shape (the same router, shared expert and partial rotation), for Fast-dLLM v2
+    a Qwen2 of its shape (its own architecture);
 and, per engine mode, forward passes per token, achieved FLOP/s as a share of this machine's
 measured matmul peak, and peak memory (CUDA: allocated bytes; CPU: process RSS high-water mark).
 The model is the built-in trained one (`--model PATH` for another); the parallel samplers run at
@@ -27,7 +28,8 @@ With `--family sdar` those weights are SDAR's architecture instead (Qwen3: half 
 heads as query heads, q/k norm, untied head; blocks aligned from position 0, trained block 4), and
 with `--family llada2` LLaDA2's (LLaDA2.0-mini's proportions: a quarter as many key/value heads, 256
 experts of a quarter of the hidden width, 8 chosen in the 4 best of 8 groups, one shared expert, the
-first layer dense; block 32).
+first layer dense; block 32), and with `--family fast_dllm_v2` Fast-dLLM v2's (Qwen2: a quarter as
+many key/value heads, q/k/v biases; block 32, each block opened autoregressively, sub-blocks of 8).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ from worker.engine import cuda_graph
 from worker.engine.builtin import DiffbatchMDMForMaskedDiffusion
 from worker.engine.builtin.create import config_for
 from worker.engine.engine import Engine
-from worker.engine.families import LLaDA2Config, LLaDA2ForBlockDiffusion, SDARConfig, SDARForBlockDiffusion
+from worker.engine.families import (FastDLLMv2Config, FastDLLMv2ForBlockDiffusion, LLaDA2Config,
+                                    LLaDA2ForBlockDiffusion, SDARConfig, SDARForBlockDiffusion)
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
 
@@ -133,7 +136,7 @@ def time_graph_rounds() -> dict:
 
 
 def with_random_weights(loaded, shape: str, device: str, family: str = "block_causal"):
-    """The built-in architecture (or SDAR's, or LLaDA2's) at HIDDENxLAYERSxHEADS (MLP width 8/3 hidden,
+    """The built-in architecture (or SDAR's, LLaDA2's or Fast-dLLM v2's) at HIDDENxLAYERSxHEADS (MLP width 8/3 hidden,
     rounded to 64), random weights built on the device in the loaded model's dtype; tokenizer and special ids
     unchanged."""
     hidden, layers, heads = (int(v) for v in shape.lower().split("x"))
@@ -149,6 +152,9 @@ def with_random_weights(loaded, shape: str, device: str, family: str = "block_ca
                               num_experts_per_tok=8, n_group=8, topk_group=4, moe_intermediate_size=hidden // 4,
                               num_shared_experts=1, first_k_dense_replace=1, use_bias=False, **special)
         model_class, family_name = LLaDA2ForBlockDiffusion, "llada2"
+    elif family == "fast_dllm_v2":
+        config = FastDLLMv2Config(**sizes, num_key_value_heads=max(1, heads // 4), head_dim=hidden // heads, **special)
+        model_class, family_name = FastDLLMv2ForBlockDiffusion, "fast_dllm_v2"
     elif family == "sdar":
         config = SDARConfig(**sizes, num_key_value_heads=max(1, heads // 2), head_dim=hidden // heads, **special)
         model_class, family_name = SDARForBlockDiffusion, "sdar"
@@ -212,9 +218,10 @@ def run_engine(loaded, device, batch, prompts, new_tokens, options, cache, count
 
 def run_autoregressive(config, device, dtype, batch, prompts, new_tokens, tokenizer) -> dict:
     """A Llama of the same width and depth (a Qwen3 of the same shape for SDAR, a GLM-4.5-style
-    mixture of experts for LLaDA2), random weights, greedy, KV cache: tokens/s only."""
-    from transformers import (Glm4MoeConfig, Glm4MoeForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM)
+    mixture of experts for LLaDA2, a Qwen2 for Fast-dLLM v2), random weights, greedy, KV cache:
+    tokens/s only."""
+    from transformers import (Glm4MoeConfig, Glm4MoeForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     shape = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
                  intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
@@ -230,6 +237,9 @@ def run_autoregressive(config, device, dtype, batch, prompts, new_tokens, tokeni
             moe_intermediate_size=config.moe_intermediate_size, n_shared_experts=config.num_shared_experts,
             routed_scaling_factor=config.routed_scaling_factor, first_k_dense_replace=config.first_k_dense_replace,
             num_mtp_layers=0))
+    elif isinstance(config, FastDLLMv2Config):
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, num_key_value_heads=config.num_key_value_heads,
+                                             tie_word_embeddings=False))
     elif isinstance(config, SDARConfig):
         model = Qwen3ForCausalLM(Qwen3Config(**shape, num_key_value_heads=config.num_key_value_heads,
                                              head_dim=config.head_dim, tie_word_embeddings=False))
@@ -278,8 +288,9 @@ def main(argv: list[str]) -> int:
                         "the trained block, 32, then the model's default block if it differs)")
     parser.add_argument("--random-shape", help="HIDDENxLAYERSxHEADS: random weights of the built-in "
                         "architecture at this shape instead of the checkpoint's (speed only)")
-    parser.add_argument("--family", default="block_causal", choices=["block_causal", "sdar", "llada2"],
-                        help="with --random-shape: the built-in architecture, SDAR's or LLaDA2's")
+    parser.add_argument("--family", default="block_causal",
+                        choices=["block_causal", "sdar", "llada2", "fast_dllm_v2"],
+                        help="with --random-shape: the built-in architecture, SDAR's, LLaDA2's or Fast-dLLM v2's")
     args = parser.parse_args(argv[1:])
     path = args.model or str(Settings().model_path)
     loaded = load_model(path, device=args.device, dtype=args.dtype)
@@ -290,6 +301,11 @@ def main(argv: list[str]) -> int:
     counter = count_flops(loaded.model)
     rounds = time_graph_rounds()
     default_block = Engine(loaded).default_block_length
+    try:
+        Engine(loaded, cache="none")
+    except ValueError as error:  # Fast-dLLM v2: its blocks open from the exact cache's commit pass
+        print(f"no recompute baseline: {error}")
+        args.recompute_up_to = 0
     blocks = tuple(int(b) for b in args.block_lengths.split(",")) if args.block_lengths else tuple(
         dict.fromkeys([32, default_block]))
     peak, size = matmul_peak(args.device, dtype)
