@@ -120,12 +120,13 @@ def fast_dllm_v2_decode(model, prompt: list[int], gen_length: int, *, mask_token
 PROMPT_LENGTHS = (3, 8, 11, 16, 7)  # a lead with no whole block, whole blocks (AR-opened), leads after blocks
 
 
-def test_engine_gives_fast_dllm_v2s_tokens_in_one_mixed_batch(fast_dllm):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_engine_gives_fast_dllm_v2s_tokens_in_one_mixed_batch(fast_dllm, graphs):
     """Prompts that fill whole blocks (the first token autoregressive) and that end inside one,
-    different max_tokens, in one continuous batch of 3: each row gets the published sampler's
-    tokens, several a pass at times."""
+    different max_tokens, in one continuous batch of 3, eager steps or the CUDA-graph protocol: each
+    row gets the published sampler's tokens, several a pass at times."""
     loaded, _ = fast_dllm
-    engine = Engine(loaded, max_batch_size=3)
+    engine = Engine(loaded, max_batch_size=3, graphs=graphs)
     assert engine.default_block_length == BLOCK
     prompts = [[(7 + 31 * n + 17 * i) % 250 + 10 for i in range(n)] for n in PROMPT_LENGTHS]
     requests = [GenerationRequest(p, SamplingParams(max_tokens=9 + 4 * i, block_length=BLOCK, sampler="threshold",

@@ -84,8 +84,8 @@ class Engine:
                       aligned=self.aligned)
         if self.cache_mode in ("exact", "delayed"):  # the block-causal KV cache carries the batch
             self.scheduler = BlockScheduler(self.model, delayed=self.cache_mode == "delayed",
-                                            graphs=(self.device.type == "cuda" if graphs is None else graphs)
-                                            and not shifted_blocks, logits_shift=self.logits_shift,
+                                            graphs=self.device.type == "cuda" if graphs is None else graphs,
+                                            logits_shift=self.logits_shift,
                                             sub_block=getattr(loaded.config, "diffbatch_sub_block", None), **common)
         else:  # recomputation and the approximate caches: each round lays the canvases out again
             self.scheduler = CanvasScheduler(self.model, cache_mode=self.cache_mode,

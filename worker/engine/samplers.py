@@ -321,7 +321,7 @@ class GreedyBlockSteps:
     def __init__(self, block: torch.Tensor, rows: list, *, mask_token_id: int,
                  first_allowed: torch.Tensor | None = None, first_slot: torch.Tensor | None = None,
                  history: torch.Tensor | None = None, wanted: torch.Tensor | None = None,
-                 sub_block: int | None = None):
+                 sub_block: int | None = None, logits_shift: int = 0):
         size, length = block.shape
         self.block, self.mask_token_id = block, mask_token_id  # (B, K), denoised in place
         self.rules = BlockRules(rows, length, block.device, sub_block)
@@ -329,6 +329,10 @@ class GreedyBlockSteps:
             raise ValueError("GreedyBlockSteps serves rows at temperature 0 only")
         self.first_allowed, self.first_slot, self.history = first_allowed, first_slot, history
         self.wanted = wanted  # (B, K) bool or None, as denoise_block's
+        # A shifted model (Fast-dLLM v2) reads a position's logits one position back; the last
+        # position's own logits (B, V) are kept for the next block's first token (scheduler.py).
+        self.logits_shift = logits_shift
+        self.last_logits: torch.Tensor | None = None
         self.slots = torch.arange(length, device=block.device).expand(size, length)  # every position
         self.step = torch.zeros((size, 1), dtype=torch.long, device=block.device)
         self.passes = torch.zeros(size, dtype=torch.long, device=block.device)
@@ -340,6 +344,9 @@ class GreedyBlockSteps:
         mask_index = self.block == self.mask_token_id  # (B, K)
         working = self._left(mask_index).any(dim=-1)  # (B,)
         logits = forward_block(self.block)
+        if self.logits_shift:  # a block's first position is never masked: its row is a filler
+            self.last_logits = logits[:, -1]
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         last = self.rules.schedule_t.shape[1] - 1  # past a row's steps its schedule is 0 anyway
         num_transfer = self.rules.schedule_t.gather(1, self.step.clamp(max=last)).squeeze(1)  # (B,)
         commit_step(self.block, logits, self.slots, mask_index, num_transfer, self.rules,

@@ -123,7 +123,7 @@ class BlockScheduler(ContinuousScheduler):
         (delayed_cache.py; approximate). Finished blocks are cached exactly either way.
         ``graphs`` (exact cache only): each round's step forward is one static-shape forward,
         captured as a CUDA graph on a CUDA device and replayed at every step (cuda_graph.py).
-        ``logits_shift`` 1 (Fast-dLLM v2, eager exact cache only): a masked position reads the logits
+        ``logits_shift`` 1 (Fast-dLLM v2, exact cache only): a masked position reads the logits
         of the position before it, and each block opens with the greedy prediction of the last
         position before it (``Row.first``: from the prefill or the previous block's commit pass).
         ``sub_block``: decode each block in sub-blocks of this size, left to right (samplers.py).
@@ -214,24 +214,26 @@ class BlockScheduler(ContinuousScheduler):
         history, wanted = self._history(batch.rows), self._wanted(batch.rows, block_length)
         if self.graphs and all(p.temperature == 0 for p in params):
             steps = GreedyBlockSteps(block, params, mask_token_id=self.mask_token_id, first_allowed=first_allowed,
-                                     first_slot=first_slot, history=history, wanted=wanted, sub_block=self.sub_block)
+                                     first_slot=first_slot, history=history, wanted=wanted, sub_block=self.sub_block,
+                                     logits_shift=self.logits_shift)
             step = CapturedCall(lambda: steps(run), self.device)
             passes = steps.run(step)
             # No wanted mask is left: the step changes no token a row keeps and leaves the block's keys
             # and values cached (a row's positions past its max_tokens may stay [MASK]; it ends here).
             step()
+            last = steps.last_logits
         else:
             forward, commit = self._step_forward(run, block, key_values, batch.key_valid, positions)
             noise = RowNoise.from_generators([row.generator for row in batch.rows], self.device)
             passes = denoise_block(forward, block, 0, block_length, mask_token_id=self.mask_token_id,
                                    rows=params, noise=noise, first_allowed=first_allowed,
                                    first_slot=first_slot, history=history, wanted=wanted, sub_block=self.sub_block)
-            last = commit(block)
+            last = commit(block)[:, -1]
         batch.key_valid = keys
         batch.next_position = batch.next_position + block_length
         self._commit(batch.rows, block, passes)
         if self.logits_shift:  # the clean block's last position predicts the next block's first token
-            self._predict_first(batch.rows, last[:, -1])
+            self._predict_first(batch.rows, last)
 
     def _step_forward(self, run, block, key_values, key_valid, positions):
         """The eager loop's ``forward(block, slots)`` for this round, and its commit pass."""
