@@ -140,6 +140,17 @@ def test_engine_gives_fast_dllm_v2s_tokens_in_one_mixed_batch(fast_dllm, graphs)
     assert parallel
 
 
+def test_sampling_rows_get_the_same_tokens_with_the_graph_protocol(fast_dllm):
+    """Rows that sample step eagerly under the graph setting (only greedy steps are captured for a
+    shifted model), so their tokens and passes do not change with it."""
+    loaded, _ = fast_dllm
+    prompts = [[(3 + 11 * n + 7 * i) % 250 + 10 for i in range(n)] for n in PROMPT_LENGTHS]
+    requests = [GenerationRequest(p, SamplingParams(max_tokens=12, block_length=BLOCK, temperature=0.8, seed=i,
+                                                    sampler="threshold", threshold=0.3)) for i, p in enumerate(prompts)]
+    eager, graphed = (Engine(loaded, max_batch_size=3, graphs=graphs).generate(requests) for graphs in (False, True))
+    assert [(r.token_ids, r.forward_passes) for r in eager] == [(r.token_ids, r.forward_passes) for r in graphed]
+
+
 @pytest.mark.parametrize("length", [16, 6])  # the first token autoregressive, or denoised after a lead
 def test_token_healing_binds_the_first_generated_token(fast_dllm, length):
     loaded, _ = fast_dllm

@@ -221,26 +221,26 @@ class BlockScheduler(ContinuousScheduler):
             # No wanted mask is left: the step changes no token a row keeps and leaves the block's keys
             # and values cached (a row's positions past its max_tokens may stay [MASK]; it ends here).
             step()
-            last = steps.last_logits
+            last = None if steps.last_logits is None else steps.last_logits[:, None]
         else:
             forward, commit = self._step_forward(run, block, key_values, batch.key_valid, positions)
             noise = RowNoise.from_generators([row.generator for row in batch.rows], self.device)
             passes = denoise_block(forward, block, 0, block_length, mask_token_id=self.mask_token_id,
                                    rows=params, noise=noise, first_allowed=first_allowed,
                                    first_slot=first_slot, history=history, wanted=wanted, sub_block=self.sub_block)
-            last = commit(block)[:, -1]
+            last = commit(block)  # (B, 1, V), or None from a captured commit pass
         batch.key_valid = keys
         batch.next_position = batch.next_position + block_length
         self._commit(batch.rows, block, passes)
         if self.logits_shift:  # the clean block's last position predicts the next block's first token
-            self._predict_first(batch.rows, last)
+            self._predict_first(batch.rows, last[:, -1])
 
     def _step_forward(self, run, block, key_values, key_valid, positions):
         """The eager loop's ``forward(block, slots)`` for this round, and its commit pass."""
         commit = lambda clean: run(clean, logits_to_keep=1)  # noqa: E731
         if self.delayed:
             return DelayedBlockForward(self.model, key_values, key_valid, positions, self.mask_token_id), commit
-        if self.graphs:  # rows that sample: the forward alone is captured
+        if self.graphs and not self.logits_shift:  # rows that sample: the forward alone is captured
             graph = BlockForwardGraph(run, block)
             return graph, graph.commit
         # Logits at the still-masked positions only: the vocabulary projection is ~a fifth of the
