@@ -29,6 +29,11 @@ class DiffbatchMDMConfig(PretrainedConfig):
     intermediate_size: int = 176
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
+    # Keys of the published families' config.json that diffbatch implements only at these values
+    # (refuse_unsupported): rotary scaling, sliding-window attention, another activation.
+    rope_scaling: dict | None = None
+    use_sliding_window: bool = False
+    hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     block_length: int = 32
@@ -42,6 +47,9 @@ class DiffbatchMDMConfig(PretrainedConfig):
     diffbatch_name: str | None = None
 
     def __post_init__(self, **kwargs):
+        # Published config.json files name the attention their remote code ran (SDAR's
+        # "flex_attention"); diffbatch's classes run their own (torch's scaled_dot_product_attention).
+        kwargs.pop("attn_implementation", None)
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads != 0:
                 raise ValueError(
@@ -62,10 +70,9 @@ class DiffbatchMDMConfig(PretrainedConfig):
     def refuse_unsupported(self, checkpoint: str, problems: list[tuple[bool, str]]) -> None:
         """Raise naming every option of this checkpoint's config.json that diffbatch does not implement:
         ``problems`` (set, what) plus those of the Qwen-style config keys the published families share."""
-        scaling, activation = getattr(self, "rope_scaling", None), getattr(self, "hidden_act", "silu")
-        problems = [(scaling is not None, f"rope scaling {scaling!r}"),
-                    (getattr(self, "use_sliding_window", False), "sliding-window attention"),
-                    (activation != "silu", f"hidden_act {activation!r}"), *problems]
+        problems = [(self.rope_scaling is not None, f"rope scaling {self.rope_scaling!r}"),
+                    (self.use_sliding_window, "sliding-window attention"),
+                    (self.hidden_act != "silu", f"hidden_act {self.hidden_act!r}"), *problems]
         unsupported = [what for bad, what in problems if bad]
         if unsupported:
             raise ValueError(f"this {checkpoint} checkpoint's config.json has {', '.join(unsupported)}, which "

@@ -39,10 +39,7 @@ class FastDLLMv2Config(DiffbatchMDMConfig):
     num_key_value_heads: int | None = 4
     max_position_embeddings: int = 32768
     rope_theta: float = 1000000.0
-    rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-6
-    hidden_act: str = "silu"
-    use_sliding_window: bool = False
     tie_word_embeddings: bool = False
     qkv_bias: bool = True
     bd_size: int = 32
@@ -52,7 +49,6 @@ class FastDLLMv2Config(DiffbatchMDMConfig):
 
     def __post_init__(self, **kwargs):
         self.block_length = self.bd_size
-        kwargs.pop("attn_implementation", None)  # diffbatch runs its own attention (SDPA)
         super().__post_init__(**kwargs)
 
     def check_supported(self) -> None:

@@ -48,7 +48,6 @@ class LLaDA2Config(DiffbatchMDMConfig):
     num_attention_heads: int = 16
     num_key_value_heads: int | None = 0  # 0: one per query head
     head_dim: int | None = None
-    hidden_act: str = "silu"
     use_qkv_bias: bool = False
     use_qk_norm: bool = True
     use_bias: bool = True
@@ -56,8 +55,6 @@ class LLaDA2Config(DiffbatchMDMConfig):
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 16384
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
-    use_sliding_window: bool = False
     partial_rotary_factor: float = 0.5
     num_experts: int | None = 16
     num_shared_experts: int | None = 0
@@ -76,7 +73,6 @@ class LLaDA2Config(DiffbatchMDMConfig):
     def __post_init__(self, **kwargs):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.qk_norm, self.qkv_bias, self.o_proj_bias = self.use_qk_norm, self.use_qkv_bias, self.use_bias
-        kwargs.pop("attn_implementation", None)  # diffbatch runs its own attention (SDPA)
         super().__post_init__(**kwargs)
 
     def check_supported(self) -> None:

@@ -42,11 +42,8 @@ class SDARConfig(DiffbatchMDMConfig):
     qk_norm: bool = True
     max_position_embeddings: int = 32768
     rope_theta: float = 1000000.0
-    rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-6
-    hidden_act: str = "silu"
     attention_bias: bool = False
-    use_sliding_window: bool = False
     tie_word_embeddings: bool = False
     block_size: int = 4
     mask_token_id: int | None = None
@@ -54,9 +51,6 @@ class SDARConfig(DiffbatchMDMConfig):
 
     def __post_init__(self, **kwargs):
         self.block_length = self.block_size
-        # The published config.json names "flex_attention", which its remote code used for training;
-        # diffbatch's classes run their own attention (torch's scaled_dot_product_attention).
-        kwargs.pop("attn_implementation", None)
         super().__post_init__(**kwargs)
 
     def check_supported(self) -> None:
