@@ -158,18 +158,38 @@ def test_the_token_budget_caps_the_rows_of_a_pass(loaded, kv_cache, max_tokens, 
     assert [r.token_ids for r in results] == [r.token_ids for r in free.generate(requests)]
 
 
-def test_eos_cuts_output_and_stops_early(loaded):
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-protocol"])
+@pytest.mark.parametrize("kv_cache", [True, False], ids=["kv-cache", "canvas-recompute"])
+def test_eos_cuts_output_and_stops_the_row_within_its_block(loaded, kv_cache, graphs):
+    """An EOS ends the row at the block boundary, and within the block its passes stop once every
+    position before the EOS is committed: the same tokens as a model whose EOS ends nothing, in fewer
+    passes than the block."""
     prompt = loaded.tokenizer("eos please")["input_ids"]
     wrapped = dataclasses.replace(
         loaded, model=EosAtPosition(loaded.model, loaded.eos_token_id, len(prompt) + 5)
     )
-    engine = Engine(wrapped)
-    result = engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=128))])[0]
+    request = [GenerationRequest(prompt, SamplingParams(max_tokens=128, block_length=32))]
+    result = Engine(wrapped, kv_cache=kv_cache, graphs=graphs and kv_cache).generate(request)[0]
     assert len(result.token_ids) == 5
     assert loaded.eos_token_id not in result.token_ids
     assert result.finish_reason == "stop"
     assert result.completion_tokens == 5
-    assert result.forward_passes == 32  # stopped after the first of four blocks
+
+    endless = dataclasses.replace(wrapped, eos_token_ids=(loaded.pad_token_id,))
+    full = Engine(endless, kv_cache=kv_cache).generate(
+        [GenerationRequest(prompt, SamplingParams(max_tokens=32, block_length=32))])[0]
+    assert full.token_ids[:6] == [*result.token_ids, loaded.eos_token_id]
+    assert full.forward_passes == 32  # one token a pass: the whole block
+    # The EOS (certain) is committed first, then the five before it, among the block's other masks.
+    assert 6 <= result.forward_passes < 32
+
+    # A batch-mate whose prompt covers that position decodes on, and each row gets its tokens alone.
+    mate = GenerationRequest(loaded.tokenizer("a longer prompt that has no eos")["input_ids"],
+                             SamplingParams(max_tokens=40, block_length=32))
+    batched = Engine(wrapped, kv_cache=kv_cache, graphs=graphs and kv_cache).generate([*request, mate])
+    alone = Engine(wrapped, kv_cache=kv_cache).generate([mate])[0]
+    assert [r.token_ids for r in batched] == [result.token_ids, alone.token_ids]
+    assert len(alone.token_ids) == 40 and batched[0].forward_passes == result.forward_passes
 
 
 @pytest.mark.parametrize("kv_cache", [True, False], ids=["kv-cache", "canvas-recompute"])
@@ -182,7 +202,7 @@ def test_any_end_token_ends_the_completion(loaded, kv_cache):
                                   eos_token_ids=(loaded.eos_token_id, turn_end))
     result = Engine(wrapped, kv_cache=kv_cache).generate([GenerationRequest(prompt, SamplingParams(max_tokens=96))])[0]
     assert len(result.token_ids) == 3 and result.finish_reason == "stop"
-    assert result.forward_passes == 32  # no block after the one that ended
+    assert result.forward_passes < 32  # stopped within the block that ended, as at an eos_token_id
 
 
 def test_the_loader_reads_every_end_token(tiny_path, tmp_path):

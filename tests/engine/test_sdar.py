@@ -116,6 +116,20 @@ def test_token_healing_binds_the_first_token_after_the_lead(sdar):
     assert len(prompt) % BLOCK and engine.generate([healed])[0].token_ids[0] in allowed
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-protocol"])
+def test_an_end_token_in_the_lead_ends_nothing(sdar, graphs):
+    """A chat prompt's turn end (an EOS id) that falls in the lead, the prompt's part of the first
+    decoded block, is prompt text: the row decodes on to the reference's tokens."""
+    loaded, _ = sdar
+    engine = Engine(loaded, max_batch_size=2, graphs=graphs)
+    prompt = [40, 50, 60, 70, loaded.eos_token_id, 90]  # one whole block, then a lead of 2
+    request = GenerationRequest(prompt, SamplingParams(max_tokens=6, block_length=BLOCK))
+    result = engine.generate([request])[0]
+    expected = aligned_block_decode(loaded.model, prompt, 6, block=BLOCK, mask_token_id=loaded.mask_token_id)
+    assert_row_matches(result, request, expected, loaded.eos_token_ids)
+    assert loaded.mask_token_id not in result.token_ids and len(result.token_ids) > 0
+
+
 def test_default_block_is_the_trained_one_and_context_counts_aligned_blocks(sdar):
     loaded, _ = sdar
     engine = Engine(loaded)

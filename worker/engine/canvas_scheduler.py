@@ -60,5 +60,5 @@ class CanvasScheduler(ContinuousScheduler):
                                rows=[row.request.params for row in rows],
                                noise=RowNoise.from_generators([row.generator for row in rows], self.device),
                                first_allowed=first_allowed, first_slot=first_slot, history=self._history(rows),
-                               wanted=self._wanted(rows, block_length))
+                               kept=self._kept(rows, block_length))
         self._commit(rows, layout.x[:, start:end], passes)

@@ -31,7 +31,7 @@ from .healing import first_token_mask
 from .layout import lead_length, whole_blocks
 from .params import GenerationRequest, GenerationResult
 from .postprocess import apply_stop, completion_text, cut_at_eos, finish_row
-from .samplers import token_counts
+from .samplers import Kept, token_counts
 
 
 @dataclass
@@ -164,14 +164,19 @@ class ContinuousScheduler:
                 canvas[r, 0] = row.first
         return canvas.to(self.device)
 
-    def _wanted(self, rows: list[Row], block_length: int) -> torch.Tensor | None:
-        """The positions of the next block each row keeps (B, K) bool, or None when every row keeps
-        all: a row's last block ends at its max_tokens (with a lead, or max_tokens not a multiple of
-        the block, inside the block), and the denoiser stops a row once those are committed."""
+    def _kept(self, rows: list[Row], block_length: int) -> Kept | None:
+        """The positions of the next block each row keeps (samplers.Kept), or None when every row
+        keeps all: a row's last block ends at its max_tokens (with a lead, or max_tokens not a
+        multiple of the block, inside the block), and nothing after an EOS it commits is kept."""
         left = [len(row.lead) + row.request.params.max_tokens - len(row.generated) for row in rows]
-        if min(left) >= block_length:
-            return None
-        return torch.arange(block_length, device=self.device) < torch.tensor(left, device=self.device)[:, None]
+        upto = None if min(left) >= block_length else (
+            torch.arange(block_length, device=self.device) < torch.tensor(left, device=self.device)[:, None])
+        eos_from = [max(0, len(row.lead) - len(row.generated)) if self._eos_for(row) else block_length
+                    for row in rows]
+        if not self.eos_token_ids or min(eos_from) >= block_length:
+            return None if upto is None else Kept(upto)
+        eos_ids = torch.tensor(self.eos_token_ids, device=self.device)
+        return Kept(upto, eos_ids, torch.tensor(eos_from, device=self.device)[:, None])
 
     def _first_token(self, rows: list[Row]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Token healing binds a row's first generated token, in its first block after its lead: the

@@ -252,6 +252,30 @@ def commit_step(block: torch.Tensor, logits_n: torch.Tensor, slots: torch.Tensor
     block.copy_(torch.where(transfer, x0, block))
 
 
+class Kept:
+    """The block positions each row keeps, so that its passes stop once those are committed (the
+    tokens are the same: a committed token never changes, and what a row does not keep is cut off).
+    ``upto`` (B, K) bool, or None (all): the positions before its max_tokens.
+    ``eos_ids`` (E,), or None (no row ends at an EOS): an EOS committed at a column >= ``eos_from``
+    (B, 1) (past an aligned row's lead; K for a row an EOS does not end, e.g. a template's) ends the
+    row, so nothing after the first such EOS is kept. As an EOS ends a row only once every position
+    before it is committed, an EOS committed early saves the rest of the block (dInfer's early stop)."""
+
+    def __init__(self, upto: torch.Tensor | None = None, eos_ids: torch.Tensor | None = None,
+                 eos_from: torch.Tensor | None = None):
+        self.upto, self.eos_ids, self.eos_from = upto, eos_ids, eos_from
+
+    def masks_left(self, block: torch.Tensor, mask_index: torch.Tensor) -> torch.Tensor:
+        """(B, K) bool: the still-masked positions each row keeps. No host sync."""
+        left = mask_index if self.upto is None else mask_index & self.upto
+        if self.eos_ids is None:
+            return left
+        columns = torch.arange(block.shape[1], device=block.device)
+        ends = torch.isin(block, self.eos_ids) & ~mask_index & (columns >= self.eos_from)  # (B, K)
+        first_end = torch.where(ends, columns, block.shape[1]).min(dim=-1, keepdim=True).values  # (B, 1)
+        return left & (columns < first_end)
+
+
 def denoise_block(
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -264,10 +288,10 @@ def denoise_block(
     first_allowed: torch.Tensor | None = None,
     first_slot: torch.Tensor | None = None,
     history: torch.Tensor | None = None,
-    wanted: torch.Tensor | None = None,
+    kept: Kept | None = None,
     sub_block: int | None = None,
 ) -> list[int]:
-    """Denoise x[:, start:end] in place until no row has a mask left where it is ``wanted``.
+    """Denoise x[:, start:end] in place until no row has a mask left that it keeps.
 
     Returns, per row, the forward passes in which it still had such masks (the batch ran max of them).
 
@@ -279,8 +303,8 @@ def denoise_block(
     position ``first_slot`` (B,) (None: 0); None leaves it free.
     ``history`` (B, V): counts of the tokens generated before this block, for rows with a frequency
     or presence penalty (None: nothing generated yet).
-    ``wanted`` (B, K) bool, or None (all): the positions a row keeps (``ContinuousScheduler._wanted``).
-    A row's passes stop once its wanted positions are all committed, and the loop once every row's
+    ``kept``, or None (all): the positions a row keeps (``Kept``, ``ContinuousScheduler._kept``).
+    A row's passes stop once its kept positions are all committed, and the loop once every row's
     are: later steps would only fill positions it cuts off (while batch-mates still work it may go
     on filling them, which changes nothing it keeps: a committed token never changes).
     ``sub_block``: decode the block in sub-blocks of this many positions, left to right (BlockRules).
@@ -291,7 +315,7 @@ def denoise_block(
     for step in range(block_length):
         block = x[:, start:end]  # (B, K)
         mask_index = block == mask_token_id  # (B, K)
-        left = mask_index if wanted is None else mask_index & wanted
+        left = mask_index if kept is None else kept.masks_left(block, mask_index)
         # The step's one host sync: who works, how wide.
         masked_counts, left_counts = torch.stack([mask_index.sum(dim=-1), left.sum(dim=-1)]).tolist()
         if not any(left_counts):
@@ -320,7 +344,7 @@ class GreedyBlockSteps:
 
     def __init__(self, block: torch.Tensor, rows: list, *, mask_token_id: int,
                  first_allowed: torch.Tensor | None = None, first_slot: torch.Tensor | None = None,
-                 history: torch.Tensor | None = None, wanted: torch.Tensor | None = None,
+                 history: torch.Tensor | None = None, kept: Kept | None = None,
                  sub_block: int | None = None, logits_shift: int = 0):
         size, length = block.shape
         self.block, self.mask_token_id = block, mask_token_id  # (B, K), denoised in place
@@ -328,7 +352,7 @@ class GreedyBlockSteps:
         if not self.rules.greedy:
             raise ValueError("GreedyBlockSteps serves rows at temperature 0 only")
         self.first_allowed, self.first_slot, self.history = first_allowed, first_slot, history
-        self.wanted = wanted  # (B, K) bool or None, as denoise_block's
+        self.kept = kept  # as denoise_block's
         # A shifted model (Fast-dLLM v2) reads a position's logits one position back; the last
         # position's own logits (B, V) are kept for the next block's first token (scheduler.py).
         self.logits_shift = logits_shift
@@ -342,7 +366,7 @@ class GreedyBlockSteps:
         is left a step changes no token (and, in the scheduler, leaves the clean block's keys and
         values in the cache)."""
         mask_index = self.block == self.mask_token_id  # (B, K)
-        working = self._left(mask_index).any(dim=-1)  # (B,)
+        working = self._left(self.block, mask_index).any(dim=-1)  # (B,)
         logits = forward_block(self.block)
         if self.logits_shift:  # a block's first position is never masked: its row is a filler
             self.last_logits = logits[:, -1]
@@ -355,16 +379,16 @@ class GreedyBlockSteps:
         self.passes += working
         self.step += 1
 
-    def _left(self, mask_index: torch.Tensor) -> torch.Tensor:
-        return mask_index if self.wanted is None else mask_index & self.wanted
+    def _left(self, block: torch.Tensor, mask_index: torch.Tensor) -> torch.Tensor:
+        return mask_index if self.kept is None else self.kept.masks_left(block, mask_index)
 
     def run(self, step: Callable[[], None]) -> list[int]:
         """Denoise the block with ``step`` (this object's step, maybe replayed from a graph); returns
         each row's passes. A reference row commits its schedule's count a step (fewer once its
         masks run out), so the steps a reference-only round needs are known from the masks it starts
-        with; only parallel rows, or a row that stops short of the block's end (``wanted``), make
+        with; only parallel rows, or a row that may stop short of the block's end (``kept``), make
         the host look at the block after every step."""
-        look = self.rules.any_parallel or self.wanted is not None
+        look = self.rules.any_parallel or self.kept is not None
         if self.rules.any_parallel:
             steps = self.block.shape[1]
         else:  # a template's fixed text leaves fewer masks than the schedule plans for
@@ -373,6 +397,6 @@ class GreedyBlockSteps:
                         for schedule, m in zip(self.rules.schedule, masked))
         for _ in range(steps):
             step()
-            if look and not bool(self._left(self.block == self.mask_token_id).any()):
+            if look and not bool(self._left(self.block, self.block == self.mask_token_id).any()):
                 break
         return self.passes.tolist()

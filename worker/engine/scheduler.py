@@ -211,15 +211,16 @@ class BlockScheduler(ContinuousScheduler):
 
         params = [row.request.params for row in batch.rows]
         first_allowed, first_slot = self._first_token(batch.rows)
-        history, wanted = self._history(batch.rows), self._wanted(batch.rows, block_length)
+        history, kept = self._history(batch.rows), self._kept(batch.rows, block_length)
         if self.graphs and all(p.temperature == 0 for p in params):
             steps = GreedyBlockSteps(block, params, mask_token_id=self.mask_token_id, first_allowed=first_allowed,
-                                     first_slot=first_slot, history=history, wanted=wanted, sub_block=self.sub_block,
+                                     first_slot=first_slot, history=history, kept=kept, sub_block=self.sub_block,
                                      logits_shift=self.logits_shift)
             step = CapturedCall(lambda: steps(run), self.device)
             passes = steps.run(step)
-            # No wanted mask is left: the step changes no token a row keeps and leaves the block's keys
-            # and values cached (a row's positions past its max_tokens may stay [MASK]; it ends here).
+            # No kept mask is left: the step changes no token a row keeps and leaves the block's keys
+            # and values cached (a row's positions past its max_tokens or an EOS may stay [MASK]; it
+            # ends here).
             step()
             last = None if steps.last_logits is None else steps.last_logits[:, None]
         else:
@@ -227,7 +228,7 @@ class BlockScheduler(ContinuousScheduler):
             noise = RowNoise.from_generators([row.generator for row in batch.rows], self.device)
             passes = denoise_block(forward, block, 0, block_length, mask_token_id=self.mask_token_id,
                                    rows=params, noise=noise, first_allowed=first_allowed,
-                                   first_slot=first_slot, history=history, wanted=wanted, sub_block=self.sub_block)
+                                   first_slot=first_slot, history=history, kept=kept, sub_block=self.sub_block)
             last = commit(block)  # (B, 1, V), or None from a captured commit pass
         batch.key_valid = keys
         batch.next_position = batch.next_position + block_length
