@@ -22,6 +22,7 @@ SAMPLERS = ("reference", "threshold", "factor", "entropy_bound")
 # fits the served model's family is the engine's check.
 DIFFUSION_GEMMA_SAMPLERS = ("reference", "entropy_bound")
 SAMPLER_OPTIONS = {"steps": ("reference", "threshold"), "threshold": ("threshold",), "factor": ("factor",),
+                   "editing_threshold": ("threshold",), "max_post_steps": ("threshold",),
                    "max_steps": DIFFUSION_GEMMA_SAMPLERS, "entropy_bound": DIFFUSION_GEMMA_SAMPLERS,
                    "t_min": DIFFUSION_GEMMA_SAMPLERS, "t_max": DIFFUSION_GEMMA_SAMPLERS}
 
@@ -44,6 +45,10 @@ class DiffusionOptions(_Strict):
 
     threshold: float | None = Field(None, gt=0.0, le=1.0, description="threshold sampler: commit at this confidence")
     factor: float | None = Field(None, gt=0.0, description="factor sampler: (n + 1)(1 - c_n) < factor")
+    # LLaDA2.1's token editing (README): generated tokens of the active block the model now predicts
+    # otherwise, at this confidence, are replaced; then up to max_post_steps passes once it has no mask.
+    editing_threshold: float | None = Field(None, gt=0.0, le=1.0, description="threshold sampler: edit at this confidence")
+    max_post_steps: int | None = Field(None, ge=0, le=1024, description="with editing: passes after the last mask")
 
     # DiffusionGemma; unset = the checkpoint's generation_config.json.
     max_steps: int | None = Field(None, ge=1, le=1024, description="most denoising steps per canvas")
@@ -87,6 +92,8 @@ class DiffusionOptions(_Strict):
                 raise ValueError(f"{option} applies to sampler {names}, not {self.sampler!r}")
         if self.t_min is not None and self.t_max is not None and self.t_max <= self.t_min:
             raise ValueError("t_max must be greater than t_min")
+        if self.max_post_steps is not None and self.editing_threshold is None:
+            raise ValueError("max_post_steps applies with editing_threshold only")
         return self
 
     def with_default_sampler(self, default: str) -> DiffusionOptions:

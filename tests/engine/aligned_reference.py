@@ -53,3 +53,42 @@ def aligned_block_decode(model, prompt: list[int], gen_length: int, *, block: in
             chosen = confidence.topk(min(count, int(masked.sum()))).indices
             x[0, start + chosen] = x0[chosen]
     return x[0, len(prompt):].tolist()
+
+
+def editing_block_decode(model, prompt: list[int], gen_length: int, *, block: int, mask_token_id: int,
+                         threshold: float, editing_threshold: float,
+                         max_post_steps: int) -> tuple[list[int], int, int]:
+    """LLaDA2.1's ``generate`` re-stated (greedy): per aligned block, a loop of passes that commits
+    every masked position above ``threshold`` (at least the most confident one) and, in the same
+    write, replaces every generated token of the block (not the prompt's) whose prediction differs
+    above ``editing_threshold``; the block ends after a pass that began with no mask and changed
+    nothing, or once more than ``max_post_steps`` passes would have begun with no mask.
+    Returns the new tokens (whole blocks), how many edits were made and the forward passes."""
+    total = -(-(len(prompt) + gen_length) // block) * block
+    x = torch.full((1, total), mask_token_id)
+    x[0, : len(prompt)] = torch.tensor(prompt)
+    mask, edits, passes = block_causal(total, block), 0, 0
+    for start in range(len(prompt) // block * block, total, block):
+        end = start + block
+        generated = torch.arange(start, end) >= len(prompt)
+        post_steps = 0
+        while True:
+            old = x[0, start:end].clone()
+            masked = old == mask_token_id
+            post_steps += not masked.any()
+            if post_steps > max_post_steps:
+                break
+            logits = model(input_ids=x[:, :end], attention_mask=mask[..., :end, :end],
+                           position_ids=torch.arange(end)[None]).logits[0, start:end].double()
+            passes += 1
+            logits[:, mask_token_id] = float("-inf")
+            confidence, x0 = logits.softmax(dim=-1).max(dim=-1)
+            unmask = masked & (confidence > threshold)
+            if masked.any() and not unmask.any():
+                unmask[torch.where(masked, confidence, float("-inf")).argmax()] = True
+            edit = ~masked & generated & (confidence > editing_threshold) & (x0 != old)
+            x[0, start:end] = torch.where(unmask | edit, x0, old)
+            edits += int(edit.sum())
+            if not masked.any() and not edit.any():
+                break
+    return x[0, len(prompt):].tolist(), edits, passes

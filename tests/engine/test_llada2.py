@@ -24,7 +24,7 @@ from worker.engine.families import LLaDA2Config, LLaDA2ForBlockDiffusion
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
 
-from .aligned_reference import aligned_block_decode, assert_row_matches, block_causal
+from .aligned_reference import aligned_block_decode, assert_row_matches, block_causal, editing_block_decode
 
 BLOCK = 4
 SIZES = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -201,6 +201,46 @@ def test_engine_gives_llada2s_tokens_in_one_mixed_batch(llada2, cache, graphs, t
         assert_row_matches(result, request, expected, loaded.eos_token_ids)
         parallel |= result.forward_passes < len(result.token_ids)
     assert parallel
+
+
+@pytest.mark.parametrize("max_post_steps", [16, 1])
+@pytest.mark.parametrize("cache,graphs", [("exact", False), ("exact", True), ("none", False)])
+def test_token_editing_gives_llada21s_tokens_beside_rows_that_do_not_edit(llada2, cache, graphs, max_post_steps):
+    """LLaDA2.1's decoding (threshold plus editing_threshold, max_post_steps): rows that edit get the
+    tokens of a re-statement of its ``generate``, edits made, in a continuous batch whose other rows
+    do not edit and get LLaDA2.0's tokens; the graph setting runs such rounds eagerly. An editing
+    row runs as many passes as the re-statement: it stops a block after a pass that changed nothing."""
+    loaded, _, _ = llada2
+    engine = Engine(loaded, max_batch_size=3, cache=cache, graphs=graphs)
+    prompts = [[(7 + 31 * n + 17 * i) % 250 + 10 for i in range(n)] for n in PROMPT_LENGTHS]
+    edit = dict(editing_threshold=0.1, max_post_steps=max_post_steps)
+    requests = [GenerationRequest(p, SamplingParams(max_tokens=5 + 3 * i, block_length=BLOCK, sampler="threshold",
+                                                    threshold=0.6, **(edit if i % 2 == 0 else {})))
+                for i, p in enumerate(prompts)]
+    edits = 0
+    for request, result in zip(requests, engine.generate(requests)):
+        options = dict(block=BLOCK, mask_token_id=loaded.mask_token_id, threshold=0.6)
+        if request.params.edits:
+            expected, made, passes = editing_block_decode(
+                loaded.model, request.prompt_ids, request.params.max_tokens, editing_threshold=0.1,
+                max_post_steps=max_post_steps, **options)
+            edits += made
+            assert result.forward_passes == passes or result.finish_reason == "stop"  # an EOS: fewer blocks
+        else:
+            expected = aligned_block_decode(loaded.model, request.prompt_ids, request.params.max_tokens, **options)
+        assert_row_matches(result, request, expected, loaded.eos_token_ids)
+    assert edits > 0
+
+
+def test_editing_is_refused_with_the_delayed_cache_and_other_samplers(llada2):
+    """The delayed cache keeps a committed token's keys, which an edit would leave stale."""
+    loaded, _, _ = llada2
+    editing = SamplingParams(block_length=BLOCK, sampler="threshold", editing_threshold=0.5)
+    with pytest.raises(ValueError, match="diffusion.editing_threshold does not run with the delayed cache"):
+        Engine(loaded, cache="delayed").check(GenerationRequest([5, 6, 7], editing))
+    Engine(loaded).check(GenerationRequest([5, 6, 7], editing))
+    with pytest.raises(ValueError, match="diffusion.editing_threshold applies to the threshold sampler only"):
+        Engine(loaded).check(GenerationRequest([5], SamplingParams(sampler="factor", editing_threshold=0.5)))
 
 
 def test_unsupported_llada2_options_are_refused():

@@ -117,6 +117,9 @@ class Engine:
         for name in DIFFUSION_GEMMA_OPTIONS:
             if getattr(params, name) is not None:
                 raise ValueError(f"diffusion.{name} applies to DiffusionGemma models only")
+        if params.edits and self.cache_mode == "delayed":  # it keeps committed positions' keys and values
+            raise ValueError("diffusion.editing_threshold does not run with the delayed cache, whose keys of a "
+                             "committed token an edit would leave stale; serve this model with the exact cache")
         prompt = request.prompt_ids
         if not isinstance(prompt, list) or not prompt:
             raise ValueError("prompt must contain at least one token")

@@ -52,6 +52,11 @@ class SamplingParams:
     threshold: float = 0.9
     # factor sampler: commit the n most confident where (n + 1) * (1 - c_n) < factor.
     factor: float = 1.0
+    # threshold sampler, LLaDA2.1's token editing: a generated token of the active block is replaced
+    # by the model's prediction there when that differs and has at least this confidence; None = off.
+    editing_threshold: float | None = None
+    # With editing: passes a block may run after its last mask is filled, while tokens still change.
+    max_post_steps: int = 16
     # DiffusionGemma: most denoising steps per canvas, the entropy bound of the acceptance rule, and
     # the linear temperature schedule's last (t_min) and first (t_max) temperatures.
     max_steps: int | None = None
@@ -68,6 +73,10 @@ class SamplingParams:
     def penalised(self) -> bool:
         """Whether generated tokens are penalised, so the sampler needs their counts."""
         return bool(self.frequency_penalty or self.presence_penalty)
+
+    @property
+    def edits(self) -> bool:
+        return self.editing_threshold is not None
 
     @property
     def steps_per_block(self) -> int:
@@ -111,6 +120,13 @@ class SamplingParams:
             raise ValueError("diffusion.threshold must be a number in (0, 1]")
         if not _is_number(self.factor) or self.factor <= 0:
             raise ValueError("diffusion.factor must be a number > 0")
+        if self.editing_threshold is not None:
+            if not _is_number(self.editing_threshold) or not 0 < self.editing_threshold <= 1:
+                raise ValueError("diffusion.editing_threshold must be a number in (0, 1]")
+            if self.sampler != "threshold":
+                raise ValueError("diffusion.editing_threshold applies to the threshold sampler only")
+        if not _is_int(self.max_post_steps) or not 0 <= self.max_post_steps <= 1024:
+            raise ValueError("diffusion.max_post_steps must be an integer in [0, 1024]")
         self._validate_diffusion_gemma_options()
 
     def _validate_diffusion_gemma_options(self) -> None:

@@ -206,6 +206,12 @@ class BlockRules:
         self.schedule = num_transfer_schedule(block_length, [p.steps_per_block for p in rows])
         self.schedule_t = as_tensor([row + [0] * (block_length - len(row)) for row in self.schedule],
                                     torch.long)  # (B, K)
+        # LLaDA2.1's token editing (threshold rows with an editing_threshold; +inf: the row never edits).
+        self.edits = [p.edits for p in rows]
+        self.any_editing = any(self.edits)
+        self.editing_t = as_tensor([float(p.editing_threshold) if p.edits else float("inf") for p in rows],
+                                   torch.float64)  # (B,)
+        self.max_post_steps = [p.max_post_steps if p.edits else 0 for p in rows]
         self.penalised = any(p.penalised for p in rows)
         self.frequency_t = as_tensor([float(p.frequency_penalty) for p in rows], torch.float64)  # (B,)
         self.presence_t = as_tensor([float(p.presence_penalty) for p in rows], torch.float64)  # (B,)
@@ -225,11 +231,19 @@ def in_first_open_sub_block(mask_index: torch.Tensor, sub_block: int) -> torch.T
 def commit_step(block: torch.Tensor, logits_n: torch.Tensor, slots: torch.Tensor, mask_index: torch.Tensor,
                 num_transfer: torch.Tensor, rules: BlockRules, *, mask_token_id: int,
                 denominator: torch.Tensor | None = None, first_allowed: torch.Tensor | None = None,
-                first_slot: torch.Tensor | None = None, history: torch.Tensor | None = None) -> None:
+                first_slot: torch.Tensor | None = None, history: torch.Tensor | None = None,
+                editable: torch.Tensor | None = None) -> torch.Tensor | None:
     """One step's decision, written into ``block`` (B, K) in place: predict x0 at ``slots`` (B, n)
     from their logits (B, n, V), then commit the positions the rows' samplers choose
     (``num_transfer`` (B,) for reference rows, the confidences for parallel ones). ``first_slot`` (B,):
-    the block position ``first_allowed`` binds (a row's lead comes before it); None = position 0."""
+    the block position ``first_allowed`` binds (a row's lead comes before it); None = position 0.
+    ``editable`` (B, K) bool, or None (no editing): the positions an editing row generates in this
+    block; ``slots`` must then hold every position. Returns which rows edited a token (B,) bool, or None.
+
+    Token editing is LLaDA2.1's Token-to-Token step (inclusionAI, "LLaDA2.1", 2026; its checkpoints'
+    ``generate``, ``editing_threshold``): a token committed in an earlier step that the model now
+    predicts otherwise, at or above the row's editing threshold, is replaced in the same step that
+    commits masks. Never a [MASK] (predict_x0), and never the prompt's or a template's text."""
     penalty = None
     if rules.penalised:  # what this block committed so far counts as generated too
         counts = token_counts(block, block != mask_token_id, logits_n.shape[-1])
@@ -240,6 +254,9 @@ def commit_step(block: torch.Tensor, logits_n: torch.Tensor, slots: torch.Tensor
                                     first_column=slots == (0 if first_slot is None else first_slot[:, None]))
     x0 = block.scatter(1, slots, x0_n)  # (B, K); committed positions keep their tokens
     confidence = confidence_n.new_zeros(block.shape).scatter_(1, slots, confidence_n)  # (B, K)
+    edit = None
+    if editable is not None:  # judged on this step's start, before anything below commits
+        edit = editable & ~mask_index & (confidence >= rules.editing_t[:, None]) & (x0 != block)  # (B, K)
     if rules.sub_block:
         mask_index = mask_index & in_first_open_sub_block(mask_index, rules.sub_block)
     if rules.any_parallel:
@@ -249,7 +266,11 @@ def commit_step(block: torch.Tensor, logits_n: torch.Tensor, slots: torch.Tensor
         # is LLaDA2's and SDAR's dynamic rule, which finishes a block in at most those steps).
         num_transfer = torch.where(rules.is_reference, num_transfer, torch.maximum(parallel, num_transfer))
     transfer = select_transfer(confidence, mask_index, num_transfer)
-    block.copy_(torch.where(transfer, x0, block))
+    if edit is None:
+        block.copy_(torch.where(transfer, x0, block))
+        return None
+    block.copy_(torch.where(transfer | edit, x0, block))
+    return edit.any(dim=-1)
 
 
 class Kept:
@@ -312,27 +333,87 @@ def denoise_block(
     block_length = end - start
     rules = BlockRules(rows, block_length, x.device, sub_block)
     passes = [0] * len(rows)
-    for step in range(block_length):
+    editing = BlockEditing(rules, x[:, start:end] == mask_token_id) if rules.any_editing else None
+    for step in range(block_length + max(rules.max_post_steps) + 1):
         block = x[:, start:end]  # (B, K)
         mask_index = block == mask_token_id  # (B, K)
         left = mask_index if kept is None else kept.masks_left(block, mask_index)
+        if editing is not None:
+            left = editing.left(mask_index, left)
         # The step's one host sync: who works, how wide.
-        masked_counts, left_counts = torch.stack([mask_index.sum(dim=-1), left.sum(dim=-1)]).tolist()
-        if not any(left_counts):
-            break
+        counts = [mask_index.sum(dim=-1), left.sum(dim=-1)] + ([] if editing is None else editing.last_edits())
+        masked_counts, left_counts, *edits = torch.stack(counts).tolist()
         has_mask = [count > 0 for count in left_counts]
+        if editing is not None:
+            has_mask = editing.working(has_mask, masked_counts, edits)
+        if not any(has_mask):
+            break
         passes = [n + working for n, working in zip(passes, has_mask)]
         # Only masked positions are sampled: gathered to the front, the float64 work of a step runs
         # over max(masked) positions instead of the whole block (x0 and confidence are per position,
-        # so this changes no token), and the forward projects logits for those positions alone.
-        slots = (~mask_index).to(torch.int8).argsort(dim=-1, stable=True)[:, : max(masked_counts)]  # (B, n)
+        # so this changes no token), and the forward projects logits for those positions alone. A
+        # row that edits is scored at every position.
+        edit_now = editing is not None and editing.any_working(has_mask)
+        width = block_length if edit_now else max(masked_counts)
+        slots = (~mask_index).to(torch.int8).argsort(dim=-1, stable=True)[:, :width]  # (B, n)
         logits_n = forward(x[:, :end], slots)  # (B, n, V)
         noisy_rows = [r for r, working in enumerate(has_mask) if working and rules.temperature[r] > 0]
         denominator = noise.gumbel_denominator(noisy_rows, rules.temperature, masked_counts, logits_n.shape)
-        commit_step(block, logits_n, slots, mask_index, rules.schedule_t[:, step], rules,
-                    mask_token_id=mask_token_id, denominator=denominator, first_allowed=first_allowed,
-                    first_slot=first_slot, history=history)
+        num_transfer = rules.schedule_t[:, min(step, block_length - 1)] if step < block_length else \
+            torch.zeros_like(rules.schedule_t[:, 0])  # an editing row's passes after its last mask
+        edited = commit_step(block, logits_n, slots, mask_index, num_transfer, rules, mask_token_id=mask_token_id,
+                             denominator=denominator, first_allowed=first_allowed, first_slot=first_slot,
+                             history=history, editable=editing.editable_now(has_mask) if edit_now else None)
+        if editing is not None:
+            editing.stepped(edited, masked_counts)
     return passes
+
+
+class BlockEditing:
+    """When rows that edit (LLaDA2.1) are done with a block, as its ``generate`` decides: a row runs
+    until a pass that began with no mask changed no token, or until ``max_post_steps`` passes have
+    begun with no mask. Until then it keeps its whole block, so the max_tokens and EOS early stop
+    (``Kept``) does not apply to it: a later pass may still change a token before its cut."""
+
+    def __init__(self, rules: BlockRules, masked_at_start: torch.Tensor):
+        self.rows = torch.tensor(rules.edits, device=masked_at_start.device)[:, None]  # (B, 1)
+        self.editable = masked_at_start & self.rows  # (B, K): the positions the row generates here
+        self.edits, self.max_post_steps = rules.edits, rules.max_post_steps
+        # A row whose block holds nothing it generates (a template's fixed text) has nothing to edit.
+        self.settled = [not e or not any_ for e, any_ in zip(rules.edits, self.editable.any(dim=-1).tolist())]
+        self.post_steps = [0] * len(rules.edits)
+        self.began_clean = [False] * len(rules.edits)  # the last pass began with no mask
+        self.edited: torch.Tensor | None = None  # (B,) bool, the last pass's
+
+    def left(self, mask_index: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.rows, mask_index, left)
+
+    def last_edits(self) -> list[torch.Tensor]:
+        """The last pass's edits, to ride the step's one host sync (zeros before the first)."""
+        edited = self.edited if self.edited is not None else torch.zeros_like(self.rows[:, 0])
+        return [edited.to(torch.long)]
+
+    def working(self, has_mask: list[bool], masked_counts: list[int], edits: list[list[int]]) -> list[bool]:
+        for r, edits_row in enumerate(self.edits):
+            if not edits_row or self.settled[r]:
+                continue
+            if self.began_clean[r] and not edits[0][r]:
+                self.settled[r] = True
+            elif masked_counts[r] == 0:
+                self.post_steps[r] += 1
+                self.settled[r] = self.post_steps[r] > self.max_post_steps[r]
+        return [not self.settled[r] if e else has_mask[r] for r, e in enumerate(self.edits)]
+
+    def editable_now(self, has_mask: list[bool]) -> torch.Tensor:
+        """(B, K): what this pass may edit; a settled row's tokens are final while batch-mates work on."""
+        return self.editable & torch.tensor(has_mask, device=self.editable.device)[:, None]
+
+    def any_working(self, has_mask: list[bool]) -> bool:
+        return any(working and e for working, e in zip(has_mask, self.edits))
+
+    def stepped(self, edited: torch.Tensor | None, masked_counts: list[int]) -> None:
+        self.edited = edited
+        self.began_clean = [count == 0 for count in masked_counts]
 
 
 class GreedyBlockSteps:
@@ -349,8 +430,8 @@ class GreedyBlockSteps:
         size, length = block.shape
         self.block, self.mask_token_id = block, mask_token_id  # (B, K), denoised in place
         self.rules = BlockRules(rows, length, block.device, sub_block)
-        if not self.rules.greedy:
-            raise ValueError("GreedyBlockSteps serves rows at temperature 0 only")
+        if not self.rules.greedy or self.rules.any_editing:
+            raise ValueError("GreedyBlockSteps serves rows at temperature 0 that do not edit only")
         self.first_allowed, self.first_slot, self.history = first_allowed, first_slot, history
         self.kept = kept  # as denoise_block's
         # A shifted model (Fast-dLLM v2) reads a position's logits one position back; the last
