@@ -29,13 +29,16 @@ DEFAULT_SAMPLERS = "reference,threshold 0.9,factor 1.0"
 
 def sampler_options(label: str) -> dict:
     """Diffusion options for a label: ``reference``, ``reference STEPS`` (steps per block),
-    ``threshold TAU`` or ``factor F``."""
-    name, _, value = label.strip().partition(" ")
-    if name == "reference":
-        return {"sampler": "reference", **({"steps": int(value)} if value else {})}
-    if name in ("threshold", "factor") and value:
-        return {"sampler": name, name: float(value)}
-    raise SystemExit(f"--samplers: {label!r} is not 'reference', 'reference STEPS', 'threshold TAU' or 'factor F'")
+    ``threshold TAU``, ``threshold TAU edit E`` (LLaDA2.1's token editing at E) or ``factor F``."""
+    name, *values = label.split()
+    if name == "reference" and len(values) <= 1:
+        return {"sampler": "reference", **({"steps": int(values[0])} if values else {})}
+    if name in ("threshold", "factor") and len(values) == 1:
+        return {"sampler": name, name: float(values[0])}
+    if name == "threshold" and len(values) == 3 and values[1] == "edit":
+        return {"sampler": name, name: float(values[0]), "editing_threshold": float(values[2])}
+    raise SystemExit(f"--samplers: {label!r} is not 'reference', 'reference STEPS', 'threshold TAU', "
+                     "'threshold TAU edit E' or 'factor F'")
 
 
 # The stop sequences of the Codex/HumanEval evaluation (Chen et al. 2021, arXiv:2107.03374): a line
