@@ -467,9 +467,11 @@ class GreedyBlockSteps:
         """Denoise the block with ``step`` (this object's step, maybe replayed from a graph); returns
         each row's passes. A reference row commits its schedule's count a step (fewer once its
         masks run out), so the steps a reference-only round needs are known from the masks it starts
-        with; only parallel rows, or a row that may stop short of the block's end (``kept``), make
-        the host look at the block after every step."""
-        look = self.rules.any_parallel or self.kept is not None
+        with; only parallel rows, or a row whose max_tokens ends inside the block (``kept``), make
+        the host look at the block after every step. A reference-only round does not look for an
+        EOS: on a GPU a sync a step would cost every such round what an EOS saves only some (the
+        passes a row reports still stop at its EOS: they are counted on the device)."""
+        look = self.rules.any_parallel or (self.kept is not None and self.kept.upto is not None)
         if self.rules.any_parallel:
             steps = self.block.shape[1]
         else:  # a template's fixed text leaves fewer masks than the schedule plans for
