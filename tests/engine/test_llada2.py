@@ -241,6 +241,9 @@ def test_editing_is_refused_with_the_delayed_cache_and_other_samplers(llada2):
     Engine(loaded).check(GenerationRequest([5, 6, 7], editing))
     with pytest.raises(ValueError, match="diffusion.editing_threshold applies to the threshold sampler only"):
         Engine(loaded).check(GenerationRequest([5], SamplingParams(sampler="factor", editing_threshold=0.5)))
+    with pytest.raises(ValueError, match="diffusion.editing_threshold does not combine with frequency_penalty"):
+        Engine(loaded).check(GenerationRequest([5], SamplingParams(sampler="threshold", editing_threshold=0.5,
+                                                                   presence_penalty=0.5)))
 
 
 def test_unsupported_llada2_options_are_refused():

@@ -125,6 +125,9 @@ class SamplingParams:
                 raise ValueError("diffusion.editing_threshold must be a number in (0, 1]")
             if self.sampler != "threshold":
                 raise ValueError("diffusion.editing_threshold applies to the threshold sampler only")
+            if self.penalised:  # a committed token would count against itself where it stands
+                raise ValueError("diffusion.editing_threshold does not combine with frequency_penalty or "
+                                 "presence_penalty: a token would count against itself where it stands")
         if not _is_int(self.max_post_steps) or not 0 <= self.max_post_steps <= 1024:
             raise ValueError("diffusion.max_post_steps must be an integer in [0, 1024]")
         self._validate_diffusion_gemma_options()

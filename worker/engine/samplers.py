@@ -342,10 +342,10 @@ def denoise_block(
             left = editing.left(mask_index, left)
         # The step's one host sync: who works, how wide.
         counts = [mask_index.sum(dim=-1), left.sum(dim=-1)] + ([] if editing is None else editing.last_edits())
-        masked_counts, left_counts, *edits = torch.stack(counts).tolist()
+        masked_counts, left_counts, *last_edits = torch.stack(counts).tolist()
         has_mask = [count > 0 for count in left_counts]
         if editing is not None:
-            has_mask = editing.working(has_mask, masked_counts, edits)
+            has_mask = editing.working(has_mask, masked_counts, last_edits[0])
         if not any(has_mask):
             break
         passes = [n + working for n, working in zip(passes, has_mask)]
@@ -359,7 +359,7 @@ def denoise_block(
         logits_n = forward(x[:, :end], slots)  # (B, n, V)
         noisy_rows = [r for r, working in enumerate(has_mask) if working and rules.temperature[r] > 0]
         denominator = noise.gumbel_denominator(noisy_rows, rules.temperature, masked_counts, logits_n.shape)
-        num_transfer = rules.schedule_t[:, min(step, block_length - 1)] if step < block_length else \
+        num_transfer = rules.schedule_t[:, step] if step < block_length else \
             torch.zeros_like(rules.schedule_t[:, 0])  # an editing row's passes after its last mask
         edited = commit_step(block, logits_n, slots, mask_index, num_transfer, rules, mask_token_id=mask_token_id,
                              denominator=denominator, first_allowed=first_allowed, first_slot=first_slot,
@@ -393,11 +393,13 @@ class BlockEditing:
         edited = self.edited if self.edited is not None else torch.zeros_like(self.rows[:, 0])
         return [edited.to(torch.long)]
 
-    def working(self, has_mask: list[bool], masked_counts: list[int], edits: list[list[int]]) -> list[bool]:
+    def working(self, has_mask: list[bool], masked_counts: list[int], last_edits: list[int]) -> list[bool]:
+        """Which rows work this pass: as ``has_mask`` for rows that do not edit; for rows that do,
+        those not yet settled, from the masks they begin it with and the last pass's edits."""
         for r, edits_row in enumerate(self.edits):
             if not edits_row or self.settled[r]:
                 continue
-            if self.began_clean[r] and not edits[0][r]:
+            if self.began_clean[r] and not last_edits[r]:
                 self.settled[r] = True
             elif masked_counts[r] == 0:
                 self.post_steps[r] += 1
