@@ -205,12 +205,22 @@ def test_engine_gives_llada2s_tokens_in_one_mixed_batch(llada2, cache, graphs, t
 
 @pytest.mark.parametrize("max_post_steps", [16, 1])
 @pytest.mark.parametrize("cache,graphs", [("exact", False), ("exact", True), ("none", False)])
-def test_token_editing_gives_llada21s_tokens_beside_rows_that_do_not_edit(llada2, cache, graphs, max_post_steps):
+def test_token_editing_gives_llada21s_tokens_beside_rows_that_do_not_edit(llada2, cache, graphs, max_post_steps,
+                                                                           monkeypatch):
     """LLaDA2.1's decoding (threshold plus editing_threshold, max_post_steps): rows that edit get the
     tokens of a re-statement of its ``generate``, edits made, in a continuous batch whose other rows
-    do not edit and get LLaDA2.0's tokens; the graph setting runs such rounds eagerly. An editing
-    row runs as many passes as the re-statement: it stops a block after a pass that changed nothing."""
+    do not edit and get LLaDA2.0's tokens, eagerly and through the graph protocol (its editing
+    state on the device). An editing row runs as many passes as the re-statement: it stops a block
+    after a pass that changed nothing."""
     loaded, _, _ = llada2
+    protocol_rounds = []
+
+    class Counted(scheduler.GreedyBlockSteps):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            protocol_rounds.append(self.rules.any_editing)
+
+    monkeypatch.setattr(scheduler, "GreedyBlockSteps", Counted)
     engine = Engine(loaded, max_batch_size=3, cache=cache, graphs=graphs)
     prompts = [[(7 + 31 * n + 17 * i) % 250 + 10 for i in range(n)] for n in PROMPT_LENGTHS]
     edit = dict(editing_threshold=0.1, max_post_steps=max_post_steps)
@@ -230,6 +240,7 @@ def test_token_editing_gives_llada21s_tokens_beside_rows_that_do_not_edit(llada2
             expected = aligned_block_decode(loaded.model, request.prompt_ids, request.params.max_tokens, **options)
         assert_row_matches(result, request, expected, loaded.eos_token_ids)
     assert edits > 0
+    assert any(protocol_rounds) == graphs  # editing rounds took the graph protocol where it is on
 
 
 def test_editing_is_refused_with_the_delayed_cache_and_other_samplers(llada2):

@@ -292,7 +292,9 @@ class Kept:
         if self.eos_ids is None:
             return left
         columns = torch.arange(block.shape[1], device=block.device)
-        ends = torch.isin(block, self.eos_ids) & ~mask_index & (columns >= self.eos_from)  # (B, K)
+        # A compare against each of the few EOS ids: static shapes, nothing a CUDA graph could not hold.
+        is_eos = (block[..., None] == self.eos_ids).any(dim=-1)
+        ends = is_eos & ~mask_index & (columns >= self.eos_from)  # (B, K)
         first_end = torch.where(ends, columns, block.shape[1]).min(dim=-1, keepdim=True).values  # (B, 1)
         return left & (columns < first_end)
 
@@ -432,10 +434,21 @@ class GreedyBlockSteps:
         size, length = block.shape
         self.block, self.mask_token_id = block, mask_token_id  # (B, K), denoised in place
         self.rules = BlockRules(rows, length, block.device, sub_block)
-        if not self.rules.greedy or self.rules.any_editing:
-            raise ValueError("GreedyBlockSteps serves rows at temperature 0 that do not edit only")
+        if not self.rules.greedy:
+            raise ValueError("GreedyBlockSteps serves rows at temperature 0 only")
         self.first_allowed, self.first_slot, self.history = first_allowed, first_slot, history
         self.kept = kept  # as denoise_block's
+        # Rows that edit (LLaDA2.1): BlockEditing's rule with its state on the device, decided inside
+        # the step, so the step stays one graph.
+        self.editing = None
+        if self.rules.any_editing:
+            rows_t = torch.tensor(self.rules.edits, device=block.device)  # (B,)
+            self.editing = dict(rows=rows_t, editable=(block == mask_token_id) & rows_t[:, None],
+                                max_post=torch.tensor(self.rules.max_post_steps, device=block.device),
+                                post=torch.zeros(size, dtype=torch.long, device=block.device),
+                                began_clean=torch.zeros(size, dtype=torch.bool, device=block.device),
+                                edited=torch.zeros(size, dtype=torch.bool, device=block.device))
+            self.editing["settled"] = ~rows_t | ~self.editing["editable"].any(dim=-1)
         # A shifted model (Fast-dLLM v2) reads a position's logits one position back; the last
         # position's own logits (B, V) are kept for the next block's first token (scheduler.py).
         self.logits_shift = logits_shift
@@ -450,20 +463,49 @@ class GreedyBlockSteps:
         values in the cache)."""
         mask_index = self.block == self.mask_token_id  # (B, K)
         working = self._left(self.block, mask_index).any(dim=-1)  # (B,)
+        editable = None
+        if self.editing is not None:
+            working, settled, post = self._editing_start(mask_index, working)
+            e = self.editing
+            e["settled"].copy_(settled)
+            e["post"].copy_(post)
+            e["began_clean"].copy_(~mask_index.any(dim=-1))
+            editable = e["editable"] & working[:, None]
         logits = forward_block(self.block)
         if self.logits_shift:  # a block's first position is never masked: its row is a filler
             self.last_logits = logits[:, -1]
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         last = self.rules.schedule_t.shape[1] - 1  # past a row's steps its schedule is 0 anyway
         num_transfer = self.rules.schedule_t.gather(1, self.step.clamp(max=last)).squeeze(1)  # (B,)
-        commit_step(self.block, logits, self.slots, mask_index, num_transfer, self.rules,
-                    mask_token_id=self.mask_token_id, first_allowed=self.first_allowed, first_slot=self.first_slot,
-                    history=self.history)
+        edited = commit_step(self.block, logits, self.slots, mask_index, num_transfer, self.rules,
+                             mask_token_id=self.mask_token_id, first_allowed=self.first_allowed,
+                             first_slot=self.first_slot, history=self.history, editable=editable)
+        if edited is not None:
+            self.editing["edited"].copy_(edited)
         self.passes += working
         self.step += 1
 
     def _left(self, block: torch.Tensor, mask_index: torch.Tensor) -> torch.Tensor:
         return mask_index if self.kept is None else self.kept.masks_left(block, mask_index)
+
+    def _editing_start(self, mask_index: torch.Tensor, working: torch.Tensor):
+        """BlockEditing.working on the device: (working, settled, post steps) at a step's start. An
+        editing row works until a pass that began with no mask changed nothing, or until more than
+        its max_post_steps passes would begin with no mask; the other rows as ``working`` says."""
+        e = self.editing
+        settled = e["settled"] | (e["began_clean"] & ~e["edited"])
+        clean = ~mask_index.any(dim=-1)
+        post = e["post"] + (clean & ~settled).long()
+        settled = settled | (post > e["max_post"])
+        return torch.where(e["rows"], ~settled, working), settled, post
+
+    def _anyone_works(self) -> bool:
+        """Whether the next step has a row that works: the host's look after a step (a sync)."""
+        mask_index = self.block == self.mask_token_id
+        working = self._left(self.block, mask_index).any(dim=-1)
+        if self.editing is not None:
+            working = self._editing_start(mask_index, working)[0]
+        return bool(working.any())
 
     def run(self, step: Callable[[], None]) -> list[int]:
         """Denoise the block with ``step`` (this object's step, maybe replayed from a graph); returns
@@ -474,7 +516,9 @@ class GreedyBlockSteps:
         EOS: on a GPU a sync a step would cost every such round what an EOS saves only some (the
         passes a row reports still stop at its EOS: they are counted on the device)."""
         look = self.rules.any_parallel or (self.kept is not None and self.kept.upto is not None)
-        if self.rules.any_parallel:
+        if self.rules.any_editing:  # its passes after the last mask, while tokens change
+            steps = self.block.shape[1] + max(self.rules.max_post_steps) + 1
+        elif self.rules.any_parallel:
             steps = self.block.shape[1]
         else:  # a template's fixed text leaves fewer masks than the schedule plans for
             masked = (self.block == self.mask_token_id).sum(dim=-1).tolist()  # once a round
@@ -482,6 +526,6 @@ class GreedyBlockSteps:
                         for schedule, m in zip(self.rules.schedule, masked))
         for _ in range(steps):
             step()
-            if look and not bool(self._left(self.block, self.block == self.mask_token_id).any()):
+            if look and not self._anyone_works():
                 break
         return self.passes.tolist()

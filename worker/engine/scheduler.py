@@ -212,7 +212,7 @@ class BlockScheduler(ContinuousScheduler):
         params = [row.request.params for row in batch.rows]
         first_allowed, first_slot = self._first_token(batch.rows)
         history, kept = self._history(batch.rows), self._kept(batch.rows, block_length)
-        if self.graphs and all(p.temperature == 0 and not p.edits for p in params):
+        if self.graphs and all(p.temperature == 0 for p in params):
             steps = GreedyBlockSteps(block, params, mask_token_id=self.mask_token_id, first_allowed=first_allowed,
                                      first_slot=first_slot, history=history, kept=kept, sub_block=self.sub_block,
                                      logits_shift=self.logits_shift)
