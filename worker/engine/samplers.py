@@ -340,84 +340,69 @@ def denoise_block(
         block = x[:, start:end]  # (B, K)
         mask_index = block == mask_token_id  # (B, K)
         left = mask_index if kept is None else kept.masks_left(block, mask_index)
-        if editing is not None:
-            left = editing.left(mask_index, left)
+        working_t = left.any(dim=-1) if editing is None else editing.start(mask_index, left.any(dim=-1))  # (B,)
         # The step's one host sync: who works, how wide.
-        counts = [mask_index.sum(dim=-1), left.sum(dim=-1)] + ([] if editing is None else editing.last_edits())
-        masked_counts, left_counts, *last_edits = torch.stack(counts).tolist()
-        has_mask = [count > 0 for count in left_counts]
-        if editing is not None:
-            has_mask = editing.working(has_mask, masked_counts, last_edits[0])
-        if not any(has_mask):
+        masked_counts, working = torch.stack([mask_index.sum(dim=-1), working_t.long()]).tolist()
+        if not any(working):
             break
-        passes = [n + working for n, working in zip(passes, has_mask)]
+        passes = [n + w for n, w in zip(passes, working)]
         # Only masked positions are sampled: gathered to the front, the float64 work of a step runs
         # over max(masked) positions instead of the whole block (x0 and confidence are per position,
         # so this changes no token), and the forward projects logits for those positions alone. A
         # row that edits is scored at every position.
-        edit_now = editing is not None and editing.any_working(has_mask)
+        edit_now = editing is not None and any(w and e for w, e in zip(working, rules.edits))
         width = block_length if edit_now else max(masked_counts)
         slots = (~mask_index).to(torch.int8).argsort(dim=-1, stable=True)[:, :width]  # (B, n)
         logits_n = forward(x[:, :end], slots)  # (B, n, V)
-        noisy_rows = [r for r, working in enumerate(has_mask) if working and rules.temperature[r] > 0]
+        noisy_rows = [r for r, w in enumerate(working) if w and rules.temperature[r] > 0]
         denominator = noise.gumbel_denominator(noisy_rows, rules.temperature, masked_counts, logits_n.shape)
         num_transfer = rules.schedule_t[:, step] if step < block_length else \
             torch.zeros_like(rules.schedule_t[:, 0])  # an editing row's passes after its last mask
         edited = commit_step(block, logits_n, slots, mask_index, num_transfer, rules, mask_token_id=mask_token_id,
                              denominator=denominator, first_allowed=first_allowed, first_slot=first_slot,
-                             history=history, editable=editing.editable_now(has_mask) if edit_now else None)
+                             history=history, editable=editing.editable_now(working_t) if edit_now else None)
         if editing is not None:
-            editing.stepped(edited, masked_counts)
+            editing.stepped(edited)
     return passes
 
 
 class BlockEditing:
-    """When rows that edit (LLaDA2.1) are done with a block, as its ``generate`` decides: a row runs
-    until a pass that began with no mask changed no token, or until ``max_post_steps`` passes have
-    begun with no mask. Until then it keeps its whole block, so the max_tokens and EOS early stop
-    (``Kept``) does not apply to it: a later pass may still change a token before its cut."""
+    """When rows that edit (LLaDA2.1) are done with a block, as its ``generate`` decides, with the
+    state on the device so that a captured step (GreedyBlockSteps) can hold it: a row works until a
+    pass that began with no mask changed no token, or until more than ``max_post_steps`` passes
+    would begin with no mask. Until then it keeps its whole block, so the max_tokens and EOS early
+    stop (``Kept``) does not apply to it: a later pass may still change a token before its cut."""
 
     def __init__(self, rules: BlockRules, masked_at_start: torch.Tensor):
-        self.rows = torch.tensor(rules.edits, device=masked_at_start.device)[:, None]  # (B, 1)
-        self.editable = masked_at_start & self.rows  # (B, K): the positions the row generates here
-        self.edits, self.max_post_steps = rules.edits, rules.max_post_steps
+        device = masked_at_start.device
+        self.rows = torch.tensor(rules.edits, device=device)  # (B,)
+        self.editable = masked_at_start & self.rows[:, None]  # (B, K): the positions the row generates here
+        self.max_post_steps = torch.tensor(rules.max_post_steps, device=device)  # (B,)
         # A row whose block holds nothing it generates (a template's fixed text) has nothing to edit.
-        self.settled = [not e or not any_ for e, any_ in zip(rules.edits, self.editable.any(dim=-1).tolist())]
-        self.post_steps = [0] * len(rules.edits)
-        self.began_clean = [False] * len(rules.edits)  # the last pass began with no mask
-        self.edited: torch.Tensor | None = None  # (B,) bool, the last pass's
+        self.settled = ~self.rows | ~self.editable.any(dim=-1)  # (B,)
+        self.post_steps = torch.zeros_like(self.max_post_steps)
+        self.began_clean = torch.zeros_like(self.rows)  # the last pass began with no mask
+        self.edited = torch.zeros_like(self.rows)  # the last pass changed a token
 
-    def left(self, mask_index: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
-        return torch.where(self.rows, mask_index, left)
+    def start(self, mask_index: torch.Tensor, working: torch.Tensor, *, look_only: bool = False) -> torch.Tensor:
+        """(B,) bool: who works in the pass that begins with ``mask_index``: ``working`` for the rows
+        that do not edit. Advances the state unless ``look_only`` (the host's look after a step)."""
+        settled = self.settled | (self.began_clean & ~self.edited)
+        clean = ~mask_index.any(dim=-1)
+        post_steps = self.post_steps + (clean & ~settled).long()
+        settled = settled | (post_steps > self.max_post_steps)
+        if not look_only:
+            self.settled.copy_(settled)
+            self.post_steps.copy_(post_steps)
+            self.began_clean.copy_(clean)
+        return torch.where(self.rows, ~settled, working)
 
-    def last_edits(self) -> list[torch.Tensor]:
-        """The last pass's edits, to ride the step's one host sync (zeros before the first)."""
-        edited = self.edited if self.edited is not None else torch.zeros_like(self.rows[:, 0])
-        return [edited.to(torch.long)]
-
-    def working(self, has_mask: list[bool], masked_counts: list[int], last_edits: list[int]) -> list[bool]:
-        """Which rows work this pass: as ``has_mask`` for rows that do not edit; for rows that do,
-        those not yet settled, from the masks they begin it with and the last pass's edits."""
-        for r, edits_row in enumerate(self.edits):
-            if not edits_row or self.settled[r]:
-                continue
-            if self.began_clean[r] and not last_edits[r]:
-                self.settled[r] = True
-            elif masked_counts[r] == 0:
-                self.post_steps[r] += 1
-                self.settled[r] = self.post_steps[r] > self.max_post_steps[r]
-        return [not self.settled[r] if e else has_mask[r] for r, e in enumerate(self.edits)]
-
-    def editable_now(self, has_mask: list[bool]) -> torch.Tensor:
+    def editable_now(self, working: torch.Tensor) -> torch.Tensor:
         """(B, K): what this pass may edit; a settled row's tokens are final while batch-mates work on."""
-        return self.editable & torch.tensor(has_mask, device=self.editable.device)[:, None]
+        return self.editable & working[:, None]
 
-    def any_working(self, has_mask: list[bool]) -> bool:
-        return any(working and e for working, e in zip(has_mask, self.edits))
-
-    def stepped(self, edited: torch.Tensor | None, masked_counts: list[int]) -> None:
-        self.edited = edited
-        self.began_clean = [count == 0 for count in masked_counts]
+    def stepped(self, edited: torch.Tensor | None) -> None:
+        self.edited.copy_(edited if edited is not None else torch.zeros_like(self.edited))
 
 
 class GreedyBlockSteps:
@@ -438,17 +423,8 @@ class GreedyBlockSteps:
             raise ValueError("GreedyBlockSteps serves rows at temperature 0 only")
         self.first_allowed, self.first_slot, self.history = first_allowed, first_slot, history
         self.kept = kept  # as denoise_block's
-        # Rows that edit (LLaDA2.1): BlockEditing's rule with its state on the device, decided inside
-        # the step, so the step stays one graph.
-        self.editing = None
-        if self.rules.any_editing:
-            rows_t = torch.tensor(self.rules.edits, device=block.device)  # (B,)
-            self.editing = dict(rows=rows_t, editable=(block == mask_token_id) & rows_t[:, None],
-                                max_post=torch.tensor(self.rules.max_post_steps, device=block.device),
-                                post=torch.zeros(size, dtype=torch.long, device=block.device),
-                                began_clean=torch.zeros(size, dtype=torch.bool, device=block.device),
-                                edited=torch.zeros(size, dtype=torch.bool, device=block.device))
-            self.editing["settled"] = ~rows_t | ~self.editing["editable"].any(dim=-1)
+        # Rows that edit (LLaDA2.1): their state lives on the device, decided inside the step.
+        self.editing = BlockEditing(self.rules, block == mask_token_id) if self.rules.any_editing else None
         # A shifted model (Fast-dLLM v2) reads a position's logits one position back; the last
         # position's own logits (B, V) are kept for the next block's first token (scheduler.py).
         self.logits_shift = logits_shift
@@ -465,12 +441,8 @@ class GreedyBlockSteps:
         working = self._left(self.block, mask_index).any(dim=-1)  # (B,)
         editable = None
         if self.editing is not None:
-            working, settled, post = self._editing_start(mask_index, working)
-            e = self.editing
-            e["settled"].copy_(settled)
-            e["post"].copy_(post)
-            e["began_clean"].copy_(~mask_index.any(dim=-1))
-            editable = e["editable"] & working[:, None]
+            working = self.editing.start(mask_index, working)
+            editable = self.editing.editable_now(working)
         logits = forward_block(self.block)
         if self.logits_shift:  # a block's first position is never masked: its row is a filler
             self.last_logits = logits[:, -1]
@@ -480,31 +452,20 @@ class GreedyBlockSteps:
         edited = commit_step(self.block, logits, self.slots, mask_index, num_transfer, self.rules,
                              mask_token_id=self.mask_token_id, first_allowed=self.first_allowed,
                              first_slot=self.first_slot, history=self.history, editable=editable)
-        if edited is not None:
-            self.editing["edited"].copy_(edited)
+        if self.editing is not None:
+            self.editing.stepped(edited)
         self.passes += working
         self.step += 1
 
     def _left(self, block: torch.Tensor, mask_index: torch.Tensor) -> torch.Tensor:
         return mask_index if self.kept is None else self.kept.masks_left(block, mask_index)
 
-    def _editing_start(self, mask_index: torch.Tensor, working: torch.Tensor):
-        """BlockEditing.working on the device: (working, settled, post steps) at a step's start. An
-        editing row works until a pass that began with no mask changed nothing, or until more than
-        its max_post_steps passes would begin with no mask; the other rows as ``working`` says."""
-        e = self.editing
-        settled = e["settled"] | (e["began_clean"] & ~e["edited"])
-        clean = ~mask_index.any(dim=-1)
-        post = e["post"] + (clean & ~settled).long()
-        settled = settled | (post > e["max_post"])
-        return torch.where(e["rows"], ~settled, working), settled, post
-
     def _anyone_works(self) -> bool:
         """Whether the next step has a row that works: the host's look after a step (a sync)."""
         mask_index = self.block == self.mask_token_id
         working = self._left(self.block, mask_index).any(dim=-1)
         if self.editing is not None:
-            working = self._editing_start(mask_index, working)[0]
+            working = self.editing.start(mask_index, working, look_only=True)
         return bool(working.any())
 
     def run(self, step: Callable[[], None]) -> list[int]:
