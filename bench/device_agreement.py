@@ -2,8 +2,10 @@
 
     python bench/device_agreement.py --device cuda [--prompts 16] [--new-tokens 64] [--batch 8]
                                      [--random-shape 512x8x8 [--family sdar|llada2] [--block-length 4]]
+                                     [--sampler "threshold 0.5 edit 0.3"]
 
-Greedy reference sampling on the built-in model (or --model PATH, or random weights of the built-in
+Greedy sampling (reference unless --sampler names another, as bench/quality.py's labels: e.g.
+LLaDA2.1's editing, whose state a captured step keeps on the device) on the built-in model (or --model PATH, or random weights of the built-in
 or SDAR architecture at --random-shape, made once on the CPU so every copy has the same weights),
 exact block cache, held-out function prompts. Prints, for each comparison, how many requests came out token for token equal
 and the mean position of the first differing token among those that did not:
@@ -27,6 +29,7 @@ import torch
 
 from common.settings import Settings
 from engine import with_random_weights  # bench/ is the script's folder, so first on sys.path
+from quality import sampler_options
 from training.completions import function_prompts
 from training.corpus import list_sources, split
 from worker.engine.engine import Engine
@@ -34,10 +37,13 @@ from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
 
 
+SAMPLER = {"sampler": "reference"}  # main() sets --sampler's options
+
+
 def generate(loaded, prompts, new_tokens: int, batch: int, cache: str = "exact",
              graphs: bool | None = None) -> list[list[int]]:
     engine = Engine(loaded, max_batch_size=batch, cache=cache, graphs=graphs)
-    params = SamplingParams(max_tokens=new_tokens, sampler="reference", block_length=engine.default_block_length)
+    params = SamplingParams(max_tokens=new_tokens, block_length=engine.default_block_length, **SAMPLER)
     requests = [GenerationRequest(engine.encode_completion(p), params) for p in prompts]
     return [list(r.token_ids) for r in engine.generate(requests)]
 
@@ -59,7 +65,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--random-shape", help="HIDDENxLAYERSxHEADS: random weights instead of the checkpoint's")
     parser.add_argument("--family", default="block_causal", choices=["block_causal", "sdar", "llada2"],
                         help="with --random-shape: the built-in architecture, SDAR's or LLaDA2's")
+    parser.add_argument("--sampler", default="reference", help="a bench/quality.py label, run greedily")
     args = parser.parse_args(argv[1:])
+    SAMPLER.update(sampler_options(args.sampler))
     path = args.model or str(Settings().model_path)
     prompts = [p.prompt for p in function_prompts(split(list_sources())[1], limit=args.prompts)]
     cpu = load_model(path, device="cpu", dtype="float32")
@@ -75,7 +83,7 @@ def main(argv: list[str]) -> int:
     else:
         exact = load_model(path, device=args.device, dtype="float32")
         native = load_model(path, device=args.device)
-    print(f"model {path}; {len(prompts)} prompts, {args.new_tokens} new tokens, greedy reference sampler; "
+    print(f"model {path}; {len(prompts)} prompts, {args.new_tokens} new tokens, greedy {args.sampler!r}; "
           f"device {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else ''}), "
           f"default dtype {next(native.model.parameters()).dtype}")
     on_cpu = generate(cpu, prompts, args.new_tokens, args.batch)
