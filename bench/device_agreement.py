@@ -5,9 +5,9 @@
                                      [--sampler "threshold 0.5 edit 0.3"]
 
 Greedy sampling (reference unless --sampler names another, as bench/quality.py's labels: e.g.
-LLaDA2.1's editing, whose state a captured step keeps on the device) on the built-in model (or --model PATH, or random weights of the built-in
-or SDAR architecture at --random-shape, made once on the CPU so every copy has the same weights),
-exact block cache, held-out function prompts. Prints, for each comparison, how many requests came out token for token equal
+LLaDA2.1's editing, whose state a captured step keeps on the device) on the built-in model (or
+--model PATH, or random weights of the built-in or SDAR architecture at --random-shape, made once
+on the CPU so every copy has the same weights), exact block cache, held-out function prompts. Prints, for each comparison, how many requests came out token for token equal
 and the mean position of the first differing token among those that did not:
   - the device in float32 against the CPU in float32 (kernels differ, so ties may break apart);
   - on the device, a batch of N against N batches of 1, in float32 and in the device's default dtype;

@@ -47,7 +47,8 @@ class DiffusionOptions(_Strict):
     factor: float | None = Field(None, gt=0.0, description="factor sampler: (n + 1)(1 - c_n) < factor")
     # LLaDA2.1's token editing (README): generated tokens of the active block the model now predicts
     # otherwise, at this confidence, are replaced; then up to max_post_steps passes once it has no mask.
-    editing_threshold: float | None = Field(None, gt=0.0, le=1.0, description="threshold sampler: edit at this confidence")
+    editing_threshold: float | None = Field(None, gt=0.0, le=1.0,
+                                            description="threshold sampler: edit at this confidence")
     max_post_steps: int | None = Field(None, ge=0, le=1024, description="with editing: passes after the last mask")
 
     # DiffusionGemma; unset = the checkpoint's generation_config.json.
