@@ -151,6 +151,24 @@ def test_sampling_rows_get_the_same_tokens_with_the_graph_protocol(fast_dllm):
     assert [(r.token_ids, r.forward_passes) for r in eager] == [(r.token_ids, r.forward_passes) for r in graphed]
 
 
+def test_editing_rows_get_their_tokens_alone_and_with_the_graph_protocol(fast_dllm):
+    """Token editing (LLaDA2.1's rule) on a shifted model with sub-blocks: it edits (the tokens
+    differ from threshold alone), and a row gets the same tokens and passes alone, in a batch,
+    eagerly or through the graph protocol."""
+    loaded, _ = fast_dllm
+    prompts = [[(3 + 11 * n + 7 * i) % 250 + 10 for i in range(n)] for n in PROMPT_LENGTHS]
+    editing = dict(block_length=BLOCK, sampler="threshold", threshold=0.5, editing_threshold=0.1, max_post_steps=2)
+    requests = [GenerationRequest(p, SamplingParams(max_tokens=12, **editing)) for p in prompts]
+    eager, graphed = (Engine(loaded, max_batch_size=3, graphs=graphs).generate(requests) for graphs in (False, True))
+    alone = [Engine(loaded, max_batch_size=1).generate([r])[0] for r in requests]
+    runs = [[(r.token_ids, r.forward_passes) for r in run] for run in (eager, graphed, alone)]
+    assert runs[0] == runs[1] == runs[2]
+    plain = Engine(loaded, max_batch_size=3).generate(
+        [GenerationRequest(p, SamplingParams(max_tokens=12, block_length=BLOCK, sampler="threshold", threshold=0.5))
+         for p in prompts])
+    assert any(e.token_ids != p.token_ids for e, p in zip(eager, plain))
+
+
 @pytest.mark.parametrize("length", [16, 6])  # the first token autoregressive, or denoised after a lead
 def test_token_healing_binds_the_first_generated_token(fast_dllm, length):
     loaded, _ = fast_dllm
