@@ -97,6 +97,24 @@ class DiffusionOptions(_Strict):
             raise ValueError("max_post_steps applies with editing_threshold only")
         return self
 
+    def with_server_defaults(self, defaults: DiffusionOptions | None) -> DiffusionOptions:
+        """These options, the fields a request left unset taken from the server's ``defaults``
+        (DIFFBATCH_DIFFUSION). The defaults' sampler options go with their sampler: a request that
+        names another sampler gets none of them. ValueError naming the field if the two together
+        do not fit (e.g. the request's steps beyond the server's block_length)."""
+        if defaults is None:
+            return self
+        given, base = self.model_dump(exclude_unset=True), defaults.model_dump(exclude_unset=True)
+        if given.get("sampler", base.get("sampler")) != base.get("sampler"):
+            base = {name: value for name, value in base.items() if name != "sampler" and name not in SAMPLER_OPTIONS}
+        try:
+            return DiffusionOptions.model_validate({**base, **given})
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in ("diffusion", *first["loc"]))
+            raise ValueError(f"{where}: {first['msg']} (with this server's default diffusion options "
+                             f"{json.dumps(base)})") from None
+
     def with_default_sampler(self, default: str) -> DiffusionOptions:
         """These options with an unset sampler replaced by the model's ``default``; ValueError (a
         pydantic ValidationError) if an option does not belong to that sampler."""

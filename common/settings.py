@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import model_validator
+from pydantic import ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.lines import DiffusionOptions
 
 BUILTIN_MODEL = "builtin"
 # The checkpoint this project trained and ships (package data of worker.engine.builtin; only its
@@ -34,6 +36,10 @@ class Settings(BaseSettings):
     # On a CUDA device, capture each round's denoising step as a CUDA graph (block-causal models with
     # the exact cache; worker/engine/cuda_graph.py). False runs every step eagerly.
     cuda_graphs: bool = True
+    # The body.diffusion options a request leaves unset, as JSON (e.g. '{"sampler": "threshold",
+    # "threshold": 0.7, "editing_threshold": 0.5}' to serve LLaDA2.1 with its own decoding to clients
+    # that send plain OpenAI bodies); None: the checkpoint's defaults (README: Models).
+    diffusion: dict[str, Any] | None = None
     chunk_size: int = 64  # requests per Celery message
     max_attempts: int = 3  # claims of one request before it ends as an error line
     heartbeat_s: int = 10
@@ -43,6 +49,24 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     dedupe_window_s: int = 10  # identical batch creates this close together return the first batch
+
+    @model_validator(mode="after")
+    def _diffusion_defaults_are_options(self) -> Settings:
+        self.diffusion_defaults  # raises, naming the variable and the field
+        return self
+
+    @property
+    def diffusion_defaults(self) -> DiffusionOptions | None:
+        if self.diffusion is None:
+            return None
+        if "template" in self.diffusion:
+            raise ValueError("DIFFBATCH_DIFFUSION: template is a request's own, not a default")
+        try:
+            return DiffusionOptions.model_validate(self.diffusion)
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise ValueError(f"DIFFBATCH_DIFFUSION: {'.'.join(map(str, first['loc'])) or 'options'}: "
+                             f"{first['msg']}") from None
 
     @model_validator(mode="after")
     def _chunk_fills_a_batch(self) -> Settings:

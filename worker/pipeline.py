@@ -44,7 +44,8 @@ def _process(rt: Runtime, chunk_id: int, model: str, claimed: list[Request]) -> 
                              f"Gave up after {rt.settings.max_attempts} attempts (the worker kept failing).")
             continue
         try:
-            runnable.append((request, to_generation_request(rt.engine, request.url, request.body)))
+            runnable.append((request, to_generation_request(rt.engine, request.url, request.body,
+                                                            rt.settings.diffusion_defaults)))
         except ValueError as exc:
             code, param = error_code_and_param(exc, request.url)
             written += _fail(rt, request, code, f"{param}: {exc}")

@@ -7,14 +7,17 @@ import re
 from typing import Any
 
 from common.ids import new_id, now
-from common.lines import CompletionBody, parse_body
+from common.lines import CompletionBody, DiffusionOptions, parse_body
 from worker.engine.params import ContextLengthError, GenerationRequest, GenerationResult, SamplingParams
 
 
-def to_generation_request(engine, url: str, body: dict[str, Any]) -> GenerationRequest:
-    """Raise ValueError (a per-line error) if the body cannot run on this engine."""
+def to_generation_request(engine, url: str, body: dict[str, Any],
+                          defaults: DiffusionOptions | None = None) -> GenerationRequest:
+    """Raise ValueError (a per-line error) if the body cannot run on this engine. ``defaults``: the
+    server's diffusion options for what the body leaves unset (Settings.diffusion_defaults); then
+    the checkpoint's sampler and block."""
     parsed = parse_body(url, body)
-    options = parsed.diffusion.with_default_sampler(engine.default_sampler)
+    options = parsed.diffusion.with_server_defaults(defaults).with_default_sampler(engine.default_sampler)
     healing = None
     if isinstance(parsed, CompletionBody):
         prompt_ids, max_tokens = engine.encode_completion(parsed.prompt), parsed.max_tokens

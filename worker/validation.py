@@ -131,7 +131,7 @@ def _request_row(batch_id: str, chunk_id: int, item: ParsedLine) -> dict:
 
 def _fits_model(rt: Runtime, item: ParsedLine) -> LineError | None:
     try:
-        to_generation_request(rt.engine, item.url, item.body)
+        to_generation_request(rt.engine, item.url, item.body, rt.settings.diffusion_defaults)
     except ValueError as exc:
         code, param = error_code_and_param(exc, item.url)
         return LineError(item.line, code, f"Line {item.line}: {param}: {exc}", param)

@@ -1,0 +1,63 @@
+"""DIFFBATCH_DIFFUSION: the server's diffusion options for what a request leaves unset, so clients
+that send plain OpenAI bodies get the decoding the operator chose (e.g. LLaDA2.1's editing)."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.lines import DiffusionOptions
+from common.settings import Settings
+from tests.harness import Service, completion_line
+
+SERVER = {"sampler": "threshold", "threshold": 0.3, "block_length": 4}
+
+
+def merged(request: dict, server: dict = SERVER) -> dict:
+    options = DiffusionOptions.model_validate(request).with_server_defaults(DiffusionOptions.model_validate(server))
+    return options.model_dump(exclude_unset=True)
+
+
+def test_unset_fields_take_the_servers_and_its_sampler_options_go_with_its_sampler():
+    assert merged({}) == SERVER
+    assert merged({"threshold": 0.8}) == {**SERVER, "threshold": 0.8}
+    assert merged({"sampler": "threshold"}) == SERVER
+    # Another sampler keeps the server's block but none of its threshold options.
+    assert merged({"sampler": "reference", "steps": 2}) == {"sampler": "reference", "steps": 2, "block_length": 4}
+    assert merged({"sampler": "factor"}) == {"sampler": "factor", "block_length": 4}
+    editing = {"sampler": "threshold", "threshold": 0.7, "editing_threshold": 0.5}
+    assert merged({"editing_threshold": 0.6, "max_post_steps": 4}, editing) == {
+        **editing, "editing_threshold": 0.6, "max_post_steps": 4}
+
+
+def test_a_request_that_does_not_fit_the_servers_options_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match=r"diffusion\.steps: .*block_length \(4\).*server's default"):
+        merged({"steps": 8})
+
+
+def test_the_variable_is_json_and_bad_options_are_refused_at_startup(monkeypatch):
+    monkeypatch.setenv("DIFFBATCH_DIFFUSION", '{"sampler": "threshold", "threshold": 0.7, "editing_threshold": 0.5}')
+    assert Settings().diffusion_defaults.editing_threshold == 0.5
+    for value, named in [('{"sampler": "threshold", "threshold": 1.5}', "threshold"),
+                         ('{"sampler": "reference", "editing_threshold": 0.5}', "editing_threshold applies"),
+                         ('{"template": "x = {{fill:2}}"}', "template")]:
+        monkeypatch.setenv("DIFFBATCH_DIFFUSION", value)
+        with pytest.raises(ValueError, match=f"DIFFBATCH_DIFFUSION: .*{named}"):
+            Settings()
+
+
+def test_the_worker_applies_them_to_plain_bodies(tmp_path, tiny_model):
+    """Through the service: a plain line decodes as one naming the server's options, and not as one
+    naming others; a line whose steps exceed the server's block fails validation naming the field."""
+    with Service.embedded(tmp_path, tiny_model, diffusion=SERVER) as service:
+        lines = [completion_line("plain", max_tokens=12), completion_line("named", max_tokens=12, diffusion=SERVER),
+                 completion_line("other", max_tokens=12, diffusion={"sampler": "reference", "block_length": 32})]
+        batch = service.wait(service.submit(lines)["id"])
+        assert batch["status"] == "completed", batch
+        out = {line["custom_id"]: line["response"]["body"] for line in service.lines_of(batch["output_file_id"])}
+        assert out["plain"]["choices"] == out["named"]["choices"]
+        assert out["plain"]["usage"]["diffusion"]["forward_passes"] == out["named"]["usage"]["diffusion"]["forward_passes"]
+        assert out["plain"]["choices"] != out["other"]["choices"]
+
+        failed = service.wait(service.submit([completion_line("long steps", diffusion={"steps": 8})])["id"])
+        error = failed["errors"]["data"][0]
+        assert failed["status"] == "failed" and error["param"] == "body.diffusion.steps", error
