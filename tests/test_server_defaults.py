@@ -34,6 +34,20 @@ def test_a_request_that_does_not_fit_the_servers_options_is_refused_naming_the_f
         merged({"steps": 8})
 
 
+def test_an_engine_refusal_names_the_servers_options(tiny_model):
+    """Options that fit the wire format but not the served model read as the server's, not the client's."""
+    from worker.engine.engine import Engine
+    from worker.engine.loader import load_model
+    from worker.responses import to_generation_request
+
+    engine = Engine(load_model(str(tiny_model)))
+    body = completion_line("x")["body"]
+    server = DiffusionOptions.model_validate({"sampler": "threshold", "editing_threshold": 0.5})
+    with pytest.raises(ValueError, match=r"does not combine with frequency_penalty.*server's default diffusion"):
+        to_generation_request(engine, "/v1/completions", {**body, "presence_penalty": 0.5}, server)
+    assert to_generation_request(engine, "/v1/completions", body, server).params.editing_threshold == 0.5
+
+
 def test_the_variable_is_json_and_bad_options_are_refused_at_startup(monkeypatch):
     monkeypatch.setenv("DIFFBATCH_DIFFUSION", '{"sampler": "threshold", "threshold": 0.7, "editing_threshold": 0.5}')
     assert Settings().diffusion_defaults.editing_threshold == 0.5

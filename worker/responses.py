@@ -41,7 +41,14 @@ def to_generation_request(engine, url: str, body: dict[str, Any],
         template_ids = engine.encode_template(options.template)
         params = dataclasses.replace(params, max_tokens=len(template_ids))  # the template sets the length
     request = GenerationRequest(prompt_ids=prompt_ids, params=params, template_ids=template_ids, healing=healing)
-    engine.check(request)
+    try:
+        engine.check(request)
+    except ValueError as error:
+        if defaults is None or isinstance(error, ContextLengthError):
+            raise
+        # The operator's options may be what does not fit this model: say so, or it reads as the client's.
+        raise ValueError(f"{error} (with this server's default diffusion options "
+                         f"{defaults.model_dump_json(exclude_unset=True)})") from None
     return request
 
 
