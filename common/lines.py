@@ -93,8 +93,6 @@ class DiffusionOptions(_Strict):
                 raise ValueError(f"{option} applies to sampler {names}, not {self.sampler!r}")
         if self.t_min is not None and self.t_max is not None and self.t_max <= self.t_min:
             raise ValueError("t_max must be greater than t_min")
-        if self.max_post_steps is not None and self.editing_threshold is None:
-            raise ValueError("max_post_steps applies with editing_threshold only")
         return self
 
     def with_server_defaults(self, defaults: DiffusionOptions | None) -> DiffusionOptions:

@@ -25,8 +25,7 @@ def test_unset_fields_take_the_servers_and_its_sampler_options_go_with_its_sampl
     assert merged({"sampler": "reference", "steps": 2}) == {"sampler": "reference", "steps": 2, "block_length": 4}
     assert merged({"sampler": "factor"}) == {"sampler": "factor", "block_length": 4}
     editing = {"sampler": "threshold", "threshold": 0.7, "editing_threshold": 0.5}
-    assert merged({"editing_threshold": 0.6, "max_post_steps": 4}, editing) == {
-        **editing, "editing_threshold": 0.6, "max_post_steps": 4}
+    assert merged({"max_post_steps": 4}, editing) == {**editing, "max_post_steps": 4}
 
 
 def test_a_request_that_does_not_fit_the_servers_options_is_refused_naming_the_field():
@@ -46,6 +45,11 @@ def test_an_engine_refusal_names_the_servers_options(tiny_model):
     with pytest.raises(ValueError, match=r"does not combine with frequency_penalty.*server's default diffusion"):
         to_generation_request(engine, "/v1/completions", {**body, "presence_penalty": 0.5}, server)
     assert to_generation_request(engine, "/v1/completions", body, server).params.editing_threshold == 0.5
+    tuned = to_generation_request(engine, "/v1/completions", {**body, "diffusion": {"max_post_steps": 3}}, server)
+    assert (tuned.params.editing_threshold, tuned.params.max_post_steps) == (0.5, 3)
+    with pytest.raises(ValueError, match="diffusion.max_post_steps applies with diffusion.editing_threshold only"):
+        to_generation_request(engine, "/v1/completions", {**body, "diffusion": {"sampler": "threshold",
+                                                                                "max_post_steps": 3}})
 
 
 def test_the_variable_is_json_and_bad_options_are_refused_at_startup(monkeypatch):

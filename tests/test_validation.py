@@ -66,7 +66,7 @@ CASES = {
     "editing out of range": (_raw(completion_line("a", diffusion={"sampler": "threshold", "editing_threshold": 0})),
                              1, "invalid_value", "body.diffusion.editing_threshold"),
     "post steps without editing": (_raw(completion_line("a", diffusion={"sampler": "threshold", "max_post_steps": 4})),
-                                   1, "invalid_value", "body.diffusion"),
+                                   1, "invalid_request", "body.diffusion.max_post_steps"),
     "template without a hole": (_raw(completion_line("a", diffusion={"template": "x = 1"})), 1,
                                 "invalid_value", "body.diffusion.template"),
     "template with stop": (_raw(completion_line("a", stop=["\n"], diffusion={"template": "x = {{fill:2}}"})), 1,
