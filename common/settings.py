@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ValidationError, model_validator
+from pydantic import PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.lines import DiffusionOptions
@@ -50,23 +50,26 @@ class Settings(BaseSettings):
     api_port: int = 8000
     dedupe_window_s: int = 10  # identical batch creates this close together return the first batch
 
+    _diffusion_defaults: DiffusionOptions | None = PrivateAttr(default=None)
+
     @model_validator(mode="after")
     def _diffusion_defaults_are_options(self) -> Settings:
-        self.diffusion_defaults  # raises, naming the variable and the field
-        return self
-
-    @property
-    def diffusion_defaults(self) -> DiffusionOptions | None:
+        """Checked once, at startup, naming the variable and the field; then read per request."""
         if self.diffusion is None:
-            return None
+            return self
         if "template" in self.diffusion:
             raise ValueError("DIFFBATCH_DIFFUSION: template is a request's own, not a default")
         try:
-            return DiffusionOptions.model_validate(self.diffusion)
+            self._diffusion_defaults = DiffusionOptions.model_validate(self.diffusion)
         except ValidationError as error:
             first = error.errors()[0]
             raise ValueError(f"DIFFBATCH_DIFFUSION: {'.'.join(map(str, first['loc'])) or 'options'}: "
                              f"{first['msg']}") from None
+        return self
+
+    @property
+    def diffusion_defaults(self) -> DiffusionOptions | None:
+        return self._diffusion_defaults
 
     @model_validator(mode="after")
     def _chunk_fills_a_batch(self) -> Settings:
