@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from common.settings import CONTROL_QUEUE, Settings
 
 
@@ -19,7 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("httpx", "alembic"):  # one line per poll or migration step drowns the progress bar
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    settings = Settings(**({"data_dir": args.data_dir} if getattr(args, "data_dir", None) else {}))
+    try:
+        settings = Settings(**({"data_dir": args.data_dir} if getattr(args, "data_dir", None) else {}))
+    except ValidationError as error:  # a DIFFBATCH_* variable: say which, not a traceback
+        for problem in error.errors():  # a check across settings names its variables itself
+            where = f"DIFFBATCH_{'_'.join(map(str, problem['loc'])).upper()}: " if problem["loc"] else ""
+            print(f"diffbatch: {where}{problem['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return 2
     return args.handler(settings, args) or 0
 
 

@@ -51,6 +51,21 @@ def test_run_reports_a_failed_batch_and_exits_non_zero(tmp_path, tiny_model):
     assert "failed" in result.stderr and "Line 1: method: Field required" in result.stderr
 
 
+@pytest.mark.parametrize("variable,value,said", [
+    ("DIFFBATCH_DIFFUSION", '{"sampler": "threshold", "threshold": 1.5}',
+     "DIFFBATCH_DIFFUSION: threshold: Input should be"),
+    ("DIFFBATCH_MAX_BATCH_SIZE", "abc", "DIFFBATCH_MAX_BATCH_SIZE: Input should be a valid integer"),
+    ("DIFFBATCH_CHUNK_SIZE", "1", "DIFFBATCH_CHUNK_SIZE (1) must be at least DIFFBATCH_MAX_BATCH_SIZE (32)"),
+])
+def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path, variable, value, said):
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "run", "examples/batch.jsonl", "-o", str(tmp_path / "out.jsonl"),
+         "--data-dir", str(tmp_path / "data")],
+        cwd=REPO, env=_env(**{variable: value}), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"diffbatch: {said}") and "Traceback" not in result.stderr, result.stderr
+
+
 @pytest.fixture
 def served(tmp_path, tiny_model):
     port = free_port()
