@@ -18,8 +18,6 @@ def to_generation_request(engine, url: str, body: dict[str, Any],
     the checkpoint's sampler and block."""
     parsed = parse_body(url, body)
     options = parsed.diffusion.with_server_defaults(defaults).with_default_sampler(engine.default_sampler)
-    if options.max_post_steps is not None and options.editing_threshold is None:  # known only after the defaults
-        raise ValueError("diffusion.max_post_steps applies with diffusion.editing_threshold only")
     healing = None
     if isinstance(parsed, CompletionBody):
         prompt_ids, max_tokens = engine.encode_completion(parsed.prompt), parsed.max_tokens

@@ -55,8 +55,9 @@ class SamplingParams:
     # threshold sampler, LLaDA2.1's token editing: a generated token of the active block is replaced
     # by the model's prediction there when that differs and has at least this confidence; None = off.
     editing_threshold: float | None = None
-    # With editing: passes a block may run after its last mask is filled, while tokens still change.
-    max_post_steps: int = 16
+    # With editing: passes a block may run after its last mask is filled, while tokens still change
+    # (None: LLaDA2.1's 16); without editing it is an error, not silently unused.
+    max_post_steps: int | None = None
     # DiffusionGemma: most denoising steps per canvas, the entropy bound of the acceptance rule, and
     # the linear temperature schedule's last (t_min) and first (t_max) temperatures.
     max_steps: int | None = None
@@ -77,6 +78,11 @@ class SamplingParams:
     @property
     def edits(self) -> bool:
         return self.editing_threshold is not None
+
+    @property
+    def post_steps_limit(self) -> int:
+        """An editing row's passes after its block's last mask, at most (0 for a row that does not edit)."""
+        return 0 if not self.edits else 16 if self.max_post_steps is None else self.max_post_steps
 
     @property
     def steps_per_block(self) -> int:
@@ -128,8 +134,11 @@ class SamplingParams:
             if self.penalised:  # a committed token would count against itself where it stands
                 raise ValueError("diffusion.editing_threshold does not combine with frequency_penalty or "
                                  "presence_penalty: a token would count against itself where it stands")
-        if not _is_int(self.max_post_steps) or not 0 <= self.max_post_steps <= 1024:
-            raise ValueError("diffusion.max_post_steps must be an integer in [0, 1024]")
+        if self.max_post_steps is not None:
+            if not _is_int(self.max_post_steps) or not 0 <= self.max_post_steps <= 1024:
+                raise ValueError("diffusion.max_post_steps must be an integer in [0, 1024]")
+            if not self.edits:
+                raise ValueError("diffusion.max_post_steps applies with diffusion.editing_threshold only")
         self._validate_diffusion_gemma_options()
 
     def _validate_diffusion_gemma_options(self) -> None:

@@ -211,7 +211,7 @@ class BlockRules:
         self.any_editing = any(self.edits)
         self.editing_t = as_tensor([float(p.editing_threshold) if p.edits else float("inf") for p in rows],
                                    torch.float64)  # (B,)
-        self.max_post_steps = [p.max_post_steps if p.edits else 0 for p in rows]
+        self.max_post_steps = [p.post_steps_limit for p in rows]
         self.penalised = any(p.penalised for p in rows)
         self.frequency_t = as_tensor([float(p.frequency_penalty) for p in rows], torch.float64)  # (B,)
         self.presence_t = as_tensor([float(p.presence_penalty) for p in rows], torch.float64)  # (B,)
