@@ -1,12 +1,12 @@
 """Does the engine give the same tokens on an accelerator as on the CPU? One run, side by side.
 
     python bench/device_agreement.py --device cuda [--prompts 16] [--new-tokens 64] [--batch 8]
-                                     [--random-shape 512x8x8 [--family sdar|llada2] [--block-length 4]]
+                                     [--random-shape 512x8x8 [--family sdar|llada2|fast_dllm_v2]]
                                      [--sampler "threshold 0.5 edit 0.3"]
 
 Greedy sampling (reference unless --sampler names another, as bench/quality.py's labels: e.g.
 LLaDA2.1's editing, whose state a captured step keeps on the device) on the built-in model (or
---model PATH, or random weights of the built-in or SDAR architecture at --random-shape, made once
+--model PATH, or random weights of the built-in, SDAR, LLaDA2 or Fast-dLLM v2 architecture at --random-shape, made once
 on the CPU so every copy has the same weights), exact block cache, held-out function prompts. Prints, for each comparison, how many requests came out token for token equal
 and the mean position of the first differing token among those that did not:
   - the device in float32 against the CPU in float32 (kernels differ, so ties may break apart);
@@ -63,8 +63,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--random-shape", help="HIDDENxLAYERSxHEADS: random weights instead of the checkpoint's")
-    parser.add_argument("--family", default="block_causal", choices=["block_causal", "sdar", "llada2"],
-                        help="with --random-shape: the built-in architecture, SDAR's or LLaDA2's")
+    parser.add_argument("--family", default="block_causal", choices=["block_causal", "sdar", "llada2", "fast_dllm_v2"],
+                        help="with --random-shape: the built-in architecture, SDAR's, LLaDA2's or Fast-dLLM v2's")
     parser.add_argument("--sampler", default="reference", help="a bench/quality.py label, run greedily")
     args = parser.parse_args(argv[1:])
     SAMPLER.update(sampler_options(args.sampler))
@@ -95,8 +95,9 @@ def main(argv: list[str]) -> int:
     compare(f"{args.device} default dtype: batch {args.batch} vs batches of 1", native_batched,
             generate(native, prompts, args.new_tokens, 1))
     compare(f"{args.device} default dtype vs float32 (batch {args.batch})", native_batched, batched)
-    compare(f"{args.device} float32: block cache vs recompute (batch {args.batch})", batched,
-            generate(exact, prompts, args.new_tokens, args.batch, cache="none"))
+    if exact.family != "fast_dllm_v2":  # it runs with the exact cache only (engine.py)
+        compare(f"{args.device} float32: block cache vs recompute (batch {args.batch})", batched,
+                generate(exact, prompts, args.new_tokens, args.batch, cache="none"))
     compare(f"{args.device} float32: graph vs eager steps (batch {args.batch})", batched,
             generate(exact, prompts, args.new_tokens, args.batch, graphs=False))
     compare(f"{args.device} default dtype: graph vs eager steps (batch {args.batch})", native_batched,

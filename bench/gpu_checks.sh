@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Every GPU check the engine still owes, in one run that fits one device lease (about 8 minutes of
+# an H200's time; each step has its own time limit, so a slow step costs its own figures only).
+#
+#   device tool: run, command "bash bench/gpu_checks.sh", timeout_s 570
+#
+# Writes everything it prints to $OUT/gpu_checks.log. What it checks, in order of what a GPU
+# session most needs to know:
+#   1. the built-in model's speed, eager and CUDA-graph steps, against full recomputation and an
+#      autoregressive model of its shape, batch 1 and 32 (the engine issue's speed targets), with
+#      the host time each graph row spent outside replays (eager first steps and captures);
+#   2. the same tokens on the GPU as on the CPU, batched as alone, cached as recomputed, graph
+#      as eager: built-in model (reference), LLaDA2's editing (a captured step holds its state),
+#      Fast-dLLM v2 (shifted logits in the captured step), SDAR.
+# The device image has torch and transformers; a Python package it lacks is carried as a wheel in
+# .gpu_wheels/ (ignored by git; fill it here with `pip download --no-deps -d .gpu_wheels NAME`
+# and name .gpu_wheels in the run's carry).
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_checks}
+mkdir -p "$OUT"
+log=$OUT/gpu_checks.log
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+if compgen -G ".gpu_wheels/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-deps --no-index .gpu_wheels/*.whl 2>&1 | tail -3 | tee -a "$log"
+fi
+
+step() {  # step SECONDS COMMAND...: run it with a time limit, log it and its exit code
+    local limit=$1
+    shift
+    echo "### $*" | tee -a "$log"
+    timeout "$limit" "$@" 2>&1 | tee -a "$log"
+    echo "### exit ${PIPESTATUS[0]}" | tee -a "$log"
+}
+
+step 30 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers",
+    transformers.__version__, torch.cuda.get_device_name())'
+step 200 python3 bench/engine.py --device cuda --batches 1,32 --prompts 32 --new-tokens 256 \
+    --samplers "threshold 0.9" --block-lengths 16 --caches exact,graph --recompute-up-to 1
+step 60 python3 bench/device_agreement.py --device cuda
+step 60 python3 bench/device_agreement.py --device cuda --random-shape 512x8x8 --family llada2 \
+    --sampler "threshold 0.5 edit 0.3"
+step 60 python3 bench/device_agreement.py --device cuda --random-shape 512x8x8 --family fast_dllm_v2 \
+    --sampler "threshold 0.9"
+step 60 python3 bench/device_agreement.py --device cuda --random-shape 512x8x8 --family sdar
