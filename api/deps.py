@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
 from api.queue import Queue
@@ -34,3 +34,6 @@ SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 QueueDep = Annotated[Queue, Depends(get_queue)]
+# A retried POST sends the same key (README); the column holds 255 characters, so a longer key is a
+# 400 naming the header, not a database error.
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]

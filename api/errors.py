@@ -23,8 +23,8 @@ class ApiError(Exception):
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None):
-    body = {"error": {"message": message, "type": TYPE_FOR_STATUS.get(status, "server_error"),
-                      "param": param, "code": code}}
+    kind = TYPE_FOR_STATUS.get(status, "invalid_request_error" if status < 500 else "server_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status)
 
 
@@ -36,8 +36,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
         first = exc.errors()[0]
-        loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
-        param = ".".join(loc) or None
+        if first.get("type") == "json_invalid":  # its loc is the character offset, not a field
+            return error_response(400, f"The request body is not valid JSON: {first.get('ctx', {}).get('error')}.",
+                                  "body", "invalid_json")
+        where = first.get("loc", ())
+        loc = [str(part) for part in where if part not in ("body", "query", "path", "header")]
+        param = ".".join(loc) or (str(where[0]) if where else None)  # a missing body is named "body"
         return error_response(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")),
                               param, "invalid_request")
 

@@ -183,6 +183,13 @@ class _Line(_Strict):
     url: Literal[ENDPOINTS]  # type: ignore[valid-type]
     body: dict[str, Any]
 
+    @field_validator("custom_id")
+    @classmethod
+    def _no_nul(cls, custom_id: str) -> str:
+        if "\x00" in custom_id:  # PostgreSQL's text cannot hold it
+            raise ValueError("must not contain the NUL character (\\u0000)")
+        return custom_id
+
 
 BODY_FOR_URL: dict[str, type[_SamplingBody]] = {
     "/v1/completions": CompletionBody, "/v1/chat/completions": ChatBody}
@@ -193,7 +200,7 @@ class ParsedLine:
     line: int
     custom_id: str
     url: str
-    body: dict[str, Any]  # the validated body, defaults filled in, as stored with the request
+    body: dict[str, Any]  # the validated body as sent (unset fields left out), as stored with the request
     model: str
 
 
@@ -221,6 +228,8 @@ def parse_line(raw: bytes, line: int) -> ParsedLine | LineError:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         return LineError(line, "invalid_json_line", f"Line {line}: not valid JSON: {exc.msg}.")
+    except (ValueError, RecursionError) as exc:  # a number of over 4,300 digits; nesting past the stack
+        return LineError(line, "invalid_json_line", f"Line {line}: not valid JSON here: {exc}.")
     if not isinstance(data, dict):
         return LineError(line, "invalid_json_line", f"Line {line}: must be a JSON object.")
     try:
@@ -231,8 +240,10 @@ def parse_line(raw: bytes, line: int) -> ParsedLine | LineError:
         body = parse_body(envelope.url, envelope.body)
     except ValidationError as exc:
         return _from_validation_error(exc, line, prefix="body.")
+    # Stored as sent (validated, unset fields left out): a default filled in here would read as set
+    # when the worker parses the body again, and win over the server's DIFFBATCH_DIFFUSION.
     return ParsedLine(line=line, custom_id=envelope.custom_id, url=envelope.url,
-                      body=body.model_dump(mode="json", exclude_none=True), model=body.model)
+                      body=body.model_dump(mode="json", exclude_unset=True), model=body.model)
 
 
 def _from_validation_error(exc: ValidationError, line: int, prefix: str) -> LineError:

@@ -69,6 +69,64 @@ def test_retried_create_returns_the_same_batch(api):
     assert len(api.client.get("/v1/batches").json()["data"]) == 3
 
 
+def test_a_key_sent_with_another_batch_is_a_409_not_the_first_batch(api):
+    first, second = api.upload(b"{}\n")["id"], api.upload(b"{}\n")["id"]
+    created = api.client.post("/v1/batches", json={"input_file_id": first, "endpoint": "/v1/completions"},
+                              headers={"Idempotency-Key": "nightly"})
+    reused = api.client.post("/v1/batches", json={"input_file_id": second, "endpoint": "/v1/chat/completions"},
+                             headers={"Idempotency-Key": "nightly"})
+    assert reused.status_code == 409, reused.text
+    error = reused.json()["error"]
+    assert error["code"] == "idempotency_key_reused" and error["param"] == "Idempotency-Key"
+    assert created.json()["id"] in error["message"]
+    assert len(api.client.get("/v1/batches").json()["data"]) == 1
+
+
+def test_overlong_key_or_filename_is_a_400_naming_it(api):
+    body = {"input_file_id": api.upload(b"{}\n")["id"], "endpoint": "/v1/completions"}
+    long_key = api.client.post("/v1/batches", json=body, headers={"Idempotency-Key": "k" * 256})
+    assert long_key.status_code == 400 and long_key.json()["error"]["param"] == "Idempotency-Key"
+    upload = api.client.post("/v1/files", files={"file": ("a.jsonl", b"{}\n")}, data={"purpose": "batch"},
+                             headers={"Idempotency-Key": "k" * 256})
+    assert upload.status_code == 400 and upload.json()["error"]["param"] == "Idempotency-Key"
+    named = api.client.post("/v1/files", files={"file": ("n" * 513 + ".jsonl", b"{}\n")}, data={"purpose": "batch"})
+    assert named.status_code == 400 and named.json()["error"]["code"] == "invalid_filename"
+    assert api.client.get("/v1/files").json()["data"] == [api.client.get(f"/v1/files/{body['input_file_id']}").json()]
+
+
+def test_a_raced_upload_with_the_same_key_answers_with_the_stored_file(api, monkeypatch):
+    """Two uploads with one key both miss the lookup; the second insert fails on the unique key and
+    must answer with the first file (not a 500) and keep no orphan blob."""
+    from db import repo
+
+    first = api.client.post("/v1/files", files={"file": ("a.jsonl", b"{}\n")}, data={"purpose": "batch"},
+                            headers={"Idempotency-Key": "upload-1"}).json()
+    real_lookup, lookups = repo.find_file_by_idempotency_key, []
+
+    def lookup_that_loses_the_race(session, *, key):
+        lookups.append(key)
+        return None if len(lookups) == 1 else real_lookup(session, key=key)
+
+    monkeypatch.setattr(repo, "find_file_by_idempotency_key", lookup_that_loses_the_race)
+    blobs_dir = api.client.app.state.blobs.root
+    blobs = sorted(p.name for p in blobs_dir.iterdir())
+    second = api.client.post("/v1/files", files={"file": ("a.jsonl", b"{}\n")}, data={"purpose": "batch"},
+                             headers={"Idempotency-Key": "upload-1"})
+    assert second.status_code == 200, second.text
+    assert second.json()["id"] == first["id"] and len(lookups) == 2
+    assert sorted(p.name for p in blobs_dir.iterdir()) == blobs
+
+
+def test_a_body_that_is_not_json_is_a_400_naming_the_body(api):
+    response = api.client.post("/v1/batches", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "body" and "not valid JSON" in response.json()["error"]["message"]
+    empty = api.client.post("/v1/batches")
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "body"
+    wrong_method = api.client.put("/v1/batches")
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_unknown_batch_is_a_404(api):
     for method, path in (("get", "/v1/batches/batch_nope"), ("post", "/v1/batches/batch_nope/cancel")):
         response = getattr(api.client, method)(path)

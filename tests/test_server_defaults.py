@@ -80,3 +80,21 @@ def test_the_worker_applies_them_to_plain_bodies(tmp_path, tiny_model):
         failed = service.wait(service.submit([completion_line("long steps", diffusion={"steps": 8})])["id"])
         error = failed["errors"]["data"][0]
         assert failed["status"] == "failed" and error["param"] == "body.diffusion.steps", error
+
+
+def test_a_server_default_that_turns_token_healing_off_holds_for_plain_lines(tmp_path):
+    """The stored body keeps only what the line set: token_healing's own default (true) written into
+    it would win over the server's false. (The built-in model: its byte-level BPE heals.)"""
+    from common.settings import BUILTIN_MODEL_PATH
+
+    with Service.embedded(tmp_path, BUILTIN_MODEL_PATH, diffusion={"token_healing": False}) as service:
+        prompt, model = "def fib(n):\n", service.runtime.model_name
+        lines = [completion_line("plain", prompt=prompt, max_tokens=4, model=model),
+                 completion_line("off", prompt=prompt, max_tokens=4, model=model, diffusion={"token_healing": False}),
+                 completion_line("on", prompt=prompt, max_tokens=4, model=model, diffusion={"token_healing": True})]
+        batch = service.wait(service.submit(lines)["id"])
+        assert batch["status"] == "completed", batch
+        prompt_tokens = {line["custom_id"]: line["response"]["body"]["usage"]["prompt_tokens"]
+                         for line in service.lines_of(batch["output_file_id"])}
+        # Healing gives the prompt's last token back to the completion.
+        assert prompt_tokens["plain"] == prompt_tokens["off"] == prompt_tokens["on"] + 1, prompt_tokens

@@ -53,6 +53,12 @@ CASES = {
     "healing not a bool": (_raw(completion_line("a", diffusion={"token_healing": "maybe"})), 1, "invalid_value",
                            "body.diffusion.token_healing"),
     "only blank lines": (b"\n\n  \n", 0, "empty_file", None),
+    # Lines json.loads refuses with other errors than a syntax error: a line error, not a crashed
+    # validation that leaves the batch validating for good.
+    "a number of 5,000 digits": (_raw(GOOD, json.dumps(GOOD).replace('"ok"', '"b"')[:-2] + ', "seed": '
+                                      + "1" * 5000 + "}}"), 2, "invalid_json_line", None),
+    "nested deeper than the parser goes": (_raw("[" * 100_000 + "]" * 100_000), 1, "invalid_json_line", None),
+    "NUL in custom_id": (_raw({**GOOD, "custom_id": "a\x00b"}), 1, "invalid_value", "custom_id"),
     "non-UTF-8 line": (_raw(GOOD, b'{"custom_id": "\xff\xfe"}'), 2, "invalid_encoding", None),
     "not an object": (_raw("[1, 2]"), 1, "invalid_json_line", None),
     "prompt longer than the model allows": (_raw(completion_line("a", prompt="x" * 5000)), 1,

@@ -6,10 +6,10 @@ import hashlib
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Query
 from sqlalchemy.exc import IntegrityError
 
-from api.deps import QueueDep, SessionDep, SettingsDep
+from api.deps import IdempotencyKey, QueueDep, SessionDep, SettingsDep
 from api.errors import ApiError
 from api.schemas import CreateBatch, batch_object, page
 from common.ids import new_id, now
@@ -28,12 +28,16 @@ def _request_hash(body: CreateBatch) -> str:
 
 @router.post("")
 def create_batch(session: SessionDep, settings: SettingsDep, queue: QueueDep, body: CreateBatch,
-                 idempotency_key: Annotated[str | None, Header()] = None):
+                 idempotency_key: IdempotencyKey = None):
     # The OpenAI SDK retries POSTs: a key, or an identical body moments ago, returns the first batch.
     request_hash = _request_hash(body)
     existing = (repo.find_batch_by_idempotency_key(session, key=idempotency_key) if idempotency_key
                 else repo.find_recent_batch(session, request_hash=request_hash,
                                             since=now() - settings.dedupe_window_s))
+    if existing and existing.request_hash != request_hash:  # a key reused for another batch: not a retry
+        raise ApiError(409, f"Idempotency-Key {idempotency_key!r} was sent with another batch ({existing.id}), "
+                       "of other parameters; use a new key for a new batch.", param="Idempotency-Key",
+                       code="idempotency_key_reused")
     if existing:
         return batch_object(existing)
     source = repo.get_file(session, file_id=body.input_file_id)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Header, Query, UploadFile
+from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
+from sqlalchemy.exc import IntegrityError
 
-from api.deps import BlobsDep, SessionDep
+from api.deps import BlobsDep, IdempotencyKey, SessionDep
 from api.errors import ApiError
 from api.schemas import file_object, page
 from common.ids import new_id, now
@@ -17,12 +18,18 @@ router = APIRouter(prefix="/v1/files")
 PURPOSES = ("batch", "batch_output")
 
 
+MAX_FILENAME = 512  # the column's size
+
+
 @router.post("")
 def upload_file(session: SessionDep, blobs: BlobsDep, file: UploadFile,
-                purpose: Annotated[str, Form()],
-                idempotency_key: Annotated[str | None, Header()] = None):
+                purpose: Annotated[str, Form()], idempotency_key: IdempotencyKey = None):
     if purpose != "batch":
         raise ApiError(400, f"purpose must be 'batch', got {purpose!r}", param="purpose")
+    filename = file.filename or "upload.jsonl"
+    if len(filename) > MAX_FILENAME or "\x00" in filename:
+        raise ApiError(400, f"The file's name must be at most {MAX_FILENAME} characters, without NUL.",
+                       param="file", code="invalid_filename")
     if idempotency_key and (existing := repo.find_file_by_idempotency_key(session, key=idempotency_key)):
         return file_object(existing)
     file_id = new_id("file-")
@@ -30,10 +37,14 @@ def upload_file(session: SessionDep, blobs: BlobsDep, file: UploadFile,
     if size == 0:
         blobs.delete(file_id)
         raise ApiError(400, "The uploaded file is empty (0 bytes).", param="file", code="empty_file")
-    row = repo.add_file(session, file_id=file_id, filename=file.filename or "upload.jsonl",
-                        purpose=purpose, size=size, storage_path=str(blobs.path(file_id)), now=now(),
-                        idempotency_key=idempotency_key)
-    session.commit()
+    try:
+        row = repo.add_file(session, file_id=file_id, filename=filename, purpose=purpose, size=size,
+                            storage_path=str(blobs.path(file_id)), now=now(), idempotency_key=idempotency_key)
+        session.commit()
+    except IntegrityError:  # a concurrent retry with the same key stored its file first: answer with it
+        session.rollback()
+        blobs.delete(file_id)
+        return file_object(repo.find_file_by_idempotency_key(session, key=idempotency_key))
     return file_object(row)
 
 
