@@ -155,3 +155,13 @@ def test_threshold_takes_steps():
     from common.lines import DiffusionOptions
 
     assert DiffusionOptions(sampler="threshold", threshold=0.95, steps=8, block_length=32).steps == 8
+
+
+def test_an_engine_refusal_of_the_prompt_names_the_prompt_or_the_messages():
+    from worker.responses import error_code_and_param
+
+    refusal = ValueError("prompt: it holds the mask token '<|mask|>' (id 3) in its last 2 tokens, ...")
+    assert error_code_and_param(refusal, "/v1/completions") == ("invalid_request", "body.prompt")
+    assert error_code_and_param(refusal, "/v1/chat/completions") == ("invalid_request", "body.messages")
+    template = ValueError("diffusion.template holds the mask token '<|mask|>' (id 3) in its text; ...")
+    assert error_code_and_param(template, "/v1/completions") == ("invalid_request", "body.diffusion.template")

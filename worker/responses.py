@@ -58,11 +58,13 @@ def error_code_and_param(error: ValueError, url: str) -> tuple[str, str]:
         return "context_length_exceeded", "body.prompt" if url == "/v1/completions" else "body.messages"
     # Engine messages start with the field they are about, e.g. "diffusion.sampler 'factor' does not ...".
     named = _FIELD_AT_START.match(str(error))
+    if named and named.group(1) == "prompt":
+        return "invalid_request", "body.prompt" if url == "/v1/completions" else "body.messages"
     return "invalid_request", f"body.{named.group(1)}" if named else "body"
 
 
 _FIELD_AT_START = re.compile(
-    r"(diffusion\.[a-z_]+|temperature|top_p|frequency_penalty|presence_penalty|max_tokens|stop|seed)\b")
+    r"(diffusion\.[a-z_]+|temperature|top_p|frequency_penalty|presence_penalty|max_tokens|stop|seed|prompt)\b")
 
 
 def usage(result: GenerationResult) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, Healing, SamplingParams
 from worker.engine.scheduler import prefill_spans
 
+from .preferring import Preferring
+
 MIXED = [
     ("a", dict(max_tokens=40, temperature=0.0, seed=None)),
     ("a much longer prompt than the others", dict(max_tokens=7, temperature=1.0, seed=3)),
@@ -376,6 +378,27 @@ def test_infilling_keeps_the_template_text_and_fills_only_the_holes(engine):
     # The holes are denoised like any masked position: the same with batch-mates or alone.
     mates = requests_for(engine, MIXED[:2])
     assert engine.generate([*mates, request])[2].token_ids == result.token_ids
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-protocol"])
+@pytest.mark.parametrize("kv_cache", [True, False], ids=["kv-cache", "canvas-recompute"])
+@pytest.mark.parametrize("before", [[], [7, 7, 7]], ids=["same-block", "earlier-block"])
+def test_a_templates_text_does_not_count_as_generated_for_penalties(loaded, kv_cache, graphs, before):
+    """Penalties count generated tokens, not the request's own text: holes fill the same whether the
+    template's text holds the model's favourite token or not, in its block or an earlier one."""
+    favourite, runner_up = 20, 21
+    model = dataclasses.replace(loaded, model=Preferring(loaded.model, favourite, runner_up))
+    engine = Engine(model, kv_cache=kv_cache, graphs=graphs and kv_cache)
+
+    def holes(text: int) -> list[int]:
+        template = [text, *before, None, None, None]
+        params = SamplingParams(max_tokens=len(template), block_length=4, presence_penalty=2.0)
+        tokens = engine.generate([GenerationRequest([5, 6], params, template_ids=template)])[0].token_ids
+        return [t for t, fixed in zip(tokens, template) if fixed is None]
+
+    # The favourite first (10 against 9), then the runner-up (8 once the favourite is present), then
+    # the favourite again (8 against 7).
+    assert holes(favourite) == holes(7) == [favourite, runner_up, favourite]
 
 
 def test_bad_templates_are_refused(engine):

@@ -9,7 +9,7 @@ from worker.engine.layout import build_layout
 from worker.engine.params import GenerationRequest, SamplingParams
 from worker.engine.postprocess import apply_stop, covering_prefix, cut_at_eos, finish_row
 from worker.engine.samplers import (
-    num_transfer_schedule, repetition_penalty, select_transfer, token_counts, top_p_filter)
+    num_transfer_schedule, predict_x0, repetition_penalty, select_transfer, token_counts, top_p_filter)
 
 
 def test_schedule_splits_block_evenly_remainder_first():
@@ -157,6 +157,20 @@ def test_a_healed_request_starts_with_an_allowed_token_and_reports_text_after_th
 
 
 # ---- frequency and presence penalties ------------------------------------------------------------
+
+def test_sampling_does_not_overflow_on_large_logits():
+    """Gumbel-max samples from the logits' differences: adding a constant changes no draw, even one
+    past exp()'s range (a negative frequency penalty adds 2 a repeat: 355 repeats pass 709)."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 16, 50, dtype=torch.float64) * 3
+    u = torch.rand(2, 16, 50, dtype=torch.float64)
+    denominator = -torch.log(u)  # temperature 1
+    temperature = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    draws = [predict_x0(logits + shift, temperature, None, denominator, mask_token_id=49)[0]
+             for shift in (0.0, 1000.0)]
+    assert torch.equal(draws[0], draws[1])
+    assert len(set(draws[0].flatten().tolist())) > 5  # the draws differ by position: real sampling
+
 
 def test_penalties_count_generated_tokens_per_occurrence_and_presence():
     ids = torch.tensor([[3, 3, 5, 0], [1, 2, 2, 2]])

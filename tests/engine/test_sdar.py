@@ -7,6 +7,7 @@ the logits must be Qwen3's), and for decoding a plain re-statement of SDAR's pub
 mask cut from position 0, the prompt's last partial block decoded together with the first new tokens.
 """
 
+import dataclasses
 import json
 import shutil
 
@@ -22,6 +23,7 @@ from worker.engine.loader import load_model
 from worker.engine.params import ContextLengthError, GenerationRequest, Healing, SamplingParams
 
 from .aligned_reference import aligned_block_decode, assert_row_matches
+from .preferring import Preferring
 
 BLOCK = 4
 SIZES = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -128,6 +130,42 @@ def test_an_end_token_in_the_lead_ends_nothing(sdar, graphs):
     expected = aligned_block_decode(loaded.model, prompt, 6, block=BLOCK, mask_token_id=loaded.mask_token_id)
     assert_row_matches(result, request, expected, loaded.eos_token_ids)
     assert loaded.mask_token_id not in result.token_ids and len(result.token_ids) > 0
+
+
+@pytest.mark.parametrize(("cache", "graphs"), [("exact", False), ("exact", True), ("none", False)],
+                         ids=["exact", "graph-protocol", "recompute"])
+def test_the_leads_prompt_text_does_not_count_as_generated_for_penalties(sdar, cache, graphs):
+    """The lead is the prompt's text in the first decoded block: a presence penalty must not count
+    it, so the completion is the same whether the lead holds the model's favourite token or not."""
+    loaded, _ = sdar
+    favourite, runner_up = 20, 21
+    engine = Engine(dataclasses.replace(loaded, model=Preferring(loaded.model, favourite, runner_up)),
+                    cache=cache, graphs=graphs)
+
+    def completion(lead_token: int) -> list[int]:
+        prompt = [40, 50, 60, 70, lead_token, 90]  # one whole block, then a lead of 2
+        params = SamplingParams(max_tokens=6, block_length=BLOCK, presence_penalty=2.0)
+        return engine.generate([GenerationRequest(prompt, params)])[0].token_ids
+
+    assert completion(favourite) == completion(7) == [favourite, runner_up, favourite, favourite, favourite,
+                                                      favourite]
+
+
+def test_a_mask_token_where_the_model_would_denoise_it_is_refused(sdar, engine):
+    """In the lead, or in a template's text, [MASK] would read as a position to fill and be
+    overwritten; before the lead (prefilled) or in a prompt of a model without a lead it is text."""
+    loaded, _ = sdar
+    mask = loaded.mask_token_id
+    sdar_engine, params = Engine(loaded), SamplingParams(max_tokens=4, block_length=BLOCK)
+    with pytest.raises(ValueError, match=r"^prompt: it holds the mask token .*last 2 tokens"):
+        sdar_engine.check(GenerationRequest([40, 50, 60, 70, mask, 90], params))
+    sdar_engine.check(GenerationRequest([40, mask, 60, 70, 80, 90], params))  # prefilled: the model reads it
+    template = [100, mask, None, None]
+    with pytest.raises(ValueError, match=r"^diffusion.template holds the mask token"):
+        sdar_engine.check(GenerationRequest([40, 50, 60, 70], SamplingParams(max_tokens=4, block_length=BLOCK),
+                                            template_ids=template))
+    builtin_mask = engine.tokenizer.mask_token_id
+    engine.check(GenerationRequest([5, builtin_mask], SamplingParams(max_tokens=4)))  # no lead: prompt text
 
 
 def test_default_block_is_the_trained_one_and_context_counts_aligned_blocks(sdar):

@@ -51,14 +51,17 @@ class CanvasScheduler(ContinuousScheduler):
                               pad_token_id=self.pad_token_id, mask_token_id=self.mask_token_id,
                               device=self.device, full_attention=self.full_attention, aligned=self.aligned)
         start, end = layout.block_span(0)
+        fixed = None
         if any(row.lead or row.request.template_ids for row in rows):  # fixed text ahead, holes [MASK]
-            canvas = self._canvas(rows, layout.gen_length)
+            canvas, fixed = self._canvas(rows, layout.gen_length)
             layout.x[:, start:] = canvas.where(layout.x[:, start:] == self.mask_token_id, layout.x[:, start:])
+            fixed = None if fixed is None else fixed[:, : end - start]
         forward = make_forward(self.cache_mode, self.model, layout, logits_shift=self.logits_shift)
         first_allowed, first_slot = self._first_token(rows)
         passes = denoise_block(forward, layout.x, start, end, mask_token_id=self.mask_token_id,
                                rows=[row.request.params for row in rows],
                                noise=RowNoise.from_generators([row.generator for row in rows], self.device),
                                first_allowed=first_allowed, first_slot=first_slot, history=self._history(rows),
+                               fixed=fixed,
                                kept=self._kept(rows, block_length))
         self._commit(rows, layout.x[:, start:end], passes)

@@ -139,8 +139,10 @@ class ContinuousScheduler:
             row.passes += n
 
     def _history(self, rows: list[Row]) -> torch.Tensor | None:
-        """Counts of each row's generated tokens (B, V), when a row has a repetition penalty."""
-        completions = [row.completion for row in rows]
+        """Counts of each row's generated tokens (B, V), when a row has a repetition penalty: its
+        completion less a template's text, which the request gave, as it gave the prompt."""
+        completions = [[t for i, t in enumerate(row.completion)
+                        if not row.request.template_ids or row.request.template_ids[i] is None] for row in rows]
         longest = max(len(c) for c in completions)  # rows joined in different rounds
         if longest == 0 or not any(row.request.params.penalised for row in rows):
             return None
@@ -151,18 +153,22 @@ class ContinuousScheduler:
             counted[r, : len(completion)] = True
         return token_counts(ids.to(self.device), counted.to(self.device), self.vocab_size)
 
-    def _canvas(self, rows: list[Row], length: int) -> torch.Tensor:
+    def _canvas(self, rows: list[Row], length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, length): each row's next ``length`` positions, [MASK] everywhere but where its lead
-        or an infilling template fixes text (a row's columns past its own end are [MASK] too)."""
+        or an infilling template fixes text (a row's columns past its own end are [MASK] too); and
+        which positions hold that text (B, length) bool, or None where no row's do (samplers'
+        ``fixed``: the penalties do not count it as generated)."""
         canvas = torch.full((len(rows), length), self.mask_token_id, dtype=torch.long)
+        fixed = torch.zeros((len(rows), length), dtype=torch.bool)
         for r, row in enumerate(rows):  # once per block, not per step
-            fixed = row.lead + (row.request.template_ids or [])
-            part = fixed[len(row.generated) : len(row.generated) + length]
+            text = row.lead + (row.request.template_ids or [])
+            part = text[len(row.generated) : len(row.generated) + length]
             if part:
                 canvas[r, : len(part)] = torch.tensor([self.mask_token_id if t is None else t for t in part])
+                fixed[r, : len(part)] = torch.tensor([t is not None for t in part])
             elif row.first is not None:
                 canvas[r, 0] = row.first
-        return canvas.to(self.device)
+        return canvas.to(self.device), fixed.to(self.device) if fixed.any() else None
 
     def _kept(self, rows: list[Row], block_length: int) -> Kept | None:
         """The positions of the next block each row keeps (samplers.Kept), or None when every row

@@ -76,6 +76,7 @@ class Engine:
         if shifted_blocks and self.cache_mode != "exact":
             raise ValueError(f"{loaded.name}: this model family runs with the exact cache only, not {self.cache_mode!r}")
         self.vocab_size = int(loaded.config.vocab_size)
+        self.mask_token_id = loaded.mask_token_id
         self.device = next(self.model.parameters()).device
         common = dict(tokenizer=self.tokenizer, mask_token_id=loaded.mask_token_id,
                       pad_token_id=loaded.pad_token_id, eos_token_ids=loaded.eos_token_ids,
@@ -131,6 +132,11 @@ class Engine:
                 isinstance(t, int) and 0 <= t < self.vocab_size for t in healing.allowed)):
             raise ValueError(f"token healing needs allowed token ids in [0, {self.vocab_size}) and no template")
         lead = lead_length(len(prompt), params.block_length, aligned=self.aligned)
+        if self.mask_token_id in prompt[len(prompt) - lead:]:
+            # The lead opens the first denoised block, where [MASK] means "fill me": the text would change.
+            raise ValueError(f"prompt: it holds the mask token {self._mask_spelling()} in its last "
+                             f"{lead} tokens, which open the first block this model denoises; it would "
+                             "be overwritten. Remove it from the prompt")
         needed = len(prompt) - lead + whole_blocks(lead + params.max_tokens, params.block_length)
         if needed > self.max_positions:
             raise ContextLengthError(
@@ -153,9 +159,15 @@ class Engine:
             raise ValueError("diffusion.template must hold at least one hole")
         if not all(t is None or (isinstance(t, int) and 0 <= t < self.vocab_size) for t in template):
             raise ValueError(f"template token ids must be integers in [0, {self.vocab_size}) or holes")
+        if self.mask_token_id in template:  # it would read as a hole and be overwritten
+            raise ValueError(f"diffusion.template holds the mask token {self._mask_spelling()} in its text; "
+                             "only {{fill:N}} marks holes. Remove it from the template")
         if request.params.max_tokens != len(template) or request.params.stop:
             raise ValueError("with diffusion.template, the template sets the length: max_tokens must equal "
                              "its length in tokens and stop must be empty")
+
+    def _mask_spelling(self) -> str:
+        return f"{self.tokenizer.convert_ids_to_tokens(self.mask_token_id)!r} (id {self.mask_token_id})"
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Results in the order of ``requests``; raises ValueError if any request is invalid."""

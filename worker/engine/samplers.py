@@ -147,7 +147,10 @@ def predict_x0(
     else:
         filtered = logits64 if top_p is None else top_p_filter(logits64, temperature, top_p)
         noisy = (temperature > 0)[:, None, None]
-        scores = torch.where(noisy, filtered.exp() / gumbel_denominator, logits64)
+        # Less each position's largest logit first: the same argmax, and exp() cannot overflow (a
+        # logit past ~709 would make every such score inf, and the lowest id would win).
+        shifted = filtered - filtered.amax(dim=-1, keepdim=True)
+        scores = torch.where(noisy, shifted.exp() / gumbel_denominator, logits64)
         x0 = scores.argmax(dim=-1)  # (B, K)
     probs = torch.softmax(logits64, dim=-1)
     confidence = probs.gather(-1, x0[..., None]).squeeze(-1)  # (B, K)
@@ -232,11 +235,13 @@ def commit_step(block: torch.Tensor, logits_n: torch.Tensor, slots: torch.Tensor
                 num_transfer: torch.Tensor, rules: BlockRules, *, mask_token_id: int,
                 denominator: torch.Tensor | None = None, first_allowed: torch.Tensor | None = None,
                 first_slot: torch.Tensor | None = None, history: torch.Tensor | None = None,
-                editable: torch.Tensor | None = None) -> torch.Tensor | None:
+                fixed: torch.Tensor | None = None, editable: torch.Tensor | None = None) -> torch.Tensor | None:
     """One step's decision, written into ``block`` (B, K) in place: predict x0 at ``slots`` (B, n)
     from their logits (B, n, V), then commit the positions the rows' samplers choose
     (``num_transfer`` (B,) for reference rows, the confidences for parallel ones). ``first_slot`` (B,):
     the block position ``first_allowed`` binds (a row's lead comes before it); None = position 0.
+    ``fixed`` (B, K) bool, or None (none): positions holding the prompt's or a template's text, which
+    a frequency or presence penalty does not count as generated (``history`` does not either).
     ``editable`` (B, K) bool, or None (no editing): the positions an editing row generates in this
     block; ``slots`` must then hold every position. Returns which rows edited a token (B,) bool, or None.
 
@@ -245,8 +250,9 @@ def commit_step(block: torch.Tensor, logits_n: torch.Tensor, slots: torch.Tensor
     predicts otherwise, at or above the row's editing threshold, is replaced in the same step that
     commits masks. Never a [MASK] (predict_x0), and never the prompt's or a template's text."""
     penalty = None
-    if rules.penalised:  # what this block committed so far counts as generated too
-        counts = token_counts(block, block != mask_token_id, logits_n.shape[-1])
+    if rules.penalised:  # what this block generated so far counts too
+        generated = block != mask_token_id if fixed is None else (block != mask_token_id) & ~fixed
+        counts = token_counts(block, generated, logits_n.shape[-1])
         counts = counts if history is None else counts + history
         penalty = repetition_penalty(counts, rules.frequency_t, rules.presence_t)
     x0_n, confidence_n = predict_x0(logits_n, rules.temperature_t, rules.top_p_t, denominator, mask_token_id,
@@ -311,6 +317,7 @@ def denoise_block(
     first_allowed: torch.Tensor | None = None,
     first_slot: torch.Tensor | None = None,
     history: torch.Tensor | None = None,
+    fixed: torch.Tensor | None = None,
     kept: Kept | None = None,
     sub_block: int | None = None,
 ) -> list[int]:
@@ -325,7 +332,8 @@ def denoise_block(
     ``first_allowed`` (B, V) bool restricts the first generated token (token healing) at the block
     position ``first_slot`` (B,) (None: 0); None leaves it free.
     ``history`` (B, V): counts of the tokens generated before this block, for rows with a frequency
-    or presence penalty (None: nothing generated yet).
+    or presence penalty (None: nothing generated yet); ``fixed`` (B, K): the block's positions that
+    hold prompt or template text, which the penalties do not count (commit_step).
     ``kept``, or None (all): the positions a row keeps (``Kept``, ``ContinuousScheduler._kept``).
     A row's passes stop once its kept positions are all committed, and the loop once every row's
     are: later steps would only fill positions it cuts off (while batch-mates still work it may go
@@ -360,7 +368,8 @@ def denoise_block(
             torch.zeros_like(rules.schedule_t[:, 0])  # an editing row's passes after its last mask
         edited = commit_step(block, logits_n, slots, mask_index, num_transfer, rules, mask_token_id=mask_token_id,
                              denominator=denominator, first_allowed=first_allowed, first_slot=first_slot,
-                             history=history, editable=editing.editable_now(working_t) if edit_now else None)
+                             history=history, fixed=fixed,
+                             editable=editing.editable_now(working_t) if edit_now else None)
         if editing is not None:
             editing.stepped(edited)
     return passes
@@ -414,14 +423,14 @@ class GreedyBlockSteps:
 
     def __init__(self, block: torch.Tensor, rows: list, *, mask_token_id: int,
                  first_allowed: torch.Tensor | None = None, first_slot: torch.Tensor | None = None,
-                 history: torch.Tensor | None = None, kept: Kept | None = None,
-                 sub_block: int | None = None, logits_shift: int = 0):
+                 history: torch.Tensor | None = None, fixed: torch.Tensor | None = None,
+                 kept: Kept | None = None, sub_block: int | None = None, logits_shift: int = 0):
         size, length = block.shape
         self.block, self.mask_token_id = block, mask_token_id  # (B, K), denoised in place
         self.rules = BlockRules(rows, length, block.device, sub_block)
         if not self.rules.greedy:
             raise ValueError("GreedyBlockSteps serves rows at temperature 0 only")
-        self.first_allowed, self.first_slot, self.history = first_allowed, first_slot, history
+        self.first_allowed, self.first_slot, self.history, self.fixed = first_allowed, first_slot, history, fixed
         self.kept = kept  # as denoise_block's
         # Rows that edit (LLaDA2.1): their state lives on the device, decided inside the step.
         self.editing = BlockEditing(self.rules, block == mask_token_id) if self.rules.any_editing else None
@@ -451,7 +460,8 @@ class GreedyBlockSteps:
         num_transfer = self.rules.schedule_t.gather(1, self.step.clamp(max=last)).squeeze(1)  # (B,)
         edited = commit_step(self.block, logits, self.slots, mask_index, num_transfer, self.rules,
                              mask_token_id=self.mask_token_id, first_allowed=self.first_allowed,
-                             first_slot=self.first_slot, history=self.history, editable=editable)
+                             first_slot=self.first_slot, history=self.history, fixed=self.fixed,
+                             editable=editable)
         if self.editing is not None:
             self.editing.stepped(edited)
         self.passes += working

@@ -192,7 +192,7 @@ class BlockScheduler(ContinuousScheduler):
     def _denoise_round(self, batch: RunningBatch, block_length: int) -> None:
         """Denoise one block for every row, then cache it (one more pass over the clean block)."""
         size = len(batch.rows)
-        block = self._canvas(batch.rows, block_length)  # (B, K)
+        block, fixed = self._canvas(batch.rows, block_length)  # (B, K) each
         positions = batch.next_position[:, None] + torch.arange(block_length, device=self.device)  # (B, K)
         keys = torch.cat([batch.key_valid, torch.ones((size, block_length), dtype=torch.bool,
                                                       device=self.device)], dim=1)  # (B, C + K)
@@ -214,7 +214,8 @@ class BlockScheduler(ContinuousScheduler):
         history, kept = self._history(batch.rows), self._kept(batch.rows, block_length)
         if self.graphs and all(p.temperature == 0 for p in params):
             steps = GreedyBlockSteps(block, params, mask_token_id=self.mask_token_id, first_allowed=first_allowed,
-                                     first_slot=first_slot, history=history, kept=kept, sub_block=self.sub_block,
+                                     first_slot=first_slot, history=history, fixed=fixed, kept=kept,
+                                     sub_block=self.sub_block,
                                      logits_shift=self.logits_shift)
             step = CapturedCall(lambda: steps(run), self.device)
             passes = steps.run(step)
@@ -228,7 +229,8 @@ class BlockScheduler(ContinuousScheduler):
             noise = RowNoise.from_generators([row.generator for row in batch.rows], self.device)
             passes = denoise_block(forward, block, 0, block_length, mask_token_id=self.mask_token_id,
                                    rows=params, noise=noise, first_allowed=first_allowed,
-                                   first_slot=first_slot, history=history, kept=kept, sub_block=self.sub_block)
+                                   first_slot=first_slot, history=history, fixed=fixed, kept=kept,
+                                   sub_block=self.sub_block)
             last = commit(block)  # (B, 1, V), or None from a captured commit pass
         batch.key_valid = keys
         batch.next_position = batch.next_position + block_length
