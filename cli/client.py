@@ -18,14 +18,16 @@ console = Console(stderr=True)
 
 
 def first_endpoint(path: Path) -> str:
-    """The batch's endpoint is the url of its first request line."""
+    """The batch's endpoint is the url of its first request line that names one (a broken line
+    before it is reported by the server, not taken as the endpoint of the lines after it)."""
     with open(path, "rb") as src:
         for raw in src:
-            if raw.strip():
-                try:
-                    return json.loads(raw)["url"]
-                except (ValueError, KeyError, TypeError):
-                    break
+            try:
+                url = json.loads(raw).get("url") if raw.strip() else None
+            except (ValueError, AttributeError, RecursionError):
+                continue
+            if isinstance(url, str):
+                return url
     return "/v1/completions"  # the server reports what is wrong with the file
 
 
@@ -38,6 +40,8 @@ def run_batch(base_url: str, input_path: Path, output_path: Path, errors_path: P
                                      data={"purpose": "batch"}))
         batch = _ok(http.post("/batches", json={"input_file_id": uploaded["id"], "completion_window": "24h",
                                                 "endpoint": first_endpoint(input_path)}))
+        for path in (output_path, errors_path):  # a file left by an earlier run would read as this one's
+            path.unlink(missing_ok=True)
         console.print(f"batch [bold]{batch['id']}[/] submitted ({input_path}, {uploaded['bytes']} bytes)")
         started = time.monotonic()
         batch = _follow(http, batch, poll_s, check)

@@ -93,6 +93,8 @@ JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch6
 
 
 def _run(settings: Settings, args) -> int:
+    import httpx
+
     from cli.client import ServerError, run_batch
     from cli.stack import EmbeddedStack, free_port
 
@@ -100,6 +102,10 @@ def _run(settings: Settings, args) -> int:
         print(f"diffbatch run: no such file: {args.input}", file=sys.stderr)
         return 2
     errors = args.errors or args.output.with_name(args.output.stem + ".errors.jsonl")
+    for path in (args.output, errors):  # found out now, not once the batch has run
+        if not path.parent.is_dir():
+            print(f"diffbatch run: cannot write {path}: no such folder {path.parent}", file=sys.stderr)
+            return 2
     try:
         if args.url:
             return run_batch(args.url, args.input, args.output, errors)
@@ -108,8 +114,11 @@ def _run(settings: Settings, args) -> int:
                   file=sys.stderr)
             stack.wait_ready()
             return run_batch(stack.url, args.input, args.output, errors, check=stack.check_alive)
-    except (ServerError, RuntimeError, TimeoutError) as exc:
+    except (ServerError, RuntimeError, TimeoutError, OSError) as exc:
         print(f"diffbatch run: {exc}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:  # the server at --url is down, or went away mid-run
+        print(f"diffbatch run: cannot reach {args.url or 'the embedded server'}: {exc}", file=sys.stderr)
         return 1
 
 

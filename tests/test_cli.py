@@ -66,6 +66,47 @@ def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path, variable, value
     assert result.stderr.startswith(f"diffbatch: {said}") and "Traceback" not in result.stderr, result.stderr
 
 
+def test_an_output_folder_that_does_not_exist_is_said_before_the_batch_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "run", "examples/batch.jsonl", "-o", str(tmp_path / "nodir" / "out.jsonl"),
+         "--data-dir", str(tmp_path / "data")],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip() == f"diffbatch run: cannot write {tmp_path / 'nodir' / 'out.jsonl'}: " \
+                                    f"no such folder {tmp_path / 'nodir'}"
+    assert not (tmp_path / "data").exists()  # nothing was started
+
+
+def test_a_server_that_cannot_be_reached_is_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "run", "examples/batch.jsonl", "-o", str(tmp_path / "out.jsonl"),
+         "--url", f"http://127.0.0.1:{free_port()}"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("diffbatch run: cannot reach http://127.0.0.1:")
+
+
+def test_a_run_replaces_the_files_of_an_earlier_one_and_reads_the_endpoint_past_a_broken_line(served, tmp_path):
+    url, _ = served
+    run = lambda source: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "cli.main", "run", str(source), "-o", str(tmp_path / "out.jsonl"), "--url", url],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions",
+                                "body": {"model": "tiny", "prompt": "x", "max_tokens": 2}}) + "\n")
+    assert run(good).returncode == 0 and (tmp_path / "out.jsonl").exists()
+    chat = {"method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}}
+    broken_first = tmp_path / "broken_first.jsonl"
+    broken_first.write_text("{not json\n" + "".join(json.dumps({**chat, "custom_id": f"c{i}"}) + "\n"
+                                                     for i in range(3)))
+    failed = run(broken_first)
+    assert failed.returncode == 1
+    assert not (tmp_path / "out.jsonl").exists()  # not the first run's results, read as this one's
+    # Only line 1 is wrong: the batch's endpoint came from line 2, not a guess that fails lines 2-4.
+    assert "Line 1: not valid JSON" in failed.stderr and "mismatched_endpoint" not in failed.stderr, failed.stderr
+
+
 @pytest.fixture
 def served(tmp_path, tiny_model):
     port = free_port()
