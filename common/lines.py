@@ -246,12 +246,18 @@ def parse_line(raw: bytes, line: int) -> ParsedLine | LineError:
                       body=body.model_dump(mode="json", exclude_unset=True), model=body.model)
 
 
+# The names pydantic gives the branches of a union in an error's location (`stop` is str | list[str]):
+# not fields, so they stay out of the field a line error names.
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|dict|list|none|function-[a-z]+)(\[.*\])?$")
+
+
 def _from_validation_error(exc: ValidationError, line: int, prefix: str) -> LineError:
     first = exc.errors(include_url=False)[0]
-    param = prefix + ".".join(str(part) for part in first["loc"]) if first["loc"] else None
+    where = [str(part) for part in first["loc"] if not _UNION_BRANCH.match(str(part))]
+    param = prefix + ".".join(where) if where else None
     kind = first["type"]
     code = {"missing": "missing_required_parameter", "extra_forbidden": "unknown_parameter"}.get(
         kind, "invalid_value")
-    if param == "url":
+    if param == "url" and kind != "missing":
         code = "invalid_url"
     return LineError(line, code, f"Line {line}: {param}: {first['msg']}.", param)

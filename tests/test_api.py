@@ -55,6 +55,15 @@ def test_batch_list_pages_newest_first(api):
     assert len(first["data"]) + len(second["data"]) == 5
 
 
+def test_an_unknown_cursor_is_a_400_not_the_first_page_again(api):
+    first = api.upload(b"{}\n")["id"]
+    api.upload(b"{}\n")
+    api.client.delete(f"/v1/files/{first}")
+    for path in (f"/v1/files?after={first}", "/v1/batches?after=batch_gone"):
+        response = api.client.get(path)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "after", path
+
+
 def test_retried_create_returns_the_same_batch(api):
     file_id = api.upload(b"{}\n")["id"]
     body = {"input_file_id": file_id, "endpoint": "/v1/completions", "completion_window": "24h"}

@@ -52,7 +52,7 @@ def _check_lines(rt: Runtime, batch_id: str, file_id: str,
                  endpoint: str) -> tuple[list[LineError], str | None, int]:
     errors: list[LineError] = []
     seen: set[str] = set()
-    model, count = None, 0
+    model, model_line, count = None, 0, 0
     for item in _lines(rt, file_id):
         count += 1
         if count % TOUCH_EVERY_LINES == 0:
@@ -74,14 +74,14 @@ def _check_lines(rt: Runtime, batch_id: str, file_id: str,
         elif item.model == rt.model_name and (error := _fits_model(rt, item)):
             errors.append(error)
         else:
-            model = item.model
+            model, model_line = item.model, model_line or item.line
         if isinstance(item, ParsedLine):
             seen.add(item.custom_id)
     if count == 0:
         errors.append(LineError(0, "empty_file", "The input file has no requests."))
     elif model is not None and not errors and model not in (served := _served_models(rt)):
-        errors.append(LineError(1, "model_not_found",
-                                f"Line 1: body.model {model!r} is not served by any worker "
+        errors.append(LineError(model_line, "model_not_found",
+                                f"Line {model_line}: body.model {model!r} is not served by any worker "
                                 f"(served: {', '.join(sorted(served)) or 'none'}).", "body.model"))
     return errors, model, count
 

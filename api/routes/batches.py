@@ -66,6 +66,8 @@ def create_batch(session: SessionDep, settings: SettingsDep, queue: QueueDep, bo
 @router.get("")
 def list_batches(session: SessionDep, after: str | None = None,
                  limit: Annotated[int, Query(ge=1, le=100)] = 20):
+    if after and repo.get_batch(session, batch_id=after) is None:  # else the listing would start over
+        raise ApiError(400, f"after: no batch {after!r}; list again without it", param="after")
     rows = repo.list_batches(session, after=after, limit=limit + 1)
     return page([batch_object(r) for r in rows[:limit]], has_more=len(rows) > limit)
 

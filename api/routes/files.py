@@ -53,6 +53,8 @@ def list_files(session: SessionDep, purpose: str | None = None, after: str | Non
                limit: Annotated[int, Query(ge=1, le=10000)] = 10000, order: str = "desc"):
     if order not in ("asc", "desc"):
         raise ApiError(400, "order must be 'asc' or 'desc'", param="order")
+    if after and repo.get_file(session, file_id=after) is None:  # else the listing would start over
+        raise ApiError(400, f"after: no file {after!r} (deleted?); list again without it", param="after")
     rows = repo.list_files(session, purpose=purpose, after=after, limit=limit + 1,
                            newest_first=order == "desc")
     return page([file_object(r) for r in rows[:limit]], has_more=len(rows) > limit)
