@@ -170,3 +170,22 @@ def test_an_engine_refusal_of_the_prompt_names_the_prompt_or_the_messages():
     assert error_code_and_param(refusal, "/v1/chat/completions") == ("invalid_request", "body.messages")
     template = ValueError("diffusion.template holds the mask token '<|mask|>' (id 3) in its text; ...")
     assert error_code_and_param(template, "/v1/completions") == ("invalid_request", "body.diffusion.template")
+
+
+def test_a_line_the_engine_cannot_prepare_fails_the_batch_instead_of_the_validation(service, monkeypatch):
+    """Whatever goes wrong preparing one line is that line's error: a crash would leave the batch
+    validating, retried by the reconciler for good."""
+    from worker import validation
+
+    real = validation.to_generation_request
+
+    def prepare(engine, url, body, defaults=None):
+        if body["prompt"] == "poison":
+            raise RuntimeError("tokenizer fell over")
+        return real(engine, url, body, defaults)
+
+    monkeypatch.setattr(validation, "to_generation_request", prepare)
+    batch = service.wait(service.submit([GOOD, completion_line("p", prompt="poison")])["id"])
+    first = batch["errors"]["data"][0]
+    assert batch["status"] == "failed" and (first["line"], first["param"]) == (2, "body"), batch
+    assert "RuntimeError: tokenizer fell over" in first["message"]

@@ -135,6 +135,11 @@ def _fits_model(rt: Runtime, item: ParsedLine) -> LineError | None:
     except ValueError as exc:
         code, param = error_code_and_param(exc, item.url)
         return LineError(item.line, code, f"Line {item.line}: {param}: {exc}", param)
+    except Exception as exc:  # the line's own doing (nothing here touches the database): say so, once,
+        # rather than crash the validation, which the reconciler would retry forever
+        log.exception("batch line %d could not be prepared for the model", item.line)
+        return LineError(item.line, "invalid_request", f"Line {item.line}: body: could not be prepared for "
+                         f"the model ({type(exc).__name__}: {exc}).", "body")
     return None
 
 
