@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import signal
 import socket
@@ -19,6 +21,23 @@ from common.settings import CONTROL_QUEUE, Settings, queue_for_model
 # them in the heap cut one 1,000-request CPU run from ~1-3.7 M page faults to ~78 K and raised engine
 # tokens/s 25-57% (bench/service.py, 2 cores). A user's own GLIBC_TUNABLES wins (env is applied last).
 CPU_ALLOCATOR = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295"}
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _dies_with(parent: int):
+    """A child's setup (Linux): SIGTERM when ``parent`` dies, so a `diffbatch run`/`serve` killed
+    outright (kill -9, the OOM killer) leaves no worker holding the data folder. Elsewhere: None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+    def setup() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died before the prctl: nothing would tell us
+            os._exit(1)
+    return setup
 
 
 def free_port() -> int:
@@ -59,7 +78,7 @@ class EmbeddedStack:
             log = open(self.log_dir / f"{role}.log", "ab")
             self.processes.append(subprocess.Popen(
                 [sys.executable, "-m", "cli.main", role, *args], env=role_env, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True))
+                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_dies_with(os.getpid())))
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Wait until the API answers and a worker consumes (it registers its model once Celery is ready)."""

@@ -123,8 +123,38 @@ def served(tmp_path, tiny_model):
         except (httpx.HTTPError, ValueError, KeyError):
             time.sleep(0.3)
     yield url, process
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
+    if process.poll() is None:  # stopped as Ctrl-C stops it; killed only if that hangs
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"  # a zombie: exited
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_serve_killed_outright_takes_its_processes_with_it(served):
+    """kill -9 (or the OOM killer) on `diffbatch serve` leaves no API, worker or beat running."""
+    _, process = served
+    children = _children(process.pid)
+    assert len(children) == 3
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(_gone(pid) for pid in children):
+        time.sleep(0.2)
+    assert all(_gone(pid) for pid in children)
 
 
 def test_openai_sdk_against_diffbatch_serve_and_clean_stop(served, tmp_path):
