@@ -141,10 +141,12 @@ class ContinuousScheduler:
     def _history(self, rows: list[Row]) -> torch.Tensor | None:
         """Counts of each row's generated tokens (B, V), when a row has a repetition penalty: its
         completion less a template's text, which the request gave, as it gave the prompt."""
+        if not any(row.request.params.penalised for row in rows):
+            return None
         completions = [[t for i, t in enumerate(row.completion)
                         if not row.request.template_ids or row.request.template_ids[i] is None] for row in rows]
         longest = max(len(c) for c in completions)  # rows joined in different rounds
-        if longest == 0 or not any(row.request.params.penalised for row in rows):
+        if longest == 0:
             return None
         ids = torch.zeros((len(rows), longest), dtype=torch.long)
         counted = torch.zeros((len(rows), longest), dtype=torch.bool)
