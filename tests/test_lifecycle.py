@@ -152,6 +152,18 @@ def test_interrupted_validation_is_retried_from_scratch(svc):
     assert _custom_ids(svc, batch["output_file_id"]) == ["r0", "r1", "r2"]
 
 
+def test_a_validation_that_never_finishes_expires_with_its_window(svc):
+    batch_id = svc.submit([completion_line("r0")])["id"]  # its message lost, or its validation crashing
+    with svc.runtime.session() as session, session.begin():
+        session.execute(update(Batch).where(Batch.id == batch_id).values(touched_at=now() - 3600,
+                                                                          expires_at=now() - 1))
+    report = reconcile.reconcile(svc.runtime)
+    assert (report["expired_validating"], report["revalidated"]) == (1, 0)
+    batch = svc.client.get(f"/v1/batches/{batch_id}").json()
+    assert batch["status"] == "expired" and batch["expired_at"] is not None
+    assert reconcile.reconcile(svc.runtime)["expired_validating"] == 0
+
+
 def test_partial_results_while_the_batch_runs(svc):
     batch_id, chunks = _validated(svc, 5)
     assert svc.client.get(f"/v1/batches/{batch_id}/results").json()["data"] == []

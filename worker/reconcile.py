@@ -28,8 +28,16 @@ def reconcile(rt: Runtime) -> dict[str, int]:
         # Validation touches its batch as it goes, so a quiet one lost its message or its worker.
         stuck = repo.batches_in(session, statuses=[BatchStatus.validating],
                                 touched_before=t - s.stale_after_s)
+        late = []
         for batch in stuck:
-            repo.touch_batch(session, batch_id=batch.id, now=t)
+            # One whose window has passed expires (it stored no request) instead of being retried
+            # for good, whatever kept its validation from finishing.
+            if batch.expires_at <= t and repo.transition(session, batch_id=batch.id, now=t,
+                                                         from_=[BatchStatus.validating], to=BatchStatus.expired):
+                late.append(batch)
+            else:
+                repo.touch_batch(session, batch_id=batch.id, now=t)
+        stuck = [batch for batch in stuck if batch not in late]
         open_batches = repo.batches_in(session, statuses=[BatchStatus.in_progress, BatchStatus.cancelling,
                                                           BatchStatus.finalizing])
     for chunk in chunks:
@@ -38,7 +46,7 @@ def reconcile(rt: Runtime) -> dict[str, int]:
         rt.celery.send_task(VALIDATE_BATCH, args=(batch.id,), queue=CONTROL_QUEUE)
     finalized = sum(maybe_finalize(rt, batch.id) for batch in open_batches)
     report = {"reclaimed": reclaimed, "requeued": len(chunks), "revalidated": len(stuck),
-              "finalized": finalized}
+              "expired_validating": len(late), "finalized": finalized}
     if any(report.values()):
         log.info("reconcile: %s", report)
     return report
