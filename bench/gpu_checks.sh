@@ -32,13 +32,17 @@ step() {  # step SECONDS COMMAND...: run it with a time limit, log it and its ex
     echo "### exit ${PIPESTATUS[0]}" | tee -a "$log"
 }
 
-step 30 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers",
+step 20 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers",
     transformers.__version__, torch.cuda.get_device_name())'
-step 200 python3 bench/engine.py --device cuda --batches 1,32 --prompts 32 --new-tokens 256 \
+# Batch 1 on 4 prompts (transformers' generate and the recomputation are slow at batch 1), batch 32
+# on 32, full recomputation included: the ratios of the engine issue's targets, 256 new tokens each.
+step 140 python3 bench/engine.py --device cuda --batches 1 --prompts 4 --new-tokens 256 \
     --samplers "threshold 0.9" --block-lengths 16 --caches exact,graph --recompute-up-to 1
-step 60 python3 bench/device_agreement.py --device cuda
-step 60 python3 bench/device_agreement.py --device cuda --random-shape 512x8x8 --family llada2 \
+step 140 python3 bench/engine.py --device cuda --batches 32 --prompts 32 --new-tokens 256 \
+    --samplers "threshold 0.9" --block-lengths 16 --caches exact,graph --recompute-up-to 32
+step 55 python3 bench/device_agreement.py --device cuda
+step 55 python3 bench/device_agreement.py --device cuda --random-shape 512x8x8 --family llada2 \
     --sampler "threshold 0.5 edit 0.3"
-step 60 python3 bench/device_agreement.py --device cuda --random-shape 512x8x8 --family fast_dllm_v2 \
+step 55 python3 bench/device_agreement.py --device cuda --random-shape 512x8x8 --family fast_dllm_v2 \
     --sampler "threshold 0.9"
-step 60 python3 bench/device_agreement.py --device cuda --random-shape 512x8x8 --family sdar
+step 55 python3 bench/device_agreement.py --device cuda --random-shape 512x8x8 --family sdar
