@@ -1,11 +1,14 @@
 """File blobs on disk under the data folder; the `files` table holds their metadata.
 
 Writes go to a temporary name first and are renamed into place, so a reader never sees half a file.
+Each write has its own temporary name: two writers of one blob (a finalizer and the one that took
+over from it) must not truncate each other's file.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -23,15 +26,18 @@ class BlobStore:
         """Store the parts as one blob; returns its size in bytes."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.path(file_id)
-        partial = final.with_suffix(".partial")
+        partial = final.with_name(f"{final.name}.{secrets.token_hex(6)}.partial")
         size = 0
-        with open(partial, "wb") as out:
-            for part in parts:
-                out.write(part)
-                size += len(part)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, final)
+        try:
+            with open(partial, "wb") as out:
+                for part in parts:
+                    out.write(part)
+                    size += len(part)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, final)
+        finally:
+            partial.unlink(missing_ok=True)  # a writer that failed leaves no partial file behind
         return size
 
     def read_chunks(self, file_id: str) -> Iterator[bytes]:

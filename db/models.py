@@ -97,6 +97,9 @@ class Batch(Base):
     cancelled_at: Mapped[int | None] = mapped_column(BigInteger)
     # When validation or finalization was last handed to the queue; the reconciler retries stale ones.
     touched_at: Mapped[int] = mapped_column(BigInteger)
+    # The validation attempt that owns the batch: a retried one takes over, and the one it replaced
+    # stops at its next write instead of storing requests beside it (worker/validation.py).
+    validation_token: Mapped[str | None] = mapped_column(String(32))
 
 
 class Request(Base):
@@ -136,6 +139,9 @@ class Chunk(Base):
     queue: Mapped[str] = mapped_column(String(255))
     size: Mapped[int] = mapped_column(Integer)
     enqueued_at: Mapped[int] = mapped_column(BigInteger)
+    # Seconds after enqueued_at before the reconciler sends the chunk again (None: REQUEUE_AFTER_S);
+    # doubled at each re-send, so a long backlog is not re-sent every period.
+    requeue_delay: Mapped[int | None] = mapped_column(Integer)
 
 
 class Worker(Base):

@@ -101,6 +101,22 @@ def touch_batch(session: Session, *, batch_id: str, now: int) -> None:
     session.execute(update(Batch).where(Batch.id == batch_id).values(touched_at=now))
 
 
+def claim_validation(session: Session, *, batch_id: str, token: str, now: int) -> bool:
+    """Make ``token`` the validating batch's one validation attempt (taking it over from any other);
+    False if the batch is no longer validating."""
+    result = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == BatchStatus.validating)
+                             .values(validation_token=token, touched_at=now))
+    return result.rowcount == 1
+
+
+def holds_validation(session: Session, *, batch_id: str, token: str, now: int) -> bool:
+    """Touch the batch if attempt ``token`` still owns its validation; the row stays locked until the
+    transaction ends, so no other attempt takes over while this one writes."""
+    result = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == BatchStatus.validating,
+                                                 Batch.validation_token == token).values(touched_at=now))
+    return result.rowcount == 1
+
+
 def batches_in(session: Session, *, statuses: Sequence[BatchStatus], touched_before: int | None = None,
                limit: int = 1000) -> list[Batch]:
     query = select(Batch).where(Batch.status.in_(list(statuses)))
@@ -235,15 +251,20 @@ def reclaim_stale(session: Session, *, stale_before: int) -> int:
     return result.rowcount
 
 
-def chunks_to_requeue(session: Session, *, enqueued_before: int, now: int) -> list[Chunk]:
-    """Chunks of running batches that still hold pending requests and were enqueued long ago."""
+def chunks_to_requeue(session: Session, *, delay: int, now: int) -> list[Chunk]:
+    """Chunks of running batches that still hold pending requests and were enqueued more than their
+    requeue delay ago (``delay`` until first re-sent, then twice the last: a chunk that merely waits
+    behind a long backlog is not re-sent every period). Rows another reconciler is re-sending are
+    skipped, so a chunk is not re-sent twice at once."""
     has_pending = exists().where(Request.chunk_id == Chunk.id, Request.status == RequestStatus.pending)
+    waited = func.coalesce(Chunk.requeue_delay, delay)
     query = (select(Chunk).join(Batch, Batch.id == Chunk.batch_id)
-             .where(Batch.status == BatchStatus.in_progress, Chunk.enqueued_at < enqueued_before,
-                    has_pending))
+             .where(Batch.status == BatchStatus.in_progress, Chunk.enqueued_at + waited < now, has_pending)
+             .with_for_update(skip_locked=True, of=Chunk))
     chunks = list(session.scalars(query))
     if chunks:
-        session.execute(update(Chunk).where(Chunk.id.in_([c.id for c in chunks])).values(enqueued_at=now))
+        session.execute(update(Chunk).where(Chunk.id.in_([c.id for c in chunks]))
+                        .values(enqueued_at=now, requeue_delay=waited * 2))
     return chunks
 
 

@@ -1,6 +1,7 @@
 """Nothing accepted is lost or returned twice: cancel, expiry, lost messages, dead workers, poison requests.
 
 These drive the pipeline functions directly (no worker thread), so every interleaving is deterministic.
+Each runs on SQLite and on PostgreSQL (its row locks and SKIP LOCKED are the production path).
 """
 
 from __future__ import annotations
@@ -11,13 +12,21 @@ from sqlalchemy import update
 from common.ids import now
 from db import repo
 from db.models import Batch, Chunk, RequestStatus
-from tests.harness import Service, completion_line
+from common.settings import Settings
+from tests.harness import Service, completion_line, fresh_postgres_database, require_servers
 from worker import finalize, pipeline, reconcile, validation
 
 
-@pytest.fixture
-def svc(tmp_path, tiny_model):
-    return Service.embedded(tmp_path, tiny_model, chunk_size=2, max_batch_size=2, requeue_after_s=60, stale_after_s=60)
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
+def svc(request, tmp_path, tiny_model):
+    timings = dict(chunk_size=2, max_batch_size=2, requeue_after_s=60, stale_after_s=60)
+    if request.param == "sqlite":
+        yield Service.embedded(tmp_path, tiny_model, **timings)
+        return
+    require_servers()
+    with fresh_postgres_database() as url:
+        yield Service(Settings(data_dir=tmp_path / "data", model=str(tiny_model), database_url=url,
+                               broker_url="memory://", **timings))
 
 
 def _validated(svc: Service, n: int) -> tuple[str, list[int]]:
@@ -86,6 +95,54 @@ def test_lost_messages_are_sent_again_and_nothing_is_lost(svc):
         batch = svc.wait(batch_id)
     assert batch["status"] == "completed"
     assert _custom_ids(svc, batch["output_file_id"]) == ["r0", "r1", "r2", "r3"]
+
+
+def test_a_chunk_waiting_behind_a_backlog_is_not_re_sent_every_period(svc):
+    """A pending chunk is re-sent after REQUEUE_AFTER_S (60 here), then after twice as long each
+    time: a day's backlog costs a few doorbells per chunk, not one every period."""
+    batch_id, chunks = _validated(svc, 2)  # one chunk
+    resent = []
+    for waited in (61, 61, 121, 121, 241):
+        with svc.runtime.session() as session, session.begin():
+            session.execute(update(Chunk).values(enqueued_at=now() - waited))
+        resent.append(reconcile.reconcile(svc.runtime)["requeued"])
+    assert resent == [1, 0, 1, 0, 1]
+
+
+def test_two_validations_of_one_batch_at_once_lose_nothing(svc, monkeypatch):
+    """The reconciler re-sends a validation it has not heard from, which may still be running: the
+    second attempt takes over, and the first stops without deleting what the second stored."""
+    batch_id = svc.submit([completion_line(f"r{i}") for i in range(5)])["id"]
+    real_lines, pulled = validation._lines, []
+
+    def lines_then_a_second_attempt(rt, file_id):
+        for n, item in enumerate(real_lines(rt, file_id)):
+            pulled.append(n)
+            if len(pulled) == 5 + 3:  # the first attempt's store pass, one chunk stored (size 2)
+                validation.validate_batch(svc.runtime, batch_id)  # the second runs to the end
+            yield item
+
+    monkeypatch.setattr(validation, "_lines", lines_then_a_second_attempt)
+    validation.validate_batch(svc.runtime, batch_id)
+    with svc:
+        batch = svc.wait(batch_id)
+    assert batch["status"] == "completed" and batch["request_counts"] == {"total": 5, "completed": 5, "failed": 0}
+    assert _custom_ids(svc, batch["output_file_id"]) == [f"r{i}" for i in range(5)]
+
+
+def test_a_finalizer_writing_shows_it_is_alive(svc, monkeypatch):
+    """Each page of result lines touches the batch, so the reconciler does not start a second
+    finalizer beside a slow one."""
+    batch_id, chunks = _validated(svc, 3)
+    for chunk in chunks:
+        pipeline.run_chunk(svc.runtime, chunk)
+    monkeypatch.setattr(finalize, "PAGE", 1)
+    with svc.runtime.session() as session, session.begin():
+        session.execute(update(Batch).where(Batch.id == batch_id).values(touched_at=0))
+    lines = list(finalize._result_lines(svc.runtime, batch_id, (RequestStatus.succeeded,)))
+    assert len(lines) == 3
+    with svc.runtime.session() as session:
+        assert repo.get_batch(session, batch_id=batch_id).touched_at >= now() - 5
 
 
 def test_dead_workers_requests_are_reclaimed_and_written_once(svc):

@@ -87,10 +87,13 @@ def _write_file(rt: Runtime, batch_id: str, kind: str, statuses) -> str | None:
 
 
 def _result_lines(rt: Runtime, batch_id: str, statuses) -> Iterator[bytes]:
-    """Result lines in input order, read a page at a time so a million lines never sit in memory."""
+    """Result lines in input order, read a page at a time so a million lines never sit in memory.
+    Each page touches the batch: a finalizer writing a large file shows it is alive, so the
+    reconciler does not take it for a dead one and start a second."""
     after = -1
     while True:
-        with rt.session() as session:
+        with rt.session() as session, session.begin():
+            repo.touch_batch(session, batch_id=batch_id, now=now())
             page = repo.requests_of(session, batch_id=batch_id, statuses=statuses, after_line=after,
                                     limit=PAGE)
         if not page:

@@ -24,7 +24,7 @@ def reconcile(rt: Runtime) -> dict[str, int]:
     t, s = now(), rt.settings
     with rt.session() as session, session.begin():
         reclaimed = repo.reclaim_stale(session, stale_before=t - s.stale_after_s)
-        chunks = repo.chunks_to_requeue(session, enqueued_before=t - s.requeue_after_s, now=t)
+        chunks = repo.chunks_to_requeue(session, delay=s.requeue_after_s, now=t)
         # Validation touches its batch as it goes, so a quiet one lost its message or its worker.
         stuck = repo.batches_in(session, statuses=[BatchStatus.validating],
                                 touched_before=t - s.stale_after_s)

@@ -4,6 +4,11 @@ Two streaming passes over the file: the first collects every error (so the user 
 as OpenAI's `errors.data[]`); the second inserts the requests a chunk at a time. The batch turns
 `in_progress` only after the last chunk is stored, so a crash half-way leaves it `validating` for the
 reconciler to retry from scratch; no chunk is dispatched before every request is stored.
+
+The reconciler cannot tell a lost validation from a slow one, so two attempts may run at once. Each
+claims the batch with a token when it starts (repo.claim_validation) and writes only while it still
+holds it (repo.holds_validation): the later attempt takes over and starts from scratch, and the
+earlier one stops at its next write, keeping nothing and discarding nothing of the other's.
 """
 
 from __future__ import annotations
@@ -26,20 +31,44 @@ MAX_LISTED_ERRORS = 100
 TOUCH_EVERY_LINES = 10_000  # a long validation shows it is alive, so the reconciler leaves it be
 
 
+class _TakenOver(Exception):
+    """This attempt no longer owns the batch's validation: another took over, or it was cancelled."""
+
+
 def validate_batch(rt: Runtime, batch_id: str) -> None:
-    with rt.session() as session:
+    token = new_id("val_")
+    with rt.session() as session, session.begin():
         batch = repo.get_batch(session, batch_id=batch_id)
-        if batch is None or batch.status != BatchStatus.validating:
+        if batch is None or not repo.claim_validation(session, batch_id=batch_id, token=token, now=now()):
             return
         source = repo.get_file(session, file_id=batch.input_file_id)
         endpoint = batch.endpoint
-    if source is None or not rt.blobs.path(source.id).exists():
-        return _fail(rt, batch_id, [LineError(0, "file_not_found", "The input file no longer exists.")])
-    errors, model, count = _check_lines(rt, batch_id, source.id, endpoint)
-    if errors:
-        _fail(rt, batch_id, errors)
-    else:
-        _store(rt, batch_id, source.id, model, count)
+    try:
+        if source is None or not rt.blobs.path(source.id).exists():
+            return _fail(rt, batch_id, token, [LineError(0, "file_not_found", "The input file no longer exists.")])
+        errors, model, count = _check_lines(rt, batch_id, token, source.id, endpoint)
+        if errors:
+            _fail(rt, batch_id, token, errors)
+        else:
+            _store(rt, batch_id, token, source.id, model, count)
+    except _TakenOver:
+        _stop(rt, batch_id, token)
+
+
+def _own(session, batch_id: str, token: str) -> None:
+    """Inside a write transaction: raise _TakenOver unless this attempt still owns the validation."""
+    if not repo.holds_validation(session, batch_id=batch_id, token=token, now=now()):
+        raise _TakenOver
+
+
+def _stop(rt: Runtime, batch_id: str, token: str) -> None:
+    """What an attempt that lost the batch leaves: nothing it stored if the batch was cancelled (or
+    expired) while it validated; everything if another attempt took over, which owns it now."""
+    with rt.session() as session, session.begin():
+        batch = repo.get_batch(session, batch_id=batch_id, for_update=True)
+        if batch is not None and batch.validation_token == token and batch.status != BatchStatus.validating:
+            repo.discard_requests(session, batch_id=batch_id)
+    log.info("batch %s: validation attempt %s stopped (taken over or cancelled)", batch_id, token)
 
 
 def _lines(rt: Runtime, file_id: str) -> Iterator[ParsedLine | LineError]:
@@ -48,7 +77,7 @@ def _lines(rt: Runtime, file_id: str) -> Iterator[ParsedLine | LineError]:
             yield parse_line(raw, number)
 
 
-def _check_lines(rt: Runtime, batch_id: str, file_id: str,
+def _check_lines(rt: Runtime, batch_id: str, token: str, file_id: str,
                  endpoint: str) -> tuple[list[LineError], str | None, int]:
     errors: list[LineError] = []
     seen: set[str] = set()
@@ -56,7 +85,8 @@ def _check_lines(rt: Runtime, batch_id: str, file_id: str,
     for item in _lines(rt, file_id):
         count += 1
         if count % TOUCH_EVERY_LINES == 0:
-            _touch(rt, batch_id)
+            with rt.session() as session, session.begin():
+                _own(session, batch_id, token)  # shows it is alive, so the reconciler leaves it be
         if isinstance(item, LineError):
             errors.append(item)
         elif item.url != endpoint:
@@ -86,38 +116,33 @@ def _check_lines(rt: Runtime, batch_id: str, file_id: str,
     return errors, model, count
 
 
-def _touch(rt: Runtime, batch_id: str) -> None:
-    with rt.session() as session, session.begin():
-        repo.touch_batch(session, batch_id=batch_id, now=now())
-
-
 def _served_models(rt: Runtime) -> set[str]:
     with rt.session() as session:
         live = repo.known_workers(session, since=now() - rt.settings.stale_after_s)
     return {w.model for w in live} | {rt.model_name}
 
 
-def _store(rt: Runtime, batch_id: str, file_id: str, model: str, count: int) -> None:
+def _store(rt: Runtime, batch_id: str, token: str, file_id: str, model: str, count: int) -> None:
     """Insert the requests one chunk per transaction (short write locks), then open the batch.
 
     Leftovers of an interrupted earlier attempt are discarded first, so a retry starts clean.
     """
     queue, size = queue_for_model(model), rt.settings.chunk_size
     with rt.session() as session, session.begin():
+        _own(session, batch_id, token)
         repo.discard_requests(session, batch_id=batch_id)
     chunk_ids: list[int] = []
     lines = _lines(rt, file_id)
     while group := list(itertools.islice(lines, size)):
         with rt.session() as session, session.begin():
+            _own(session, batch_id, token)
             chunk_id = repo.add_chunk(session, batch_id=batch_id, queue=queue, size=len(group), now=now())
             repo.add_requests(session, rows=[_request_row(batch_id, chunk_id, item) for item in group])
-            repo.touch_batch(session, batch_id=batch_id, now=now())
         chunk_ids.append(chunk_id)
     with rt.session() as session, session.begin():
-        if not repo.transition(session, batch_id=batch_id, from_=[BatchStatus.validating],
-                               to=BatchStatus.in_progress, now=now(), model=model, total=count):
-            repo.discard_requests(session, batch_id=batch_id)  # cancelled meanwhile: keep nothing
-            return
+        _own(session, batch_id, token)
+        repo.transition(session, batch_id=batch_id, from_=[BatchStatus.validating], to=BatchStatus.in_progress,
+                        now=now(), model=model, total=count)
     for chunk_id in chunk_ids:
         rt.celery.send_task(RUN_CHUNK, args=(chunk_id,), queue=queue)
     log.info("batch %s: %d requests in %d chunks on %s", batch_id, count, len(chunk_ids), queue)
@@ -143,12 +168,13 @@ def _fits_model(rt: Runtime, item: ParsedLine) -> LineError | None:
     return None
 
 
-def _fail(rt: Runtime, batch_id: str, errors: list[LineError]) -> None:
+def _fail(rt: Runtime, batch_id: str, token: str, errors: list[LineError]) -> None:
     listed = [e.as_dict() for e in errors[:MAX_LISTED_ERRORS]]
     if len(errors) > MAX_LISTED_ERRORS:
         listed.append({"code": "too_many_errors", "line": None, "param": None,
                        "message": f"{len(errors) - MAX_LISTED_ERRORS} more errors not listed."})
     with rt.session() as session, session.begin():
+        _own(session, batch_id, token)
         repo.transition(session, batch_id=batch_id, from_=[BatchStatus.validating], to=BatchStatus.failed,
                         now=now(), errors=listed)
     log.info("batch %s failed validation: %s", batch_id, listed[0]["message"])
