@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -29,6 +29,20 @@ SAMPLER_OPTIONS = {"steps": ("reference", "threshold"), "threshold": ("threshold
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_json_numbers(cls, value: Any, info) -> Any:
+        """Where a number is expected, only a JSON number: pydantic's lax mode would read true as 1
+        and "0.5" as 0.5, which OpenAI's API refuses (16.0 for an integer stays accepted)."""
+        if isinstance(value, (bool, str)) and _is_number_type(cls.model_fields[info.field_name].annotation):
+            raise ValueError("must be a JSON number")
+        return value
+
+
+def _is_number_type(annotation: Any) -> bool:
+    kinds = get_args(annotation) or (annotation,)  # int | None -> (int, NoneType)
+    return any(kind in (int, float) for kind in kinds) and not any(kind in (str, bool) for kind in kinds)
 
 
 class DiffusionOptions(_Strict):
