@@ -28,7 +28,7 @@ def reconcile(rt: Runtime) -> dict[str, int]:
         # Validation touches its batch as it goes, so a quiet one lost its message or its worker.
         stuck = repo.batches_in(session, statuses=[BatchStatus.validating],
                                 touched_before=t - s.stale_after_s)
-        late = []
+        late, retried = [], []
         for batch in stuck:
             # One whose window has passed expires (it stored no request) instead of being retried
             # for good, whatever kept its validation from finishing.
@@ -37,15 +37,15 @@ def reconcile(rt: Runtime) -> dict[str, int]:
                 late.append(batch)
             else:
                 repo.touch_batch(session, batch_id=batch.id, now=t)
-        stuck = [batch for batch in stuck if batch not in late]
+                retried.append(batch)
         open_batches = repo.batches_in(session, statuses=[BatchStatus.in_progress, BatchStatus.cancelling,
                                                           BatchStatus.finalizing])
     for chunk in chunks:
         rt.celery.send_task(RUN_CHUNK, args=(chunk.id,), queue=chunk.queue)
-    for batch in stuck:
+    for batch in retried:
         rt.celery.send_task(VALIDATE_BATCH, args=(batch.id,), queue=CONTROL_QUEUE)
     finalized = sum(maybe_finalize(rt, batch.id) for batch in open_batches)
-    report = {"reclaimed": reclaimed, "requeued": len(chunks), "revalidated": len(stuck),
+    report = {"reclaimed": reclaimed, "requeued": len(chunks), "revalidated": len(retried),
               "expired_validating": len(late), "finalized": finalized}
     if any(report.values()):
         log.info("reconcile: %s", report)

@@ -54,13 +54,13 @@ def to_generation_request(engine, url: str, body: dict[str, Any],
 
 def error_code_and_param(error: ValueError, url: str) -> tuple[str, str]:
     """How a request the engine refused is reported: OpenAI's code and the body field at fault."""
+    prompt = "body.prompt" if url == "/v1/completions" else "body.messages"  # a chat's prompt is its messages
     if isinstance(error, ContextLengthError):
-        return "context_length_exceeded", "body.prompt" if url == "/v1/completions" else "body.messages"
+        return "context_length_exceeded", prompt
     # Engine messages start with the field they are about, e.g. "diffusion.sampler 'factor' does not ...".
     named = _FIELD_AT_START.match(str(error))
-    if named and named.group(1) == "prompt":
-        return "invalid_request", "body.prompt" if url == "/v1/completions" else "body.messages"
-    return "invalid_request", f"body.{named.group(1)}" if named else "body"
+    field = named.group(1) if named else None
+    return "invalid_request", prompt if field == "prompt" else f"body.{field}" if field else "body"
 
 
 _FIELD_AT_START = re.compile(

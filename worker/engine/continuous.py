@@ -56,6 +56,14 @@ class Row:
     def completion(self) -> list[int]:
         return self.generated[len(self.lead):]
 
+    @property
+    def written(self) -> list[int]:
+        """The completion's tokens the model wrote: a template's text, which the request gave as it
+        gave the prompt, left out (the repetition penalties count these only)."""
+        template = self.request.template_ids
+        return self.completion if not template else [t for t, fixed in zip(self.completion, template)
+                                                      if fixed is None]
+
     def ahead(self, block_length: int) -> int:
         """Positions still to denoise: the lead and max_tokens rounded up to whole blocks, less what
         is committed."""
@@ -139,12 +147,11 @@ class ContinuousScheduler:
             row.passes += n
 
     def _history(self, rows: list[Row]) -> torch.Tensor | None:
-        """Counts of each row's generated tokens (B, V), when a row has a repetition penalty: its
-        completion less a template's text, which the request gave, as it gave the prompt."""
+        """Counts of the tokens each row wrote (B, V; ``Row.written``), when a row has a repetition
+        penalty."""
         if not any(row.request.params.penalised for row in rows):
             return None
-        completions = [[t for i, t in enumerate(row.completion)
-                        if not row.request.template_ids or row.request.template_ids[i] is None] for row in rows]
+        completions = [row.written for row in rows]
         longest = max(len(c) for c in completions)  # rows joined in different rounds
         if longest == 0:
             return None
