@@ -1,11 +1,12 @@
-"""Typed SQLAlchemy 2 models. The rows, not broker messages, say what is done (DESIGN.md §2)."""
+"""Typed SQLAlchemy 2 models. The rows, not broker messages, say what is done (docs/architecture.md)."""
 
 from __future__ import annotations
 
 import enum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import (JSON, BigInteger, Boolean, Enum, ForeignKey, Index, Integer, MetaData, String, Text,
+                        UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # A naming convention makes constraint names stable, so Alembic batch mode can alter SQLite tables.
@@ -46,6 +47,8 @@ class RequestStatus(str, enum.Enum):
 OPEN_REQUEST_STATUSES = (RequestStatus.pending, RequestStatus.running)
 TERMINAL_BATCH_STATUSES = (BatchStatus.failed, BatchStatus.completed, BatchStatus.expired,
                            BatchStatus.cancelled)
+# The one tenant of a server without API keys (the loopback embedded default).
+LOCAL_TENANT = "local"
 
 
 def _status(enum_cls: type[enum.Enum]) -> Enum:
@@ -53,22 +56,57 @@ def _status(enum_cls: type[enum.Enum]) -> Enum:
     return Enum(enum_cls, native_enum=False, length=16, validate_strings=True)
 
 
+class Tenant(Base):
+    """Who owns files, batches and keys; quota columns left NULL take the server's settings."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the name given to `keys create --tenant`
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    max_queued_requests: Mapped[int | None] = mapped_column(Integer)
+    max_queued_tokens: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class ApiKey(Base):
+    """A key is `<prefix><id>.<secret>`; only a salted hash of the secret is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    salt: Mapped[str] = mapped_column(String(64))
+    secret_hash: Mapped[str] = mapped_column(String(128))
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)  # sees every tenant's batches (status page)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    last_used_at: Mapped[int | None] = mapped_column(BigInteger)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
 class File(Base):
     __tablename__ = "files"
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True, default=LOCAL_TENANT,
+                                           server_default=LOCAL_TENANT)
     filename: Mapped[str] = mapped_column(String(512))
     purpose: Mapped[str] = mapped_column(String(32))
     bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[int] = mapped_column(BigInteger)
     storage_path: Mapped[str] = mapped_column(String(1024))
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # Non-blank lines of an uploaded batch file, counted while it streams (quotas, the request limit).
+    line_count: Mapped[int | None] = mapped_column(Integer)
+    expires_at: Mapped[int | None] = mapped_column(BigInteger, index=True)  # retention deletes it then
 
 
 class Batch(Base):
     __tablename__ = "batches"
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True, default=LOCAL_TENANT,
+                                           server_default=LOCAL_TENANT)
     status: Mapped[BatchStatus] = mapped_column(_status(BatchStatus), index=True)
     endpoint: Mapped[str] = mapped_column(String(64))
     model: Mapped[str | None] = mapped_column(String(255))
@@ -84,7 +122,7 @@ class Batch(Base):
     failed: Mapped[int] = mapped_column(Integer, default=0)
     input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64), index=True)
     created_at: Mapped[int] = mapped_column(BigInteger, index=True)
     expires_at: Mapped[int] = mapped_column(BigInteger)
@@ -100,6 +138,11 @@ class Batch(Base):
     # The validation attempt that owns the batch: a retried one takes over, and the one it replaced
     # stops at its next write instead of storing requests beside it (worker/validation.py).
     validation_token: Mapped[str | None] = mapped_column(String(32))
+    # Validation attempts started; past Settings.max_validation_attempts the batch fails.
+    validation_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # OpenAI's output_expires_after, in seconds: the output and error files expire that long after
+    # they are written (None: the server's retention).
+    output_expires_after_s: Mapped[int | None] = mapped_column(Integer)
 
 
 class Request(Base):
@@ -129,6 +172,8 @@ class Request(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     forward_passes: Mapped[int] = mapped_column(Integer, default=0)
     finished_at: Mapped[int | None] = mapped_column(BigInteger)
+    # Prompt plus max_tokens, set at validation: what the request may cost (the tenant's token quota).
+    budget_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Chunk(Base):
@@ -142,6 +187,13 @@ class Chunk(Base):
     # Seconds after enqueued_at before the reconciler sends the chunk again (None: REQUEUE_AFTER_S);
     # doubled at each re-send, so a long backlog is not re-sent every period.
     requeue_delay: Mapped[int | None] = mapped_column(Integer)
+    # The lease: the worker running the chunk (None: nobody). It holds while that worker's row in
+    # `workers` beats; a dead holder's chunk is reclaimed and re-sent at once.
+    worker: Mapped[str | None] = mapped_column(String(255), index=True)
+    leased_at: Mapped[int | None] = mapped_column(BigInteger)
+    # Runs of this group that ended without finishing it (its worker died, the engine raised); a
+    # group that keeps failing is split so a poison request ends up alone.
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Worker(Base):
