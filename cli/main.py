@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     command("worker", _worker, "start a worker for DIFFBATCH_MODEL (one per GPU)")
+    command("control", _control, "start the control process: validation, finalizing and reconciling on a CPU, "
+            "never behind generation (run at least one)")
     command("beat", _beat, "start the scheduler (periodic reconcile); run exactly one")
     p = command("db", _db, "database maintenance")
     p.add_argument("action", choices=["upgrade"])
@@ -164,7 +166,6 @@ def _worker(settings: Settings, args) -> int:
     from db import repo
     from worker.celery_app import app
     from worker.heartbeat import beat_worker_row
-    from worker.reconcile import reconcile
     from worker.runtime import Runtime, set_runtime
 
     runtime = Runtime(settings, celery=app)
@@ -178,10 +179,33 @@ def _worker(settings: Settings, args) -> int:
             repo.upsert_worker(session, name=runtime.name, model=runtime.model_name,
                                queue=runtime.model_queue, max_positions=engine.max_positions, now=now())
         threading.Thread(target=beat_worker_row, args=(runtime,), daemon=True).start()
-        reconcile(runtime)  # pick up whatever a previous run left behind
 
-    app.worker_main(["worker", "--pool", "solo", "--queues", f"{CONTROL_QUEUE},{runtime.model_queue}",
+    # The model's queue only: validation, finalizing and reconciling belong to `diffbatch control`, so they
+    # never wait behind a chunk and never spend GPU time.
+    app.worker_main(["worker", "--pool", "solo", "--queues", runtime.model_queue,
                      "--hostname", f"{runtime.model_name}@{runtime.name}", "--loglevel", "INFO",
+                     "--without-gossip", "--without-mingle"])
+    return 0
+
+
+def _control(settings: Settings, args) -> int:
+    from celery.signals import worker_ready
+
+    from worker.celery_app import app
+    from worker.reconcile import reconcile
+    from worker.runtime import Runtime, set_runtime
+
+    runtime = Runtime(settings, celery=app, weights=False)
+    set_runtime(runtime)
+    runtime.engine  # the tokenizer and the model's shape, to check request lines; no weights  # noqa: B018
+
+    @worker_ready.connect
+    def _resume(**_kwargs) -> None:
+        reconcile(runtime)  # pick up at once whatever a previous run left behind
+
+    # Threads: a long validation must not hold up a finalize or the reconciler behind it.
+    app.worker_main(["worker", "--pool", "threads", "--concurrency", str(settings.control_concurrency),
+                     "--queues", CONTROL_QUEUE, "--hostname", f"control@{runtime.name}", "--loglevel", "INFO",
                      "--without-gossip", "--without-mingle"])
     return 0
 

@@ -1,4 +1,4 @@
-"""The embedded stack: API, worker and scheduler as separate child processes sharing one data folder."""
+"""The embedded stack: API, worker, control process and scheduler as child processes sharing one data folder."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def free_port() -> int:
 
 
 class EmbeddedStack:
-    """Starts `diffbatch api`, `diffbatch worker` and `diffbatch beat`; stops them all on exit."""
+    """Starts `diffbatch api`, `worker`, `control` and `beat`; stops them all on exit."""
 
     def __init__(self, settings: Settings, *, port: int, log_dir: Path | None = None) -> None:
         self.settings, self.port = settings, port
@@ -72,7 +72,7 @@ class EmbeddedStack:
         declare_queues(make_celery(self.settings),
                        [CONTROL_QUEUE, queue_for_model(self.settings.served_model_name)])
         env = {**os.environ, "DIFFBATCH_DATA_DIR": str(self.settings.data_dir.resolve())}
-        for role, args in (("worker", []), ("beat", []),
+        for role, args in (("worker", []), ("control", []), ("beat", []),
                            ("api", ["--host", self.settings.api_host, "--port", str(self.port)])):
             role_env = {**CPU_ALLOCATOR, **env} if role == "worker" and self.settings.device == "cpu" else env
             log = open(self.log_dir / f"{role}.log", "ab")

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import PrivateAttr, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.lines import DiffusionOptions
@@ -46,9 +46,28 @@ class Settings(BaseSettings):
     stale_after_s: int = 120  # a running request whose heartbeat is older is reclaimed
     requeue_after_s: int = 600  # a chunk with pending requests is enqueued again after this
     reconcile_every_s: int = 30
+    control_concurrency: int = 4  # tasks the control process runs at once (validations, finalizing, reconciling)
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     dedupe_window_s: int = 10  # identical batch creates this close together return the first batch
+    # -- limits (OpenAI's where it has one) -------------------------------------------------------
+    # OpenAI's 200 MB batch input file (MiB here), counted while the upload streams; larger is a 413.
+    max_upload_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    max_batch_requests: int = Field(50_000, ge=1)  # request lines in one batch, as OpenAI
+    # One input line, checked in bytes before it is parsed or tokenized. No prompt that fits a served
+    # context can reach it: 131,072 positions x 16 bytes a token x 6 bytes per JSON-escaped byte is 12.6 MB.
+    max_line_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # Validations of one batch started before it fails instead (a validator that keeps dying on it).
+    max_validation_attempts: int = Field(3, ge=1)
+    validation_touch_s: float = Field(5.0, gt=0)  # validation shows its batch it is alive at least this often
+    # -- retention -------------------------------------------------------------------------------
+    # Files (uploads, outputs) without an expiry of their own are deleted this long after creation; 0 keeps them.
+    retention_days: int = Field(30, ge=0)
+    retention_every_s: int = Field(600, ge=1)  # how often expired files and leftover partial blobs are deleted
+    # Per tenant (a tenant's own limits, `diffbatch tenants set`, win): requests of its batches still waiting or
+    # running, and their token budgets (prompt + max_tokens); a create past either is a 429 quota_exceeded.
+    max_queued_requests: int = Field(1_000_000, ge=0)
+    max_queued_tokens: int = Field(1_000_000_000, ge=0)
 
     _diffusion_defaults: DiffusionOptions | None = PrivateAttr(default=None)
 

@@ -145,10 +145,10 @@ def _gone(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_serve_killed_outright_takes_its_processes_with_it(served):
-    """kill -9 (or the OOM killer) on `diffbatch serve` leaves no API, worker or beat running."""
+    """kill -9 (or the OOM killer) on `diffbatch serve` leaves no API, worker, control process or beat running."""
     _, process = served
     children = _children(process.pid)
-    assert len(children) == 3
+    assert len(children) == 4
     process.kill()
     process.wait()
     deadline = time.monotonic() + 30
@@ -187,3 +187,4 @@ def test_openai_sdk_against_diffbatch_serve_and_clean_stop(served, tmp_path):
     assert process.wait(timeout=60) == 0
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/healthz", timeout=1)
+

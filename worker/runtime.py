@@ -26,8 +26,11 @@ log = logging.getLogger("diffbatch.worker")
 
 
 class Runtime:
-    def __init__(self, settings: Settings, celery=None) -> None:
-        self.settings = settings
+    """``weights=False`` (the control process): the engine tokenizes and checks requests but holds no
+    weights, so validation runs on a CPU host in little memory; it never generates."""
+
+    def __init__(self, settings: Settings, celery=None, *, weights: bool = True) -> None:
+        self.settings, self.weights = settings, weights
         self.session = make_session_factory(make_engine(settings.resolved_database_url))
         self.blobs = BlobStore(settings.files_dir)
         self.celery = celery or make_celery(settings)
@@ -48,9 +51,11 @@ class Runtime:
         from worker.engine.loader import load_model
 
         path = ensure_model(self.settings)
-        log.info("loading model %s from %s on %s", self.model_name, path, self.settings.device)
-        loaded = load_model(str(path), device=self.settings.device, dtype=self.settings.dtype,
-                            trust_remote_code=self.settings.trust_remote_code)
+        device = self.settings.device if self.weights else "cpu"
+        log.info("loading model %s from %s on %s%s", self.model_name, path, device,
+                 "" if self.weights else " (no weights: for checking requests)")
+        loaded = load_model(str(path), device=device, dtype=self.settings.dtype,
+                            trust_remote_code=self.settings.trust_remote_code, weights=self.weights)
         return make_engine(loaded, max_batch_size=self.settings.max_batch_size, cache=self.settings.cache,
                            cuda_graphs=self.settings.cuda_graphs)
 

@@ -71,11 +71,12 @@ class LoadedModel:
 
 
 def load_model(
-    path: str, *, device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False
+    path: str, *, device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False, weights: bool = True
 ) -> LoadedModel:
     """Load config, tokenizer and weights from the folder ``path`` and put the model in eval mode.
 
-    dtype "auto" is bfloat16 on CUDA and float32 elsewhere.
+    dtype "auto" is bfloat16 on CUDA and float32 elsewhere. ``weights=False`` reads no weights and builds the
+    model on the meta device: enough to tokenize and check requests, in no memory (the control process).
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -93,7 +94,7 @@ def load_model(
         raise ValueError(f"model type {config.model_type!r} is not a supported diffusion model family")
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     if family == "diffusion_gemma":
-        return _load_diffusion_gemma(folder, config, tokenizer, device=device, dtype=torch_dtype)
+        return _load_diffusion_gemma(folder, config, tokenizer, device=device, dtype=torch_dtype, weights=weights)
     mask_token_id = _first_id(getattr(config, "mask_token_id", None), tokenizer.mask_token_id,
                               _vocabulary_id(tokenizer, MASK_SPELLING.get(family)))
     if mask_token_id is None:
@@ -104,6 +105,32 @@ def load_model(
     if pad_token_id is None:
         raise ValueError(f"model at {str(path)!r} defines neither a pad nor an eos token")
 
+    if not weights:
+        model = _skeleton(AutoModelForMaskedLM, config, torch_dtype, trust_remote_code=trust_remote_code)
+    else:
+        model = _load_weights(folder, config, torch_dtype, device, kwargs)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        name=getattr(config, "diffbatch_name", None) or folder.resolve().name,
+        family=family,
+        max_positions=int(config.max_position_embeddings),
+        mask_token_id=mask_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        eos_token_ids=eos_token_ids,
+    )
+
+
+def _skeleton(auto_class, config, dtype: torch.dtype, **kwargs):
+    """The model's modules with meta tensors: its shapes and code, no memory and no weights."""
+    with torch.device("meta"):
+        return auto_class.from_config(config, dtype=dtype, **kwargs).eval()
+
+
+def _load_weights(folder: Path, config, torch_dtype: torch.dtype, device: str, kwargs: dict):
+    path = str(folder)
     try:
         model, loading = AutoModelForMaskedLM.from_pretrained(folder, config=config, dtype=torch_dtype,
                                                               output_loading_info=True, **kwargs)
@@ -119,31 +146,27 @@ def load_model(
     if missing:
         raise ValueError(f"model at {str(path)!r} lacks {len(missing)} of the weights its model_type "
                          f"{config.model_type!r} needs, e.g. {missing[:3]}")
-    model.to(device).eval()
-    return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        config=config,
-        name=getattr(config, "diffbatch_name", None) or folder.resolve().name,
-        family=family,
-        max_positions=int(config.max_position_embeddings),
-        mask_token_id=mask_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        eos_token_ids=eos_token_ids,
-    )
+    return model.to(device).eval()
 
 
-def _load_diffusion_gemma(folder: Path, config, tokenizer, *, device: str, dtype: torch.dtype) -> LoadedModel:
+def _load_diffusion_gemma(folder: Path, config, tokenizer, *, device: str, dtype: torch.dtype,
+                          weights: bool = True) -> LoadedModel:
     """DiffusionGemma: text only; ids from generation_config.json first (what ``generate`` uses)."""
-    from transformers import DiffusionGemmaForBlockDiffusion
+    from transformers import DiffusionGemmaForBlockDiffusion, GenerationConfig
 
     # sdpa: the DiffusionGemma engine passes explicit boolean 4D masks (per-row prefixes).
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(
-        folder, config=config, dtype=dtype, local_files_only=True, attn_implementation="sdpa")
-    model.to(device).eval()
+    if weights:
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+            folder, config=config, dtype=dtype, local_files_only=True, attn_implementation="sdpa")
+        model.to(device).eval()
+        generation = model.generation_config
+    else:
+        with torch.device("meta"):
+            model = DiffusionGemmaForBlockDiffusion._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model.eval()
+        generation = (GenerationConfig.from_pretrained(folder, local_files_only=True)
+                      if (folder / "generation_config.json").is_file() else GenerationConfig.from_model_config(config))
     text_config = config.get_text_config()
-    generation = model.generation_config
     eos_ids = _all_ids(generation.eos_token_id, text_config.eos_token_id, tokenizer.eos_token_id)
     pad_token_id = _first_id(generation.pad_token_id, text_config.pad_token_id, tokenizer.pad_token_id,
                              eos_ids[0] if eos_ids else None)
