@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from api.errors import install_error_handlers
+from api.auth import KeyCheck
+from api.errors import install_error_handlers, without_422
+from api.hardening import RefuseUnstorableText
 from api.queue import Queue
 from api.routes import batches, files, system
 from common.settings import Settings
@@ -20,7 +22,10 @@ def create_app(settings: Settings | None = None, *, queue: Queue | None = None) 
     app.state.session_factory = make_session_factory(make_engine(settings.resolved_database_url))
     app.state.blobs = BlobStore(settings.files_dir)
     app.state.queue = queue or Queue(settings)
+    app.state.key_check = KeyCheck(settings)
     install_error_handlers(app)
+    app.add_middleware(RefuseUnstorableText)
     for module in (files, batches, system):
         app.include_router(module.router)
+    without_422(app)
     return app

@@ -3,17 +3,46 @@
 from __future__ import annotations
 
 import logging
+import re
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("diffbatch.api")
 
-TYPE_FOR_STATUS = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+TYPE_FOR_STATUS = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
                    409: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
                    503: "service_unavailable"}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error body, the answer of every status other than 2xx."""
+
+    error: ErrorDetail
+
+
+WHEN = {400: "Invalid request: the message names the parameter (`param`).",
+        401: "Missing, unknown or revoked API key.", 404: "No such object.",
+        405: "Method not allowed; the `Allow` header lists those that are.",
+        409: "Conflicts with the object's state or an earlier request.",
+        413: "The upload is larger than the server's limit (DIFFBATCH_MAX_UPLOAD_BYTES).",
+        429: "Over the tenant's quota.", 503: "A dependency is down: the message names it."}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of a route for these error statuses, each with OpenAI's error body."""
+    return {status: {"model": ErrorBody, "description": WHEN[status]} for status in statuses}
 
 
 class ApiError(Exception):
@@ -22,10 +51,39 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None):
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None):
     kind = TYPE_FOR_STATUS.get(status, "invalid_request_error" if status < 500 else "server_error")
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def without_422(app: FastAPI) -> None:
+    """Drop FastAPI's generated 422 answers from the OpenAPI schema: invalid input is a 400 here."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _allowed(request: Request) -> str:
+    """Every method the API serves at this path, from its OpenAPI paths (Starlette's own 405 names the
+    methods of the first route that matched the path only)."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), request.url.path):
+            methods |= {method.upper() for method in operations}
+    return ", ".join(sorted(methods))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -46,8 +104,9 @@ def install_error_handlers(app: FastAPI) -> None:
                               param, "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail))
+    async def _http(request: Request, exc: StarletteHTTPException):
+        headers = {"Allow": _allowed(request)} if exc.status_code == 405 else exc.headers
+        return error_response(exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

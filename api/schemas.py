@@ -2,21 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from common.lines import ENDPOINTS
 from db.models import Batch, File
 
 
+def _storable(value: str) -> str:
+    # PostgreSQL's text refuses NUL, and UTF-8 cannot encode a lone surrogate (json.loads makes one of "\ud800").
+    if "\x00" in value or any("\ud800" <= c <= "\udfff" for c in value):
+        raise ValueError("must not hold NUL (\\u0000) or unpaired surrogates")
+    return value
+
+
+# Text that reaches the database: documented as a pattern, checked by the validator.
+NO_NUL = "^[^\\u0000]*$"
+StorableText = Annotated[str, AfterValidator(_storable), Field(json_schema_extra={"pattern": NO_NUL})]
+
+
+class ExpiresAfter(BaseModel):
+    """OpenAI's expiry policy: the file expires ``seconds`` after its creation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=3600, le=2592000)  # 1 hour to 30 days, as OpenAI
+
+
 class CreateBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    input_file_id: str = Field(min_length=1)
-    endpoint: str
-    completion_window: str = "24h"
-    metadata: dict[str, str] | None = None
+    input_file_id: StorableText = Field(min_length=1)
+    endpoint: str = Field(json_schema_extra={"enum": list(ENDPOINTS)})
+    completion_window: str = Field("24h", json_schema_extra={"enum": ["24h"]})
+    metadata: dict[str, str] | None = Field(None, json_schema_extra={
+        "maxProperties": 16, "propertyNames": {"maxLength": 64, "pattern": NO_NUL},
+        "additionalProperties": {"type": "string", "maxLength": 512, "pattern": NO_NUL}})
+    output_expires_after: ExpiresAfter | None = None  # the output and error files' expiry
 
     @field_validator("endpoint")
     @classmethod
@@ -38,13 +62,16 @@ class CreateBatch(BaseModel):
         # OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512.
         if value and (len(value) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in value.items())):
             raise ValueError("at most 16 pairs, keys up to 64 characters, values up to 512")
+        for key, text in (value or {}).items():
+            _storable(key)
+            _storable(text)
         return value
 
 
 def file_object(row: File) -> dict[str, Any]:
     return {"id": row.id, "object": "file", "bytes": row.bytes, "created_at": row.created_at,
             "filename": row.filename, "purpose": row.purpose, "status": "processed",
-            "status_details": None, "expires_at": None}
+            "status_details": None, "expires_at": row.expires_at}
 
 
 def batch_object(row: Batch) -> dict[str, Any]:

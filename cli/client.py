@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,10 +32,16 @@ def first_endpoint(path: Path) -> str:
     return "/v1/completions"  # the server reports what is wrong with the file
 
 
+def auth_headers() -> dict[str, str]:
+    """`Authorization: Bearer $DIFFBATCH_API_KEY` when that is set: a server that has keys needs one."""
+    key = os.environ.get("DIFFBATCH_API_KEY", "").strip()
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def run_batch(base_url: str, input_path: Path, output_path: Path, errors_path: Path,
               poll_s: float = 0.5, check: Callable[[], None] = lambda: None) -> int:
     """Submit, follow, download, summarise; `check` raises if the server side died meanwhile."""
-    with httpx.Client(base_url=base_url.rstrip("/") + "/v1", timeout=60) as http:
+    with httpx.Client(base_url=base_url.rstrip("/") + "/v1", timeout=60, headers=auth_headers()) as http:
         with open(input_path, "rb") as src:
             uploaded = _ok(http.post("/files", files={"file": (input_path.name, src)},
                                      data={"purpose": "batch"}))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from cli import keys as keys_commands
 from common.settings import CONTROL_QUEUE, Settings
 
 
@@ -47,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="where to write the result lines")
     p.add_argument("--errors", type=Path, help="where to write error lines (default OUTPUT.errors.jsonl)")
     p.add_argument("--url", help="use a running diffbatch server instead of starting the embedded one")
-    p = command("serve", _serve, "start API, worker and scheduler (embedded: SQLite, no servers)")
+    p = command("serve", _serve, "start API, worker, control process and scheduler (embedded: SQLite, no servers)")
     p.add_argument("--port", type=int)
     p = command("api", _api, "start the HTTP API")
     p.add_argument("--host")
@@ -58,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     command("beat", _beat, "start the scheduler (periodic reconcile); run exactly one")
     p = command("db", _db, "database maintenance")
     p.add_argument("action", choices=["upgrade"])
+    keys_commands.register(command)  # `diffbatch keys ...` and `diffbatch tenants ...`
     p = command("train-builtin", _train_builtin, "train the built-in model on this Python's standard "
                 "library (resumes from OUT/state.pt)")
     p.add_argument("--out", type=Path, default=Path("train-builtin"), help="run folder (default ./train-builtin)")
@@ -108,6 +110,7 @@ def _run(settings: Settings, args) -> int:
         if not path.parent.is_dir():
             print(f"diffbatch run: cannot write {path}: no such folder {path.parent}", file=sys.stderr)
             return 2
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the embedded stack as Ctrl-C does
     try:
         if args.url:
             return run_batch(args.url, args.input, args.output, errors)
@@ -122,6 +125,11 @@ def _run(settings: Settings, args) -> int:
     except httpx.HTTPError as exc:  # the server at --url is down, or went away mid-run
         print(f"diffbatch run: cannot reach {args.url or 'the embedded server'}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        where = args.url or settings.data_dir
+        print(f"diffbatch run: interrupted; the batch stays in {where} and resumes when it is served again",
+              file=sys.stderr)
+        return 130
 
 
 def _serve(settings: Settings, args) -> int:
@@ -131,6 +139,8 @@ def _serve(settings: Settings, args) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the stack as Ctrl-C does
     with stack:
         try:
+            if left := stack.unfinished_work():
+                print(f"resuming {left} left by the previous run", flush=True)
             stack.wait_ready()
             print(f"diffbatch is serving at {stack.url}/v1 (data in {settings.data_dir}); Ctrl-C stops it",
                   flush=True)
@@ -153,8 +163,14 @@ def _api(settings: Settings, args) -> int:
     import uvicorn
 
     from api.app import create_app
+    from api.auth import CREATE_KEY_HINT, is_loopback_host
 
-    uvicorn.run(create_app(settings), host=args.host or settings.api_host, port=args.port or settings.api_port,
+    settings = settings.model_copy(update={"api_host": args.host or settings.api_host})  # keyless only on loopback
+    if not is_loopback_host(settings.api_host) and not keys_commands.keys_exist(settings):
+        print(f"diffbatch api: refusing to serve on {settings.api_host} without an API key; {CREATE_KEY_HINT} "
+              "(or bind to 127.0.0.1)", file=sys.stderr)
+        return 2
+    uvicorn.run(create_app(settings), host=settings.api_host, port=args.port or settings.api_port,
                 log_level="info")
     return 0
 

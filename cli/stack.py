@@ -80,6 +80,27 @@ class EmbeddedStack:
                 [sys.executable, "-m", "cli.main", role, *args], env=role_env, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_dies_with(os.getpid())))
 
+    def unfinished_work(self) -> str | None:
+        """What a previous run left open in this data folder, in words (None: nothing); the control
+        process's first reconcile picks it up at once."""
+        from db import repo
+        from db.models import OPEN_REQUEST_STATUSES, BatchStatus
+        from db.session import make_engine, make_session_factory
+
+        engine = make_engine(self.settings.resolved_database_url)
+        try:
+            with make_session_factory(engine)() as session:
+                batches = repo.batches_in(session, statuses=[BatchStatus.validating, BatchStatus.in_progress,
+                                                             BatchStatus.cancelling, BatchStatus.finalizing])
+                requests = sum(repo.count_requests(session, batch_id=b.id, statuses=OPEN_REQUEST_STATUSES)
+                               for b in batches)
+        finally:
+            engine.dispose()
+        if not batches:
+            return None
+        return (f"{len(batches)} {'batch' if len(batches) == 1 else 'batches'} "
+                f"({requests} open {'request' if requests == 1 else 'requests'})")
+
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Wait until the API answers and a worker consumes (it registers its model once Celery is ready)."""
         deadline = time.monotonic() + timeout

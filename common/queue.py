@@ -53,3 +53,13 @@ def declare_queues(app: Celery, names: list[str]) -> None:
     with app.connection_for_write() as conn:
         for name in names:
             Queue(name, routing_key=name).bind(conn.default_channel).declare()
+
+
+def queue_depth(app: Celery, name: str) -> int:
+    """Messages waiting in a queue (not those a worker holds unacknowledged). A queue the broker does
+    not know is empty: Redis drops the key of an empty list."""
+    with app.connection_for_read() as conn:
+        try:
+            return conn.default_channel.queue_declare(queue=name, passive=True).message_count
+        except conn.channel_errors:
+            return 0

@@ -41,11 +41,13 @@ class Settings(BaseSettings):
     # that send plain OpenAI bodies); None: the checkpoint's defaults (README: Models).
     diffusion: dict[str, Any] | None = None
     chunk_size: int = 64  # requests per Celery message
-    max_attempts: int = 3  # claims of one request before it ends as an error line
-    heartbeat_s: int = 10
-    stale_after_s: int = 120  # a running request whose heartbeat is older is reclaimed
-    requeue_after_s: int = 600  # a chunk with pending requests is enqueued again after this
-    reconcile_every_s: int = 30
+    max_attempts: int = 3  # failed runs of a request on its own before it ends as max_attempts_exceeded
+    heartbeat_s: int = 10  # a worker beats its `workers` row this often (and while it runs a chunk)
+    worker_dead_after_s: int = 30  # a worker whose row beat longer ago is dead: its chunks are reclaimed
+    lost_message_grace_s: int = 15  # an unheld chunk sent this long ago, with its queue empty, is re-sent
+    stale_after_s: int = 120  # a validation or finalizer quiet this long is retried
+    requeue_after_s: int = 600  # last resort: a chunk with pending requests is enqueued again after this
+    reconcile_every_s: int = 10
     control_concurrency: int = 4  # tasks the control process runs at once (validations, finalizing, reconciling)
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -96,6 +98,14 @@ class Settings(BaseSettings):
         if self.chunk_size < self.max_batch_size:
             raise ValueError(f"DIFFBATCH_CHUNK_SIZE ({self.chunk_size}) must be at least "
                              f"DIFFBATCH_MAX_BATCH_SIZE ({self.max_batch_size})")
+        return self
+
+    @model_validator(mode="after")
+    def _beats_before_death(self) -> Settings:
+        # A worker must beat at least once before it is taken for dead, or every running chunk is reclaimed.
+        if self.worker_dead_after_s <= self.heartbeat_s:
+            raise ValueError(f"DIFFBATCH_WORKER_DEAD_AFTER_S ({self.worker_dead_after_s}) must be more than "
+                             f"DIFFBATCH_HEARTBEAT_S ({self.heartbeat_s})")
         return self
 
     @property

@@ -18,10 +18,12 @@ from db.models import (OPEN_REQUEST_STATUSES, Batch, BatchStatus, Chunk, File, R
 # ---------------------------------------------------------------------------------------- files
 
 
-def add_file(session: Session, *, file_id: str, filename: str, purpose: str, size: int,
-             storage_path: str, now: int, idempotency_key: str | None = None) -> File:
-    row = File(id=file_id, filename=filename, purpose=purpose, bytes=size, created_at=now,
-               storage_path=storage_path, idempotency_key=idempotency_key)
+def add_file(session: Session, *, file_id: str, tenant_id: str, filename: str, purpose: str, size: int,
+             storage_path: str, now: int, idempotency_key: str | None = None, line_count: int | None = None,
+             expires_at: int | None = None) -> File:
+    row = File(id=file_id, tenant_id=tenant_id, filename=filename, purpose=purpose, bytes=size, created_at=now,
+               storage_path=storage_path, idempotency_key=idempotency_key, line_count=line_count,
+               expires_at=expires_at)
     session.add(row)
     session.flush()
     return row
@@ -102,10 +104,11 @@ def touch_batch(session: Session, *, batch_id: str, now: int) -> None:
 
 
 def claim_validation(session: Session, *, batch_id: str, token: str, now: int) -> bool:
-    """Make ``token`` the validating batch's one validation attempt (taking it over from any other);
-    False if the batch is no longer validating."""
+    """Make ``token`` the validating batch's one validation attempt (taking it over from any other) and
+    count the attempt; False if the batch is no longer validating."""
     result = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == BatchStatus.validating)
-                             .values(validation_token=token, touched_at=now))
+                             .values(validation_token=token, touched_at=now,
+                                     validation_attempts=Batch.validation_attempts + 1))
     return result.rowcount == 1
 
 
@@ -147,27 +150,15 @@ def chunks_of(session: Session, *, batch_id: str) -> list[Chunk]:
     return list(session.scalars(select(Chunk).where(Chunk.batch_id == batch_id).order_by(Chunk.id)))
 
 
-def claim_requests(session: Session, *, chunk_id: int, worker: str, now: int,
-                   stale_before: int) -> list[Request]:
-    """Take the chunk's pending requests (and running ones whose worker stopped beating) for `worker`."""
-    claimable = and_(Request.chunk_id == chunk_id,
-                     (Request.status == RequestStatus.pending)
-                     | ((Request.status == RequestStatus.running) & (Request.heartbeat_at < stale_before)))
-    ids = list(session.scalars(select(Request.id).where(claimable)))
-    if not ids:
-        return []
-    session.execute(update(Request).where(Request.id.in_(ids), claimable)
-                    .values(status=RequestStatus.running, worker=worker, heartbeat_at=now,
-                            attempts=Request.attempts + 1))
-    return list(session.scalars(select(Request).where(Request.id.in_(ids), Request.worker == worker,
+def claim_requests(session: Session, *, chunk_id: int, worker: str, now: int) -> list[Request]:
+    """Take every open request of a chunk for `worker`, which holds the chunk's lease (so a running
+    one belongs to a run that ended). `heartbeat_at` records when it was claimed."""
+    open_rows = and_(Request.chunk_id == chunk_id, Request.status.in_(OPEN_REQUEST_STATUSES))
+    session.execute(update(Request).where(open_rows)
+                    .values(status=RequestStatus.running, worker=worker, heartbeat_at=now))
+    return list(session.scalars(select(Request).where(Request.chunk_id == chunk_id, Request.worker == worker,
                                                       Request.status == RequestStatus.running)
                                 .order_by(Request.line)))
-
-
-def heartbeat(session: Session, *, request_ids: Sequence[int], worker: str, now: int) -> None:
-    session.execute(update(Request).where(Request.id.in_(list(request_ids)), Request.worker == worker,
-                                          Request.status == RequestStatus.running)
-                    .values(heartbeat_at=now))
 
 
 def outcome(request_id: int, status: RequestStatus, now: int, *, response: dict[str, Any] | None = None,
@@ -243,10 +234,13 @@ def get_request(session: Session, *, public_id: str) -> Request | None:
     return session.scalar(select(Request).where(Request.public_id == public_id))
 
 
-def reclaim_stale(session: Session, *, stale_before: int) -> int:
-    """Running requests whose worker stopped beating go back to pending."""
-    result = session.execute(update(Request).where(Request.status == RequestStatus.running,
-                                                   Request.heartbeat_at < stale_before)
+def reclaim_orphaned_requests(session: Session, *, dead_before: int) -> int:
+    """Running requests whose worker is dead (no `workers` row beating since ``dead_before``, or one
+    restarted after the claim) go back to pending; their chunk's lease, if any, is handled apart."""
+    open_batches = select(Batch.id).where(Batch.status.in_([BatchStatus.in_progress, BatchStatus.cancelling]))
+    result = session.execute(update(Request).where(Request.batch_id.in_(open_batches),  # (batch, status) index
+                                                   Request.status == RequestStatus.running,
+                                                   ~_live(Request.worker, Request.heartbeat_at, dead_before))
                              .values(status=RequestStatus.pending, worker=None))
     return result.rowcount
 
@@ -268,6 +262,155 @@ def chunks_to_requeue(session: Session, *, delay: int, now: int) -> list[Chunk]:
     return chunks
 
 
+# --------------------------------------------------------------------------------- chunk leases
+# A chunk runs only on the worker holding its lease (chunks.worker). The lease holds while that
+# worker's `workers` row beats, the run renews it (leased_at), and the worker has not restarted since;
+# otherwise the holder is dead, and whoever notices first (the reconciler, or a worker the chunk is
+# delivered to) records the failed run with `chunk_failed`, whose conditional UPDATE lets one do it.
+
+
+def _live(holder, since, dead_before: int):
+    """A worker named `holder` beat at or after ``dead_before`` and (re)started no later than ``since``
+    (a restarted process with the same name does not own what its predecessor held)."""
+    return exists().where(Worker.name == holder, Worker.heartbeat_at >= dead_before, Worker.started_at <= since)
+
+
+def _live_lease(dead_before: int):
+    # A live worker that no longer renews a lease (its run ended but could not release it) holds nothing.
+    return and_(Chunk.leased_at >= dead_before, _live(Chunk.worker, Chunk.leased_at, dead_before))
+
+
+def holder_is_live(session: Session, *, chunk_id: int, dead_before: int) -> bool:
+    return session.scalar(select(Chunk.id).where(Chunk.id == chunk_id, _live_lease(dead_before))) is not None
+
+
+def lease_chunk(session: Session, *, chunk_id: int, worker: str, now: int) -> bool:
+    """Make `worker` the holder of a chunk nobody else holds; False if somebody does. (A dead holder's
+    run is recorded with `chunk_failed` first, which frees the chunk.)"""
+    result = session.execute(update(Chunk).where(Chunk.id == chunk_id,
+                                                 Chunk.worker.is_(None) | (Chunk.worker == worker))
+                             .values(worker=worker, leased_at=now))
+    return result.rowcount == 1
+
+
+def renew_lease(session: Session, *, chunk_id: int, worker: str, now: int) -> bool:
+    """Renew `worker`'s lease on a chunk it runs; False if the lease is no longer its own."""
+    result = session.execute(update(Chunk).where(Chunk.id == chunk_id, Chunk.worker == worker)
+                             .values(leased_at=now))
+    return result.rowcount == 1
+
+
+def end_lease(session: Session, *, chunk_id: int, worker: str) -> bool:
+    """Release `worker`'s lease and hand back the requests it still runs (a run that stopped early:
+    cancelled, expired, shut down). Counts no failure; False if `worker` no longer held the chunk."""
+    result = session.execute(update(Chunk).where(Chunk.id == chunk_id, Chunk.worker == worker)
+                             .values(worker=None, leased_at=None))
+    session.execute(update(Request).where(Request.chunk_id == chunk_id, Request.worker == worker,
+                                          Request.status == RequestStatus.running)
+                    .values(status=RequestStatus.pending, worker=None))
+    return result.rowcount == 1
+
+
+def dead_leases(session: Session, *, dead_before: int) -> list[Chunk]:
+    """Leased chunks whose holder is dead; rows another reconciler is recovering are skipped."""
+    query = (select(Chunk).where(Chunk.worker.is_not(None), ~_live_lease(dead_before))
+             .order_by(Chunk.id).with_for_update(skip_locked=True))
+    return list(session.scalars(query))
+
+
+def chunk_failed(session: Session, *, chunk_id: int, holder: str, now: int, max_attempts: int) -> list[Chunk]:
+    """Record that `holder`'s run of a chunk ended unfinished (died, or the engine raised); returns what to
+    send next: the chunk, its two halves (a group failing again), or nothing (its lone request failed
+    ``max_attempts`` times and ends as max_attempts_exceeded, or another caller recorded this run)."""
+    result = session.execute(update(Chunk).where(Chunk.id == chunk_id, Chunk.worker == holder)
+                             .values(worker=None, leased_at=None, failures=Chunk.failures + 1, enqueued_at=now))
+    if result.rowcount != 1:
+        return []
+    session.execute(update(Request).where(Request.chunk_id == chunk_id, Request.status == RequestStatus.running)
+                    .values(status=RequestStatus.pending, worker=None))
+    chunk = session.scalars(select(Chunk).where(Chunk.id == chunk_id)
+                            .execution_options(populate_existing=True)).one()
+    open_ids = list(session.scalars(select(Request.id).where(Request.chunk_id == chunk_id,
+                                                             Request.status == RequestStatus.pending)
+                                    .order_by(Request.line)))
+    if len(open_ids) == 1:
+        return _blame_lone_request(session, chunk, open_ids[0], now=now, max_attempts=max_attempts)
+    if len(open_ids) > 1 and chunk.failures >= 2:
+        half = (len(open_ids) + 1) // 2
+        return [_split_off(session, chunk, part, now=now) for part in (open_ids[:half], open_ids[half:])]
+    return [chunk] if open_ids else []
+
+
+def _blame_lone_request(session: Session, chunk: Chunk, request_id: int, *, now: int,
+                        max_attempts: int) -> list[Chunk]:
+    # Alone in its run, the request is the one to blame: only such runs count as its attempts, so a
+    # batch-mate of a poison request never ends as max_attempts_exceeded.
+    session.execute(update(Request).where(Request.id == request_id).values(attempts=Request.attempts + 1))
+    attempts = session.scalar(select(Request.attempts).where(Request.id == request_id))
+    if attempts < max_attempts:
+        return [chunk]
+    finish_requests(session, batch_id=chunk.batch_id, outcomes=[outcome(
+        request_id, RequestStatus.failed, now, error_code="max_attempts_exceeded",
+        error_message=f"Gave up after {attempts} failed attempts: each time this request ran on its own, "
+                      "its worker died or the engine raised.")])
+    return []
+
+
+def _split_off(session: Session, chunk: Chunk, request_ids: list[int], *, now: int) -> Chunk:
+    # failures=1: the half's next failed run splits it again, so a poison request is alone after log2(n).
+    part = Chunk(batch_id=chunk.batch_id, queue=chunk.queue, size=len(request_ids), enqueued_at=now, failures=1)
+    session.add(part)
+    session.flush()
+    session.execute(update(Request).where(Request.id.in_(request_ids)).values(chunk_id=part.id))
+    return part
+
+
+def _awaiting_doorbell(sent_before: int):
+    """Chunks of running batches (found from the batches, not by scanning every chunk ever stored)
+    with pending requests, no holder, last sent before ``sent_before``."""
+    has_pending = exists().where(Request.chunk_id == Chunk.id, Request.status == RequestStatus.pending)
+    return (select(Chunk).join(Batch, Batch.id == Chunk.batch_id)
+            .where(Batch.status == BatchStatus.in_progress, Chunk.worker.is_(None),
+                   Chunk.enqueued_at < sent_before, has_pending))
+
+
+def chunks_awaiting_doorbell(session: Session, *, sent_before: int, limit: int = 10_000) -> list[Chunk]:
+    """Unheld chunks with pending requests, sent before ``sent_before``: if their queue is empty, their
+    message was lost."""
+    return list(session.scalars(_awaiting_doorbell(sent_before).order_by(Chunk.id).limit(limit)))
+
+
+def mark_resent(session: Session, *, chunk_ids: Sequence[int], sent_before: int, now: int) -> list[Chunk]:
+    """Those of ``chunk_ids`` still awaiting a doorbell, stamped as sent now; rows another reconciler
+    holds are skipped and a stamped row no longer matches, so each chunk is re-sent once."""
+    query = (_awaiting_doorbell(sent_before).where(Chunk.id.in_(list(chunk_ids)))
+             .order_by(Chunk.id).with_for_update(skip_locked=True, of=Chunk))
+    chunks = list(session.scalars(query))
+    if chunks:
+        session.execute(update(Chunk).where(Chunk.id.in_([c.id for c in chunks])).values(enqueued_at=now))
+    return chunks
+
+
+def retire_worker(session: Session, *, name: str) -> list[Chunk]:
+    """Hand back every lease and running request of worker `name` (no failure counted) and drop its
+    row; returns the chunks released, to be sent again."""
+    chunks = list(session.scalars(select(Chunk).where(Chunk.worker == name).order_by(Chunk.id).with_for_update()))
+    session.execute(update(Chunk).where(Chunk.worker == name).values(worker=None, leased_at=None))
+    session.execute(update(Request).where(Request.worker == name, Request.status == RequestStatus.running)
+                    .values(status=RequestStatus.pending, worker=None))
+    session.execute(delete(Worker).where(Worker.name == name))
+    return chunks
+
+
+def open_work(session: Session) -> tuple[int, int]:
+    """(batches not finished yet, requests not run yet): what a restarted server resumes."""
+    unfinished = [BatchStatus.validating, BatchStatus.in_progress, BatchStatus.cancelling, BatchStatus.finalizing]
+    batches = session.scalar(select(func.count()).select_from(Batch).where(Batch.status.in_(unfinished)))
+    requests = session.scalar(select(func.count()).select_from(Request)
+                              .where(Request.status.in_(list(OPEN_REQUEST_STATUSES))))
+    return batches, requests
+
+
 # -------------------------------------------------------------------------------------- workers
 
 
@@ -277,8 +420,9 @@ def upsert_worker(session: Session, *, name: str, model: str, queue: str, max_po
     if row is None:
         session.add(Worker(name=name, model=model, queue=queue, max_positions=max_positions,
                            started_at=now, heartbeat_at=now))
-    else:
+    else:  # a restart: started_at tells its predecessor's leases (held by the same name) from its own
         row.model, row.queue, row.max_positions, row.heartbeat_at = model, queue, max_positions, now
+        row.started_at = now
 
 
 def beat_worker(session: Session, *, name: str, now: int) -> None:
@@ -297,3 +441,23 @@ def _past_cursor(columns, values, descending: bool):
     if descending:
         return (c1 < v1) | ((c1 == v1) & (c2 < v2))
     return (c1 > v1) | ((c1 == v1) & (c2 > v2))
+
+
+# ------------------------------------------------------------------------------------ retention
+
+# A batch in one of these still reads its input file.
+_READING_INPUT = (BatchStatus.validating, BatchStatus.in_progress, BatchStatus.finalizing, BatchStatus.cancelling)
+
+
+def expired_file_ids(session: Session, *, now: int, limit: int = 1000) -> list[str]:
+    """Files whose expires_at has passed, except the input of a batch that still reads it."""
+    in_use = exists().where(Batch.input_file_id == File.id, Batch.status.in_(_READING_INPUT))
+    return list(session.scalars(select(File.id).where(File.expires_at <= now, ~in_use)
+                                .order_by(File.expires_at, File.id).limit(limit)))
+
+
+def delete_expired_file(session: Session, *, file_id: str, now: int) -> bool:
+    """Delete the file's row if it is still expired and unused; True if this call deleted it."""
+    in_use = exists().where(Batch.input_file_id == file_id, Batch.status.in_(_READING_INPUT))
+    result = session.execute(delete(File).where(File.id == file_id, File.expires_at <= now, ~in_use))
+    return result.rowcount == 1

@@ -106,17 +106,17 @@ def test_overlong_key_or_filename_is_a_400_naming_it(api):
 def test_a_raced_upload_with_the_same_key_answers_with_the_stored_file(api, monkeypatch):
     """Two uploads with one key both miss the lookup; the second insert fails on the unique key and
     must answer with the first file (not a 500) and keep no orphan blob."""
-    from db import repo
+    from db.scoped import TenantScope
 
     first = api.client.post("/v1/files", files={"file": ("a.jsonl", b"{}\n")}, data={"purpose": "batch"},
                             headers={"Idempotency-Key": "upload-1"}).json()
-    real_lookup, lookups = repo.find_file_by_idempotency_key, []
+    real_lookup, lookups = TenantScope.find_file_by_idempotency_key, []
 
-    def lookup_that_loses_the_race(session, *, key):
+    def lookup_that_loses_the_race(scope, key):
         lookups.append(key)
-        return None if len(lookups) == 1 else real_lookup(session, key=key)
+        return None if len(lookups) == 1 else real_lookup(scope, key)
 
-    monkeypatch.setattr(repo, "find_file_by_idempotency_key", lookup_that_loses_the_race)
+    monkeypatch.setattr(TenantScope, "find_file_by_idempotency_key", lookup_that_loses_the_race)
     blobs_dir = api.client.app.state.blobs.root
     blobs = sorted(p.name for p in blobs_dir.iterdir())
     second = api.client.post("/v1/files", files={"file": ("a.jsonl", b"{}\n")}, data={"purpose": "batch"},

@@ -188,3 +188,28 @@ def test_openai_sdk_against_diffbatch_serve_and_clean_stop(served, tmp_path):
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/healthz", timeout=1)
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads children from /proc")
+def test_sigterm_to_run_stops_its_whole_stack(tmp_path, tiny_model):
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                                          "body": {"model": "tiny", "prompt": "x", "max_tokens": 512}}) + "\n"
+                              for i in range(64)))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "run", str(source), "-o", str(tmp_path / "out.jsonl"),
+         "--data-dir", str(tmp_path / "data")],
+        cwd=REPO, env=_env(DIFFBATCH_MODEL=str(tiny_model), DIFFBATCH_MODEL_NAME="tiny"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(_children(process.pid)) < 4:
+        time.sleep(0.2)
+    children = _children(process.pid)
+    assert len(children) == 4
+    process.terminate()
+    assert process.wait(timeout=60) == 130
+    assert "interrupted; the batch stays in" in process.stderr.read()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(_gone(pid) for pid in children):
+        time.sleep(0.2)
+    assert all(_gone(pid) for pid in children)

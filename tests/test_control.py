@@ -67,7 +67,10 @@ def _wait(url: str, batch: dict, until: set[str]) -> dict:
     deadline = time.monotonic() + 120  # a guard against a hang, not a speed check
     while batch["status"] not in until and time.monotonic() < deadline:
         time.sleep(0.2)
-        batch = httpx.get(f"{url}/v1/batches/{batch['id']}", timeout=10).json()
+        try:
+            batch = httpx.get(f"{url}/v1/batches/{batch['id']}", timeout=10).json()
+        except httpx.TransportError:  # a server still starting
+            continue
     return batch
 
 
@@ -86,3 +89,25 @@ def test_validation_needs_no_worker_and_a_worker_takes_the_chunks_later(control_
     assert done["status"] == "completed" and done["request_counts"]["completed"] == 5
     output = httpx.get(f"{url}/v1/files/{done['output_file_id']}/content", timeout=10).text.splitlines()
     assert sorted(json.loads(line)["custom_id"] for line in output) == [f"r{i}" for i in range(5)]
+
+
+def test_serve_says_what_it_resumes_and_finishes_it(control_only):
+    url, data, model, processes = control_only
+    lines = [completion_line(f"r{i}", max_tokens=4) for i in range(3)]
+    left = _wait(url, _submit(url, b"".join(json.dumps(x).encode() + b"\n" for x in lines)), {"in_progress"})
+    for process in processes:  # the previous run ends with the batch accepted and nothing generated
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFBATCH_")}
+    serve = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--data-dir", str(data)],
+                             cwd=REPO, env={**env, "DIFFBATCH_MODEL": str(model), "DIFFBATCH_MODEL_NAME": "tiny"},
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        assert serve.stdout.readline().strip() == "resuming 1 batch (3 open requests) left by the previous run"
+        done = _wait(f"http://127.0.0.1:{port}", left, {"completed", "failed", "expired", "cancelled"})
+        assert done["status"] == "completed" and done["request_counts"]["completed"] == 3
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        serve.wait(60)

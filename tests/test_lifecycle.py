@@ -10,10 +10,15 @@ import pytest
 from sqlalchemy import update
 
 from common.ids import now
+from common.settings import CONTROL_QUEUE, Settings
 from db import repo
 from db.models import Batch, Chunk, RequestStatus
-from common.settings import Settings
-from tests.harness import Service, completion_line, fresh_postgres_database, require_servers
+from tests.harness import (
+    Service,
+    completion_line,
+    fresh_postgres_database,
+    require_servers,
+)
 from worker import finalize, pipeline, reconcile, validation
 
 
@@ -40,6 +45,21 @@ def _custom_ids(svc: Service, file_id: str | None) -> list[str]:
     return [line["custom_id"] for line in svc.lines_of(file_id)]
 
 
+def _run_and_finalize(svc: Service, batch_id: str, chunk_id: int) -> int:
+    """Run a chunk as a GPU worker does, then what the FINALIZE_BATCH message it sends to the control
+    queue does once the batch has nothing open."""
+    written = pipeline.run_chunk(svc.runtime, chunk_id)
+    finalize.maybe_finalize(svc.runtime, batch_id)
+    return written
+
+
+def _empty_the_broker(svc: Service) -> None:
+    """The broker lost every message (a Redis restart, say)."""
+    with svc.celery.connection_for_write() as conn:
+        for queue in (CONTROL_QUEUE, svc.runtime.model_queue):
+            conn.default_channel.queue_purge(queue)
+
+
 def test_cancel_keeps_finished_results_and_closes_the_rest(svc):
     batch_id, chunks = _validated(svc, 5)
     pipeline.run_chunk(svc.runtime, chunks[0])
@@ -59,7 +79,7 @@ def test_cancel_keeps_finished_results_and_closes_the_rest(svc):
 
 def test_completed_batch_cannot_be_cancelled(svc):
     batch_id, chunks = _validated(svc, 1)
-    pipeline.run_chunk(svc.runtime, chunks[0])
+    _run_and_finalize(svc, batch_id, chunks[0])
     response = svc.client.post(f"/v1/batches/{batch_id}/cancel")
     assert response.status_code == 409 and "completed" in response.json()["error"]["message"]
 
@@ -87,10 +107,10 @@ def test_expired_batch_keeps_results_and_reports_the_rest(svc):
 
 def test_lost_messages_are_sent_again_and_nothing_is_lost(svc):
     batch_id, chunks = _validated(svc, 4)
-    svc.celery.control.purge()  # the broker lost every message (a Redis restart, say)
+    _empty_the_broker(svc)
     with svc.runtime.session() as session, session.begin():
-        session.execute(update(Chunk).values(enqueued_at=now() - 3600))
-    assert reconcile.reconcile(svc.runtime)["requeued"] == 2
+        session.execute(update(Chunk).values(enqueued_at=now() - svc.settings.lost_message_grace_s - 1))
+    assert reconcile.reconcile(svc.runtime)["resent"] == 2  # nobody holds them and their queue is empty
     with svc:  # a worker starts and works through the re-sent messages
         batch = svc.wait(batch_id)
     assert batch["status"] == "completed"
@@ -98,15 +118,18 @@ def test_lost_messages_are_sent_again_and_nothing_is_lost(svc):
 
 
 def test_a_chunk_waiting_behind_a_backlog_is_not_re_sent_every_period(svc):
-    """A pending chunk is re-sent after REQUEUE_AFTER_S (60 here), then after twice as long each
-    time: a day's backlog costs a few doorbells per chunk, not one every period."""
+    """Its queue holds messages, so the chunk is not taken for lost; the last-resort timer re-sends it
+    after REQUEUE_AFTER_S (60 here), then after twice as long each time: a day's backlog costs a few
+    doorbells per chunk, not one every period."""
     batch_id, chunks = _validated(svc, 2)  # one chunk
-    resent = []
+    requeued, resent = [], []
     for waited in (61, 61, 121, 121, 241):
         with svc.runtime.session() as session, session.begin():
             session.execute(update(Chunk).values(enqueued_at=now() - waited))
-        resent.append(reconcile.reconcile(svc.runtime)["requeued"])
-    assert resent == [1, 0, 1, 0, 1]
+        report = reconcile.reconcile(svc.runtime)
+        requeued.append(report["requeued"])
+        resent.append(report["resent"])
+    assert requeued == [1, 0, 1, 0, 1] and resent == [0] * 5
 
 
 def test_two_validations_of_one_batch_at_once_lose_nothing(svc, monkeypatch):
@@ -135,7 +158,7 @@ def test_a_finalizer_writing_shows_it_is_alive(svc, monkeypatch):
     finalizer beside a slow one."""
     batch_id, chunks = _validated(svc, 3)
     for chunk in chunks:
-        pipeline.run_chunk(svc.runtime, chunk)
+        pipeline.run_chunk(svc.runtime, chunk)  # the batch is left for the control process to finalize
     monkeypatch.setattr(finalize, "PAGE", 1)
     with svc.runtime.session() as session, session.begin():
         session.execute(update(Batch).where(Batch.id == batch_id).values(touched_at=0))
@@ -145,18 +168,29 @@ def test_a_finalizer_writing_shows_it_is_alive(svc, monkeypatch):
         assert repo.get_batch(session, batch_id=batch_id).touched_at >= now() - 5
 
 
+def _held_by_a_dead_worker(svc: Service, chunk_id: int, name: str = "dead:1") -> None:
+    """A worker took the chunk's lease and claimed its requests, then died (its row stopped beating)."""
+    long_ago = now() - svc.settings.worker_dead_after_s - 60
+    with svc.runtime.session() as session, session.begin():
+        repo.upsert_worker(session, name=name, model="tiny", queue=svc.runtime.model_queue, max_positions=64,
+                           now=long_ago)
+        assert repo.lease_chunk(session, chunk_id=chunk_id, worker=name, now=long_ago)
+        assert repo.claim_requests(session, chunk_id=chunk_id, worker=name, now=long_ago)
+
+
 def test_dead_workers_requests_are_reclaimed_and_written_once(svc):
     batch_id, chunks = _validated(svc, 2)
-    with svc.runtime.session() as session, session.begin():
-        claimed = repo.claim_requests(session, chunk_id=chunks[0], worker="dead:1", now=now() - 600,
-                                      stale_before=0)
-    assert len(claimed) == 2
-    assert pipeline.run_chunk(svc.runtime, chunks[0]) == 2  # heartbeat is stale: claimed again
+    _held_by_a_dead_worker(svc, chunks[0])
+    # Its message delivered again: the holder is dead, so this records the failed run and re-sends the
+    # chunk instead of running it; the reconciler then finds nothing left to reclaim.
+    assert pipeline.run_chunk(svc.runtime, chunks[0]) == 0
+    assert reconcile.reconcile(svc.runtime)["reclaimed"] == 0
+    assert _run_and_finalize(svc, batch_id, chunks[0]) == 2
     batch = svc.client.get(f"/v1/batches/{batch_id}").json()
     assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 2
     with svc.runtime.session() as session, session.begin():
         rows = repo.requests_of(session, batch_id=batch_id, statuses=[RequestStatus.succeeded])
-        assert [r.attempts for r in rows] == [2, 2]
+        assert [r.attempts for r in rows] == [0, 0]  # a failed run of two is blamed on neither
         # The dead worker wakes up and tries to write its result: refused, counts unchanged.
         late = repo.outcome(rows[0].id, RequestStatus.failed, now(), error_code="late", error_message="late")
         assert repo.finish_requests(session, batch_id=batch_id, outcomes=[late]) == 0
@@ -167,14 +201,14 @@ def test_dead_workers_requests_are_reclaimed_and_written_once(svc):
 def test_poison_request_ends_as_an_error_line_not_a_loop(svc):
     svc.runtime.settings.max_attempts = 2
     batch_id, chunks = _validated(svc, 1)
-    for _ in range(2):  # two workers died while holding it
-        with svc.runtime.session() as session, session.begin():
-            repo.claim_requests(session, chunk_id=chunks[0], worker="dead", now=now() - 600, stale_before=now())
-    pipeline.run_chunk(svc.runtime, chunks[0])
+    for death in range(2):  # two workers died while running it, alone in its chunk
+        _held_by_a_dead_worker(svc, chunks[0], name=f"dead:{death}")
+        assert reconcile.reconcile(svc.runtime)["reclaimed"] == 1
     batch = svc.client.get(f"/v1/batches/{batch_id}").json()
     assert batch["status"] == "completed" and batch["output_file_id"] is None
     [error] = svc.lines_of(batch["error_file_id"])
     assert error["custom_id"] == "r0" and error["error"]["code"] == "max_attempts_exceeded"
+    assert "Gave up after 2 failed attempts" in error["error"]["message"]
 
 
 def test_engine_failure_hands_requests_back(svc, monkeypatch):
@@ -189,7 +223,9 @@ def test_engine_failure_hands_requests_back(svc, monkeypatch):
         pipeline.run_chunk(svc.runtime, chunks[0])
     with svc.runtime.session() as session:
         rows = repo.requests_of(session, batch_id=batch_id, statuses=[RequestStatus.pending])
+        chunk = repo.get_chunk(session, chunk_id=chunks[0])
     assert [r.custom_id for r in rows] == ["r0", "r1"]  # back to pending, to be retried
+    assert (chunk.worker, chunk.failures) == (None, 1)  # the lease is free; one failed run of the group
     monkeypatch.undo()
     assert pipeline.run_chunk(svc.runtime, chunks[0]) == 2
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from common.queue import RECONCILE, make_celery
 from common.settings import CONTROL_QUEUE, Settings
+from worker import retention
 
 settings = Settings()
 app = make_celery(settings)
 app.conf.beat_schedule = {
     "reconcile": {"task": RECONCILE, "schedule": float(settings.reconcile_every_s),
+                  "options": {"queue": CONTROL_QUEUE}},
+    "retention": {"task": retention.TASK, "schedule": float(settings.retention_every_s),
                   "options": {"queue": CONTROL_QUEUE}},
 }
 

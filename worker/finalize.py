@@ -74,6 +74,10 @@ def _write_file(rt: Runtime, batch_id: str, kind: str, statuses) -> str | None:
     lines = _result_lines(rt, batch_id, statuses)
     size = rt.blobs.write(file_id, lines)
     with rt.session() as session, session.begin():
+        batch = repo.get_batch(session, batch_id=batch_id)
+        tenant_id = batch.tenant_id  # the batch's owner owns its results
+        written = now()
+        keep_s = batch.output_expires_after_s or rt.settings.retention_days * 86400  # 0: kept for good
         existing = repo.get_file(session, file_id=file_id)
         if existing is not None:
             repo.delete_file(session, file_id=file_id)
@@ -81,8 +85,9 @@ def _write_file(rt: Runtime, batch_id: str, kind: str, statuses) -> str | None:
         if size == 0:
             rt.blobs.delete(file_id)
             return None
-        repo.add_file(session, file_id=file_id, filename=f"{batch_id}_{kind}.jsonl", purpose="batch_output",
-                      size=size, storage_path=str(rt.blobs.path(file_id)), now=now())
+        repo.add_file(session, file_id=file_id, tenant_id=tenant_id, filename=f"{batch_id}_{kind}.jsonl",
+                      purpose="batch_output", size=size, storage_path=str(rt.blobs.path(file_id)), now=written,
+                      expires_at=written + keep_s if keep_s else None)
     return file_id
 
 

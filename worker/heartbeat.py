@@ -1,11 +1,10 @@
-"""Heartbeats: claimed requests' while the engine works on them, and the worker row's while it lives."""
+"""Heartbeats: the worker's `workers` row, which is what keeps its chunk leases (db/repo.py)."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Sequence
 
 from common.ids import now
 from db import repo
@@ -14,8 +13,12 @@ log = logging.getLogger("diffbatch.worker")
 
 
 class Heartbeat:
-    def __init__(self, rt, request_ids: Sequence[int]) -> None:
-        self.rt, self.request_ids = rt, list(request_ids)
+    """While a chunk runs: beat the worker's row and renew the chunk's lease every ``heartbeat_s``.
+    ``lost`` is set once the lease is gone (the reconciler took this worker for dead), so the run stops."""
+
+    def __init__(self, rt, chunk_id: int) -> None:
+        self.rt, self.chunk_id = rt, chunk_id
+        self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="diffbatch-heartbeat", daemon=True)
 
@@ -31,13 +34,19 @@ class Heartbeat:
         while not self._stop.wait(self.rt.settings.heartbeat_s):
             try:
                 with self.rt.session() as session, session.begin():
-                    repo.heartbeat(session, request_ids=self.request_ids, worker=self.rt.name, now=now())
-            except Exception:  # noqa: BLE001 - a missed beat only risks a harmless reclaim
+                    repo.beat_worker(session, name=self.rt.name, now=now())
+                    held = repo.renew_lease(session, chunk_id=self.chunk_id, worker=self.rt.name, now=now())
+            except Exception:  # noqa: BLE001 - the next beat tries again; missing three loses the lease
                 log.warning("heartbeat failed", exc_info=True)
+                continue
+            if not held:
+                log.warning("lost the lease on chunk %s (taken for dead); stopping it", self.chunk_id)
+                self.lost.set()
+                return
 
 
 def beat_worker_row(rt) -> None:
-    """Run forever in a daemon thread: keeps this worker listed in /v1/models and validation."""
+    """Run forever in a daemon thread: keeps this worker alive in the database between chunks too."""
     while True:
         time.sleep(rt.settings.heartbeat_s)
         try:

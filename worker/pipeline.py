@@ -1,58 +1,108 @@
-"""run_chunk: claim a chunk's requests -> run the engine -> write each result once -> maybe finalize."""
+"""run_chunk: lease the chunk -> claim its requests -> run the engine -> write each result once.
+
+A chunk runs only on the worker holding its lease (db/repo.py, "chunk leases"): a duplicate doorbell
+finds it held and returns, and one that finds its holder dead records that run as failed. A run the
+engine raises in is recorded the same way, so a group that keeps failing is split until the request
+to blame runs alone. Finalizing is the control process's work: when the batch has nothing open left,
+the worker sends FINALIZE_BATCH to the control queue instead of writing files on a GPU host.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from common.ids import now
-from common.queue import RUN_CHUNK
+from common.queue import FINALIZE_BATCH
+from common.settings import CONTROL_QUEUE
 from db import repo
-from db.models import BatchStatus, Request, RequestStatus
-from worker.finalize import maybe_finalize
+from db.models import OPEN_REQUEST_STATUSES, BatchStatus, Chunk, Request, RequestStatus
 from worker.heartbeat import Heartbeat
+from worker.leases import record_failed_run
 from worker.responses import error_code_and_param, response_body, to_generation_request
 from worker.runtime import Runtime
 
 log = logging.getLogger("diffbatch.worker")
+RETRY_PAUSE_S = 5  # before a group the engine raised in runs again: an out-of-memory may pass
+
+
+@dataclass
+class _Lease:
+    batch_id: str
+    model: str | None
+    claimed: list[Request]
 
 
 def run_chunk(rt: Runtime, chunk_id: int) -> int:
     """Process what is still open in a chunk; returns how many results this call wrote."""
-    with rt.session() as session, session.begin():
-        chunk = repo.get_chunk(session, chunk_id=chunk_id)
-        batch = chunk and repo.get_batch(session, batch_id=chunk.batch_id)
-        if batch is None or batch.status != BatchStatus.in_progress:
-            claimed = []
-        else:
-            claimed = repo.claim_requests(session, chunk_id=chunk_id, worker=rt.name, now=now(),
-                                          stale_before=now() - rt.settings.stale_after_s)
-    if chunk is None:
+    lease = _take_lease(rt, chunk_id)
+    if lease is None or not lease.claimed:
         return 0
-    written = 0
-    if claimed:
-        with Heartbeat(rt, [r.id for r in claimed]):
-            written = _process(rt, chunk_id, batch.model, claimed)
-    maybe_finalize(rt, chunk.batch_id)
+    try:
+        with Heartbeat(rt, chunk_id) as beat:
+            written = _process(rt, lease, beat)
+    except Exception:
+        log.exception("chunk %s failed; its group runs again, split if it failed before", chunk_id)
+        record_failed_run(rt, chunk_id, rt.name, countdown=RETRY_PAUSE_S)
+        _finalize_if_done(rt, lease.batch_id)
+        raise
+    except BaseException:  # the process is stopping: not the group's fault, so no failure counted
+        _end_lease(rt, chunk_id)
+        raise
+    _end_lease(rt, chunk_id)
+    _finalize_if_done(rt, lease.batch_id)
     return written
 
 
-def _process(rt: Runtime, chunk_id: int, model: str, claimed: list[Request]) -> int:
+def _take_lease(rt: Runtime, chunk_id: int) -> _Lease | None:
+    """Lease the chunk and claim its open requests. None if it is unknown or another live worker holds
+    it; a lease with nothing claimed if its batch is not running or its dead holder's run was recorded."""
+    t = now()
+    with rt.session() as session, session.begin():
+        chunk = repo.get_chunk(session, chunk_id=chunk_id)
+        if chunk is None:
+            return None
+        holder = chunk.worker
+        live = holder is not None and repo.holder_is_live(session, chunk_id=chunk_id,
+                                                          dead_before=t - rt.settings.worker_dead_after_s)
+        if holder is None or (live and holder == rt.name):  # free, or left held by this very process
+            return _lease_chunk(rt, session, chunk, t)
+        if live:
+            return None  # a duplicate doorbell: its holder runs it
+    log.warning("chunk %s: its holder %s is dead; recording the failed run", chunk_id, holder)
+    record_failed_run(rt, chunk_id, holder)
+    _finalize_if_done(rt, chunk.batch_id)
+    return _Lease(chunk.batch_id, None, [])
+
+
+def _lease_chunk(rt: Runtime, session, chunk: Chunk, t: int) -> _Lease | None:
+    batch = repo.get_batch(session, batch_id=chunk.batch_id)
+    if batch is None:
+        return None
+    if batch.status != BatchStatus.in_progress or t >= batch.expires_at:
+        return _Lease(batch.id, batch.model, [])  # finalize closes what is left
+    if not repo.lease_chunk(session, chunk_id=chunk.id, worker=rt.name, now=t):
+        return None
+    repo.beat_worker(session, name=rt.name, now=t)  # the lease holds from this beat on
+    claimed = repo.claim_requests(session, chunk_id=chunk.id, worker=rt.name, now=t)
+    if not claimed:
+        repo.end_lease(session, chunk_id=chunk.id, worker=rt.name)
+    return _Lease(batch.id, batch.model, claimed)
+
+
+def _process(rt: Runtime, lease: _Lease, beat: Heartbeat) -> int:
     runnable, written = [], 0
-    for request in claimed:
-        if request.attempts > rt.settings.max_attempts:  # a poison request ends as an error line
-            written += _fail(rt, request, "max_attempts_exceeded",
-                             f"Gave up after {rt.settings.max_attempts} attempts (the worker kept failing).")
-            continue
+    for request in lease.claimed:
         try:
             runnable.append((request, to_generation_request(rt.engine, request.url, request.body,
                                                             rt.settings.diffusion_defaults)))
         except ValueError as exc:
             code, param = error_code_and_param(exc, request.url)
             written += _fail(rt, request, code, f"{param}: {exc}")
-    return written + _generate_and_store(rt, chunk_id, model, runnable)
+    return written + _generate_and_store(rt, lease, runnable, beat)
 
 
-def _generate_and_store(rt: Runtime, chunk_id: int, model: str, runnable: list) -> int:
+def _generate_and_store(rt: Runtime, lease: _Lease, runnable: list, beat: Heartbeat) -> int:
     """Stream the engine's results (rows finish at different times under continuous batching) and
     hand them to the writer thread a batch-size group at a time, so storing overlaps generation."""
     size, stores, finished, pending = rt.settings.max_batch_size, [], set(), []
@@ -64,35 +114,30 @@ def _generate_and_store(rt: Runtime, chunk_id: int, model: str, runnable: list) 
             pending.append((runnable[index], result))
             finished.add(index)
             if len(pending) == size or len(finished) == len(runnable):
-                group, group_results = [g for g, _ in pending], [r for _, r in pending]
-                stores.append(rt.writer.submit(_store, rt, model, group, group_results))
+                stores.append(rt.writer.submit(_store, rt, lease.model, pending))
                 pending = []
-                still_running = _batch_status(rt, runnable[0][0].batch_id) == BatchStatus.in_progress
-                if len(finished) < len(runnable) and not still_running:
-                    results.close()  # cancelled or expired: finalize closes what is left
-                    _release(rt, [r for i, (r, _) in enumerate(runnable) if i not in finished])
+                if len(finished) < len(runnable) and not _still_ours(rt, lease.batch_id, beat):
+                    results.close()  # cancelled, expired, or taken for dead: the rest is handed back
                     break
-    except Exception:
-        # Unexpected engine failure (out of memory, a bad kernel): hand back what is not finished
-        # and retry soon; the attempt count in the database bounds the retries.
-        unstored = [r for i, (r, _) in enumerate(runnable) if i not in finished]
-        unstored += [g[0] for g, _ in pending]
-        _release(rt, unstored)
-        rt.celery.send_task(RUN_CHUNK, args=(chunk_id,), queue=rt.model_queue, countdown=5)
-        raise
     finally:
+        if pending:  # the engine raised: keep the results it finished before
+            stores.append(rt.writer.submit(_store, rt, lease.model, pending))
         written = sum(store.result() for store in stores)
     return written
 
 
-def _store(rt: Runtime, model: str, group, results) -> int:
+def _still_ours(rt: Runtime, batch_id: str, beat: Heartbeat) -> bool:
+    return not beat.lost.is_set() and _batch_status(rt, batch_id) == BatchStatus.in_progress
+
+
+def _store(rt: Runtime, model: str, finished: list) -> int:
     outcomes = [repo.outcome(request.id, RequestStatus.succeeded, now(),
                              response=response_body(request.url, model, result),
                              prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                              forward_passes=result.forward_passes)
-                for (request, _), result in zip(group, results)]
+                for (request, _), result in finished]
     with rt.session() as session, session.begin():
-        return repo.finish_requests(session, batch_id=group[0][0].batch_id, outcomes=outcomes)
+        return repo.finish_requests(session, batch_id=finished[0][0][0].batch_id, outcomes=outcomes)
 
 
 def _fail(rt: Runtime, request: Request, code: str, message: str) -> int:
@@ -101,9 +146,24 @@ def _fail(rt: Runtime, request: Request, code: str, message: str) -> int:
             repo.outcome(request.id, RequestStatus.failed, now(), error_code=code, error_message=message)])
 
 
-def _release(rt: Runtime, requests: list[Request]) -> None:
+def _end_lease(rt: Runtime, chunk_id: int) -> None:
     with rt.session() as session, session.begin():
-        repo.release_requests(session, request_ids=[r.id for r in requests], worker=rt.name)
+        repo.end_lease(session, chunk_id=chunk_id, worker=rt.name)
+
+
+def _finalize_if_done(rt: Runtime, batch_id: str) -> None:
+    """Ask the control process to finalize once the batch has nothing open, or is cancelled or expired
+    (finalize closes the rest); the reconciler's pass catches a message that does not arrive."""
+    with rt.session() as session:
+        batch = repo.get_batch(session, batch_id=batch_id)
+        open_requests = batch and repo.count_requests(session, batch_id=batch_id, statuses=OPEN_REQUEST_STATUSES)
+    if batch is None or batch.status not in (BatchStatus.in_progress, BatchStatus.cancelling):
+        return
+    if open_requests == 0 or batch.status == BatchStatus.cancelling or now() >= batch.expires_at:
+        try:
+            rt.celery.send_task(FINALIZE_BATCH, args=(batch_id,), queue=CONTROL_QUEUE)
+        except Exception:  # noqa: BLE001 - the reconciler finalizes a batch whose message is lost
+            log.warning("could not ask to finalize batch %s", batch_id, exc_info=True)
 
 
 def _batch_status(rt: Runtime, batch_id: str) -> BatchStatus | None:

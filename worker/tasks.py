@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from common.queue import FINALIZE_BATCH, RECONCILE, RUN_CHUNK, VALIDATE_BATCH
-from worker import finalize, pipeline, reconcile as reconciler, validation
+from worker import finalize, pipeline, reconcile as reconciler, retention, validation
 from worker.runtime import get_runtime
 
 
@@ -27,3 +27,8 @@ def finalize_batch(batch_id: str) -> bool:
 @shared_task(name=RECONCILE)
 def reconcile() -> dict[str, int]:
     return reconciler.reconcile(get_runtime())
+
+
+@shared_task(name=retention.TASK)
+def purge_expired() -> dict[str, int]:
+    return retention.purge(get_runtime())

@@ -14,13 +14,16 @@ earlier one stops at its next write, keeping nothing and discarding nothing of t
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import time
 from collections.abc import Iterator
 
 from common.ids import new_id, now
-from common.lines import LineError, ParsedLine, parse_line
+from common.lines import ChatBody, LineError, ParsedLine, parse_body, parse_line
 from common.queue import RUN_CHUNK
 from common.settings import queue_for_model
+from common.storage import OversizedLine
 from db import repo
 from db.models import BatchStatus, RequestStatus
 from worker.responses import error_code_and_param, to_generation_request
@@ -28,7 +31,6 @@ from worker.runtime import Runtime
 
 log = logging.getLogger("diffbatch.worker")
 MAX_LISTED_ERRORS = 100
-TOUCH_EVERY_LINES = 10_000  # a long validation shows it is alive, so the reconciler leaves it be
 
 
 class _TakenOver(Exception):
@@ -41,11 +43,12 @@ def validate_batch(rt: Runtime, batch_id: str) -> None:
         batch = repo.get_batch(session, batch_id=batch_id)
         if batch is None or not repo.claim_validation(session, batch_id=batch_id, token=token, now=now()):
             return
+        session.refresh(batch)  # the claim counted this attempt
+        attempts, endpoint = batch.validation_attempts, batch.endpoint
         source = repo.get_file(session, file_id=batch.input_file_id)
-        endpoint = batch.endpoint
     try:
-        if source is None or not rt.blobs.path(source.id).exists():
-            return _fail(rt, batch_id, token, [LineError(0, "file_not_found", "The input file no longer exists.")])
+        if refusal := _refusal(rt, source, attempts):
+            return _fail(rt, batch_id, token, [refusal])
         errors, model, count = _check_lines(rt, batch_id, token, source.id, endpoint)
         if errors:
             _fail(rt, batch_id, token, errors)
@@ -71,10 +74,57 @@ def _stop(rt: Runtime, batch_id: str, token: str) -> None:
     log.info("batch %s: validation attempt %s stopped (taken over or cancelled)", batch_id, token)
 
 
+def _refusal(rt: Runtime, source, attempts: int) -> LineError | None:
+    """Why this attempt fails the batch before reading a line, if it does."""
+    limits = rt.settings
+    if attempts > limits.max_validation_attempts:
+        return LineError(0, "validation_failed", f"Validation gave up after {attempts - 1} attempts "
+                         "(DIFFBATCH_MAX_VALIDATION_ATTEMPTS): the file may be too large, or the validator "
+                         "keeps dying on it.")
+    if source is None or not rt.blobs.path(source.id).exists():
+        return LineError(0, "file_not_found", "The input file no longer exists.")
+    if source.line_count is not None and source.line_count > limits.max_batch_requests:
+        return _too_many(source.line_count, limits.max_batch_requests)
+    return None
+
+
+def _too_many(count: int, limit: int) -> LineError:
+    return LineError(0, "batch_too_large", f"The input file has {count:,} requests; a batch takes at most "
+                     f"{limit:,} (DIFFBATCH_MAX_BATCH_REQUESTS).")
+
+
 def _lines(rt: Runtime, file_id: str) -> Iterator[ParsedLine | LineError]:
-    for number, raw in enumerate(rt.blobs.lines(file_id), start=1):
-        if raw.strip():  # blank lines (a trailing newline, say) carry no request
+    limit = rt.settings.max_line_bytes
+    for number, raw in enumerate(rt.blobs.lines(file_id, max_line_bytes=limit), start=1):
+        if isinstance(raw, OversizedLine):  # refused before parsing: a 50 MB line costs no memory
+            yield LineError(number, "line_too_large", f"Line {number}: at least {raw.at_least:,} bytes; a line "
+                            f"may have at most {limit:,} (DIFFBATCH_MAX_LINE_BYTES).")
+        elif raw.strip():  # blank lines (a trailing newline, say) carry no request
             yield parse_line(raw, number)
+
+
+def _count_requests(rt: Runtime, file_id: str, pulse: _Pulse) -> int:
+    """The file's non-blank lines, read without parsing them."""
+    count = 0
+    for raw in rt.blobs.lines(file_id, max_line_bytes=rt.settings.max_line_bytes):
+        count += isinstance(raw, OversizedLine) or bool(raw.strip())
+        pulse.beat()
+    return count
+
+
+class _Pulse:
+    """Touches the batch every few seconds of work, so the reconciler sees the validation alive."""
+
+    def __init__(self, rt: Runtime, batch_id: str, token: str) -> None:
+        self.rt, self.batch_id, self.token = rt, batch_id, token
+        self.last = time.monotonic()
+
+    def beat(self) -> None:
+        if time.monotonic() - self.last < self.rt.settings.validation_touch_s:
+            return
+        with self.rt.session() as session, session.begin():
+            _own(session, self.batch_id, self.token)
+        self.last = time.monotonic()
 
 
 def _check_lines(rt: Runtime, batch_id: str, token: str, file_id: str,
@@ -82,11 +132,12 @@ def _check_lines(rt: Runtime, batch_id: str, token: str, file_id: str,
     errors: list[LineError] = []
     seen: set[str] = set()
     model, model_line, count = None, 0, 0
+    pulse, limit = _Pulse(rt, batch_id, token), rt.settings.max_batch_requests
     for item in _lines(rt, file_id):
         count += 1
-        if count % TOUCH_EVERY_LINES == 0:
-            with rt.session() as session, session.begin():
-                _own(session, batch_id, token)  # shows it is alive, so the reconciler leaves it be
+        pulse.beat()
+        if count > limit:
+            return [_too_many(_count_requests(rt, file_id, pulse), limit)], None, count
         if isinstance(item, LineError):
             errors.append(item)
         elif item.url != endpoint:
@@ -137,7 +188,7 @@ def _store(rt: Runtime, batch_id: str, token: str, file_id: str, model: str, cou
         with rt.session() as session, session.begin():
             _own(session, batch_id, token)
             chunk_id = repo.add_chunk(session, batch_id=batch_id, queue=queue, size=len(group), now=now())
-            repo.add_requests(session, rows=[_request_row(batch_id, chunk_id, item) for item in group])
+            repo.add_requests(session, rows=[_request_row(rt, batch_id, chunk_id, item) for item in group])
         chunk_ids.append(chunk_id)
     with rt.session() as session, session.begin():
         _own(session, batch_id, token)
@@ -148,10 +199,24 @@ def _store(rt: Runtime, batch_id: str, token: str, file_id: str, model: str, cou
     log.info("batch %s: %d requests in %d chunks on %s", batch_id, count, len(chunk_ids), queue)
 
 
-def _request_row(batch_id: str, chunk_id: int, item: ParsedLine) -> dict:
+def _request_row(rt: Runtime, batch_id: str, chunk_id: int, item: ParsedLine) -> dict:
     return {"public_id": new_id("batch_req_"), "batch_id": batch_id, "chunk_id": chunk_id,
             "custom_id": item.custom_id, "line": item.line, "url": item.url, "body": item.body,
-            "status": RequestStatus.pending, "attempts": 0}
+            "status": RequestStatus.pending, "attempts": 0, "budget_tokens": _budget_tokens(rt, item)}
+
+
+def _budget_tokens(rt: Runtime, item: ParsedLine) -> int:
+    """What the request may cost, for its tenant's token quota: prompt tokens plus max_tokens. For a model
+    this process cannot tokenize for, the prompt is estimated at four bytes of the body a token."""
+    if item.model == rt.model_name:
+        try:
+            request = to_generation_request(rt.engine, item.url, item.body, rt.settings.diffusion_defaults)
+            return len(request.prompt_ids) + request.params.max_tokens
+        except Exception:  # noqa: BLE001 - the line was checked already; an estimate beats a failed validation
+            log.warning("batch line %d: token budget estimated", item.line, exc_info=True)
+    body = parse_body(item.url, item.body)
+    limit = body.output_limit() if isinstance(body, ChatBody) else body.max_tokens
+    return len(json.dumps(item.body).encode()) // 4 + limit
 
 
 def _fits_model(rt: Runtime, item: ParsedLine) -> LineError | None:

@@ -2,87 +2,89 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError
 
-from api.deps import BlobsDep, IdempotencyKey, SessionDep
-from api.errors import ApiError
+from api.auth import ScopeDep, authenticate
+from api.deps import BlobsDep, IdempotencyKey, SessionDep, SettingsDep
+from api.errors import ApiError, error_responses
 from api.schemas import file_object, page
-from common.ids import new_id, now
+from api.uploads import UPLOAD_OPENAPI, UploadDep
+from common.ids import now
 from db import repo
 
-router = APIRouter(prefix="/v1/files")
+router = APIRouter(prefix="/v1/files", dependencies=[Depends(authenticate)])
 PURPOSES = ("batch", "batch_output")
 
 
 MAX_FILENAME = 512  # the column's size
 
 
-@router.post("")
-def upload_file(session: SessionDep, blobs: BlobsDep, file: UploadFile,
-                purpose: Annotated[str, Form()], idempotency_key: IdempotencyKey = None):
-    if purpose != "batch":
-        raise ApiError(400, f"purpose must be 'batch', got {purpose!r}", param="purpose")
-    filename = file.filename or "upload.jsonl"
+@router.post("", openapi_extra=UPLOAD_OPENAPI, responses=error_responses(400, 401, 413))
+def upload_file(session: SessionDep, scope: ScopeDep, settings: SettingsDep, blobs: BlobsDep, upload: UploadDep,
+                idempotency_key: IdempotencyKey = None):
+    purpose = upload.purpose()
+    filename = upload.filename or "upload.jsonl"
     if len(filename) > MAX_FILENAME or "\x00" in filename:
         raise ApiError(400, f"The file's name must be at most {MAX_FILENAME} characters, without NUL.",
                        param="file", code="invalid_filename")
-    if idempotency_key and (existing := repo.find_file_by_idempotency_key(session, key=idempotency_key)):
-        return file_object(existing)
-    file_id = new_id("file-")
-    size = blobs.write(file_id, iter(lambda: file.file.read(1 << 20), b""))
-    if size == 0:
-        blobs.delete(file_id)
+    created = now()
+    expires_at = upload.expires_at(created, settings.retention_days)
+    if upload.size == 0:
         raise ApiError(400, "The uploaded file is empty (0 bytes).", param="file", code="empty_file")
+    if idempotency_key and (existing := scope.find_file_by_idempotency_key(idempotency_key)):
+        return file_object(existing)  # the retry's own copy is discarded
+    upload.commit()
+    file_id = upload.file_id
     try:
-        row = repo.add_file(session, file_id=file_id, filename=filename, purpose=purpose, size=size,
-                            storage_path=str(blobs.path(file_id)), now=now(), idempotency_key=idempotency_key)
+        row = repo.add_file(session, file_id=file_id, tenant_id=scope.tenant_id, filename=filename, purpose=purpose,
+                            size=upload.size, storage_path=str(blobs.path(file_id)), now=created,
+                            idempotency_key=idempotency_key, line_count=upload.line_count, expires_at=expires_at)
         session.commit()
     except IntegrityError:  # a concurrent retry with the same key stored its file first: answer with it
         session.rollback()
         blobs.delete(file_id)
-        return file_object(repo.find_file_by_idempotency_key(session, key=idempotency_key))
+        return file_object(scope.find_file_by_idempotency_key(idempotency_key))
     return file_object(row)
 
 
-@router.get("")
-def list_files(session: SessionDep, purpose: str | None = None, after: str | None = None,
-               limit: Annotated[int, Query(ge=1, le=10000)] = 10000, order: str = "desc"):
-    if order not in ("asc", "desc"):
-        raise ApiError(400, "order must be 'asc' or 'desc'", param="order")
-    if after and repo.get_file(session, file_id=after) is None:  # else the listing would start over
+@router.get("", responses=error_responses(400, 401))
+def list_files(scope: ScopeDep, purpose: Literal["batch", "batch_output"] | None = None, after: str | None = None,
+               limit: Annotated[int, Query(ge=1, le=10000)] = 10000, order: Literal["asc", "desc"] = "desc"):
+    if after and scope.get_file(after) is None:  # else the listing would start over
         raise ApiError(400, f"after: no file {after!r} (deleted?); list again without it", param="after")
-    rows = repo.list_files(session, purpose=purpose, after=after, limit=limit + 1,
-                           newest_first=order == "desc")
+    rows = scope.list_files(purpose=purpose, after=after, limit=limit + 1, newest_first=order == "desc")
     return page([file_object(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
 
-def _get(session, file_id: str):
-    row = repo.get_file(session, file_id=file_id)
+def _get(scope, file_id: str):
+    row = scope.get_file(file_id)
     if row is None:
         raise ApiError(404, f"No such File object: {file_id}", param="file_id", code="file_not_found")
     return row
 
 
-@router.get("/{file_id}")
-def get_file(session: SessionDep, file_id: str):
-    return file_object(_get(session, file_id))
+@router.get("/{file_id}", responses=error_responses(400, 401, 404))
+def get_file(scope: ScopeDep, file_id: str):
+    return file_object(_get(scope, file_id))
 
 
-@router.get("/{file_id}/content")
-def file_content(session: SessionDep, blobs: BlobsDep, file_id: str):
-    row = _get(session, file_id)
+@router.get("/{file_id}/content", response_class=StreamingResponse, responses={
+    200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+          "description": "The file's bytes"}, **error_responses(400, 401, 404)})
+def file_content(scope: ScopeDep, blobs: BlobsDep, file_id: str):
+    row = _get(scope, file_id)
     return StreamingResponse(blobs.read_chunks(row.id), media_type="application/octet-stream",
                              headers={"Content-Length": str(row.bytes)})
 
 
-@router.delete("/{file_id}")
-def delete_file(session: SessionDep, blobs: BlobsDep, file_id: str):
-    _get(session, file_id)
-    repo.delete_file(session, file_id=file_id)
-    session.commit()
+@router.delete("/{file_id}", responses=error_responses(400, 401, 404))
+def delete_file(scope: ScopeDep, blobs: BlobsDep, file_id: str):
+    _get(scope, file_id)
+    scope.delete_file(file_id)
+    scope.session.commit()
     blobs.delete(file_id)
     return {"id": file_id, "object": "file", "deleted": True}

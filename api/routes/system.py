@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter
 from sqlalchemy import text
 
+from api.auth import CurrentTenant
 from api.deps import QueueDep, SessionDep, SettingsDep
-from api.errors import error_response
+from api.errors import error_response, error_responses
 from common.ids import now
 from db import repo
 
+log = logging.getLogger("diffbatch.api")
 router = APIRouter()
 
 
-@router.get("/v1/models")
-def list_models(session: SessionDep, settings: SettingsDep):
+@router.get("/v1/models", responses=error_responses(400, 401))
+def list_models(session: SessionDep, settings: SettingsDep, _caller: CurrentTenant):
     live = repo.known_workers(session, since=now() - settings.stale_after_s)
     models = {}
     for worker in live:
@@ -23,22 +27,26 @@ def list_models(session: SessionDep, settings: SettingsDep):
     return {"object": "list", "data": list(models.values())}
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses=error_responses(400))
 def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=error_responses(400, 503))
 def readyz(session: SessionDep, queue: QueueDep):
-    problems = {}
+    """Ready when the database and the broker answer; a 503 names the one that does not (details: the log)."""
+    down = []
     try:
         session.execute(text("SELECT 1"))
-    except Exception as exc:  # noqa: BLE001 - report, do not crash the probe
-        problems["database"] = str(exc)
+    except Exception:  # noqa: BLE001 - report, do not crash the probe
+        log.warning("readyz: the database is unreachable", exc_info=True)
+        down.append("database")
     try:
         queue.ping()
-    except Exception as exc:  # noqa: BLE001
-        problems["broker"] = str(exc)
-    if problems:
-        return error_response(503, "not ready: " + "; ".join(f"{k}: {v}" for k, v in problems.items()))
+    except Exception:  # noqa: BLE001
+        log.warning("readyz: the broker is unreachable", exc_info=True)
+        down.append("broker")
+    if down:
+        return error_response(503, f"not ready: {' and '.join(down)} unreachable",
+                              code="dependency_unavailable")
     return {"status": "ready"}

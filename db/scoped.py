@@ -1,0 +1,103 @@
+"""One tenant's view of files, batches and requests: the API reads them only through here.
+
+Every query filters by the tenant, so a route cannot forget it: another tenant's object is simply not
+found (a 404), and never listed. The worker, which runs for every tenant, uses db/repo.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Select, case, delete, func, select
+from sqlalchemy.orm import Session
+
+from db.models import OPEN_REQUEST_STATUSES, Batch, BatchStatus, File, Request
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a tenant has queued: open requests (with the lines of batches still validating) and their tokens."""
+
+    requests: int
+    tokens: int
+
+
+class TenantScope:
+    def __init__(self, session: Session, tenant_id: str) -> None:
+        self.session, self.tenant_id = session, tenant_id
+
+    # ------------------------------------------------------------------------------------ files
+
+    def get_file(self, file_id: str) -> File | None:
+        return self.session.scalar(self._files().where(File.id == file_id))
+
+    def find_file_by_idempotency_key(self, key: str) -> File | None:
+        return self.session.scalar(self._files().where(File.idempotency_key == key))
+
+    def list_files(self, *, purpose: str | None, after: str | None, limit: int,
+                   newest_first: bool = True) -> list[File]:
+        query = self._files()
+        if purpose:
+            query = query.where(File.purpose == purpose)
+        if after and (cursor := self.get_file(after)) is not None:
+            query = query.where(_past((File.created_at, File.id), (cursor.created_at, cursor.id), newest_first))
+        order = (File.created_at.desc(), File.id.desc()) if newest_first else (File.created_at, File.id)
+        return list(self.session.scalars(query.order_by(*order).limit(limit)))
+
+    def delete_file(self, file_id: str) -> bool:
+        result = self.session.execute(delete(File).where(File.id == file_id, File.tenant_id == self.tenant_id))
+        return result.rowcount == 1
+
+    # ---------------------------------------------------------------------------------- batches
+
+    def get_batch(self, batch_id: str) -> Batch | None:
+        return self.session.scalar(self._batches().where(Batch.id == batch_id))
+
+    def find_batch_by_idempotency_key(self, key: str) -> Batch | None:
+        return self.session.scalar(self._batches().where(Batch.idempotency_key == key))
+
+    def find_recent_batch(self, *, request_hash: str, since: int) -> Batch | None:
+        return self.session.scalar(self._batches().where(Batch.request_hash == request_hash,
+                                                         Batch.created_at >= since).order_by(Batch.created_at))
+
+    def list_batches(self, *, after: str | None, limit: int) -> list[Batch]:
+        query = self._batches()
+        if after and (cursor := self.get_batch(after)) is not None:
+            query = query.where(_past((Batch.created_at, Batch.id), (cursor.created_at, cursor.id), True))
+        return list(self.session.scalars(query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)))
+
+    def get_request(self, public_id: str) -> Request | None:
+        return self.session.scalar(select(Request).join(Batch, Batch.id == Request.batch_id)
+                                   .where(Request.public_id == public_id, Batch.tenant_id == self.tenant_id))
+
+    # ----------------------------------------------------------------------------------- quotas
+
+    def usage(self) -> Usage:
+        """Queued work: requests of the tenant's batches still pending or running, plus the lines of the
+        input files of its batches still validating (their requests are not stored yet)."""
+        # A batch still validating may hold some of its requests already: its line count stands for them all.
+        stored = case((Batch.status == BatchStatus.validating, 0), else_=1)
+        open_requests = (select(func.coalesce(func.sum(stored), 0), func.coalesce(func.sum(Request.budget_tokens), 0))
+                         .join(Batch, Batch.id == Request.batch_id)
+                         .where(Batch.tenant_id == self.tenant_id, Request.status.in_(OPEN_REQUEST_STATUSES)))
+        count, tokens = self.session.execute(open_requests).one()
+        validating = (select(func.coalesce(func.sum(File.line_count), 0))
+                      .join(Batch, Batch.input_file_id == File.id)
+                      .where(Batch.tenant_id == self.tenant_id, Batch.status == BatchStatus.validating))
+        return Usage(requests=int(count) + int(self.session.scalar(validating)), tokens=int(tokens))
+
+    # ---------------------------------------------------------------------------------- helpers
+
+    def _files(self) -> Select:
+        return select(File).where(File.tenant_id == self.tenant_id)
+
+    def _batches(self) -> Select:
+        return select(Batch).where(Batch.tenant_id == self.tenant_id)
+
+
+def _past(columns, values, descending: bool):
+    """Keyset pagination: the rows strictly after the cursor in the listing's order."""
+    (c1, c2), (v1, v2) = columns, values
+    if descending:
+        return (c1 < v1) | ((c1 == v1) & (c2 < v2))
+    return (c1 > v1) | ((c1 == v1) & (c2 > v2))

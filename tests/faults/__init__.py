@@ -1,0 +1,1 @@
+"""Fault tests with real processes on loopback: the real entry points, killed, cut off and restarted."""
