@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("diffbatch.api")
@@ -107,6 +108,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         headers = {"Allow": _allowed(request)} if exc.status_code == 405 else exc.headers
         return error_response(exc.status_code, str(exc.detail), headers=headers)
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(_: Request, exc: OperationalError):
+        # The database restarting or out of reach: say so (the SDK retries a 503), not "server error".
+        log.warning("database unavailable: %s", exc)
+        return error_response(503, "The database is unavailable; retry shortly.", code="database_unavailable",
+                              headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

@@ -176,12 +176,13 @@ def _api(settings: Settings, args) -> int:
 
 
 def _worker(settings: Settings, args) -> int:
-    from celery.signals import worker_ready
+    from celery.signals import worker_ready, worker_shutdown
 
     from common.ids import now
     from db import repo
     from worker.celery_app import app
     from worker.heartbeat import beat_worker_row
+    from worker.leases import retire_worker
     from worker.runtime import Runtime, set_runtime
 
     runtime = Runtime(settings, celery=app)
@@ -195,6 +196,12 @@ def _worker(settings: Settings, args) -> int:
             repo.upsert_worker(session, name=runtime.name, model=runtime.model_name,
                                queue=runtime.model_queue, max_positions=engine.max_positions, now=now())
         threading.Thread(target=beat_worker_row, args=(runtime,), daemon=True).start()
+
+    @worker_shutdown.connect
+    def _retire(**_kwargs) -> None:
+        # A clean stop hands its chunks back at once, so a restarted stack resumes them without waiting
+        # for this worker to be declared dead.
+        retire_worker(runtime)
 
     # The model's queue only: validation, finalizing and reconciling belong to `diffbatch control`, so they
     # never wait behind a chunk and never spend GPU time.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from cli.client import auth_headers
 from common.queue import declare_queues, make_celery
 from common.settings import CONTROL_QUEUE, Settings, queue_for_model
 
@@ -107,7 +108,10 @@ class EmbeddedStack:
         while time.monotonic() < deadline:
             self.check_alive()
             try:
-                models = httpx.get(f"{self.url}/v1/models", timeout=2).json()["data"]
+                answer = httpx.get(f"{self.url}/v1/models", headers=auth_headers(), timeout=2)
+                if answer.status_code == 401:
+                    raise RuntimeError("this data folder has API keys: set DIFFBATCH_API_KEY to one of them")
+                models = answer.json()["data"]
                 if models:
                     return
             except (httpx.HTTPError, KeyError, ValueError):

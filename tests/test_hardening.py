@@ -128,3 +128,20 @@ def test_readyz_names_only_the_dependency_that_is_down(tmp_path, tiny_model, cap
     assert error["type"] == "service_unavailable" and error["code"] == "dependency_unavailable"
     assert "127.0.0.1" in caplog.text  # the details go to the log, not to the caller
 
+
+
+def test_a_database_out_of_reach_is_a_503_not_a_server_error(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.queue import Queue
+    from cli.stack import free_port
+    from common.settings import Settings
+
+    settings = Settings(data_dir=tmp_path, broker_url="memory://",
+                        database_url=f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/none")
+    client = TestClient(create_app(settings, queue=Queue(settings)))
+    response = client.get("/v1/batches")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "database_unavailable"
+    assert "127.0.0.1" not in response.text  # the driver's text stays in the log

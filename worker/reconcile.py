@@ -36,7 +36,8 @@ def reconcile(rt: Runtime) -> dict[str, int]:
         open_batches = repo.batches_in(session, statuses=[BatchStatus.in_progress, BatchStatus.cancelling,
                                                           BatchStatus.finalizing])
     lost = _find_lost_doorbells(rt, t)  # before this pass sends anything, so its queues read true
-    send_chunks(rt, [*after_failure, *lost, *requeued])
+    send_chunks(rt, after_failure, resumed=True)
+    send_chunks(rt, [*lost, *requeued])
     for batch in retried:
         rt.celery.send_task(VALIDATE_BATCH, args=(batch.id,), queue=CONTROL_QUEUE)
     finalized = sum(maybe_finalize(rt, batch.id) for batch in open_batches)

@@ -26,6 +26,7 @@ from common.settings import queue_for_model
 from common.storage import OversizedLine
 from db import repo
 from db.models import BatchStatus, RequestStatus
+from worker.leases import FIRST_SEND_PRIORITY
 from worker.responses import error_code_and_param, to_generation_request
 from worker.runtime import Runtime
 
@@ -195,7 +196,7 @@ def _store(rt: Runtime, batch_id: str, token: str, file_id: str, model: str, cou
         repo.transition(session, batch_id=batch_id, from_=[BatchStatus.validating], to=BatchStatus.in_progress,
                         now=now(), model=model, total=count)
     for chunk_id in chunk_ids:
-        rt.celery.send_task(RUN_CHUNK, args=(chunk_id,), queue=queue)
+        rt.celery.send_task(RUN_CHUNK, args=(chunk_id,), queue=queue, priority=FIRST_SEND_PRIORITY)
     log.info("batch %s: %d requests in %d chunks on %s", batch_id, count, len(chunk_ids), queue)
 
 
