@@ -4,6 +4,7 @@ the OpenAPI schema documents the answers; /readyz names only the dependency that
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from fastapi.testclient import TestClient
@@ -122,12 +123,12 @@ def test_readyz_names_only_the_dependency_that_is_down(tmp_path, tiny_model, cap
         overrides["broker_url"] = "redis://secret-user:hunter2@127.0.0.1:1/0"
     if dead in ("database", "both"):
         overrides["database_url"] = "postgresql+psycopg://dbadmin:hunter2@127.0.0.1:1/diffbatch"
+    caplog.set_level(logging.WARNING, logger="diffbatch.api")  # other tests' workers raise the root's level
     error = _readyz(Settings(data_dir=tmp_path, model=str(tiny_model), **overrides))
     expected = {"broker": "broker", "database": "database", "both": "database and broker"}[dead]
     assert error["message"] == f"not ready: {expected} unreachable"
     assert error["type"] == "service_unavailable" and error["code"] == "dependency_unavailable"
     assert "127.0.0.1" in caplog.text  # the details go to the log, not to the caller
-
 
 
 def test_a_database_out_of_reach_is_a_503_not_a_server_error(tmp_path):
