@@ -5,8 +5,19 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, Boolean, Enum, ForeignKey, Index, Integer, MetaData, String, Text,
-                        UniqueConstraint)
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # A naming convention makes constraint names stable, so Alembic batch mode can alter SQLite tables.

@@ -12,8 +12,7 @@ from typing import Any
 from sqlalchemy import and_, delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import (OPEN_REQUEST_STATUSES, Batch, BatchStatus, Chunk, File, Request, RequestStatus,
-                       Worker)
+from db.models import OPEN_REQUEST_STATUSES, Batch, BatchStatus, Chunk, File, Request, RequestStatus, Worker
 
 # ---------------------------------------------------------------------------------------- files
 

@@ -12,9 +12,9 @@ import logging
 from collections.abc import Iterator
 
 from common.ids import now
+from common.results import output_line
 from db import repo
 from db.models import OPEN_REQUEST_STATUSES, BatchStatus, RequestStatus
-from common.results import output_line
 from worker.runtime import Runtime
 
 log = logging.getLogger("diffbatch.worker")

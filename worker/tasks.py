@@ -5,7 +5,8 @@ from __future__ import annotations
 from celery import shared_task
 
 from common.queue import FINALIZE_BATCH, RECONCILE, RUN_CHUNK, VALIDATE_BATCH
-from worker import finalize, pipeline, reconcile as reconciler, retention, validation
+from worker import finalize, pipeline, retention, validation
+from worker import reconcile as reconciler
 from worker.runtime import get_runtime
 
 

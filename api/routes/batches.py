@@ -15,8 +15,8 @@ from api.errors import ApiError, error_responses
 from api.quotas import check_quota
 from api.schemas import CreateBatch, batch_object, page
 from common.ids import new_id, now
-from db import repo
 from common.results import output_line
+from db import repo
 from db.models import OPEN_REQUEST_STATUSES, TERMINAL_BATCH_STATUSES, BatchStatus, RequestStatus
 
 router = APIRouter(prefix="/v1/batches", dependencies=[Depends(authenticate)])
