@@ -1,4 +1,4 @@
-"""Enqueue work by task name: the API never imports the worker's code (DESIGN.md §1)."""
+"""Enqueue work by task name: the API never imports the worker's code (docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The import rules of DESIGN.md §1, checked in fresh interpreters by what lands in sys.modules."""
+"""The import rules of docs/architecture.md, checked in fresh interpreters by what lands in sys.modules."""
 
 from __future__ import annotations
 

@@ -213,7 +213,7 @@ def _budget_tokens(rt: Runtime, item: ParsedLine) -> int:
         try:
             request = to_generation_request(rt.engine, item.url, item.body, rt.settings.diffusion_defaults)
             return len(request.prompt_ids) + request.params.max_tokens
-        except Exception:  # noqa: BLE001 - the line was checked already; an estimate beats a failed validation
+        except Exception:  # the line was checked already; an estimate beats a failed validation
             log.warning("batch line %d: token budget estimated", item.line, exc_info=True)
     body = parse_body(item.url, item.body)
     limit = body.output_limit() if isinstance(body, ChatBody) else body.max_tokens

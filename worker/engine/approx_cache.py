@@ -2,7 +2,7 @@
 
 Same shape as cache.py's callables, ``forward(x[:, :end], slots) -> logits at the active block's
 positions ``slots``, (B, n, V)``,
-so ``samplers.denoise_block`` runs one loop whatever the model family and cache (DESIGN.md §6). For
+so ``samplers.denoise_block`` runs one loop whatever the model family and cache (docs/architecture.md). For
 full attention the whole canvas (prompt and every generation block, the future ones still masked)
 is in every forward, as these models were trained; ``x[:, :end]`` only says which block is active,
 and the tokens are read from ``layout.x``, the canvas it is a view of.

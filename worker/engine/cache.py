@@ -4,7 +4,7 @@ Every step strategy is a callable ``forward(x[:, :end], slots) -> (B, n, V)``: t
 active block (the last ``block_length`` columns) at its positions ``slots`` (B, n), the ones the
 sampler still has to fill (a model that can project only those saves the rest of the vocabulary
 projection; others project the block and take them with ``take_slots``). So the samplers run one
-loop whatever the cache (DESIGN.md §6: one loop, pluggable cache): this one,
+loop whatever the cache (docs/architecture.md: one loop, pluggable cache): this one,
 the approximate caches of full-attention models (approx_cache.py), and the exact per-block cache of
 block-causal models, which lives in the continuous scheduler (scheduler.py) because there the cache
 is the running batch's whole state.
