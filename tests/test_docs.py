@@ -12,8 +12,8 @@ CITED_FILE = re.compile(r"\b((?:[\w.-]+/)*[\w.-]+\.md)\b")
 
 
 def _tracked(pattern: str) -> list[Path]:
-    names = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", pattern], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.split()
+    listing = ["git", "ls-files", "--cached", "--others", "--exclude-standard", pattern]
+    names = subprocess.run(listing, cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     return [REPO / name for name in names]
 
 
