@@ -6,8 +6,9 @@
 
 Greedy sampling (reference unless --sampler names another, as bench/quality.py's labels: e.g.
 LLaDA2.1's editing, whose state a captured step keeps on the device) on the built-in model (or
---model PATH, or random weights of the built-in, SDAR, LLaDA2 or Fast-dLLM v2 architecture at --random-shape, made once
-on the CPU so every copy has the same weights), exact block cache, held-out function prompts. Prints, for each comparison, how many requests came out token for token equal
+--model PATH, or random weights of the built-in, SDAR, LLaDA2 or Fast-dLLM v2 architecture at
+--random-shape, made once on the CPU so every copy has the same weights), exact block cache, held-out
+function prompts. Prints, for each comparison, how many requests came out token for token equal
 and the mean position of the first differing token among those that did not:
   - the device in float32 against the CPU in float32 (kernels differ, so ties may break apart);
   - on the device, a batch of N against N batches of 1, in float32 and in the device's default dtype;
@@ -26,16 +27,15 @@ import dataclasses
 import sys
 
 import torch
-
-from common.settings import Settings
 from engine import with_random_weights  # bench/ is the script's folder, so first on sys.path
 from quality import sampler_options
+
+from common.settings import Settings
 from training.completions import function_prompts
 from training.corpus import list_sources, split
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
-
 
 SAMPLER = {"sampler": "reference"}  # main() sets --sampler's options
 
@@ -49,8 +49,8 @@ def generate(loaded, prompts, new_tokens: int, batch: int, cache: str = "exact",
 
 
 def compare(label: str, left: list[list[int]], right: list[list[int]]) -> None:
-    firsts = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
-              for x, y in zip(left, right) if x != y]
+    firsts = [next((i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), min(len(x), len(y)))
+              for x, y in zip(left, right, strict=False) if x != y]
     where = f", first difference at token {sum(firsts) / len(firsts):.1f} on average" if firsts else ""
     print(f"{label:52} {len(left) - len(firsts):>3}/{len(left)} identical{where}")
 

@@ -105,7 +105,7 @@ def run_generate(engine, requests, batch_size: int) -> Side:
         device = engine.adapter.device
         output = model.generate(input_ids.to(device), attention_mask=attention_mask.to(device),
                                 max_new_tokens=max(r.params.max_tokens for r in batch))
-        for row, r in zip(output.sequences[:, length:].tolist(), batch):
+        for row, r in zip(output.sequences[:, length:].tolist(), batch, strict=False):
             tokens += len(engine._finish(row, r.params).token_ids)
     seconds = time.perf_counter() - started
     return Side(f"transformers model.generate() (fixed batches of {batch_size})", seconds, tokens, counter.close())

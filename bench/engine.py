@@ -43,15 +43,21 @@ import sys
 import time
 
 import torch
+from quality import sampler_options  # bench/ is the script's folder, so first on sys.path
 
 from common.settings import Settings
-from quality import sampler_options  # bench/ is the script's folder, so first on sys.path
 from worker.engine import cuda_graph
 from worker.engine.builtin import DiffbatchMDMForMaskedDiffusion
 from worker.engine.builtin.create import config_for
 from worker.engine.engine import Engine
-from worker.engine.families import (FastDLLMv2Config, FastDLLMv2ForBlockDiffusion, LLaDA2Config,
-                                    LLaDA2ForBlockDiffusion, SDARConfig, SDARForBlockDiffusion)
+from worker.engine.families import (
+    FastDLLMv2Config,
+    FastDLLMv2ForBlockDiffusion,
+    LLaDA2Config,
+    LLaDA2ForBlockDiffusion,
+    SDARConfig,
+    SDARForBlockDiffusion,
+)
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
 
@@ -220,8 +226,16 @@ def run_autoregressive(config, device, dtype, batch, prompts, new_tokens, tokeni
     """A Llama of the same width and depth (a Qwen3 of the same shape for SDAR, a GLM-4.5-style
     mixture of experts for LLaDA2, a Qwen2 for Fast-dLLM v2), random weights, greedy, KV cache:
     tokens/s only."""
-    from transformers import (Glm4MoeConfig, Glm4MoeForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (
+        Glm4MoeConfig,
+        Glm4MoeForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     shape = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
                  intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
@@ -331,7 +345,8 @@ def main(argv: list[str]) -> int:
             achieved = row["flops"] / row["seconds"]
             versus = f"{rate / baseline:>6.2f}x" if baseline else f"{'-':>7}"
             print(f"{batch:>5} {label:40} {row['tokens']:>7} {row['seconds']:>8.2f} {rate:>9.1f} {versus} "
-                  f"{rate / ar_rate:>5.2f}x {row['passes_per_token']:>10.3f} {row['flops'] / row['tokens'] / 1e6:>9.1f} "
+                  f"{rate / ar_rate:>5.2f}x {row['passes_per_token']:>10.3f} "
+                  f"{row['flops'] / row['tokens'] / 1e6:>9.1f} "
                   f"{achieved / 1e9:>8.2f} {100 * achieved / peak:>6.1f}% {row['memory_mb']:>8.0f}")
             if row["rounds"]["captures"]:
                 spent = row["rounds"]

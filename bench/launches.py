@@ -16,7 +16,6 @@ import argparse
 import sys
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from common.settings import Settings
@@ -58,7 +57,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--caches", default="exact,delayed")
     args = parser.parse_args(argv[1:])
     loaded = load_model(args.model or str(Settings().model_path), device=args.device)
-    model_calls = {"ops": 0, "calls": 0}
 
     print(f"command: {' '.join([sys.executable, *argv])}")
     print(f"{'cache':8} {'passes':>6} {'ops/pass':>8} {'model ops/forward':>17} {'forwards/pass':>13} {'ms/pass':>8}")
@@ -74,7 +72,7 @@ def main(argv: list[str]) -> int:
         forward = loaded.model.forward
         counts = []
 
-        def counted(*a, **k):
+        def counted(*a, forward=forward, counts=counts, **k):
             with profile(activities=[ProfilerActivity.CPU]) as inner:
                 out = forward(*a, **k)
             counts.append(compute_ops(inner))

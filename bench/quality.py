@@ -58,11 +58,11 @@ def measure(engine: Engine, prompts, new_tokens: int, options: dict, healing: bo
     seconds = time.perf_counter() - started
     tokens = sum(len(r.token_ids) for r in results)
     return {
-        "parse_share": sum(parses(p.prompt, r.text) for p, r in zip(prompts, results)) / len(prompts),
+        "parse_share": sum(parses(p.prompt, r.text) for p, r in zip(prompts, results, strict=False)) / len(prompts),
         "distinct_ratio": sum(distinct_ratio(r.token_ids) for r in results) / len(results),
         "tokens_per_s": tokens / seconds,
         "passes_per_token": sum(r.forward_passes for r in results) / max(1, tokens),
-        "samples": [(p.source, p.prompt, r.text) for p, r in zip(prompts[:3], results[:3])],
+        "samples": [(p.source, p.prompt, r.text) for p, r in zip(prompts[:3], results[:3], strict=False)],
     }
 
 
@@ -100,7 +100,8 @@ def main(argv: list[str]) -> int:
     print(f"command: {' '.join([sys.executable, *argv])}")
     print(f"model {path}; {len(prompts)} held-out prompts, {args.new_tokens} new tokens, batch {args.batch}, "
           f"block {args.block_length}, temperature {args.temperature}, top_p {args.top_p}, "
-          f"frequency/presence penalty {args.frequency_penalty}/{args.presence_penalty}, stop {stops}, token healing {not args.no_healing}, torch {torch.__version__} "
+          f"frequency/presence penalty {args.frequency_penalty}/{args.presence_penalty}, stop {stops}, "
+          f"token healing {not args.no_healing}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)\n")
     print(f"{'sampler':<24} {'parses':>7} {'distinct':>9} {'tok/s':>8} {'vs ref':>7} {'passes/tok':>10}")
     figures, baseline = {}, None

@@ -152,9 +152,10 @@ def test_health_ready_and_models(api):
 
 
 def test_readyz_reports_an_unreachable_broker(tmp_path, tiny_model):
+    from fastapi.testclient import TestClient
+
     from api.app import create_app
     from common.settings import Settings
-    from fastapi.testclient import TestClient
 
     settings = Settings(data_dir=tmp_path, model=str(tiny_model), broker_url="redis://127.0.0.1:1/0")
     response = TestClient(create_app(settings)).get("/readyz")

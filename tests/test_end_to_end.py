@@ -69,8 +69,9 @@ def test_same_request_same_output_whatever_its_batch(service):
     alone = service.wait(service.submit([completion_line("x", seed=7, temperature=0.9)])["id"])
     mixed = service.wait(service.submit([completion_line(f"o{i}", prompt="import os\n" * i, seed=i)
                                          for i in range(1, 4)] + [completion_line("x", seed=7, temperature=0.9)])["id"])
-    text = lambda batch, cid: next(l["response"]["body"]["choices"][0]["text"]  # noqa: E731
-                                   for l in service.lines_of(batch["output_file_id"]) if l["custom_id"] == cid)
+    text = lambda batch, cid: next(line["response"]["body"]["choices"][0]["text"]  # noqa: E731
+                                   for line in service.lines_of(batch["output_file_id"])
+                                   if line["custom_id"] == cid)
     assert text(alone, "x") == text(mixed, "x")
 
 

@@ -132,7 +132,8 @@ def distill(config: DistillConfig) -> dict:
     corpus = encode_files(tokenizer, train_files) if config.data_weight > 0 else None
     records = [r for r in read_records(config.teacher) if distinct_ratio(r["completion_ids"]) >= config.min_distinct]
     if not records:
-        raise ValueError(f"no teacher completion in {config.teacher} has a distinct-token ratio >= {config.min_distinct}")
+        raise ValueError(f"no teacher completion in {config.teacher} has a distinct-token ratio "
+                         f">= {config.min_distinct}")
     # The starting model's own shape, whatever the config's shape fields say; state.pt, when there
     # is one, then replaces its weights.
     model = DiffbatchMDMForMaskedDiffusion.from_pretrained(config.init_from, dtype=torch.float32).train()

@@ -193,7 +193,7 @@ def evaluate(model, config: TrainConfig, held_out: TokenStream, mask_id: int) ->
     generator = torch.Generator().manual_seed(12345)
     total_loss, ce_sum, ce_count, scored = 0.0, 0.0, 0, 0
     batch = min(config.batch_size, config.eval_windows)
-    for first in range(0, config.eval_windows, batch):
+    for _ in range(0, config.eval_windows, batch):
         x0 = held_out.windows(sample_starts(held_out, batch, config.seq_length, generator), config.seq_length)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
             parts = diffusion_loss(model, x0, mask_token_id=mask_id, block_length=config.block_length,

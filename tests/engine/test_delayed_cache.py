@@ -55,7 +55,7 @@ def test_delayed_cache_batch_of_n_equals_n_batches_of_one(loaded):
     must not leak into a row's tokens."""
     engine = Engine(loaded, max_batch_size=8, cache="delayed")
     requests = requests_for(engine, MIXED)
-    for request, together in zip(requests, engine.generate(requests)):
+    for request, together in zip(requests, engine.generate(requests), strict=False):
         alone = engine.generate([request])[0]
         assert together.token_ids == alone.token_ids and together.forward_passes == alone.forward_passes
 
@@ -65,13 +65,13 @@ def test_delayed_cache_keeps_the_reference_schedule_and_fills_templates(loaded):
     # Whole blocks: within a block that max_tokens cuts, a row's passes depend on the order its
     # positions are committed in, which the approximate cache may change.
     requests = requests_for(delayed, [("a", dict(max_tokens=64, steps=8)), ("b c", dict(max_tokens=64))])
-    for a, b in zip(delayed.generate(requests), exact.generate(requests)):
+    for a, b in zip(delayed.generate(requests), exact.generate(requests), strict=False):
         assert a.forward_passes == b.forward_passes and len(a.token_ids) == len(b.token_ids)
     canvas = delayed.encode_template("x = {{fill:5}}\ny = {{fill:4}}\n")
     request = GenerationRequest(delayed.encode_completion("def f():\n"),
                                 SamplingParams(max_tokens=len(canvas), block_length=8), template_ids=canvas)
     [result] = delayed.generate([request])
-    assert all(got == want for got, want in zip(result.token_ids, canvas) if want is not None)
+    assert all(got == want for got, want in zip(result.token_ids, canvas, strict=False) if want is not None)
 
 
 def test_delayed_cache_is_for_block_causal_models_only():

@@ -82,7 +82,7 @@ def test_reference_equals_model_generate(request, which):
                                for p in prompts])
     expected = _generate_like_transformers(loaded.model, prompts, max_new_tokens=max_tokens, seed=11,
                                            pad_token_id=loaded.pad_token_id)
-    for result, row in zip(results, expected):
+    for result, row in zip(results, expected, strict=False):
         assert result.token_ids == _cut(row, max_tokens, loaded.eos_token_ids)
         assert result.forward_passes >= 1
 
@@ -100,7 +100,7 @@ def test_reference_follows_requested_settings(loaded):
     output = loaded.model.generate(ids, attention_mask=(torch.arange(length)[None] >= torch.tensor(
         [length - len(p) for p in prompts])[:, None]).long(), max_new_tokens=20, max_denoising_steps=3,
         sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.5), t_min=0.2, t_max=1.5)
-    for result, row in zip(results, output.sequences[:, length:].tolist()):
+    for result, row in zip(results, output.sequences[:, length:].tolist(), strict=False):
         assert result.token_ids == _cut(row, 20, loaded.eos_token_ids)
 
 
@@ -115,7 +115,7 @@ def test_continuous_batching_is_batch_invariant(request, which):
     engine = make_engine(request.getfixturevalue(which), max_batch_size=2)  # forces joins mid-way
     requests = _requests(engine, SPECS)
     together = engine.generate(requests)
-    for request_, result in zip(requests, together):
+    for request_, result in zip(requests, together, strict=False):
         alone = engine.generate([request_])[0]
         assert alone.token_ids == result.token_ids
         assert alone.forward_passes == result.forward_passes

@@ -108,7 +108,7 @@ def test_writing_into_a_cache_buffer_equals_appending_to_the_cache(loaded):
     written = model(ids[:, 10:], past_key_values=buffers, write_offset=10, attention_mask=mask,
                     position_ids=positions[:, 10:], use_cache=True)
     torch.testing.assert_close(written.logits, appended.logits, rtol=0, atol=1e-5)
-    for (k, v), (k2, v2) in zip(buffers, appended.key_values):
+    for (k, v), (k2, v2) in zip(buffers, appended.key_values, strict=False):
         torch.testing.assert_close(k[:, :, :14], k2, rtol=0, atol=1e-6)
         torch.testing.assert_close(v[:, :, :14], v2, rtol=0, atol=1e-6)
         assert bool((k[:, :, 14:] == 7.0).all())  # columns past the written ones untouched

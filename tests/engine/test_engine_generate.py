@@ -3,7 +3,6 @@
 import dataclasses
 
 import pytest
-import torch
 from torch import nn
 
 from worker.engine import scheduler
@@ -30,7 +29,7 @@ def requests_for(engine, specs):
 def test_batch_of_n_equals_n_batches_of_one(engine):
     requests = requests_for(engine, MIXED)
     batched = engine.generate(requests)
-    for request, together in zip(requests, batched):
+    for request, together in zip(requests, batched, strict=False):
         alone = engine.generate([request])[0]
         assert together.token_ids == alone.token_ids
         assert together.text == alone.text
@@ -56,13 +55,13 @@ def test_results_keep_input_order_across_batches(loaded):
     requests = requests_for(small, specs)
     results = small.generate(requests)
     assert [r.prompt_tokens for r in results] == [len(r.prompt_ids) for r in requests]
-    for request, result in zip(requests, results):
+    for request, result in zip(requests, results, strict=False):
         assert result.token_ids == small.generate([request])[0].token_ids
 
 
 def test_max_tokens_and_counts(engine):
     results = engine.generate(requests_for(engine, MIXED))
-    for (_, kw), result in zip(MIXED, results):
+    for (_, kw), result in zip(MIXED, results, strict=False):
         assert len(result.token_ids) <= kw["max_tokens"]
         assert result.completion_tokens == len(result.token_ids)
         if result.finish_reason == "length":
@@ -71,7 +70,7 @@ def test_max_tokens_and_counts(engine):
     # A row counts the passes that worked on it, whatever its batch-mates needed: its steps per block,
     # except in a last block that its max_tokens cuts, where it stops once the positions it keeps are
     # committed (at least the steps that commit that many); fewer if it met EOS.
-    for (_, kw), result in zip(MIXED, results):
+    for (_, kw), result in zip(MIXED, results, strict=False):
         block = kw.get("block_length", 32)
         steps = kw.get("steps") or block
         whole, kept = divmod(kw["max_tokens"], block)
@@ -319,7 +318,7 @@ def test_engine_exposes_model_name_and_limits(engine):
 def test_exact_block_cache_gives_the_tokens_of_full_recomputation(loaded, kw):
     cached, recomputed = Engine(loaded, max_batch_size=4), Engine(loaded, max_batch_size=4, kv_cache=False)
     requests = requests_for(cached, [(text, kw) for text in ("a", "a longer prompt here", "ünï", "x = 1\n")])
-    for a, b in zip(cached.generate(requests), recomputed.generate(requests)):
+    for a, b in zip(cached.generate(requests), recomputed.generate(requests), strict=False):
         assert a.token_ids == b.token_ids and a.forward_passes == b.forward_passes
 
 
@@ -373,7 +372,7 @@ def test_infilling_keeps_the_template_text_and_fills_only_the_holes(engine):
                                 SamplingParams(max_tokens=len(canvas), block_length=8), template_ids=canvas)
     [result] = engine.generate([request])
     assert len(result.token_ids) == len(canvas)
-    assert all(got == want for got, want in zip(result.token_ids, canvas) if want is not None)
+    assert all(got == want for got, want in zip(result.token_ids, canvas, strict=False) if want is not None)
     assert result.text.startswith("    total = ") and "\n    return total + " in result.text
     # The holes are denoised like any masked position: the same with batch-mates or alone.
     mates = requests_for(engine, MIXED[:2])
@@ -394,7 +393,7 @@ def test_a_templates_text_does_not_count_as_generated_for_penalties(loaded, kv_c
         template = [text, *before, None, None, None]
         params = SamplingParams(max_tokens=len(template), block_length=4, presence_penalty=2.0)
         tokens = engine.generate([GenerationRequest([5, 6], params, template_ids=template)])[0].token_ids
-        return [t for t, fixed in zip(tokens, template) if fixed is None]
+        return [t for t, fixed in zip(tokens, template, strict=False) if fixed is None]
 
     # The favourite first (10 against 9), then the runner-up (8 once the favourite is present), then
     # the favourite again (8 against 7).

@@ -9,7 +9,13 @@ from worker.engine.layout import build_layout
 from worker.engine.params import GenerationRequest, SamplingParams
 from worker.engine.postprocess import apply_stop, covering_prefix, cut_at_eos, finish_row
 from worker.engine.samplers import (
-    num_transfer_schedule, predict_x0, repetition_penalty, select_transfer, token_counts, top_p_filter)
+    num_transfer_schedule,
+    predict_x0,
+    repetition_penalty,
+    select_transfer,
+    token_counts,
+    top_p_filter,
+)
 
 
 def test_schedule_splits_block_evenly_remainder_first():
@@ -99,9 +105,9 @@ def test_covering_prefix_keeps_straddling_multibyte_token(tokenizer):
 # ---- token healing -------------------------------------------------------------------------------
 
 def test_the_healer_gives_back_a_last_token_that_longer_tokens_extend():
-    from common.settings import BUILTIN_MODEL_PATH
     from transformers import AutoTokenizer
 
+    from common.settings import BUILTIN_MODEL_PATH
     from worker.engine.healing import TokenHealer
 
     tokenizer = AutoTokenizer.from_pretrained(BUILTIN_MODEL_PATH)
@@ -147,7 +153,7 @@ def test_a_healed_request_starts_with_an_allowed_token_and_reports_text_after_th
                 for s in range(4)]
     requests.append(GenerationRequest(prompt, SamplingParams(max_tokens=12, seed=0, stop=("x",)), healing=healing))
     results = engine.generate(requests)
-    for request, result in zip(requests[:4], results[:4]):
+    for result in results[:4]:
         assert result.token_ids[0] == x  # a random model would pick "x" first 1 time in ~260
         assert result.text == engine.tokenizer.decode(result.token_ids, skip_special_tokens=True)[1:]
     # The healed "x" belongs to the prompt: a stop string "x" is searched for after it.
@@ -192,7 +198,7 @@ def test_a_penalised_request_gives_the_same_tokens_in_both_engine_paths(loaded):
     outputs = []
     for kv_cache in (True, False):
         engine = Engine(loaded, max_batch_size=2, kv_cache=kv_cache)
-        requests = [GenerationRequest(engine.encode_completion(p), q) for p, q in zip(prompts, params)]
+        requests = [GenerationRequest(engine.encode_completion(p), q) for p, q in zip(prompts, params, strict=False)]
         batched = [r.token_ids for r in engine.generate(requests)]
         assert batched == [engine.generate([r])[0].token_ids for r in requests]
         outputs.append(batched)

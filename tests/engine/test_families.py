@@ -244,7 +244,7 @@ def test_a_row_gets_the_tokens_it_gets_alone_whatever_its_batch_mates(family_loa
     requests = [GenerationRequest(engine.encode_completion(p), SamplingParams(block_length=4, **kw))
                 for p, kw in MIXED]
     batched = engine.generate(requests)
-    for (_, kw), request, together in zip(MIXED, requests, batched):
+    for (_, kw), request, together in zip(MIXED, requests, batched, strict=False):
         alone = engine.generate([request])[0]
         assert together.token_ids == alone.token_ids and together.forward_passes == alone.forward_passes
         assert loaded.mask_token_id not in together.token_ids
@@ -282,7 +282,7 @@ def test_infilling_holes_see_the_template_text_after_them(family_loaded, mode):
                                                            temperature=0.0), template_ids=canvas)
         [result] = engine.generate([request])
         assert len(result.token_ids) == len(canvas)
-        assert all(got == want for got, want in zip(result.token_ids, canvas) if want is not None)
+        assert all(got == want for got, want in zip(result.token_ids, canvas, strict=False) if want is not None)
         mates = requests_for(engine, max_tokens=8, block_length=4, temperature=0.5, seed=1)
         assert engine.generate([*mates, request])[-1].token_ids == result.token_ids
         fills.append(result.token_ids[:4])

@@ -132,7 +132,7 @@ def test_engine_gives_fast_dllm_v2s_tokens_in_one_mixed_batch(fast_dllm, graphs)
     requests = [GenerationRequest(p, SamplingParams(max_tokens=9 + 4 * i, block_length=BLOCK, sampler="threshold",
                                                     threshold=0.3)) for i, p in enumerate(prompts)]
     parallel = False
-    for request, result in zip(requests, engine.generate(requests)):
+    for request, result in zip(requests, engine.generate(requests), strict=False):
         expected = fast_dllm_v2_decode(loaded.model, request.prompt_ids, request.params.max_tokens,
                                        mask_token_id=loaded.mask_token_id, threshold=0.3)
         assert_row_matches(result, request, expected, loaded.eos_token_ids)
@@ -166,7 +166,7 @@ def test_editing_rows_get_their_tokens_alone_and_with_the_graph_protocol(fast_dl
     plain = Engine(loaded, max_batch_size=3).generate(
         [GenerationRequest(p, SamplingParams(max_tokens=12, block_length=BLOCK, sampler="threshold", threshold=0.5))
          for p in prompts])
-    assert any(e.token_ids != p.token_ids for e, p in zip(eager, plain))
+    assert any(e.token_ids != p.token_ids for e, p in zip(eager, plain, strict=False))
 
 
 @pytest.mark.parametrize("length", [16, 6])  # the first token autoregressive, or denoised after a lead

@@ -132,7 +132,7 @@ def oracle_logits(w: dict, c: dict, ids: torch.Tensor, mask: torch.Tensor) -> to
                 ranked = sorted(allowed, key=lambda e: -biased[b, t, e].item())[: c["num_experts_per_tok"]]
                 gate = scores[b, t, ranked]
                 gate = gate / gate.sum() * c["routed_scaling_factor"]
-                for e, g in zip(ranked, gate):
+                for e, g in zip(ranked, gate, strict=False):
                     moe[b, t] += g * swiglu(hidden[b, t], f"{p}.mlp.experts.{e}")
         x = x + moe + swiglu(hidden, f"{p}.mlp.shared_experts")
     return F.linear(rms(x, w["model.norm.weight"]), w["lm_head.weight"])
@@ -195,7 +195,7 @@ def test_engine_gives_llada2s_tokens_in_one_mixed_batch(llada2, cache, graphs, t
     requests = [GenerationRequest(p, SamplingParams(max_tokens=5 + 3 * i, block_length=BLOCK, sampler="threshold",
                                                     threshold=threshold, steps=steps)) for i, p in enumerate(prompts)]
     parallel = False
-    for request, result in zip(requests, engine.generate(requests)):
+    for request, result in zip(requests, engine.generate(requests), strict=False):
         expected = aligned_block_decode(loaded.model, request.prompt_ids, request.params.max_tokens, block=BLOCK,
                                         mask_token_id=loaded.mask_token_id, threshold=threshold, steps=steps)
         assert_row_matches(result, request, expected, loaded.eos_token_ids)
@@ -228,7 +228,7 @@ def test_token_editing_gives_llada21s_tokens_beside_rows_that_do_not_edit(llada2
                                                     threshold=0.6, **(edit if i % 2 == 0 else {})))
                 for i, p in enumerate(prompts)]
     edits = 0
-    for request, result in zip(requests, engine.generate(requests)):
+    for request, result in zip(requests, engine.generate(requests), strict=False):
         options = dict(block=BLOCK, mask_token_id=loaded.mask_token_id, threshold=0.6)
         if request.params.edits:
             expected, made, passes = editing_block_decode(

@@ -98,7 +98,7 @@ def test_engine_gives_sdar_reference_tokens_in_one_mixed_batch(sdar, cache, grap
     requests = [GenerationRequest(p, SamplingParams(max_tokens=5 + 3 * i, block_length=BLOCK))
                 for i, p in enumerate(prompts)]
     results = engine.generate(requests)
-    for request, result in zip(requests, results):
+    for request, result in zip(requests, results, strict=False):
         expected = aligned_block_decode(loaded.model, request.prompt_ids, request.params.max_tokens, block=BLOCK,
                                         mask_token_id=loaded.mask_token_id)
         assert_row_matches(result, request, expected, loaded.eos_token_ids)
@@ -210,7 +210,7 @@ def test_an_infilling_template_follows_the_lead(sdar):
                                     template_ids=template)
         tokens = engine.generate([request])[0].token_ids
         assert len(tokens) == len(template)
-        assert [t for t, fixed in zip(tokens, template) if fixed is not None] == [100, 101, 102, 103]
+        assert [t for t, fixed in zip(tokens, template, strict=False) if fixed is not None] == [100, 101, 102, 103]
 
 
 def test_delayed_cache_rows_with_leads_get_their_tokens_alone(sdar):
@@ -221,6 +221,6 @@ def test_delayed_cache_rows_with_leads_get_their_tokens_alone(sdar):
     prompts = [[(7 + 31 * n + 17 * i) % 250 + 10 for i in range(n)] for n in PROMPT_LENGTHS]
     requests = [GenerationRequest(p, SamplingParams(max_tokens=9, block_length=BLOCK, sampler="threshold",
                                                     threshold=0.3)) for p in prompts]
-    for request, together in zip(requests, engine.generate(requests)):
+    for request, together in zip(requests, engine.generate(requests), strict=False):
         alone = engine.generate([request])[0]
         assert (together.token_ids, together.forward_passes) == (alone.token_ids, alone.forward_passes)

@@ -28,7 +28,7 @@ class CanvasBatch:
     rows: list[Row]
 
     def keep(self, kept: list[bool]) -> None:
-        self.rows = [row for row, k in zip(self.rows, kept) if k]
+        self.rows = [row for row, k in zip(self.rows, kept, strict=False) if k]
 
 
 class CanvasScheduler(ContinuousScheduler):

@@ -61,7 +61,7 @@ class Row:
         """The completion's tokens the model wrote: a template's text, which the request gave as it
         gave the prompt, left out (the repetition penalties count these only)."""
         template = self.request.template_ids
-        return self.completion if not template else [t for t, fixed in zip(self.completion, template)
+        return self.completion if not template else [t for t, fixed in zip(self.completion, template, strict=False)
                                                       if fixed is None]
 
     def ahead(self, block_length: int) -> int:
@@ -96,7 +96,7 @@ class ContinuousScheduler:
             batch = self._admit(batch, waiting, block_length)
             self._denoise_round(batch, block_length)
             done = [self._is_done(row) for row in batch.rows]
-            for row, finished in zip(batch.rows, done):
+            for row, finished in zip(batch.rows, done, strict=False):
                 if finished:
                     yield row.index, self._result(row)
             batch.keep([not d for d in done])
@@ -121,9 +121,9 @@ class ContinuousScheduler:
         while waiting and len(rows) + len(chosen) < self.max_batch_size:
             new = [r for _, r in chosen] + [waiting[0][1]]
             leads = [self._lead(r, block_length) for r in new]
-            width = (max([behind, *(len(r.prompt_ids) - lead for r, lead in zip(new, leads))])
+            width = (max([behind, *(len(r.prompt_ids) - lead for r, lead in zip(new, leads, strict=False))])
                      + max(ahead + [whole_blocks(lead + r.params.max_tokens, block_length)
-                                    for r, lead in zip(new, leads)]))
+                                    for r, lead in zip(new, leads, strict=False)]))
             if len(rows) + len(new) > 1 and (len(rows) + len(new)) * width > self.max_batch_tokens:
                 break  # the budget allows this row later, when others have left
             chosen.append(waiting.popleft())
@@ -142,7 +142,7 @@ class ContinuousScheduler:
     @staticmethod
     def _commit(rows: list[Row], block: torch.Tensor, passes: list[int]) -> None:
         """Append each row's denoised block (B, K) and the passes it took."""
-        for row, tokens, n in zip(rows, block.tolist(), passes):
+        for row, tokens, n in zip(rows, block.tolist(), passes, strict=False):
             row.generated.extend(tokens)
             row.passes += n
 

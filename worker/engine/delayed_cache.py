@@ -81,8 +81,8 @@ class DelayedBlockForward:
         """Store the keys and values this step computed for positions that were already committed."""
         start = self.cache_length
         write = newly_kept[:, None, :, None]  # (B, 1, n, 1)
-        for layer_store, layer_new in zip(self.key_values, key_values):
-            for store, new in zip(layer_store, layer_new):  # keys, then values: (B, H, ., D)
+        for layer_store, layer_new in zip(self.key_values, key_values, strict=False):
+            for store, new in zip(layer_store, layer_new, strict=False):  # keys, then values: (B, H, ., D)
                 block_store, step_columns = store[:, :, start:], new[:, :, -width:]
                 index = chosen[:, None, :, None].expand_as(step_columns)
                 block_store.scatter_(2, index, torch.where(write, step_columns, block_store.gather(2, index)))

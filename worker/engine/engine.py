@@ -74,7 +74,8 @@ class Engine:
         # position of the clean block before it, which only the exact cache's commit pass computes.
         shifted_blocks = self.logits_shift and not self.full_attention
         if shifted_blocks and self.cache_mode != "exact":
-            raise ValueError(f"{loaded.name}: this model family runs with the exact cache only, not {self.cache_mode!r}")
+            raise ValueError(f"{loaded.name}: this model family runs with the exact cache only, "
+                             f"not {self.cache_mode!r}")
         self.vocab_size = int(loaded.config.vocab_size)
         self.mask_token_id = loaded.mask_token_id
         self.device = next(self.model.parameters()).device

@@ -87,14 +87,14 @@ def build_layout(
         if length % block_length != 0:
             raise ValueError(f"a span of {length} tokens (generation, history or aligned prompt) is not "
                              f"a multiple of block_length {block_length}")
-    prompt_length = max(len(p) + len(c) for p, c in zip(prompts, committed))
+    prompt_length = max(len(p) + len(c) for p, c in zip(prompts, committed, strict=False))
     gen_length = max(gen_lengths)
     total = prompt_length + gen_length
 
     x = torch.full((batch, total), mask_token_id, dtype=torch.long)
     is_real = torch.ones((batch, total), dtype=torch.bool)
     prompt_end = torch.empty((batch, 1), dtype=torch.long)  # the column after each row's prompt
-    for row, (prompt, done, length) in enumerate(zip(prompts, committed, gen_lengths)):
+    for row, (prompt, done, length) in enumerate(zip(prompts, committed, gen_lengths, strict=False)):
         pad = prompt_length - len(prompt) - len(done)
         x[row, :pad] = pad_token_id
         x[row, pad:prompt_length] = torch.tensor(prompt + done, dtype=torch.long)

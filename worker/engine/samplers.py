@@ -353,12 +353,12 @@ def denoise_block(
         masked_counts, working = torch.stack([mask_index.sum(dim=-1), working_t.long()]).tolist()
         if not any(working):
             break
-        passes = [n + w for n, w in zip(passes, working)]
+        passes = [n + w for n, w in zip(passes, working, strict=False)]
         # Only masked positions are sampled: gathered to the front, the float64 work of a step runs
         # over max(masked) positions instead of the whole block (x0 and confidence are per position,
         # so this changes no token), and the forward projects logits for those positions alone. A
         # row that edits is scored at every position.
-        edit_now = editing is not None and any(w and e for w, e in zip(working, rules.edits))
+        edit_now = editing is not None and any(w and e for w, e in zip(working, rules.edits, strict=False))
         width = block_length if edit_now else max(masked_counts)
         slots = (~mask_index).to(torch.int8).argsort(dim=-1, stable=True)[:, :width]  # (B, n)
         logits_n = forward(x[:, :end], slots)  # (B, n, V)
@@ -494,7 +494,7 @@ class GreedyBlockSteps:
         else:  # a template's fixed text leaves fewer masks than the schedule plans for
             masked = (self.block == self.mask_token_id).sum(dim=-1).tolist()  # once a round
             steps = max(sum(done < m for done in accumulate(schedule)) + (m > 0)
-                        for schedule, m in zip(self.rules.schedule, masked))
+                        for schedule, m in zip(self.rules.schedule, masked, strict=False))
         for _ in range(steps):
             step()
             if look and not self._anyone_works():

@@ -48,7 +48,7 @@ class RunningBatch:
             return  # nothing to drop: no copy of the cache
         index = torch.tensor([i for i, k in enumerate(kept) if k], dtype=torch.long,
                              device=self.key_valid.device)
-        self.rows = [row for row, k in zip(self.rows, kept) if k]
+        self.rows = [row for row, k in zip(self.rows, kept, strict=False) if k]
         valid = self.key_valid.index_select(0, index)
         first = int(valid.any(dim=0).long().argmax()) if self.rows else 0  # first column in use
         self.key_valid = valid[:, first:]
@@ -63,7 +63,7 @@ class RunningBatch:
         self.key_values = [
             (_stacked(k, k2, self.key_valid.shape[1], other.key_valid.shape[1], length, room),
              _stacked(v, v2, self.key_valid.shape[1], other.key_valid.shape[1], length, room))
-            for (k, v), (k2, v2) in zip(self.key_values, other.key_values)
+            for (k, v), (k2, v2) in zip(self.key_values, other.key_values, strict=False)
         ]
         self.rows += other.rows
         self.key_valid = torch.cat([_left_pad(self.key_valid, length, dim=1),
@@ -174,7 +174,7 @@ class BlockScheduler(ContinuousScheduler):
                 key_values = [(k.new_zeros((len(rows), k.shape[1], capacity, k.shape[3])),
                                v.new_zeros((len(rows), v.shape[1], capacity, v.shape[3])))
                               for k, v in output.key_values]
-            for (keys, values), (k, v) in zip(key_values, output.key_values):
+            for (keys, values), (k, v) in zip(key_values, output.key_values, strict=False):
                 keys[start:end, :, longest - width : longest] = k
                 values[start:end, :, longest - width : longest] = v
         return RunningBatch(rows=rows, key_values=key_values, key_valid=valid, next_position=valid.sum(dim=1))
@@ -262,5 +262,5 @@ class BlockScheduler(ContinuousScheduler):
         allowed = self._first_token(rows)[0] if first_generated else None
         if allowed is not None:
             logits.masked_fill_(~allowed, float("-inf"))
-        for row, token in zip(rows, logits.argmax(dim=-1).tolist()):
+        for row, token in zip(rows, logits.argmax(dim=-1).tolist(), strict=False):
             row.first = None if len(row.lead) > len(row.generated) else token

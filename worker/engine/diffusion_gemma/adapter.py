@@ -46,7 +46,7 @@ class DiffusionGemmaAdapter:
         self.model.model.encoder.language_model(
             input_ids=input_ids.to(self.device), position_ids=positions, cache=writer,
             attention_mask=for_attention(masks, self.attn_implementation, self.embed_dtype))
-        for slot, tokens in zip(slots, token_lists):
+        for slot, tokens in zip(slots, token_lists, strict=False):
             cache.lengths[slot] += len(tokens)
 
     @torch.inference_mode()

@@ -92,7 +92,7 @@ class RowKVCache:
     def decoder_view(self, num_rows: int) -> _DecoderView:
         span = max(self.lengths[:num_rows])
         return _DecoderView([_LayerView(k[:num_rows, :, :span], v[:num_rows, :, :span])
-                             for k, v in zip(self.keys, self.values)])
+                             for k, v in zip(self.keys, self.values, strict=False)])
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot ``src`` into slot ``dst`` (compaction after an eviction)."""

@@ -100,7 +100,7 @@ class ContinuousDenoiser:
         index = {id(job): slot for slot, job in enumerate(slots)}
         slot_ids = [index[id(job)] for job, _ in to_encode]
         self.adapter.encode(self.cache, slot_ids, [tokens for _, tokens in to_encode])
-        for slot, (job, _) in zip(slot_ids, to_encode):
+        for slot, (job, _) in zip(slot_ids, to_encode, strict=False):
             steps = job.settings.max_steps
             noise = draw_canvas_noise(job.generator, canvas_length=self.adapter.canvas_length, max_steps=steps,
                                       vocab_size=self.adapter.vocab_size, device=self.adapter.device)
@@ -153,7 +153,7 @@ class ContinuousDenoiser:
         canvases = self.argmax[finished].tolist()
         passes = self.passes[finished].tolist()
         to_encode, evict = [], []
-        for slot, canvas, count in zip(finished, canvases, passes):
+        for slot, canvas, count in zip(finished, canvases, passes, strict=False):
             job = slots[slot]
             job.generated.extend(canvas)
             job.forward_passes = count

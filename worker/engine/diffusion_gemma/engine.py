@@ -121,7 +121,7 @@ class DiffusionGemmaEngine:
                     done=lambda generated, params=requests[i].params: self._is_done(generated, params))
                 for i in indices]
         ContinuousDenoiser(self.adapter, max_rows=self.max_batch_size, stop=self.defaults).run(jobs)
-        for i, job in zip(indices, jobs):
+        for i, job in zip(indices, jobs, strict=False):
             results[i] = self._result(requests[i], job.generated, job.forward_passes, job.elapsed_s)
 
     def _run_reference(self, requests, indices: list[int], results: list) -> None:
@@ -139,9 +139,9 @@ class DiffusionGemmaEngine:
                     max_new_tokens=max(requests[i].params.max_tokens for i in batch), seed=seed,
                     pad_token_id=self.loaded.pad_token_id, eos_token_ids=self.eos_token_ids,
                     all_done=lambda rows, batch=batch: all(
-                        self._is_done(row, requests[i].params) for row, i in zip(rows, batch)))
+                        self._is_done(row, requests[i].params) for row, i in zip(rows, batch, strict=False)))
                 elapsed = time.perf_counter() - started
-                for i, row, count in zip(batch, generated, passes):
+                for i, row, count in zip(batch, generated, passes, strict=False):
                     results[i] = self._result(requests[i], row, count, elapsed)
 
     # ---- rows ----------------------------------------------------------------------------

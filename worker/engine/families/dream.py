@@ -21,8 +21,17 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
-from .common import (FamilyOutput, as_attention_mask, attend, default_position_ids, keep_positions,
-                     key_length_of, past_length_of, rotary_angles, rotate)
+from .common import (
+    FamilyOutput,
+    as_attention_mask,
+    attend,
+    default_position_ids,
+    keep_positions,
+    key_length_of,
+    past_length_of,
+    rotary_angles,
+    rotate,
+)
 
 # Dream predicts the token at position i from the hidden state at position i - 1.
 LOGITS_SHIFT = 1

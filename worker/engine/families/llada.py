@@ -24,8 +24,17 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
-from .common import (FamilyOutput, as_attention_mask, attend, default_position_ids, keep_positions,
-                     key_length_of, past_length_of, rotary_angles, rotate)
+from .common import (
+    FamilyOutput,
+    as_attention_mask,
+    attend,
+    default_position_ids,
+    keep_positions,
+    key_length_of,
+    past_length_of,
+    rotary_angles,
+    rotate,
+)
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 LAYER_NORMS = ("rms", "gemma_rms", "default", "low_precision")
