@@ -127,6 +127,7 @@ def _api(data_dir: Path, port: int) -> subprocess.Popen:
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_api_on_a_public_address_starts_only_once_a_key_exists(cli, tmp_path):
     port = free_port()
     refused = _api(tmp_path / "data", port)

@@ -18,6 +18,7 @@ from cli.stack import free_port
 from tests.harness import completion_line
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 
 
 def _start(role: str, data_dir: Path, model: Path, *args: str) -> subprocess.Popen:

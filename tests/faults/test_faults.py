@@ -14,7 +14,7 @@ from tests.faults.patched_worker import POISON_MARK
 from tests.faults.servers import TcpProxy
 from tests.harness import completion_line
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 REQUESTS = 40  # five chunks of 8 (tests/faults/conftest.py), for two workers
 POSTGRES_DOWN_S = 5  # longer than DIFFBATCH_WORKER_DEAD_AFTER_S: every worker looks dead when it comes back
