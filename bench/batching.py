@@ -5,7 +5,7 @@
                              [--device cpu|cuda]
 
 A batch job's requests ask for different lengths. Fixed batches (how diffbatch ran full-attention
-models before continuous.py) keep every row in the forward pass until the batch's longest row is
+models before worker/engine/schedulers/) keep every row in the forward pass until the batch's longest row is
 done, and lay every row's canvas out to that longest length. Continuous batching lets a finished
 row leave at the next block boundary and a waiting one take its place, and each canvas ends at its
 own row's length. The baseline runs on the same engine: each fixed batch is one engine call of

@@ -9,7 +9,7 @@ Prints tokens/s and ratios for, at each batch size:
   - the reference sampler with the exact block KV cache;
   - the parallel samplers (threshold, factor) with the cache;
   - with --caches exact,delayed, each sampler again with the delayed in-block cache (approximate:
-    committed positions of the active block are not run again; worker/engine/delayed_cache.py);
+    committed positions of the active block are not run again; worker/engine/caches/delayed.py);
   - with --caches exact,graph (the default on CUDA), each sampler again with the exact cache and each
     round's step replayed from a CUDA graph (worker/engine/cuda_graph.py); "exact" rows run eagerly;
     under each graph row, the host time its rounds spent outside replays (eager first steps, captures);

@@ -12,19 +12,29 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from common.samplers import SAMPLER_NAMES, SAMPLER_OPTIONS, option_samplers
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 FILL_MARKER = re.compile(r"\{\{fill:(\d+)\}\}")  # the engine's infill.py reads the same syntax
-SAMPLERS = ("reference", "threshold", "factor", "entropy_bound")
-# Options that belong to some samplers: giving one to another sampler is an error, not silently unused.
-# The DiffusionGemma options also serve its "reference" sampler (model.generate()); whether an option
-# fits the served model's family is the engine's check.
-DIFFUSION_GEMMA_SAMPLERS = ("reference", "entropy_bound")
-SAMPLER_OPTIONS = {"steps": ("reference", "threshold"), "threshold": ("threshold",), "factor": ("factor",),
-                   "editing_threshold": ("threshold",), "max_post_steps": ("threshold",),
-                   "max_steps": DIFFUSION_GEMMA_SAMPLERS, "entropy_bound": DIFFUSION_GEMMA_SAMPLERS,
-                   "t_min": DIFFUSION_GEMMA_SAMPLERS, "t_max": DIFFUSION_GEMMA_SAMPLERS}
+
+
+class DefaultsConflict(ValueError):
+    """A request's diffusion options and the server's defaults do not fit together. ``param``: the
+    field at fault as the engine names it (``diffusion.steps``), or None for the options as a whole."""
+
+    def __init__(self, message: str, *, param: str | None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class _Strict(BaseModel):
@@ -32,10 +42,11 @@ class _Strict(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _numbers_are_json_numbers(cls, value: Any, info) -> Any:
+    def _numbers_are_json_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         """Where a number is expected, only a JSON number: pydantic's lax mode would read true as 1
         and "0.5" as 0.5, which OpenAI's API refuses (16.0 for an integer stays accepted)."""
-        if isinstance(value, (bool, str)) and _is_number_type(cls.model_fields[info.field_name].annotation):
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, (bool, str)) and field is not None and _is_number_type(field.annotation):
             raise ValueError("must be a JSON number")
         return value
 
@@ -53,7 +64,7 @@ class DiffusionOptions(_Strict):
     block 16; DiffusionGemma: entropy_bound, its canvas length).
     """
 
-    sampler: Literal[SAMPLERS] | None = None  # type: ignore[valid-type]
+    sampler: Literal[SAMPLER_NAMES] | None = None  # type: ignore[valid-type]
     block_length: int | None = Field(None, ge=1, le=1024)
     steps: int | None = Field(None, ge=1, le=1024, description="denoising steps per block")
 
@@ -91,7 +102,7 @@ class DiffusionOptions(_Strict):
 
     @field_validator("steps")
     @classmethod
-    def _steps_fit_block(cls, steps: int | None, info) -> int | None:
+    def _steps_fit_block(cls, steps: int | None, info: ValidationInfo) -> int | None:
         # Against an unset block_length the worker checks, once the model's default is known.
         block = info.data.get("block_length")
         if steps is not None and block is not None and steps > block:
@@ -101,9 +112,11 @@ class DiffusionOptions(_Strict):
     @model_validator(mode="after")
     def _options_match_sampler(self) -> DiffusionOptions:
         # An unset sampler is checked again once the model's default is known (with_default_sampler).
+        # Whether an option fits the served model's family (the DiffusionGemma options also serve its
+        # "reference" sampler) is the engine's check.
         for option, samplers in SAMPLER_OPTIONS.items():
             if getattr(self, option) is not None and self.sampler is not None and self.sampler not in samplers:
-                names = " or ".join(repr(s) for s in samplers)
+                names = " or ".join(repr(s) for s in option_samplers(option))
                 raise ValueError(f"{option} applies to sampler {names}, not {self.sampler!r}")
         if self.t_min is not None and self.t_max is not None and self.t_max <= self.t_min:
             raise ValueError("t_max must be greater than t_min")
@@ -112,7 +125,7 @@ class DiffusionOptions(_Strict):
     def with_server_defaults(self, defaults: DiffusionOptions | None) -> DiffusionOptions:
         """These options, the fields a request left unset taken from the server's ``defaults``
         (DIFFBATCH_DIFFUSION). The defaults' sampler options go with their sampler: a request that
-        names another sampler gets none of them. ValueError naming the field if the two together
+        names another sampler gets none of them. DefaultsConflict naming the field if the two together
         do not fit (e.g. the request's steps beyond the server's block_length)."""
         if defaults is None:
             return self
@@ -124,8 +137,8 @@ class DiffusionOptions(_Strict):
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(part) for part in ("diffusion", *first["loc"]))
-            raise ValueError(f"{where}: {first['msg']} (with this server's default diffusion options "
-                             f"{json.dumps(base)})") from None
+            raise DefaultsConflict(f"{where}: {first['msg']} (with this server's default diffusion options "
+                                   f"{json.dumps(base)})", param=where if first["loc"] else None) from None
 
     def with_default_sampler(self, default: str) -> DiffusionOptions:
         """These options with an unset sampler replaced by the model's ``default``; ValueError (a
@@ -205,7 +218,7 @@ class _Line(_Strict):
         return custom_id
 
 
-BODY_FOR_URL: dict[str, type[_SamplingBody]] = {
+BODY_FOR_URL: dict[str, type[CompletionBody] | type[ChatBody]] = {
     "/v1/completions": CompletionBody, "/v1/chat/completions": ChatBody}
 
 
@@ -229,7 +242,7 @@ class LineError:
         return {"code": self.code, "line": self.line, "message": self.message, "param": self.param}
 
 
-def parse_body(url: str, body: dict[str, Any]) -> _SamplingBody:
+def parse_body(url: str, body: dict[str, Any]) -> CompletionBody | ChatBody:
     return BODY_FOR_URL[url].model_validate(body)
 
 

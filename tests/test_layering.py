@@ -29,7 +29,7 @@ def test_api_process_runs_without_torch_or_worker():
 
 ENGINE_MODULES = ["worker.engine.engine", "worker.engine.loader", "worker.engine.builtin", "worker.engine.factory",
                   "worker.engine.diffusion_gemma.engine", "worker.engine.diffusion_gemma.tiny",
-                  "worker.engine.families", "worker.engine.approx_cache"]
+                  "worker.engine.families", "worker.engine.caches.approx"]
 
 
 def _modules_brought_by(modules: list[str]) -> dict[str, set[str]]:
@@ -47,11 +47,16 @@ def _modules_brought_by(modules: list[str]) -> dict[str, set[str]]:
     return {name: set(added) for name, added in json.loads(result.stdout.splitlines()[-1]).items()}
 
 
+# The engine's one import from common/: the sampler vocabulary it shares with the wire format.
+ENGINE_IMPORTS_FROM_COMMON = {"common", "common.samplers"}
+
+
 def test_engine_is_a_pure_torch_library():
     brought = _modules_brought_by(ENGINE_MODULES)
     assert set(brought) == set(ENGINE_MODULES)
     for module, added in brought.items():
-        assert not _top(added) & {*SERVICE_PACKAGES, "db", "api", "common", "pydantic", "cli"}, module
+        assert not _top(added - ENGINE_IMPORTS_FROM_COMMON) & {*SERVICE_PACKAGES, "db", "api", "common", "pydantic",
+                                                               "cli"}, module
         assert not {m for m in added if m.startswith("worker.") and not m.startswith("worker.engine")}, module
 
 

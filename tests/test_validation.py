@@ -167,12 +167,15 @@ def test_threshold_takes_steps():
 
 
 def test_an_engine_refusal_of_the_prompt_names_the_prompt_or_the_messages():
+    from worker.engine.params import InvalidRequest
     from worker.responses import error_code_and_param
 
-    refusal = ValueError("prompt: it holds the mask token '<|mask|>' (id 3) in its last 2 tokens, ...")
+    refusal = InvalidRequest("prompt: it holds the mask token '<|mask|>' (id 3) in its last 2 tokens, ...",
+                             param="prompt")
     assert error_code_and_param(refusal, "/v1/completions") == ("invalid_request", "body.prompt")
     assert error_code_and_param(refusal, "/v1/chat/completions") == ("invalid_request", "body.messages")
-    template = ValueError("diffusion.template holds the mask token '<|mask|>' (id 3) in its text; ...")
+    template = InvalidRequest("diffusion.template holds the mask token '<|mask|>' (id 3) in its text; ...",
+                              param="diffusion.template")
     assert error_code_and_param(template, "/v1/completions") == ("invalid_request", "body.diffusion.template")
 
 

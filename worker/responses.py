@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 from common.ids import new_id, now
-from common.lines import CompletionBody, DiffusionOptions, parse_body
-from worker.engine.params import ContextLengthError, GenerationRequest, GenerationResult, SamplingParams
+from common.lines import CompletionBody, DefaultsConflict, DiffusionOptions, parse_body
+from worker.engine.interface import GenerationEngine
+from worker.engine.params import (
+    ContextLengthError,
+    GenerationRequest,
+    GenerationResult,
+    InvalidRequest,
+    SamplingParams,
+)
 
 
-def to_generation_request(engine, url: str, body: dict[str, Any],
+def to_generation_request(engine: GenerationEngine, url: str, body: dict[str, Any],
                           defaults: DiffusionOptions | None = None) -> GenerationRequest:
-    """Raise ValueError (a per-line error) if the body cannot run on this engine. ``defaults``: the
-    server's diffusion options for what the body leaves unset (Settings.diffusion_defaults); then
-    the checkpoint's sampler and block."""
+    """Raise ValueError (a per-line error; InvalidRequest where a field is at fault) if the body cannot
+    run on this engine. ``defaults``: the server's diffusion options for what the body leaves unset
+    (Settings.diffusion_defaults); then the checkpoint's sampler and block."""
     parsed = parse_body(url, body)
-    options = parsed.diffusion.with_server_defaults(defaults).with_default_sampler(engine.default_sampler)
+    try:
+        merged = parsed.diffusion.with_server_defaults(defaults)
+    except DefaultsConflict as error:
+        raise InvalidRequest(str(error), param=error.param) from None
+    options = merged.with_default_sampler(engine.default_sampler)
     healing = None
     if isinstance(parsed, CompletionBody):
         prompt_ids, max_tokens = engine.encode_completion(parsed.prompt), parsed.max_tokens
@@ -32,12 +42,14 @@ def to_generation_request(engine, url: str, body: dict[str, Any],
     block_length = engine.default_block_length if options.block_length is None else options.block_length
     params = SamplingParams(max_tokens=max_tokens, temperature=parsed.temperature, top_p=parsed.top_p,
                             frequency_penalty=parsed.frequency_penalty, presence_penalty=parsed.presence_penalty,
-                            stop=tuple(parsed.stop_list()), seed=parsed.seed, sampler=options.sampler,
+                            stop=tuple(parsed.stop_list()), seed=parsed.seed,
+                            sampler=options.sampler or engine.default_sampler,  # with_default_sampler set it
                             block_length=block_length, steps=options.steps, **chosen)
     template_ids = None
     if options.template is not None:
         if parsed.stop_list():
-            raise ValueError("stop does not apply with diffusion.template (the template sets the length)")
+            raise InvalidRequest("stop does not apply with diffusion.template (the template sets the length)",
+                                 param="stop")
         template_ids = engine.encode_template(options.template)
         params = dataclasses.replace(params, max_tokens=len(template_ids))  # the template sets the length
     request = GenerationRequest(prompt_ids=prompt_ids, params=params, template_ids=template_ids, healing=healing)
@@ -47,8 +59,9 @@ def to_generation_request(engine, url: str, body: dict[str, Any],
         if defaults is None or isinstance(error, ContextLengthError):
             raise
         # The operator's options may be what does not fit this model: say so, or it reads as the client's.
-        raise ValueError(f"{error} (with this server's default diffusion options "
-                         f"{defaults.model_dump_json(exclude_unset=True)})") from None
+        raise InvalidRequest(f"{error} (with this server's default diffusion options "
+                             f"{defaults.model_dump_json(exclude_unset=True)})",
+                             param=error.param if isinstance(error, InvalidRequest) else None) from None
     return request
 
 
@@ -57,14 +70,8 @@ def error_code_and_param(error: ValueError, url: str) -> tuple[str, str]:
     prompt = "body.prompt" if url == "/v1/completions" else "body.messages"  # a chat's prompt is its messages
     if isinstance(error, ContextLengthError):
         return "context_length_exceeded", prompt
-    # Engine messages start with the field they are about, e.g. "diffusion.sampler 'factor' does not ...".
-    named = _FIELD_AT_START.match(str(error))
-    field = named.group(1) if named else None
+    field = error.param if isinstance(error, InvalidRequest) else None
     return "invalid_request", prompt if field == "prompt" else f"body.{field}" if field else "body"
-
-
-_FIELD_AT_START = re.compile(
-    r"(diffusion\.[a-z_]+|temperature|top_p|frequency_penalty|presence_penalty|max_tokens|stop|seed|prompt)\b")
 
 
 def usage(result: GenerationResult) -> dict[str, Any]:

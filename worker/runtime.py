@@ -20,7 +20,7 @@ from common.storage import BlobStore
 from db.session import make_engine, make_session_factory
 
 if TYPE_CHECKING:
-    from worker.engine.engine import Engine  # or the DiffusionGemma engine: the same interface
+    from worker.engine.interface import GenerationEngine
 
 log = logging.getLogger("diffbatch.worker")
 
@@ -42,11 +42,11 @@ class Runtime:
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffbatch-writer")
 
     @cached_property
-    def engine(self) -> Engine:
+    def engine(self) -> GenerationEngine:
         with self._lock:
             return self._load_engine()
 
-    def _load_engine(self) -> Engine:
+    def _load_engine(self) -> GenerationEngine:
         from worker.engine.factory import make_engine
         from worker.engine.loader import load_model
 

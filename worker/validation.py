@@ -50,10 +50,12 @@ def validate_batch(rt: Runtime, batch_id: str) -> None:
     try:
         if refusal := _refusal(rt, source, attempts):
             return _fail(rt, batch_id, token, [refusal])
+        assert source is not None  # _refusal refuses a missing file
         errors, model, count = _check_lines(rt, batch_id, token, source.id, endpoint)
         if errors:
             _fail(rt, batch_id, token, errors)
         else:
+            assert model is not None  # a file without errors has a line, so a model
             _store(rt, batch_id, token, source.id, model, count)
     except _TakenOver:
         _stop(rt, batch_id, token)
@@ -184,7 +186,7 @@ def _store(rt: Runtime, batch_id: str, token: str, file_id: str, model: str, cou
         _own(session, batch_id, token)
         repo.discard_requests(session, batch_id=batch_id)
     chunk_ids: list[int] = []
-    lines = _lines(rt, file_id)
+    lines = (item for item in _lines(rt, file_id) if isinstance(item, ParsedLine))  # the first pass found all ok
     while group := list(itertools.islice(lines, size)):
         with rt.session() as session, session.begin():
             _own(session, batch_id, token)

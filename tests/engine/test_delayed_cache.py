@@ -4,7 +4,7 @@ tokens still do not depend on its batch-mates."""
 import pytest
 import torch
 
-from worker.engine.delayed_cache import REFRESH_EVERY, DelayedBlockForward
+from worker.engine.caches.delayed import REFRESH_EVERY, DelayedBlockForward
 from worker.engine.engine import Engine
 from worker.engine.params import GenerationRequest, SamplingParams
 
@@ -75,7 +75,7 @@ def test_delayed_cache_keeps_the_reference_schedule_and_fills_templates(loaded):
 
 
 def test_delayed_cache_is_for_block_causal_models_only():
-    from worker.engine.approx_cache import resolve_cache_mode
+    from worker.engine.caches.modes import resolve_cache_mode
 
     assert resolve_cache_mode("delayed", full_attention=False) == "delayed"
     with pytest.raises(ValueError, match="does not apply to full-attention"):

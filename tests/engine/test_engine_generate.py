@@ -5,11 +5,11 @@ import dataclasses
 import pytest
 from torch import nn
 
-from worker.engine import scheduler
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, Healing, SamplingParams
-from worker.engine.scheduler import prefill_spans
+from worker.engine.schedulers import block as scheduler
+from worker.engine.schedulers.block import prefill_spans
 
 from .preferring import Preferring
 
@@ -325,7 +325,7 @@ def test_exact_block_cache_gives_the_tokens_of_full_recomputation(loaded, kw):
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy-whole-step", "sampling-forward-only"])
 def test_step_graph_protocol_gives_the_tokens_of_the_eager_steps(loaded, engine, greedy):
     """The CUDA-graph rounds (cuda_graph.py) on a CPU run their protocol without capture. Greedy
-    rounds: the whole step with static shapes (samplers.GreedyBlockSteps: every position scored,
+    rounds: the whole step with static shapes (sampling.greedy.GreedyBlockSteps: every position scored,
     step count and passes on the device, the commit pass one more step). Rounds with sampling rows:
     one static input buffer, whole-block logits with the slots taken afterwards. Neither may change
     a token or a pass count, through continuous batching (batch of 2, rows joining), reference rows

@@ -7,7 +7,7 @@ step, with no batching, padding or prefix slicing. It uses the block-causal atte
 built-in family (prompt = one bidirectional block, then blocks of block_length that see only
 earlier blocks).
 
-Noise convention shared with the engine (worker/engine/samplers.py, RowNoise): a torch.Generator seeded with the
+Noise convention shared with the engine (worker/engine/sampling/noise.py, RowNoise): a torch.Generator seeded with the
 request's seed draws one float64 tensor u of shape (masked positions of the block, vocab_size),
 rows in block order, at each step that commits tokens when temperature > 0; the Gumbel-max score is
 exp(logits) / (-log u) ** T.

@@ -2,7 +2,8 @@
 
 import pytest
 
-from worker.engine.params import SAMPLERS, SamplingParams
+from common.samplers import SAMPLERS
+from worker.engine.params import SamplingParams
 
 
 def test_defaults_are_valid_and_exact_reference():

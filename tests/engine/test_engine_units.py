@@ -8,14 +8,8 @@ from worker.engine.engine import Engine
 from worker.engine.layout import build_layout
 from worker.engine.params import GenerationRequest, SamplingParams
 from worker.engine.postprocess import apply_stop, covering_prefix, cut_at_eos, finish_row
-from worker.engine.samplers import (
-    num_transfer_schedule,
-    predict_x0,
-    repetition_penalty,
-    select_transfer,
-    token_counts,
-    top_p_filter,
-)
+from worker.engine.sampling.predict import predict_x0, repetition_penalty, token_counts, top_p_filter
+from worker.engine.sampling.transfer import num_transfer_schedule, select_transfer
 
 
 def test_schedule_splits_block_evenly_remainder_first():

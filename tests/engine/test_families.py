@@ -10,8 +10,9 @@ import json
 import pytest
 import torch
 
-from worker.engine.approx_cache import DualCache, FullRecompute, PrefixCache, resolve_cache_mode
 from worker.engine.builtin.tokenizer import build_byte_tokenizer
+from worker.engine.caches.approx import DualCache, FullRecompute, PrefixCache
+from worker.engine.caches.modes import resolve_cache_mode
 from worker.engine.engine import Engine
 from worker.engine.families import DreamConfig, DreamForMaskedDiffusion, LLaDAConfig, LLaDAForMaskedDiffusion
 from worker.engine.layout import build_layout

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from worker.engine import scheduler
 from worker.engine.builtin.tokenizer import build_byte_tokenizer
 from worker.engine.engine import Engine
 from worker.engine.families import LLaDA2Config, LLaDA2ForBlockDiffusion
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
+from worker.engine.schedulers import block as scheduler
 
 from .aligned_reference import aligned_block_decode, assert_row_matches, block_causal, editing_block_decode
 

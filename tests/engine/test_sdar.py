@@ -15,12 +15,12 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from worker.engine import scheduler
 from worker.engine.builtin.tokenizer import build_byte_tokenizer
 from worker.engine.engine import Engine
 from worker.engine.families import SDARConfig, SDARForBlockDiffusion
 from worker.engine.loader import load_model
 from worker.engine.params import ContextLengthError, GenerationRequest, Healing, SamplingParams
+from worker.engine.schedulers import block as scheduler
 
 from .aligned_reference import aligned_block_decode, assert_row_matches
 from .preferring import Preferring

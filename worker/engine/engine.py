@@ -5,38 +5,33 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 
-from .approx_cache import resolve_cache_mode
-from .canvas_scheduler import CanvasScheduler
+from common.samplers import BLOCK_SAMPLERS, DIFFUSION_GEMMA_OPTIONS, Sampler, names
+
+from .caches.modes import resolve_cache_mode
 from .healing import TokenHealer
 from .infill import encode_template
 from .layout import lead_length, whole_blocks
 from .loader import ALIGNED_FAMILIES, FULL_ATTENTION_FAMILIES, LOGITS_SHIFT, LoadedModel
-from .params import DIFFUSION_GEMMA_OPTIONS, ContextLengthError, GenerationRequest, GenerationResult, Healing
+from .params import ContextLengthError, GenerationRequest, GenerationResult, Healing, InvalidRequest
 from .prompts import encode_chat, encode_completion
-from .scheduler import BlockScheduler
+from .schedulers.base import ContinuousScheduler
+from .schedulers.block import BlockScheduler
+from .schedulers.canvas import CanvasScheduler
 
 SUPPORTED_FAMILIES = ("block_causal", *ALIGNED_FAMILIES, *FULL_ATTENTION_FAMILIES)
-SAMPLERS = ("reference", "threshold", "factor")  # entropy_bound is DiffusionGemma's
 
 
 class Engine:
-    default_sampler = "reference"  # unless the checkpoint's config.json names its own (below)
+    """The block-diffusion engine (a GenerationEngine): block-causal, aligned and full-attention families."""
+
+    default_sampler: str = Sampler.REFERENCE.value  # unless the checkpoint's config.json names its own (below)
     default_block_length = 32  # likewise (diffbatch_default_block_length)
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32, kv_cache: bool = True,
                  cache: str | None = None, max_batch_tokens: int | None = None, graphs: bool | None = None):
-        """``kv_cache``: reuse finished blocks' keys and values (exact for block-causal models);
-        False recomputes the whole prefix at every step, the baseline the cache is tested against.
-        ``cache``: "exact" | "delayed" (exact across blocks, committed positions kept within the active
-        block: delayed_cache.py) | "none" for block-causal models, "prefix" | "dual" | "none" (Fast-dLLM's
-        approximate caches, approx_cache.py) for full-attention ones; None picks from ``kv_cache``.
-        Rows are batched continuously (continuous.py); ``max_batch_tokens`` caps rows x the columns the
-        running batch can reach, every row's remaining blocks reserved (default: max_batch_size x the
-        model's positions).
-        ``graphs``: with the exact cache, each round's step (greedy rounds) or forward (rounds with
-        sampling rows) is captured as a CUDA graph and replayed (cuda_graph.py); None = on a CUDA
-        device. True elsewhere runs the same static-shape protocol without capture, which is how the
-        CPU tests check it."""
+        """``cache``: a mode of caches/modes.py (None: the fastest, or "none" if not ``kv_cache``).
+        ``max_batch_tokens``: rows x the columns the running batch can reach (default: max_batch_size x
+        positions). ``graphs``: CUDA graphs for the exact cache's steps (None: on CUDA; True on a CPU: uncaptured)."""
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError("max_batch_size must be a positive integer")
         if loaded.family not in SUPPORTED_FAMILIES:
@@ -47,11 +42,12 @@ class Engine:
         # A checkpoint trained for parallel acceptance (distill-builtin) says so in config.json, so a
         # request that names no sampler gets the one the model was made for.
         default = getattr(loaded.config, "diffbatch_default_sampler", None) or self.default_sampler
-        if default not in SAMPLERS:
-            raise ValueError(f"config.json's diffbatch_default_sampler {default!r} is not one of {list(SAMPLERS)}")
+        if default not in BLOCK_SAMPLERS:
+            raise ValueError(f"config.json's diffbatch_default_sampler {default!r} is not one of "
+                             f"{names(BLOCK_SAMPLERS)}")
         self.default_sampler = default
         # The block a request that names none gets may be shorter than the one the model was trained
-        # with: the built-in model's config.json names 16 (README: same quality, fewer FLOPs a token).
+        # with (the built-in model's config.json names 16: fewer FLOPs a token at the same quality).
         # An aligned model (SDAR) gets the block it was trained with.
         self.aligned = loaded.family in ALIGNED_FAMILIES
         block = getattr(loaded.config, "diffbatch_default_block_length", None)
@@ -84,6 +80,7 @@ class Engine:
                       max_batch_size=max_batch_size, device=self.device, vocab_size=self.vocab_size,
                       max_batch_tokens=max_batch_tokens or max_batch_size * self.max_positions,
                       aligned=self.aligned)
+        self.scheduler: ContinuousScheduler
         if self.cache_mode in ("exact", "delayed"):  # the block-causal KV cache carries the batch
             self.scheduler = BlockScheduler(self.model, delayed=self.cache_mode == "delayed",
                                             graphs=self.device.type == "cuda" if graphs is None else graphs,
@@ -110,34 +107,36 @@ class Engine:
     # ---- generation ----------------------------------------------------------------------
 
     def check(self, request: GenerationRequest) -> None:
-        """Raise ValueError if ``request`` cannot run; lets a caller reject one request alone."""
+        """Raise InvalidRequest if ``request`` cannot run; lets a caller reject one request alone."""
         params = request.params
         params.validate()
-        if params.sampler not in SAMPLERS:
-            raise ValueError(f"diffusion.sampler {params.sampler!r} applies to DiffusionGemma models only; "
-                             f"this model takes one of {list(SAMPLERS)}")
+        if params.sampler not in BLOCK_SAMPLERS:
+            raise InvalidRequest(f"diffusion.sampler {params.sampler!r} applies to DiffusionGemma models only; "
+                                 f"this model takes one of {names(BLOCK_SAMPLERS)}", param="diffusion.sampler")
         for name in DIFFUSION_GEMMA_OPTIONS:
             if getattr(params, name) is not None:
-                raise ValueError(f"diffusion.{name} applies to DiffusionGemma models only")
+                raise InvalidRequest(f"diffusion.{name} applies to DiffusionGemma models only",
+                                     param=f"diffusion.{name}")
         if params.edits and self.cache_mode == "delayed":  # it keeps committed positions' keys and values
-            raise ValueError("diffusion.editing_threshold does not run with the delayed cache, whose keys of a "
-                             "committed token an edit would leave stale; serve this model with the exact cache")
+            raise InvalidRequest("diffusion.editing_threshold does not run with the delayed cache, whose keys of "
+                                 "a committed token an edit would leave stale; serve this model with the exact "
+                                 "cache", param="diffusion.editing_threshold")
         prompt = request.prompt_ids
         if not isinstance(prompt, list) or not prompt:
-            raise ValueError("prompt must contain at least one token")
+            raise InvalidRequest("prompt must contain at least one token", param="prompt")
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
-            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {self.vocab_size})", param="prompt")
         self._check_template(request)
         healing = request.healing
         if healing is not None and (request.template_ids is not None or not healing.allowed or not all(
                 isinstance(t, int) and 0 <= t < self.vocab_size for t in healing.allowed)):
-            raise ValueError(f"token healing needs allowed token ids in [0, {self.vocab_size}) and no template")
+            raise InvalidRequest(f"token healing needs allowed token ids in [0, {self.vocab_size}) and no template")
         lead = lead_length(len(prompt), params.block_length, aligned=self.aligned)
         if self.mask_token_id in prompt[len(prompt) - lead:]:
             # The lead opens the first denoised block, where [MASK] means "fill me": the text would change.
-            raise ValueError(f"prompt: it holds the mask token {self._mask_spelling()} in its last "
-                             f"{lead} tokens, which open the first block this model denoises; it would "
-                             "be overwritten. Remove it from the prompt")
+            raise InvalidRequest(f"prompt: it holds the mask token {self._mask_spelling()} in its last "
+                                 f"{lead} tokens, which open the first block this model denoises; it would "
+                                 "be overwritten. Remove it from the prompt", param="prompt")
         needed = len(prompt) - lead + whole_blocks(lead + params.max_tokens, params.block_length)
         if needed > self.max_positions:
             raise ContextLengthError(
@@ -153,36 +152,32 @@ class Engine:
         template = request.template_ids
         if template is None:
             return
+        param = "diffusion.template"
         if self.logits_shift and not self.full_attention:
-            raise ValueError("diffusion.template is not supported for this model: each block's first token is "
-                             "its previous token's prediction, not a hole's")
+            raise InvalidRequest(f"{param} is not supported for this model: each block's first token is its "
+                                 "previous token's prediction, not a hole's", param=param)
         if not isinstance(template, list) or None not in template:
-            raise ValueError("diffusion.template must hold at least one hole")
+            raise InvalidRequest(f"{param} must hold at least one hole", param=param)
         if not all(t is None or (isinstance(t, int) and 0 <= t < self.vocab_size) for t in template):
-            raise ValueError(f"template token ids must be integers in [0, {self.vocab_size}) or holes")
+            raise InvalidRequest(f"template token ids must be integers in [0, {self.vocab_size}) or holes")
         if self.mask_token_id in template:  # it would read as a hole and be overwritten
-            raise ValueError(f"diffusion.template holds the mask token {self._mask_spelling()} in its text; "
-                             "only {{fill:N}} marks holes. Remove it from the template")
+            raise InvalidRequest(f"{param} holds the mask token {self._mask_spelling()} in its text; only "
+                                 "{{fill:N}} marks holes. Remove it from the template", param=param)
         if request.params.max_tokens != len(template) or request.params.stop:
-            raise ValueError("with diffusion.template, the template sets the length: max_tokens must equal "
-                             "its length in tokens and stop must be empty")
+            raise InvalidRequest("with diffusion.template, the template sets the length: max_tokens must equal "
+                                 "its length in tokens and stop must be empty")
 
     def _mask_spelling(self) -> str:
         return f"{self.tokenizer.convert_ids_to_tokens(self.mask_token_id)!r} (id {self.mask_token_id})"
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Results in the order of ``requests``; raises ValueError if any request is invalid."""
-        results: list[GenerationResult | None] = [None] * len(requests)
-        for i, result in self.stream(requests):
-            results[i] = result
-        return results
+        """Results in the order of ``requests``; raises InvalidRequest if any request is invalid."""
+        results = dict(self.stream(requests))
+        return [results[i] for i in range(len(requests))]
 
     def stream(self, requests: list[GenerationRequest]) -> Iterator[tuple[int, GenerationResult]]:
-        """Yield (index in ``requests``, result) as each request finishes.
-
-        Rows are scheduled continuously (continuous.py): a finished row leaves at the next block
-        boundary and a waiting one takes its place. One run serves one block length.
-        """
+        """Yield (index in ``requests``, result) as each request finishes; raises InvalidRequest first if
+        any request is invalid. Rows are batched continuously, one scheduler run per block length."""
         for request in requests:
             self.check(request)
         groups: dict[int, list[tuple[int, GenerationRequest]]] = defaultdict(list)

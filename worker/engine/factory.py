@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from .interface import GenerationEngine
 from .loader import LoadedModel
 
 
 def make_engine(loaded: LoadedModel, max_batch_size: int = 32, cache: str | None = None,
-                cuda_graphs: bool = True):
+                cuda_graphs: bool = True) -> GenerationEngine:
     """``cache``: see Engine (None = the family's default); DiffusionGemma keeps its own cache.
     ``cuda_graphs``: False keeps every step eager on a CUDA device (Engine's ``graphs``)."""
     if loaded.family == "diffusion_gemma":

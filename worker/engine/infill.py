@@ -12,30 +12,30 @@ from __future__ import annotations
 
 import re
 
+from .params import InvalidRequest
+
 FILL_MARKER = re.compile(r"\{\{fill:(\d+)\}\}")
 MAX_HOLE = 1024
 
 
 def encode_template(tokenizer, template: str) -> list[int | None]:
-    """Canvas of the template: token ids for the fixed text, None for each hole position.
-
-    Fixed segments are tokenised one by one (no special tokens), so a hole never merges with its
-    neighbours' text.
-    """
+    """Canvas of the template: token ids for the fixed text, None for each hole position. Fixed segments
+    are tokenised one by one (no special tokens), so a hole never merges with its neighbours' text."""
     if not isinstance(template, str):
-        raise ValueError("diffusion.template must be a string")
+        raise InvalidRequest("diffusion.template must be a string", param="diffusion.template")
     canvas: list[int | None] = []
     position = 0
     for marker in FILL_MARKER.finditer(template):
         canvas += _encode(tokenizer, template[position : marker.start()])
         size = int(marker.group(1))
         if not 1 <= size <= MAX_HOLE:
-            raise ValueError(f"diffusion.template: a hole holds 1 to {MAX_HOLE} tokens, got {{{{fill:{size}}}}}")
+            raise InvalidRequest(f"diffusion.template: a hole holds 1 to {MAX_HOLE} tokens, got {{{{fill:{size}}}}}",
+                                 param="diffusion.template")
         canvas += [None] * size
         position = marker.end()
     canvas += _encode(tokenizer, template[position:])
     if None not in canvas:
-        raise ValueError("diffusion.template has no {{fill:N}} hole")
+        raise InvalidRequest("diffusion.template has no {{fill:N}} hole", param="diffusion.template")
     return canvas
 
 

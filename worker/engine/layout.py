@@ -30,11 +30,10 @@ def whole_blocks(tokens: int, block_length: int) -> int:
 
 
 def lead_length(prompt_length: int, block_length: int, *, aligned: bool) -> int:
-    """How many of a prompt's last tokens open its first generation block as fixed text.
-
-    A model whose blocks are aligned from position 0 (SDAR) was trained with the prompt cut into
-    blocks like the rest, so its whole blocks are the prefix and its last partial block starts the
-    first block to denoise (SDAR's ``generate.py``). 0 when the prompt is one block of its own."""
+    """How many of a prompt's last tokens (its lead) open its first generation block as fixed text: with
+    ``aligned`` the last partial block, else 0 (the prompt is one block of its own)."""
+    # A model whose blocks are aligned from position 0 (SDAR) was trained with the prompt cut into
+    # blocks like the rest, so its whole blocks are the prefix (SDAR's ``generate.py``).
     return prompt_length % block_length if aligned else 0
 
 
@@ -70,13 +69,11 @@ def build_layout(
     committed: list[list[int]] | None = None,
     aligned: bool = False,
 ) -> BatchLayout:
-    """``gen_length``: one for every row, or each row's own. ``committed``: each row's generated
-    blocks so far, placed after its prompt (whole blocks, each its own block of the mask); the
-    layout's generation then starts after them, and P counts them. ``full_attention`` (LLaDA,
-    Dream): every token attends to every real token, the whole canvas, prompt and all blocks, as
-    those models were trained; the mask then only hides padding. So under full attention a row's
-    canvas must be its own length: the still-masked columns it sees change its tokens.
-    ``aligned``: blocks cut from position 0 (module docstring); each prompt a whole number of blocks."""
+    """``gen_length``: one for every row, or each row's own; ``committed``: each row's whole generated
+    blocks, placed after its prompt (P counts them). ``full_attention`` (LLaDA, Dream): the mask hides
+    padding only. ``aligned``: blocks cut from position 0 (module docstring), prompts whole blocks."""
+    # Under full attention every token sees the whole canvas, masked future included, as those models
+    # were trained, so a row's canvas must be its own length: the masked columns it sees change its tokens.
     batch = len(prompts)
     gen_lengths = [gen_length] * batch if isinstance(gen_length, int) else list(gen_length)
     committed = committed or [[] for _ in prompts]

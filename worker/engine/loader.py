@@ -39,7 +39,7 @@ FULL_ATTENTION_FAMILIES = ("llada", "dream")
 # (The built-in model's prompt is one bidirectional block instead.)
 ALIGNED_FAMILIES = ("sdar", "llada2", "fast_dllm_v2")
 # Families whose logit for position i is read at position i - LOGITS_SHIFT (AR-initialised models). A
-# block-causal one opens each block with the greedy prediction of the position before it (scheduler.py).
+# block-causal one opens each block with the greedy prediction of the position before it (schedulers/block.py).
 LOGITS_SHIFT = {"dream": 1, "fast_dllm_v2": 1}
 # Model types diffbatch implements itself: their folders' remote code (written for transformers 4)
 # is never run, whatever the caller's trust_remote_code.
@@ -73,11 +73,9 @@ class LoadedModel:
 def load_model(
     path: str, *, device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False, weights: bool = True
 ) -> LoadedModel:
-    """Load config, tokenizer and weights from the folder ``path`` and put the model in eval mode.
-
-    dtype "auto" is bfloat16 on CUDA and float32 elsewhere. ``weights=False`` reads no weights and builds the
-    model on the meta device: enough to tokenize and check requests, in no memory (the control process).
-    """
+    """Config, tokenizer and weights from the folder ``path``, the model in eval mode. dtype "auto": bfloat16
+    on CUDA, float32 elsewhere. ``weights=False``: the model on the meta device, enough to tokenize and
+    check requests in no memory (the control process)."""
     folder = Path(path)
     if not folder.is_dir():
         raise ValueError(f"model path {str(path)!r} does not exist or is not a folder")
@@ -155,6 +153,7 @@ def _load_diffusion_gemma(folder: Path, config, tokenizer, *, device: str, dtype
     from transformers import DiffusionGemmaForBlockDiffusion, GenerationConfig
 
     # sdpa: the DiffusionGemma engine passes explicit boolean 4D masks (per-row prefixes).
+    model: Any  # transformers' wrapped nn.Module.to does not type-check on a concrete model class
     if weights:
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(
             folder, config=config, dtype=dtype, local_files_only=True, attn_implementation="sdpa")

@@ -9,13 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# reference: fixed steps per block (LLaDA), the exactness baseline; threshold and factor: Fast-dLLM's
-# confidence-aware parallel acceptance, as many tokens per forward pass as the model is sure of;
-# entropy_bound: DiffusionGemma's acceptance with renoising and adaptive stop, continuously batched
-# (for DiffusionGemma, "reference" is its batch-synchronous ``model.generate()``, token for token).
-SAMPLERS = ("reference", "threshold", "factor", "entropy_bound")
-# DiffusionGemma-only options; None means the checkpoint's generation_config.json value.
-DIFFUSION_GEMMA_OPTIONS = ("max_steps", "entropy_bound", "t_min", "t_max")
+from common.samplers import DIFFUSION_GEMMA_OPTIONS, SAMPLER_OPTIONS, SAMPLERS, Sampler, names
+
 MAX_STOP_SEQUENCES = 4  # as OpenAI's chat/completions API
 
 
@@ -27,8 +22,20 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-class ContextLengthError(ValueError):
+class InvalidRequest(ValueError):
+    """A request the engine refuses. ``param``: the request field at fault, spelled as its message
+    starts (``max_tokens``, ``diffusion.sampler``, ``prompt``), or None for the request as a whole."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthError(InvalidRequest):
     """The prompt plus the tokens to generate do not fit the model's positions."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="prompt")
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     # None means seed 0: a request without a seed is still reproducible.
     seed: int | None = None
-    sampler: str = "reference"
+    sampler: str = Sampler.REFERENCE.value  # a Sampler's wire name
     block_length: int = 32
     # Denoising steps per block; None = block_length, one token per step (the exact reference).
     steps: int | None = None
@@ -69,6 +76,8 @@ class SamplingParams:
         # Callers (JSON bodies) pass lists; keep the frozen dataclass hashable.
         if isinstance(self.stop, list):
             object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.sampler, Sampler):  # its wire name, which messages print
+            object.__setattr__(self, "sampler", self.sampler.value)
 
     @property
     def penalised(self) -> bool:
@@ -93,69 +102,75 @@ class SamplingParams:
         return 0 if self.seed is None else self.seed
 
     def validate(self) -> None:
-        """Raise ValueError naming the first invalid field."""
+        """Raise InvalidRequest naming the first invalid field."""
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError("max_tokens must be a positive integer")
+            raise InvalidRequest("max_tokens must be a positive integer", param="max_tokens")
         if not _is_number(self.temperature) or self.temperature < 0:
-            raise ValueError("temperature must be a finite number >= 0")
+            raise InvalidRequest("temperature must be a finite number >= 0", param="temperature")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be a number in (0, 1]")
+            raise InvalidRequest("top_p must be a number in (0, 1]", param="top_p")
         for name in ("frequency_penalty", "presence_penalty"):
             if not _is_number(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
-                raise ValueError(f"{name} must be a number in [-2, 2]")
+                raise InvalidRequest(f"{name} must be a number in [-2, 2]", param=name)
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError("stop must be a tuple of non-empty strings")
+            raise InvalidRequest("stop must be a tuple of non-empty strings", param="stop")
         if len(self.stop) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"stop may hold at most {MAX_STOP_SEQUENCES} strings")
+            raise InvalidRequest(f"stop may hold at most {MAX_STOP_SEQUENCES} strings", param="stop")
         # The range torch.Generator.manual_seed accepts.
         if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
-            raise ValueError("seed must be an integer in [-2**63, 2**64)")
+            raise InvalidRequest("seed must be an integer in [-2**63, 2**64)", param="seed")
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"diffusion.sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
+            raise InvalidRequest(f"diffusion.sampler must be one of {names(SAMPLERS)}, got {self.sampler!r}",
+                                 param="diffusion.sampler")
         if not _is_int(self.block_length) or self.block_length < 1:
-            raise ValueError("diffusion.block_length must be a positive integer")
-        if self.steps is not None and (
-            not _is_int(self.steps) or not 1 <= self.steps <= self.block_length
-        ):
-            raise ValueError(
-                f"diffusion.steps must be an integer in [1, block_length={self.block_length}]"
-            )
-        if self.steps is not None and self.sampler not in ("reference", "threshold"):
-            raise ValueError("diffusion.steps applies to the reference and threshold samplers only")
+            raise InvalidRequest("diffusion.block_length must be a positive integer", param="diffusion.block_length")
+        if self.steps is not None and (not _is_int(self.steps) or not 1 <= self.steps <= self.block_length):
+            raise InvalidRequest(f"diffusion.steps must be an integer in [1, block_length={self.block_length}]",
+                                 param="diffusion.steps")
+        if self.steps is not None and self.sampler not in SAMPLER_OPTIONS["steps"]:
+            raise InvalidRequest("diffusion.steps applies to the reference and threshold samplers only",
+                                 param="diffusion.steps")
         if not _is_number(self.threshold) or not 0 < self.threshold <= 1:
-            raise ValueError("diffusion.threshold must be a number in (0, 1]")
+            raise InvalidRequest("diffusion.threshold must be a number in (0, 1]", param="diffusion.threshold")
         if not _is_number(self.factor) or self.factor <= 0:
-            raise ValueError("diffusion.factor must be a number > 0")
+            raise InvalidRequest("diffusion.factor must be a number > 0", param="diffusion.factor")
         if self.editing_threshold is not None:
-            if not _is_number(self.editing_threshold) or not 0 < self.editing_threshold <= 1:
-                raise ValueError("diffusion.editing_threshold must be a number in (0, 1]")
-            if self.sampler != "threshold":
-                raise ValueError("diffusion.editing_threshold applies to the threshold sampler only")
-            if self.penalised:  # a committed token would count against itself where it stands
-                raise ValueError("diffusion.editing_threshold does not combine with frequency_penalty or "
-                                 "presence_penalty: a token would count against itself where it stands")
+            self._validate_editing(self.editing_threshold)
         if self.max_post_steps is not None:
             if not _is_int(self.max_post_steps) or not 0 <= self.max_post_steps <= 1024:
-                raise ValueError("diffusion.max_post_steps must be an integer in [0, 1024]")
+                raise InvalidRequest("diffusion.max_post_steps must be an integer in [0, 1024]",
+                                     param="diffusion.max_post_steps")
             if not self.edits:
-                raise ValueError("diffusion.max_post_steps applies with diffusion.editing_threshold only")
+                raise InvalidRequest("diffusion.max_post_steps applies with diffusion.editing_threshold only",
+                                     param="diffusion.max_post_steps")
         self._validate_diffusion_gemma_options()
+
+    def _validate_editing(self, threshold: float) -> None:
+        param = "diffusion.editing_threshold"
+        if not _is_number(threshold) or not 0 < threshold <= 1:
+            raise InvalidRequest(f"{param} must be a number in (0, 1]", param=param)
+        if self.sampler not in SAMPLER_OPTIONS["editing_threshold"]:
+            raise InvalidRequest(f"{param} applies to the threshold sampler only", param=param)
+        if self.penalised:  # a committed token would count against itself where it stands
+            raise InvalidRequest(f"{param} does not combine with frequency_penalty or presence_penalty: a token "
+                                 "would count against itself where it stands", param=param)
 
     def _validate_diffusion_gemma_options(self) -> None:
         if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1):
-            raise ValueError("diffusion.max_steps must be a positive integer")
+            raise InvalidRequest("diffusion.max_steps must be a positive integer", param="diffusion.max_steps")
         if self.entropy_bound is not None and (not _is_number(self.entropy_bound) or self.entropy_bound <= 0):
-            raise ValueError("diffusion.entropy_bound must be a number > 0")
+            raise InvalidRequest("diffusion.entropy_bound must be a number > 0", param="diffusion.entropy_bound")
         for name in ("t_min", "t_max"):
             value = getattr(self, name)
             if value is not None and (not _is_number(value) or value < 0):
-                raise ValueError(f"diffusion.{name} must be a finite number >= 0")
+                raise InvalidRequest(f"diffusion.{name} must be a finite number >= 0", param=f"diffusion.{name}")
         if self.t_min is not None and self.t_max is not None and self.t_max <= self.t_min:
-            raise ValueError("diffusion.t_max must be greater than diffusion.t_min")
-        if self.sampler in ("threshold", "factor"):
-            given = [name for name in DIFFUSION_GEMMA_OPTIONS if getattr(self, name) is not None]
-            if given:
-                raise ValueError(f"diffusion.{given[0]} does not apply to the {self.sampler} sampler")
+            raise InvalidRequest("diffusion.t_max must be greater than diffusion.t_min", param="diffusion.t_max")
+        given = [name for name in DIFFUSION_GEMMA_OPTIONS
+                 if getattr(self, name) is not None and self.sampler not in SAMPLER_OPTIONS[name]]
+        if given:
+            raise InvalidRequest(f"diffusion.{given[0]} does not apply to the {self.sampler} sampler",
+                                 param=f"diffusion.{given[0]}")
 
 
 @dataclass(frozen=True)

@@ -37,11 +37,9 @@ def completion_text(tokenizer, token_ids: list[int], healed: str = "") -> str:
 
 
 def covering_prefix(tokenizer, token_ids: list[int], text: str) -> list[int]:
-    """The shortest prefix of ``token_ids`` whose decoded text starts with ``text``.
-
-    Used after a stop-string cut, so the kept tokens are the ones that produced the kept text
-    (a token straddling the cut is kept). Decoded prefixes only grow, so a bisection suffices.
-    """
+    """The shortest prefix of ``token_ids`` whose decoded text starts with ``text``: after a stop-string
+    cut, the tokens that produced the kept text (a token straddling the cut is kept)."""
+    # Decoded prefixes only grow, so a bisection suffices.
     def covers(n: int) -> bool:
         return tokenizer.decode(token_ids[:n], skip_special_tokens=True).startswith(text)
 

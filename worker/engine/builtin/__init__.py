@@ -7,13 +7,13 @@ harmless.
 
 from transformers import AutoConfig, AutoModelForMaskedLM
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import Concatenate, WeightConverter
+from transformers.core_model_loading import Concatenate, WeightConverter, WeightRenaming
 
 from .configuration import DiffbatchMDMConfig
 from .modeling import DiffbatchMDMForMaskedDiffusion
 
 
-def fused_projections() -> list[WeightConverter]:
+def fused_projections() -> list[WeightConverter | WeightRenaming]:
     """Checkpoints store q/k/v and gate/up as separate tensors (the common layout, readable by any
     tool); the model holds each group as one matrix. transformers concatenates them on load and
     splits them again on save (the reverse of Concatenate is Chunk)."""

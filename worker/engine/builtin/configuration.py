@@ -7,11 +7,17 @@ fields are declared as annotated class attributes rather than through a hand-wri
 from transformers import PretrainedConfig
 
 
-class DiffbatchMDMConfig(PretrainedConfig):
-    """A small pre-norm transformer trained as a block-causal masked diffusion model.
+def resolved(size: int | None) -> int:
+    """A size that config.json may leave out (head_dim, num_key_value_heads...), once the config has
+    filled it in; a model reading it before then is a bug."""
+    if size is None:
+        raise ValueError("a model size was read before the config filled it in")
+    return size
 
-    ``block_length`` is the block size used in training: tokens attend bidirectionally within a
-    block and causally across blocks. ``mask_token_id`` is the [MASK] id the denoiser fills in.
+
+class DiffbatchMDMConfig(PretrainedConfig):
+    """A small pre-norm transformer trained as a block-causal masked diffusion model. ``block_length``: the
+    training block (bidirectional within, causal across blocks); ``mask_token_id``: the [MASK] it fills.
     """
 
     model_type = "diffbatch_mdm"
@@ -81,4 +87,4 @@ class DiffbatchMDMConfig(PretrainedConfig):
     @property
     def rotary_dim(self) -> int:
         """How many of each head's dimensions rotate (a property: not saved in config.json)."""
-        return int(self.head_dim * self.partial_rotary_factor)
+        return int(resolved(self.head_dim) * self.partial_rotary_factor)

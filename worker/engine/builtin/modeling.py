@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .configuration import DiffbatchMDMConfig
+from .configuration import DiffbatchMDMConfig, resolved
 
 
 class DiffbatchMDMRMSNorm(nn.Module):
@@ -34,11 +34,9 @@ class DiffbatchMDMRMSNorm(nn.Module):
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables for ``position_ids`` (B, L), each (B, L, rotary_dim).
-
-    Computed on the fly rather than kept in a buffer: it is cheap, and non-persistent buffers are
-    easy to lose when transformers materialises a model from meta tensors.
-    """
+    """cos/sin tables for ``position_ids`` (B, L), each (B, L, rotary_dim)."""
+    # Computed on the fly rather than kept in a buffer: it is cheap, and non-persistent buffers are
+    # easy to lose when transformers materialises a model from meta tensors.
     inv_freq = 1.0 / (
         theta ** (torch.arange(0, rotary_dim, 2, device=position_ids.device, dtype=torch.float32) / rotary_dim)
     )
@@ -59,19 +57,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class DiffbatchMDMAttention(nn.Module):
-    """Queries, keys and values come from one fused projection (``qkv_proj``) and the rotary rotation
-    runs once over queries and keys together: a denoising step is many small forwards, and on an
-    accelerator each of them costs launches, not arithmetic. Checkpoints keep separate
-    q_proj/k_proj/v_proj tensors; the conversion registered in ``__init__.py`` joins and splits them.
+    """Attention with one fused q/k/v projection (``qkv_proj``), rotary over queries and keys together;
+    options: grouped-query heads and per-head q/k RMSNorm (Qwen3's, for SDAR), projection biases and a
+    partial rotation (LLaDA2's)."""
 
-    Grouped-query heads (``num_key_value_heads``) and per-head query/key RMSNorm (``qk_norm``) are
-    Qwen3's, which SDAR's checkpoints use (families/sdar.py); the built-in model has neither. Biases
-    on the projections and a rotation of part of each head are LLaDA2's options (families/llada2.py)."""
+    # A denoising step is many small forwards, and on an accelerator each costs launches, not arithmetic.
+    # Checkpoints keep separate q_proj/k_proj/v_proj tensors; the conversion in ``__init__.py`` joins them.
 
     def __init__(self, config: DiffbatchMDMConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = config.head_dim
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, resolved(config.num_key_value_heads)
+        self.head_dim = resolved(config.head_dim)
         self.qkv_proj = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
                                   bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_proj_bias)
@@ -81,11 +77,9 @@ class DiffbatchMDMAttention(nn.Module):
         self.qk_norm = config.qk_norm
 
     def forward(self, hidden, cos, sin, attention_mask, past=None, write_offset=None):
-        """Returns the output and (keys, values) of past + these tokens, (B, H_kv, Lpast + L, D) each.
-
-        With ``write_offset``, ``past`` is a buffer with room for these tokens: their keys and values
-        are written into its columns [write_offset, write_offset + L) in place and the tokens attend
-        to columns [0, write_offset + L). A step copies L columns, not the whole cache."""
+        """The output and (keys, values) of past + these tokens, (B, H_kv, Lpast + L, D) each. With
+        ``write_offset``, ``past`` is a buffer: these tokens' keys and values go to its columns
+        [write_offset, write_offset + L) in place (a step copies L columns, not the cache)."""
         batch, length, _ = hidden.shape
         queries_keys = self.num_heads + self.num_kv_heads
         heads = self.qkv_proj(hidden).view(batch, length, queries_keys + self.num_kv_heads, self.head_dim)
@@ -168,13 +162,9 @@ class DiffbatchMDMModel(DiffbatchMDMPreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, write_offset=None,
                 use_cache=False):
-        """Hidden states (B, L, hidden) and, with ``use_cache``, per layer (keys, values) of past +
-        these tokens (else None per layer).
-
-        ``past_key_values``: per layer (keys, values) of earlier positions, (B, H, Lpast, D); the
-        mask then covers Lpast + L keys and ``position_ids`` must be given. With ``write_offset``
-        (int) they are buffers written in place instead (DiffbatchMDMAttention), Lpast = write_offset.
-        """
+        """Hidden states (B, L, hidden) and, with ``use_cache``, per layer (keys, values) of past + these
+        tokens. ``past_key_values``: per layer (B, H, Lpast, D); the mask then covers Lpast + L keys and
+        ``position_ids`` must be given; with ``write_offset`` they are buffers written in place."""
         batch, length = input_ids.shape
         past_length = (0 if past_key_values is None else
                        write_offset if write_offset is not None else past_key_values[0][0].shape[2])
@@ -233,12 +223,9 @@ class DiffbatchMDMOutput(ModelOutput):
 
 
 class DiffbatchMDMForMaskedDiffusion(DiffbatchMDMPreTrainedModel):
-    """The mask predictor: logits over the vocabulary at every (kept) position.
-
-    ``logits_to_keep`` (int) projects only the last N positions, so a denoising step pays for the
-    vocabulary projection of the active block only; ``logits_at`` (B, n) then narrows it to those
-    positions of each row (the ones still masked), logits (B, n, V).
-    """
+    """The mask predictor: logits over the vocabulary at every kept position. ``logits_to_keep`` (int)
+    projects the last N positions only (the active block); ``logits_at`` (B, n) narrows them to those
+    positions of each row (the still-masked ones), logits (B, n, V)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     body_class = DiffbatchMDMModel

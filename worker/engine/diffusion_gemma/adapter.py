@@ -52,11 +52,9 @@ class DiffusionGemmaAdapter:
     @torch.inference_mode()
     def decode(self, cache: RowKVCache, canvas: torch.Tensor, sc_logits: torch.Tensor | None,
                sc_valid: torch.Tensor | None) -> torch.Tensor:
-        """Logits (n, L, V) float32 for the canvases (n, L) of slots 0..n-1.
-
-        ``sc_logits`` (n, L, V): the previous step's processed logits (self-conditioning);
-        ``sc_valid`` (n,) False for rows at the first step of a canvas (a zero signal, as in generate).
-        """
+        """Logits (n, L, V) float32 for the canvases (n, L) of slots 0..n-1. ``sc_logits`` (n, L, V): the
+        previous step's processed logits (self-conditioning); ``sc_valid`` (n,) False for rows at the first
+        step of a canvas (a zero signal, as in generate)."""
         num_rows = canvas.shape[0]
         view = cache.decoder_view(num_rows)
         lengths = torch.tensor(cache.lengths[:num_rows], device=self.device)

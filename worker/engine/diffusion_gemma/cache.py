@@ -58,14 +58,16 @@ class RowKVCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = [0] * num_slots  # host copy: capacity and span decisions need no device sync
 
-    def layer(self, idx: int, like_keys: torch.Tensor, like_values: torch.Tensor):
+    def layer(self, idx: int, like_keys: torch.Tensor,
+              like_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Storage of layer ``idx``, allocated on first use (layers differ in heads and head_dim)."""
-        if self.keys[idx] is None:
+        keys, values = self.keys[idx], self.values[idx]
+        if keys is None or values is None:
             heads, dim = like_keys.shape[1], like_keys.shape[3]
             shape = (self.num_slots, heads, self.capacity, dim)
-            self.keys[idx] = like_keys.new_zeros(shape)
-            self.values[idx] = like_values.new_zeros((*shape[:3], like_values.shape[3]))
-        return self.keys[idx], self.values[idx]
+            keys = self.keys[idx] = like_keys.new_zeros(shape)
+            values = self.values[idx] = like_values.new_zeros((*shape[:3], like_values.shape[3]))
+        return keys, values
 
     def reserve(self, needed: int) -> None:
         """Make room for ``needed`` positions in every slot (existing contents kept)."""
@@ -91,8 +93,12 @@ class RowKVCache:
 
     def decoder_view(self, num_rows: int) -> _DecoderView:
         span = max(self.lengths[:num_rows])
-        return _DecoderView([_LayerView(k[:num_rows, :, :span], v[:num_rows, :, :span])
-                             for k, v in zip(self.keys, self.values, strict=False)])
+        layers = []
+        for k, v in zip(self.keys, self.values, strict=True):
+            if k is None or v is None:
+                raise RuntimeError("the decoder reads a layer the encoder has not written")
+            layers.append(_LayerView(k[:num_rows, :, :span], v[:num_rows, :, :span]))
+        return _DecoderView(layers)
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot ``src`` into slot ``dst`` (compaction after an eviction)."""

@@ -51,7 +51,9 @@ class ContinuousDenoiser:
     def run(self, jobs: list[Job]) -> None:
         """Denoise every job to completion, filling ``generated``, ``forward_passes``, ``elapsed_s``."""
         self._allocate(max(job.settings.max_steps for job in jobs))
-        waiting, slots, to_encode = deque(jobs), [], []
+        waiting = deque(jobs)
+        slots: list[Job] = []
+        to_encode: list[tuple[Job, list[int]]] = []
         while waiting or slots:
             while waiting and len(slots) < self.max_rows:
                 job = waiting.popleft()
@@ -78,7 +80,7 @@ class ContinuousDenoiser:
         self.passes = torch.zeros(rows, dtype=torch.long, device=device)
         self.t_min, self.t_max, self.bound = (torch.zeros(rows, device=device) for _ in range(3))
         self.sc_valid = torch.zeros(rows, dtype=torch.bool, device=device)
-        self.sc_logits = None  # (rows, L, V), allocated at the first step
+        self.sc_logits: torch.Tensor | None = None  # (rows, L, V), allocated at the first step
         self.history = (None if not self.stability else
                         torch.full((self.stability, rows, length), -1, dtype=torch.long, device=device))
 
@@ -102,6 +104,8 @@ class ContinuousDenoiser:
         self.adapter.encode(self.cache, slot_ids, [tokens for _, tokens in to_encode])
         for slot, (job, _) in zip(slot_ids, to_encode, strict=False):
             steps = job.settings.max_steps
+            if job.generator is None:
+                raise RuntimeError("a job's canvas is drawn after its admission seeded its generator")
             noise = draw_canvas_noise(job.generator, canvas_length=self.adapter.canvas_length, max_steps=steps,
                                       vocab_size=self.adapter.vocab_size, device=self.adapter.device)
             self.canvas[slot], self.uniform[slot, :steps], self.renoise[slot, :steps] = (
@@ -114,7 +118,8 @@ class ContinuousDenoiser:
 
     def _step(self, n: int, fresh: int) -> list[int]:
         """One denoising step for slots 0..n-1; returns the slots whose canvas finished."""
-        self_conditioning = None if fresh == n else self.sc_logits[:n]  # every row fresh: no signal
+        previous = self.sc_logits
+        self_conditioning = None if fresh == n or previous is None else previous[:n]  # every row fresh: no signal
         logits = self.adapter.decode(self.cache, self.canvas[:n], self_conditioning, self.sc_valid[:n])
         steps_done, max_steps = self.steps_done[:n], self.max_steps[:n]
         temperature = linear_temperature(self.t_min[:n], self.t_max[:n], max_steps - steps_done, max_steps)
@@ -131,7 +136,7 @@ class ContinuousDenoiser:
         if self.confidence is not None:
             history = None if self.history is None else self.history[:, :n]
             stop, history = stable_and_confident(history, argmax, entropy, self.confidence)
-            if history is not None:
+            if history is not None and self.history is not None:
                 self.history[:, :n] = history
         if self.sc_logits is None:
             self.sc_logits = torch.zeros((self.max_rows, *processed.shape[1:]), dtype=self.adapter.embed_dtype,

@@ -26,12 +26,10 @@ def token_entropy(probs: torch.Tensor) -> torch.Tensor:
 
 
 def entropy_bound_accept(entropy: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool: accept the k lowest-entropy positions with sum(H_1..k) - max(H_1..k) <= bound.
-
-    The left side bounds the joint mutual information of the accepted tokens, so they are nearly
-    independent and may be committed together. The lowest-entropy position always passes.
-    entropy (B, L); bound (B,).
-    """
+    """(B, L) bool: accept the k lowest-entropy positions with sum(H_1..k) - max(H_1..k) <= bound, from
+    ``entropy`` (B, L) and ``bound`` (B,); the lowest-entropy position always passes."""
+    # The left side bounds the joint mutual information of the accepted tokens, so they are nearly
+    # independent and may be committed together.
     sorted_entropy, order = torch.sort(entropy, dim=-1)
     # Sorted ascending, so the running maximum is the current element.
     passes = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= bound[:, None]
@@ -39,12 +37,10 @@ def entropy_bound_accept(entropy: torch.Tensor, bound: torch.Tensor) -> torch.Te
 
 
 def sample_inverse_cdf_(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """(B, L) draws from probs (B, L, V), one uniform in [0, 1) per position; overwrites ``probs``
-    with its cumulative sums (one (B, L, V) buffer fewer: at full size each is gigabytes).
-
-    Inverse-CDF sampling lets every row bring its own pre-drawn noise (per-request seeds) to one
-    batched operation; ``torch.multinomial`` takes a single generator for the whole batch.
-    """
+    """(B, L) draws from probs (B, L, V), one ``uniform`` (B, L) in [0, 1) per position; overwrites
+    ``probs`` with its cumulative sums (one (B, L, V) buffer fewer: at full size each is gigabytes)."""
+    # Inverse-CDF sampling lets every row bring its own pre-drawn noise (per-request seeds) to one
+    # batched operation; torch.multinomial takes a single generator for the whole batch.
     cdf = probs.cumsum_(dim=-1)  # (B, L, V)
     # Scale by the total so float rounding in the cumsum never leaves a draw past the end.
     target = (uniform.to(cdf.dtype) * cdf[..., -1])[..., None]  # (B, L, 1)
@@ -54,12 +50,9 @@ def sample_inverse_cdf_(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Ten
 
 def stable_and_confident(history: torch.Tensor | None, argmax: torch.Tensor, entropy: torch.Tensor,
                          confidence_threshold: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B,) stop flags and the updated history.
-
-    Stable: the argmax canvas equals each of the last S argmax canvases (history (S, B, L), -1 where
-    a canvas has fewer steps; None when S == 0 means always stable). Confident: the mean token
-    entropy of the temperature-scaled logits is below ``confidence_threshold``.
-    """
+    """(B,) stop flags and the updated history: stable (the argmax canvas equals each of the last S,
+    ``history`` (S, B, L), -1 where a canvas has fewer steps; None: S == 0, always stable) and confident
+    (the mean token entropy of the temperature-scaled logits below ``confidence_threshold``)."""
     if history is None:
         stable = torch.ones(argmax.shape[0], dtype=torch.bool, device=argmax.device)
     else:

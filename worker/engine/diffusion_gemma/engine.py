@@ -10,21 +10,22 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from functools import partial
+
+from common.samplers import DIFFUSION_GEMMA_SAMPLERS, Sampler, names
 
 from ..loader import LoadedModel
-from ..params import ContextLengthError, GenerationRequest, GenerationResult
-from ..postprocess import FinishedRow, apply_stop, covering_prefix
+from ..params import ContextLengthError, GenerationRequest, GenerationResult, InvalidRequest, SamplingParams
+from ..postprocess import apply_stop, completion_text, cut_at_eos, finish_row
 from ..prompts import encode_chat, encode_completion
 from .adapter import DiffusionGemmaAdapter
 from .continuous import ContinuousDenoiser, Job
 from .reference import generate_reference
 from .settings import checkpoint_defaults, resolve
 
-SAMPLERS = ("entropy_bound", "reference")
-
 
 class DiffusionGemmaEngine:
-    default_sampler = "entropy_bound"
+    default_sampler: str = Sampler.ENTROPY_BOUND.value
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -57,34 +58,38 @@ class DiffusionGemmaEngine:
     # ---- checks --------------------------------------------------------------------------
 
     def check(self, request: GenerationRequest) -> None:
-        """Raise ValueError (ContextLengthError for length) if ``request`` cannot run on this model."""
+        """Raise InvalidRequest (ContextLengthError for length) if ``request`` cannot run on this model."""
         params = request.params
         params.validate()
         if request.template_ids is not None:
             self.encode_template("")  # raises: infilling is not supported here
-        if params.sampler not in SAMPLERS:
-            raise ValueError(f"diffusion.sampler {params.sampler!r} does not apply to DiffusionGemma models; "
-                             f"use one of {list(SAMPLERS)}")
+        if params.sampler not in DIFFUSION_GEMMA_SAMPLERS:
+            raise InvalidRequest(f"diffusion.sampler {params.sampler!r} does not apply to DiffusionGemma models; "
+                                 f"use one of {names(DIFFUSION_GEMMA_SAMPLERS)}", param="diffusion.sampler")
         if params.steps is not None:
-            raise ValueError("diffusion.steps does not apply to DiffusionGemma models; use diffusion.max_steps")
+            raise InvalidRequest("diffusion.steps does not apply to DiffusionGemma models; use diffusion.max_steps",
+                                 param="diffusion.steps")
         if params.block_length != self.canvas_length:
-            raise ValueError(f"diffusion.block_length is fixed by the checkpoint: canvas_length={self.canvas_length}")
+            raise InvalidRequest(f"diffusion.block_length is fixed by the checkpoint: canvas_length="
+                                 f"{self.canvas_length}", param="diffusion.block_length")
         if params.temperature != 0:
-            raise ValueError("temperature does not apply to DiffusionGemma models: their sampler follows a "
-                             "temperature schedule, set diffusion.t_min and diffusion.t_max instead")
+            raise InvalidRequest("temperature does not apply to DiffusionGemma models: their sampler follows a "
+                                 "temperature schedule, set diffusion.t_min and diffusion.t_max instead",
+                                 param="temperature")
         if params.top_p != 1:
-            raise ValueError("top_p does not apply to DiffusionGemma models")
+            raise InvalidRequest("top_p does not apply to DiffusionGemma models", param="top_p")
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(params, name) != 0:
-                raise ValueError(f"{name} is not supported with DiffusionGemma models yet")
+                raise InvalidRequest(f"{name} is not supported with DiffusionGemma models yet", param=name)
         resolve(self.defaults, params)
         prompt = request.prompt_ids
         if not isinstance(prompt, list) or not prompt:
-            raise ValueError("prompt must contain at least one token")
+            raise InvalidRequest("prompt must contain at least one token", param="prompt")
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
-            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {self.vocab_size})", param="prompt")
         if self.image_token_ids.intersection(prompt):
-            raise ValueError("prompt holds image placeholder tokens: multimodal input is not supported")
+            raise InvalidRequest("prompt holds image placeholder tokens: multimodal input is not supported",
+                                 param="prompt")
         generated = math.ceil(params.max_tokens / self.canvas_length) * self.canvas_length
         if len(prompt) + generated > self.max_positions:
             raise ContextLengthError(
@@ -95,36 +100,38 @@ class DiffusionGemmaEngine:
     # ---- generation ----------------------------------------------------------------------
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Results in the order of ``requests``; raises ValueError if any request is invalid."""
+        """Results in the order of ``requests``; raises InvalidRequest if any request is invalid."""
         for request in requests:
             self.check(request)
-        results: list[GenerationResult | None] = [None] * len(requests)
-        continuous = [i for i, r in enumerate(requests) if r.params.sampler == "entropy_bound"]
+        results: dict[int, GenerationResult] = {}
+        continuous = [i for i, r in enumerate(requests) if r.params.sampler == Sampler.ENTROPY_BOUND]
         if continuous:
             self._run_continuous(requests, continuous, results)
-        reference = [i for i, r in enumerate(requests) if r.params.sampler == "reference"]
+        reference = [i for i, r in enumerate(requests) if r.params.sampler == Sampler.REFERENCE]
         if reference:
             self._run_reference(requests, reference, results)
-        return results
+        return [results[i] for i in range(len(requests))]
 
     def encode_template(self, template: str) -> list[int | None]:
-        raise ValueError("diffusion.template (infilling) is not supported for DiffusionGemma models: their "
-                         "canvas starts from random tokens, not from [MASK] around fixed text")
+        raise InvalidRequest("diffusion.template (infilling) is not supported for DiffusionGemma models: their "
+                             "canvas starts from random tokens, not from [MASK] around fixed text",
+                             param="diffusion.template")
 
     def stream(self, requests: list[GenerationRequest]) -> Iterator[tuple[int, GenerationResult]]:
         """(index, result) pairs, the worker's interface; all come once the whole call is done."""
         yield from enumerate(self.generate(requests))
 
-    def _run_continuous(self, requests, indices: list[int], results: list) -> None:
+    def _run_continuous(self, requests: list[GenerationRequest], indices: list[int],
+                        results: dict[int, GenerationResult]) -> None:
         jobs = [Job(prompt_ids=requests[i].prompt_ids, settings=resolve(self.defaults, requests[i].params),
-                    seed=requests[i].params.effective_seed,
-                    done=lambda generated, params=requests[i].params: self._is_done(generated, params))
+                    seed=requests[i].params.effective_seed, done=partial(self._is_done, params=requests[i].params))
                 for i in indices]
         ContinuousDenoiser(self.adapter, max_rows=self.max_batch_size, stop=self.defaults).run(jobs)
         for i, job in zip(indices, jobs, strict=False):
             results[i] = self._result(requests[i], job.generated, job.forward_passes, job.elapsed_s)
 
-    def _run_reference(self, requests, indices: list[int], results: list) -> None:
+    def _run_reference(self, requests: list[GenerationRequest], indices: list[int],
+                       results: dict[int, GenerationResult]) -> None:
         """One generate() batch per (seed, settings), in chunks of max_batch_size, in request order."""
         groups = defaultdict(list)
         for i in indices:
@@ -146,28 +153,19 @@ class DiffusionGemmaEngine:
 
     # ---- rows ----------------------------------------------------------------------------
 
-    def _cut_at_eos(self, tokens: list[int]) -> tuple[list[int], bool]:
-        ends = [i for i, t in enumerate(tokens) if t in self.eos_token_ids]
-        return (tokens[: ends[0]], True) if ends else (tokens, False)
-
-    def _is_done(self, generated: list[int], params) -> bool:
+    def _is_done(self, generated: list[int], params: SamplingParams) -> bool:
         """After a canvas: EOS or max_tokens reached, or a stop string in the text (later canvases
         cannot change committed tokens, so stopping only saves compute)."""
-        kept, hit_eos = self._cut_at_eos(generated[: params.max_tokens])
+        kept, hit_eos = cut_at_eos(generated[: params.max_tokens], self.eos_token_ids)
         if hit_eos or len(generated) >= params.max_tokens:
             return True
-        return bool(params.stop) and apply_stop(self.tokenizer.decode(kept, skip_special_tokens=True),
-                                                params.stop)[1]
+        return bool(params.stop) and apply_stop(completion_text(self.tokenizer, kept), params.stop)[1]
 
-    def _finish(self, generated: list[int], params) -> FinishedRow:
-        token_ids, hit_eos = self._cut_at_eos(generated[: params.max_tokens])
-        text, hit_stop = apply_stop(self.tokenizer.decode(token_ids, skip_special_tokens=True), params.stop)
-        if hit_stop:
-            token_ids = covering_prefix(self.tokenizer, token_ids, text)
-        return FinishedRow(token_ids=token_ids, text=text, finish_reason="stop" if hit_eos or hit_stop else "length")
-
-    def _result(self, request, generated: list[int], forward_passes: int, elapsed: float) -> GenerationResult:
-        row = self._finish(generated, request.params)
+    def _result(self, request: GenerationRequest, generated: list[int], forward_passes: int,
+                elapsed: float) -> GenerationResult:
+        params = request.params
+        row = finish_row(generated, max_tokens=params.max_tokens, eos_token_ids=self.eos_token_ids, stop=params.stop,
+                         tokenizer=self.tokenizer)
         return GenerationResult(token_ids=row.token_ids, text=row.text, finish_reason=row.finish_reason,
                                 prompt_tokens=len(request.prompt_ids), completion_tokens=len(row.token_ids),
                                 forward_passes=forward_passes, elapsed_s=elapsed)

@@ -35,8 +35,11 @@ class _StableAndConfident:
     """generate's StableAndConfidentStoppingCriteria, reset per canvas."""
 
     def __init__(self, settings: DenoiseSettings):
-        self.stability, self.confidence = settings.stability_threshold, settings.confidence_threshold
-        self.history = None
+        stability, confidence = settings.stability_threshold, settings.confidence_threshold
+        if stability is None or confidence is None:
+            raise ValueError("the adaptive stop needs a stability and a confidence threshold")
+        self.stability, self.confidence = stability, confidence
+        self.history: torch.Tensor | None = None
 
     def __call__(self, argmax: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if self.stability == 0:
@@ -56,9 +59,8 @@ def generate_reference(model, prompts: list[list[int]], *, settings: DenoiseSett
                        seed: int, pad_token_id: int, eos_token_ids: tuple[int, ...],
                        all_done=None) -> tuple[list[list[int]], list[int]]:
     """Generated tokens (whole canvases, not cut) and decoder passes per row, as generate counts them.
-
-    ``all_done(generated_rows) -> bool`` may end the batch early (e.g. every row hit a stop string);
-    that only skips canvases whose tokens nobody keeps.
+    ``all_done(generated_rows) -> bool`` may end the batch early (e.g. every row hit a stop string),
+    which only skips canvases whose tokens nobody keeps.
     """
     device = next(model.parameters()).device
     batch_size, prompt_length = len(prompts), max(len(p) for p in prompts)
@@ -100,7 +102,7 @@ def generate_reference(model, prompts: list[list[int]], *, settings: DenoiseSett
         finished_denoising = torch.zeros(batch_size, dtype=torch.bool, device=device)
         if stopper is not None:
             stopper.history = None
-        argmax, self_conditioning = canvas, None
+        argmax, self_conditioning = canvas, None  # self-conditioning from the second step on
         # 1.c denoise, cur_step counting down
         for cur_step in reversed(range(1, settings.max_steps + 1)):
             passes += ~(finished_denoising | finished_sequences)
@@ -117,7 +119,7 @@ def generate_reference(model, prompts: list[list[int]], *, settings: DenoiseSett
             noise = torch.randint(0, vocab_size, (batch_size, canvas_length), generator=generator, device=device)
             new_canvas = torch.where(~accept, noise, accepted)
             if stopper is not None:
-                if finished_denoising.any():  # rows that stopped keep their state
+                if self_conditioning is not None and finished_denoising.any():  # rows that stopped keep their state
                     new_argmax = torch.where(finished_denoising[:, None], argmax, new_argmax)
                     new_canvas = torch.where(finished_denoising[:, None], canvas, new_canvas)
                     processed = torch.where(finished_denoising[:, None, None], self_conditioning, processed)

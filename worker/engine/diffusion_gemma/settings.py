@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..params import InvalidRequest, SamplingParams
+
 # transformers' own fallbacks (DiffusionGemmaGenerationConfig._get_default_generation_params), used
 # when the checkpoint's generation_config.json leaves a value unset, as ``generate`` does.
 GENERATE_DEFAULTS = dict(max_steps=48, entropy_bound=0.1, t_min=0.4, t_max=0.8, stability_threshold=1,
@@ -43,12 +45,12 @@ def checkpoint_defaults(generation_config) -> DenoiseSettings:
     )
 
 
-def resolve(defaults: DenoiseSettings, params) -> DenoiseSettings:
+def resolve(defaults: DenoiseSettings, params: SamplingParams) -> DenoiseSettings:
     """``params`` (SamplingParams) override the checkpoint's values where they are set."""
     chosen = {name: getattr(params, name) for name in ("max_steps", "entropy_bound", "t_min", "t_max")
               if getattr(params, name) is not None}
     settings = DenoiseSettings(**{**defaults.__dict__, **chosen})
     if not 0 <= settings.t_min < settings.t_max:
-        raise ValueError(f"diffusion.t_min ({settings.t_min}) must be >= 0 and below diffusion.t_max "
-                         f"({settings.t_max}); unset values come from the checkpoint")
+        raise InvalidRequest(f"diffusion.t_min ({settings.t_min}) must be >= 0 and below diffusion.t_max "
+                             f"({settings.t_max}); unset values come from the checkpoint", param="diffusion.t_min")
     return settings

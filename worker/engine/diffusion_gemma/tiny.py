@@ -41,10 +41,8 @@ def create_tiny_diffusion_gemma(path: str | Path, *, seed: int = 0, max_denoisin
                                 init_scale: float = 1.0,
                                 **config_kwargs) -> Path:
     """Save config, weights, generation config and tokenizer (with chat template) under ``path``.
-
     ``init_scale`` > 1 sharpens the random model's distributions, so that several tokens pass the
-    entropy bound per step and canvases can stop early, as with a trained model.
-    """
+    entropy bound per step and canvases can stop early, as with a trained model."""
     path = Path(path)
     tokenizer = build_byte_tokenizer()
     config = tiny_config(tokenizer, **config_kwargs)

@@ -31,7 +31,7 @@ from transformers import initialization as init
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming
 from transformers.integrations.moe import use_experts_implementation
 
-from ..builtin.configuration import DiffbatchMDMConfig
+from ..builtin.configuration import DiffbatchMDMConfig, resolved
 from ..builtin.modeling import DiffbatchMDMForMaskedDiffusion, DiffbatchMDMMLP, DiffbatchMDMModel
 
 
@@ -43,7 +43,7 @@ class LLaDA2Config(DiffbatchMDMConfig):
 
     vocab_size: int = 30592
     hidden_size: int = 1024
-    intermediate_size: int | None = None
+    intermediate_size: int | None = None  # type: ignore[assignment]  # only the dense layers read it
     num_hidden_layers: int = 24
     num_attention_heads: int = 16
     num_key_value_heads: int | None = 0  # 0: one per query head
@@ -113,9 +113,10 @@ class LLaDA2Router(nn.Module):
         super().__init__()
         self.top_k, self.n_group, self.topk_group = config.num_experts_per_tok, config.n_group, config.topk_group
         self.scaling = config.routed_scaling_factor
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        experts = resolved(config.num_experts)
+        self.weight = nn.Parameter(torch.empty(experts, config.hidden_size))
         if config.moe_router_enable_expert_bias:
-            self.register_buffer("expert_bias", torch.zeros(config.num_experts))
+            self.register_buffer("expert_bias", torch.zeros(experts))
         else:
             self.expert_bias = None
 
@@ -137,15 +138,14 @@ class LLaDA2Router(nn.Module):
 
 @use_experts_implementation
 class LLaDA2RoutedExperts(nn.Module):
-    """The routed experts' weights stacked, (E, 2 * inner, hidden) and (E, hidden, inner), so that
-    transformers' experts kernels run them all at once (``grouped_mm`` by default: one grouped matmul
-    a projection, no host sync, so a CUDA graph can hold it; integrations/moe.py). The published
-    per-expert tensors are stacked on load (``llada2_weight_names``). ``forward`` below is the
-    ``experts_implementation="eager"`` path: each expert once on the tokens routed to it."""
+    """The routed experts' weights stacked, (E, 2 * inner, hidden) and (E, hidden, inner), for transformers'
+    experts kernels (``grouped_mm`` by default: no host sync, so a CUDA graph can hold it); ``forward`` is
+    the ``experts_implementation="eager"`` path: each expert once on the tokens routed to it."""
+    # The published per-expert tensors are stacked on load (llada2_weight_names).
 
     def __init__(self, config: LLaDA2Config):
         super().__init__()
-        self.num_experts, inner = config.num_experts, config.moe_intermediate_size
+        self.num_experts, inner = resolved(config.num_experts), resolved(config.moe_intermediate_size)
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * inner, config.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, inner))
         self.act_fn = F.silu
@@ -168,7 +168,7 @@ class LLaDA2Experts(nn.Module):
         super().__init__()
         self.gate = LLaDA2Router(config)
         self.experts = LLaDA2RoutedExperts(config)
-        shared_width = config.moe_intermediate_size * (config.num_shared_experts or 0)
+        shared_width = resolved(config.moe_intermediate_size) * (config.num_shared_experts or 0)
         self.shared_experts = LLaDA2Expert(config.hidden_size, shared_width) if shared_width else None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -182,8 +182,8 @@ class LLaDA2Experts(nn.Module):
 class LLaDA2Model(DiffbatchMDMModel):
     config_class = LLaDA2Config
 
-    def layer_mlp(self, config: LLaDA2Config, index: int) -> nn.Module:
-        if config.num_experts and index >= config.first_k_dense_replace:
+    def layer_mlp(self, config: DiffbatchMDMConfig, index: int) -> nn.Module:
+        if isinstance(config, LLaDA2Config) and config.num_experts and index >= config.first_k_dense_replace:
             return LLaDA2Experts(config)
         return DiffbatchMDMMLP(config)
 

@@ -1,15 +1,10 @@
-"""Continuous batching without a cross-block cache: full recomputation, and the approximate prefix /
-dual caches of full-attention models (LLaDA, Dream). The loop is continuous.py's.
+"""Continuous batching without a cross-block cache: recomputation, and the approximate prefix and dual
+caches of full-attention models (LLaDA, Dream).
 
-Nothing is kept between rounds but the rows, so each round lays the running rows' canvases out
-again (layout.py): a row's prompt and committed blocks (each still its own block of a block-causal
-mask), left-padded so that every row's active block is the same columns, then the row's own
-still-masked blocks up to its ``max_tokens``, right-padded to the longest. All rows advance one
-block a round, so a row that joins late simply has a shorter history. Under full attention a row
-sees its whole canvas, masked future included, so its canvas is exactly the one it would have
-alone: its tokens do not depend on its batch-mates' lengths. The cache of a round
-(approx_cache.py) is refreshed at its block's first step, so laying the canvas out again costs no
-extra forward pass.
+Nothing is kept between rounds but the rows, so each round lays the running rows' canvases out again
+(layout.py): every row's active block in the same columns. Under full attention a row sees its whole
+canvas, masked future included, so its canvas is the one it would have alone: its tokens do not depend
+on its batch-mates' lengths. A round's approximate cache is refreshed at its block's first step.
 """
 
 from __future__ import annotations
@@ -17,10 +12,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from .approx_cache import make_forward
-from .continuous import ContinuousScheduler, Row
-from .layout import build_layout
-from .samplers import RowNoise, denoise_block
+from ..caches.modes import make_forward
+from ..layout import build_layout
+from ..sampling.blocks import denoise_block
+from ..sampling.noise import RowNoise
+from .base import ContinuousScheduler, Row
 
 
 @dataclass
@@ -32,9 +28,11 @@ class CanvasBatch:
 
 
 class CanvasScheduler(ContinuousScheduler):
+    """The scheduler of recomputation and the approximate caches: its batch is only the rows."""
+
     def __init__(self, model, *, cache_mode: str, full_attention: bool, logits_shift: int = 0, **common):
-        """``cache_mode``: "none", or "prefix" / "dual" for full-attention models (approx_cache.py).
-        ``common``: ContinuousScheduler's arguments."""
+        """``cache_mode``: "none", or "prefix" / "dual" for full-attention models (caches/modes.py).
+        ``common``: the base's arguments."""
         super().__init__(model, **common)
         self.cache_mode, self.full_attention, self.logits_shift = cache_mode, full_attention, logits_shift
 
@@ -57,11 +55,7 @@ class CanvasScheduler(ContinuousScheduler):
             layout.x[:, start:] = canvas.where(layout.x[:, start:] == self.mask_token_id, layout.x[:, start:])
             fixed = None if fixed is None else fixed[:, : end - start]
         forward = make_forward(self.cache_mode, self.model, layout, logits_shift=self.logits_shift)
-        first_allowed, first_slot = self._first_token(rows)
-        passes = denoise_block(forward, layout.x, start, end, mask_token_id=self.mask_token_id,
-                               rows=[row.request.params for row in rows],
-                               noise=RowNoise.from_generators([row.generator for row in rows], self.device),
-                               first_allowed=first_allowed, first_slot=first_slot, history=self._history(rows),
-                               fixed=fixed,
-                               kept=self._kept(rows, block_length))
+        context = self._block_context(rows, block_length, fixed)
+        noise = RowNoise.from_generators([row.generator for row in rows], self.device)
+        passes = denoise_block(forward, layout.x, start, end, context, noise)
         self._commit(rows, layout.x[:, start:end], passes)

@@ -1,47 +1,32 @@
-"""Delayed caching inside the active block: committed positions stop being recomputed.
+"""Delayed caching inside the active block: committed positions stop being recomputed (approximate).
 
-The exact cache (scheduler.py) makes finished blocks free, but every step of a block still runs all
-``block_length`` of its positions, though only the still-masked ones need logits and a committed
-token's keys and values barely change once it is committed. Here a position committed before a step
-is computed once more in that step, with its token as input, and its keys and values are then kept
-for the rest of the block; later steps run only the positions not yet kept. At the reference
-sampler's one token a pass a step runs ~half the block on average instead of all of it.
-
-Approximate, unlike the exact cache: a kept position's keys were computed when more of the block
-was masked. Only inside the active block: the finished block is still cached exactly by its own
-pass over the clean tokens (scheduler._denoise_round), so the error does not carry to later blocks.
-The one-step delay is dKV-Cache's rule (Ma et al. 2025, "dKV-Cache: The Cache for Diffusion
-Language Models", arXiv:2505.15781, §3): a token's representation still moves in the step it is
-decoded, and is stable after. Written for this engine; none of their code is used.
-
-Every ``REFRESH_EVERY`` steps the whole block runs again and every kept position is computed afresh
-(Fast-dLLM refreshes its approximate caches the same way, per block; arXiv:2505.22618, §3.2). Measured
-on the built-in model along exact reference trajectories (16 held-out prompts, 64 tokens): the
-position and token a step commits agree with the exact cache's on 88.4% of steps without refresh and
-96.9% with a refresh every 4 steps, which still skips about a third of the positions a block runs.
-
-Rows of a batch keep different numbers of positions, so each step runs, per row, the positions not
-kept, padded to the longest such list with kept positions whose outputs and keys are ignored: a
-row's tokens never depend on its batch-mates.
+A position committed before a step is computed once more in that step, with its token as input, and
+its keys and values are then kept for the rest of the block; later steps run only the positions not
+kept. The one-step delay is dKV-Cache's rule (Ma et al. 2025, arXiv:2505.15781, §3): a token's
+representation still moves in the step it is decoded, and is stable after. Only inside the active
+block: the finished block is still cached exactly by its own pass over the clean tokens.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .cache import take_slots
+from .base import take_slots
 
+# Every this many steps the whole block runs again and every kept position is computed afresh, as
+# Fast-dLLM refreshes its approximate caches (arXiv:2505.22618, §3.2); docs/architecture.md measures it.
 REFRESH_EVERY = 4
 
 
 class DelayedBlockForward:
-    """``forward(block, slots) -> logits (B, n, V)`` for one round of the continuous scheduler.
+    """A ``StepForward`` ``(block, slots) -> (B, n, V)`` for one round of the block scheduler. ``key_values``:
+    per layer (B, H, C + K, D), the exact cache (C = ``key_valid``'s columns) with room for the block,
+    where kept positions' keys and values go; ``positions`` (B, K): the block's position ids."""
 
-    ``key_values``: per layer (B, H, C + K, D), the running batch's exact cache with room for the
-    block after it (C = ``key_valid``'s (B, C) columns); kept positions' keys and values go there.
-    ``positions`` (B, K): position ids of the block. Logits of kept positions are left as they were
-    at their last computation: they are committed, so the samplers never read them.
-    """
+    # Logits of kept positions stay as last computed: they are committed, so the samplers never read
+    # them. Rows keep different numbers of positions, so each step runs, per row, the positions not
+    # kept, padded to the longest such list with kept positions whose outputs and keys are ignored: a
+    # row's tokens never depend on its batch-mates.
 
     def __init__(self, model, key_values, key_valid: torch.Tensor, positions: torch.Tensor, mask_token_id: int,
                  refresh_every: int = REFRESH_EVERY):
@@ -52,7 +37,7 @@ class DelayedBlockForward:
         self.cache_length = key_valid.shape[1]
         self.key_values = key_values
         self.kept = torch.zeros((batch, block_length), dtype=torch.bool, device=positions.device)
-        self.logits = None  # (B, K, V)
+        self.logits: torch.Tensor | None = None  # (B, K, V)
         self.computed = 0  # positions run, summed over rows and steps (the benchmark's count)
 
     def __call__(self, block: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -71,11 +56,12 @@ class DelayedBlockForward:
         mask = keys[:, None, None, :].expand(-1, 1, width, -1)  # (B, 1, n, keys)
         output = self.model(input_ids=ids, past_key_values=self.key_values, attention_mask=mask,
                             position_ids=self.positions.gather(1, chosen), use_cache=True)
-        if self.logits is None:
-            self.logits = output.logits.new_zeros((batch, block_length, output.logits.shape[-1]))
-        self.logits.scatter_(1, chosen[:, :, None].expand_as(output.logits), output.logits)
+        logits = self.logits
+        if logits is None:
+            logits = self.logits = output.logits.new_zeros((batch, block_length, output.logits.shape[-1]))
+        logits.scatter_(1, chosen[:, :, None].expand_as(output.logits), output.logits)
         self._keep(output.key_values, chosen, real & (ids != self.mask_token_id), width)
-        return take_slots(self.logits, slots)
+        return take_slots(logits, slots)
 
     def _keep(self, key_values, chosen: torch.Tensor, newly_kept: torch.Tensor, width: int) -> None:
         """Store the keys and values this step computed for positions that were already committed."""

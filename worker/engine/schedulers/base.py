@@ -1,21 +1,11 @@
-"""Continuous batching: rows leave and join the running batch at block boundaries.
+"""The base of the continuous schedulers: rows leave and join the running batch at block boundaries.
 
-Every round denoises one block of every running row, then
-
-  - rows that are done (max_tokens reached, EOS or a stop string in the committed text) leave, and
-  - waiting rows join while the batch has fewer than ``max_batch_size`` rows and rows x the
-    columns it can reach stay within ``max_batch_tokens`` (``_choose``).
-
-So the batch stays full while there is work, and a short request does not wait for the longest one
-of its batch. A request's tokens depend only on its prompt, parameters and seed (its own
-torch.Generator), not on its batch-mates. (Scheduling in the spirit of nano-vllm's scheduler and
-SDAR/JetEngine's block-diffusion serving; written for this engine.)
-
-Two schedulers run this loop; they differ in what the batch keeps from one round to the next:
-  - scheduler.BlockScheduler (block-causal models, exact and delayed caches) keeps the batch's KV
-    cache, since finished blocks never change;
-  - canvas_scheduler.CanvasScheduler (full recomputation, and the approximate caches of
-    full-attention models) keeps nothing but the rows: each round lays their canvases out again.
+Every round denoises one block of every running row; then rows that are done (max_tokens, an EOS or
+a stop string in the committed text) leave, and waiting rows join while the batch has room
+(``_choose``). A request's tokens depend only on its prompt, parameters and seed (its own generator).
+Subclasses: ``block.BlockScheduler`` (the exact and delayed caches: the batch keeps its KV cache) and
+``canvas.CanvasScheduler`` (recomputation and the approximate caches: it keeps only the rows). In the
+spirit of nano-vllm's scheduler and SDAR/JetEngine's block-diffusion serving; written for this engine.
 """
 
 from __future__ import annotations
@@ -27,11 +17,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .healing import first_token_mask
-from .layout import lead_length, whole_blocks
-from .params import GenerationRequest, GenerationResult
-from .postprocess import apply_stop, completion_text, cut_at_eos, finish_row
-from .samplers import Kept, token_counts
+from ..healing import first_token_mask
+from ..layout import lead_length, whole_blocks
+from ..params import GenerationRequest, GenerationResult
+from ..postprocess import apply_stop, completion_text, cut_at_eos, finish_row
+from ..sampling.kept import Kept
+from ..sampling.predict import token_counts
+from ..sampling.rules import BlockRules
+from ..sampling.step import BlockContext
 
 
 @dataclass
@@ -44,7 +37,7 @@ class Row:
     generated: list[int] = field(default_factory=list)  # committed blocks, whole: the lead, then the completion
     passes: int = 0
     # A shifted block-causal model's next block opens with this token, predicted greedily by the last
-    # position before it (scheduler.py); None for other models and while the lead opens the block.
+    # position before it (block.py); None for other models and while the lead opens the block.
     first: int | None = None
 
     @property
@@ -71,8 +64,8 @@ class Row:
 
 
 class ContinuousScheduler:
-    """The loop and the rows' bookkeeping. A subclass says how rows join (``_admit``) and how one
-    block of every row is denoised (``_denoise_round``); its batch has ``rows`` and ``keep(kept)``."""
+    """The base scheduler: the loop and the rows' bookkeeping. A subclass says how rows join (``_admit``)
+    and how one block of every row is denoised (``_denoise_round``); its batch has ``rows`` and ``keep``."""
 
     def __init__(self, model, *, tokenizer, mask_token_id: int, pad_token_id: int, eos_token_ids: tuple[int, ...],
                  max_batch_size: int, max_batch_tokens: int, device: torch.device, vocab_size: int,
@@ -110,12 +103,11 @@ class ContinuousScheduler:
 
     def _choose(self, rows: list[Row], behind: int, waiting: deque,
                 block_length: int) -> list[tuple[int, GenerationRequest]]:
-        """Take waiting requests in order while the batch has room: at most ``max_batch_size`` rows,
-        and rows x the columns the batch can reach within ``max_batch_tokens`` (a lone row is always
-        taken). The columns reserve every row's remaining blocks: the longest history (``behind``:
-        the running batch's columns left of its active block, or a new row's prompt) plus the most
-        blocks any row has still to denoise. So the budget bounds the cache or canvas for the whole
-        run, not just the next round."""
+        """Waiting requests, in order, while the batch has room: at most ``max_batch_size`` rows, and rows x
+        the columns it can reach within ``max_batch_tokens`` (a lone row always). ``behind``: the running
+        batch's columns left of its active block."""
+        # The columns reserve every row's remaining blocks (the longest history plus the most blocks any
+        # row has still to denoise), so the budget bounds the cache or canvas for the whole run.
         ahead = [row.ahead(block_length) for row in rows]
         chosen: list[tuple[int, GenerationRequest]] = []
         while waiting and len(rows) + len(chosen) < self.max_batch_size:
@@ -146,6 +138,14 @@ class ContinuousScheduler:
             row.generated.extend(tokens)
             row.passes += n
 
+    def _block_context(self, rows: list[Row], block_length: int, fixed: torch.Tensor | None,
+                       sub_block: int | None = None) -> BlockContext:
+        """What every step of the rows' next block shares (sampling.step.BlockContext)."""
+        first_allowed, first_slot = self._first_token(rows)
+        return BlockContext(BlockRules([row.request.params for row in rows], block_length, self.device, sub_block),
+                            self.mask_token_id, first_allowed=first_allowed, first_slot=first_slot,
+                            history=self._history(rows), fixed=fixed, kept=self._kept(rows, block_length))
+
     def _history(self, rows: list[Row]) -> torch.Tensor | None:
         """Counts of the tokens each row wrote (B, V; ``Row.written``), when a row has a repetition
         penalty."""
@@ -163,10 +163,8 @@ class ContinuousScheduler:
         return token_counts(ids.to(self.device), counted.to(self.device), self.vocab_size)
 
     def _canvas(self, rows: list[Row], length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, length): each row's next ``length`` positions, [MASK] everywhere but where its lead
-        or an infilling template fixes text (a row's columns past its own end are [MASK] too); and
-        which positions hold that text (B, length) bool, or None where no row's do (samplers'
-        ``fixed``: the penalties do not count it as generated)."""
+        """(B, length): each row's next ``length`` positions, [MASK] but where its lead or template fixes
+        text (or a shifted model's ``Row.first``); and which hold that text (B, length) bool, or None."""
         canvas = torch.full((len(rows), length), self.mask_token_id, dtype=torch.long)
         fixed = torch.zeros((len(rows), length), dtype=torch.bool)
         for r, row in enumerate(rows):  # once per block, not per step
@@ -180,7 +178,7 @@ class ContinuousScheduler:
         return canvas.to(self.device), fixed.to(self.device) if fixed.any() else None
 
     def _kept(self, rows: list[Row], block_length: int) -> Kept | None:
-        """The positions of the next block each row keeps (samplers.Kept), or None when every row
+        """The positions of the next block each row keeps (sampling.kept.Kept), or None when every row
         keeps all: a row's last block ends at its max_tokens (with a lead, or max_tokens not a
         multiple of the block, inside the block), and nothing after an EOS it commits is kept."""
         left = [len(row.lead) + row.request.params.max_tokens - len(row.generated) for row in rows]

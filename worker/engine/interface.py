@@ -1,0 +1,64 @@
+"""The engine interface: what the worker calls on an engine (no torch here).
+
+Both engines (``engine.Engine``, ``diffusion_gemma.engine.DiffusionGemmaEngine``) implement it;
+``factory.make_engine`` returns one, and the worker is typed against this and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from .params import GenerationRequest, GenerationResult, Healing
+
+
+class GenerationEngine(Protocol):
+    """A loaded model that turns requests into results, in batches of its choosing."""
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's name."""
+        ...
+
+    @property
+    def max_positions(self) -> int:
+        """Positions the model supports: a prompt plus its completion (rounded up to blocks) fit in them."""
+        ...
+
+    @property
+    def default_sampler(self) -> str:
+        """The sampler's wire name (common.samplers) for a request that names none."""
+        ...
+
+    @property
+    def default_block_length(self) -> int:
+        """The block (DiffusionGemma: the canvas) length for a request that names none."""
+        ...
+
+    def encode_completion(self, prompt: str) -> list[int]:
+        """A /v1/completions prompt's token ids."""
+        ...
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Chat messages ({"role", "content"}) as the checkpoint's chat template lays them out."""
+        ...
+
+    def encode_template(self, template: str) -> list[int | None]:
+        """An infilling template: token ids for its text, None for each hole position."""
+        ...
+
+    def heal(self, prompt_ids: list[int]) -> tuple[list[int], Healing | None]:
+        """Token healing of a completion prompt: the prompt to run and the healing (None: none)."""
+        ...
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raise InvalidRequest (ContextLengthError for length) if ``request`` cannot run here."""
+        ...
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Results in the order of ``requests``; raises InvalidRequest if any request is invalid."""
+        ...
+
+    def stream(self, requests: list[GenerationRequest]) -> Iterator[tuple[int, GenerationResult]]:
+        """(index in ``requests``, result) pairs as requests finish; checks every request first."""
+        ...
