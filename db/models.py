@@ -154,6 +154,10 @@ class Batch(Base):
     # OpenAI's output_expires_after, in seconds: the output and error files expire that long after
     # they are written (None: the server's retention).
     output_expires_after_s: Mapped[int | None] = mapped_column(Integer)
+    # Called with a signed event on each terminal status (worker/webhooks.py); None: no webhook.
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    # The schedule that created this batch (None: created over HTTP or by the CLI).
+    schedule_id: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class Request(Base):
@@ -205,6 +209,9 @@ class Chunk(Base):
     # Runs of this group that ended without finishing it (its worker died, the engine raised); a
     # group that keeps failing is split so a poison request ends up alone.
     failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Tokens its running rows have generated so far, reported with each heartbeat: progress moves
+    # within seconds of the first pass, not only when requests finish.
+    tokens_done: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Worker(Base):
@@ -216,3 +223,43 @@ class Worker(Base):
     max_positions: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[int] = mapped_column(BigInteger)
     heartbeat_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class WebhookDelivery(Base):
+    """One event for one batch's webhook: sent until a 2xx, retried with backoff for up to a day."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the `webhook-id` header, stable across retries
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    event_type: Mapped[str] = mapped_column(String(32))  # batch.completed / failed / cancelled / expired
+    url: Mapped[str] = mapped_column(String(2048))
+    payload: Mapped[str] = mapped_column(Text)  # the exact body signed and sent
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending / delivered / failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    last_attempt_at: Mapped[int | None] = mapped_column(BigInteger)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    delivered_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Schedule(Base):
+    """A cron expression in a time zone and a batch template; each due run becomes a normal batch."""
+
+    __tablename__ = "schedules"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True)
+    cron: Mapped[str] = mapped_column(String(128))
+    timezone: Mapped[str] = mapped_column(String(64))
+    # input_file_id, endpoint, completion_window, metadata (and webhook_url): a batch create body.
+    template: Mapped[dict[str, Any]] = mapped_column(JSON)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The next due time (epoch seconds); firing moves it forward with a conditional update, so two
+    # beat processes fire a due run once, and runs missed while nothing ran become one run.
+    next_run_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    last_run_at: Mapped[int | None] = mapped_column(BigInteger)
+    last_batch_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[int] = mapped_column(BigInteger)
