@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from common.samplers import SAMPLER_NAMES, SAMPLER_OPTIONS, option_samplers
+from common.samplers import SAMPLER_NAMES, SAMPLER_OPTIONS, SCHEDULES, option_samplers
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 FILL_MARKER = re.compile(r"\{\{fill:(\d+)\}\}")  # the engine's infill.py reads the same syntax
@@ -67,6 +67,8 @@ class DiffusionOptions(_Strict):
     sampler: Literal[SAMPLER_NAMES] | None = None  # type: ignore[valid-type]
     block_length: int | None = Field(None, ge=1, le=1024)
     steps: int | None = Field(None, ge=1, le=1024, description="denoising steps per block")
+    schedule: Literal[SCHEDULES] | None = Field(  # type: ignore[valid-type]
+        None, description="reference sampler: tokens per step, linear (LLaDA's) or maskgit_plus (Dream's)")
 
     threshold: float | None = Field(None, gt=0.0, le=1.0, description="threshold sampler: commit at this confidence")
     factor: float | None = Field(None, gt=0.0, description="factor sampler: (n + 1)(1 - c_n) < factor")

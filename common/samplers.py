@@ -22,11 +22,14 @@ SAMPLER_NAMES: tuple[str, ...] = tuple(s.value for s in Sampler)
 BLOCK_SAMPLERS = (Sampler.REFERENCE, Sampler.THRESHOLD, Sampler.FACTOR)  # block-diffusion models'
 DIFFUSION_GEMMA_SAMPLERS = (Sampler.ENTROPY_BOUND, Sampler.REFERENCE)  # its default first
 
+# The reference sampler's tokens per step: LLaDA's even split, or Dream's default maskgit_plus count.
+SCHEDULES = ("linear", "maskgit_plus")
 # DiffusionGemma's options; unset, they take the checkpoint's generation_config.json values.
 DIFFUSION_GEMMA_OPTIONS = ("max_steps", "entropy_bound", "t_min", "t_max")
 # The options that belong to some samplers: giving one to another sampler is an error, not silently unused.
 SAMPLER_OPTIONS: dict[str, tuple[Sampler, ...]] = {
     "steps": (Sampler.REFERENCE, Sampler.THRESHOLD),
+    "schedule": (Sampler.REFERENCE,),
     "threshold": (Sampler.THRESHOLD,),
     "factor": (Sampler.FACTOR,),
     "editing_threshold": (Sampler.THRESHOLD,),

@@ -36,8 +36,8 @@ def to_generation_request(engine: GenerationEngine, url: str, body: dict[str, An
     else:
         messages = [{"role": m.role, "content": m.content} for m in parsed.messages]
         prompt_ids, max_tokens = engine.encode_chat(messages), parsed.output_limit()
-    chosen = {name: value for name in ("threshold", "factor", "editing_threshold", "max_post_steps", "max_steps",
-                                       "entropy_bound", "t_min", "t_max")
+    chosen = {name: value for name in ("schedule", "threshold", "factor", "editing_threshold", "max_post_steps",
+                                       "max_steps", "entropy_bound", "t_min", "t_max")
               if (value := getattr(options, name)) is not None}
     block_length = engine.default_block_length if options.block_length is None else options.block_length
     params = SamplingParams(max_tokens=max_tokens, temperature=parsed.temperature, top_p=parsed.top_p,

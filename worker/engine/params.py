@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from common.samplers import DIFFUSION_GEMMA_OPTIONS, SAMPLER_OPTIONS, SAMPLERS, Sampler, names
+from common.samplers import DIFFUSION_GEMMA_OPTIONS, SAMPLER_OPTIONS, SAMPLERS, SCHEDULES, Sampler, names
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI's chat/completions API
 
@@ -55,6 +55,8 @@ class SamplingParams:
     block_length: int = 32
     # Denoising steps per block; None = block_length, one token per step (the exact reference).
     steps: int | None = None
+    # reference sampler: how many tokens each step commits, one of SCHEDULES; None = "linear".
+    schedule: str | None = None
     # threshold sampler: commit every masked position whose confidence is at least this.
     threshold: float = 0.9
     # factor sampler: commit the n most confident where (n + 1) * (1 - c_n) < factor.
@@ -98,6 +100,10 @@ class SamplingParams:
         return self.block_length if self.steps is None else self.steps
 
     @property
+    def schedule_kind(self) -> str:
+        return "linear" if self.schedule is None else self.schedule
+
+    @property
     def effective_seed(self) -> int:
         return 0 if self.seed is None else self.seed
 
@@ -130,6 +136,8 @@ class SamplingParams:
         if self.steps is not None and self.sampler not in SAMPLER_OPTIONS["steps"]:
             raise InvalidRequest("diffusion.steps applies to the reference and threshold samplers only",
                                  param="diffusion.steps")
+        if self.schedule is not None:
+            self._validate_schedule(self.schedule)
         if not _is_number(self.threshold) or not 0 < self.threshold <= 1:
             raise InvalidRequest("diffusion.threshold must be a number in (0, 1]", param="diffusion.threshold")
         if not _is_number(self.factor) or self.factor <= 0:
@@ -144,6 +152,13 @@ class SamplingParams:
                 raise InvalidRequest("diffusion.max_post_steps applies with diffusion.editing_threshold only",
                                      param="diffusion.max_post_steps")
         self._validate_diffusion_gemma_options()
+
+    def _validate_schedule(self, schedule: str) -> None:
+        param = "diffusion.schedule"
+        if schedule not in SCHEDULES:
+            raise InvalidRequest(f"{param} must be one of {list(SCHEDULES)}, got {schedule!r}", param=param)
+        if self.sampler not in SAMPLER_OPTIONS["schedule"]:
+            raise InvalidRequest(f"{param} applies to the reference sampler only", param=param)
 
     def _validate_editing(self, threshold: float) -> None:
         param = "diffusion.editing_threshold"

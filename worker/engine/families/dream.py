@@ -11,6 +11,10 @@ decoder (RMSNorm, q/k/v with bias, SwiGLU MLP, rotate-half RoPE with cos/sin cas
 dtype) without a causal mask. Dream keeps its AR parent's output alignment: the logit for position i
 is read from position i - 1 (``LOGITS_SHIFT``); this model returns the raw, unshifted logits and the
 engine applies the shift when it picks the active block's logits.
+
+Dream's ``diffusion_generate`` builds its settings from the model config, where transformers 4 puts
+top_k=50 on every config: every step, at any temperature, both x0 and the confidence that ranks the
+positions come from the 50 largest logits, renormalised (``SAMPLING_TOP_K``; the samplers apply it).
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ from .common import (
 # Dream predicts the token at position i from the hidden state at position i - 1.
 LOGITS_SHIFT = 1
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+# Official generation's top-k (module docstring). transformers 5 drops generation keys from a config,
+# so a config.json that names its own top_k is not read (Dream-v0-Instruct-7B's names none).
+SAMPLING_TOP_K = 50
 
 
 class DreamConfig(PretrainedConfig):
@@ -75,6 +82,11 @@ class DreamConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
 
     @property
+    def kv_heads(self) -> int:
+        """num_key_value_heads, the attention heads' count when config.json leaves it out."""
+        return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
+
+    @property
     def rope_base(self) -> float:
         return float((self.rope_parameters or {}).get("rope_theta", 10000.0))
 
@@ -85,7 +97,7 @@ class DreamConfig(PretrainedConfig):
             (self.use_sliding_window, "sliding-window attention"),
             (self.hidden_act not in ACTIVATIONS, f"hidden_act {self.hidden_act!r}"),
             (self.hidden_size % self.num_attention_heads != 0, "hidden_size not a multiple of the heads"),
-            (self.num_attention_heads % self.num_key_value_heads != 0, "heads not a multiple of kv heads"),
+            (self.num_attention_heads % self.kv_heads != 0, "heads not a multiple of kv heads"),
         ]
         unsupported = [text for bad, text in problems if bad]
         if unsupported:
@@ -107,7 +119,7 @@ class DreamRMSNorm(nn.Module):
 class DreamAttention(nn.Module):
     def __init__(self, config: DreamConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.kv_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         d, kv = config.hidden_size, self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(d, d, bias=True)
@@ -181,10 +193,12 @@ class DreamBody(nn.Module):
 
 
 class DreamForMaskedDiffusion(DreamPreTrainedModel):
-    """The mask predictor; ``logits[:, i]`` scores the token at position i + 1 (see LOGITS_SHIFT)."""
+    """The mask predictor; ``logits[:, i]`` scores the token at position i + 1 (see LOGITS_SHIFT).
+    ``sampling_top_k``: the candidates a step samples from and scores, as Dream's generation has them."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     logits_shift = LOGITS_SHIFT
+    sampling_top_k = SAMPLING_TOP_K
 
     def __init__(self, config: DreamConfig):
         config.check_supported()

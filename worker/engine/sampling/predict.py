@@ -45,10 +45,12 @@ def predict_x0(
     first_allowed: torch.Tensor | None = None,
     penalty: torch.Tensor | None = None,
     first_column: torch.Tensor | None = None,
+    top_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x0 (B, K) and its confidence softmax(logits)[x0] (B, K) from ``logits`` (B, K, V); Gumbel-max
     where ``gumbel_denominator`` (B, K, V, ones for greedy rows; None: all greedy) says; top_p (B,) or None.
-    first_allowed (B, V) binds the position first_column (B, K) marks; penalty (B, V) is subtracted."""
+    first_allowed (B, V) binds the position first_column (B, K) marks; penalty (B, V) is subtracted;
+    top_k: only each position's top_k largest logits (ties at the k-th kept) count, for x0 and confidence."""
     logits64 = logits.to(torch.float64, copy=True)  # never write into the model's logits
     if penalty is not None:
         logits64 -= penalty[:, None, :]
@@ -59,6 +61,9 @@ def predict_x0(
         if first_column is None:
             raise ValueError("first_allowed needs first_column")
         logits64.masked_fill_(first_column[..., None] & ~first_allowed[:, None, :], float("-inf"))
+    if top_k is not None and top_k < logits64.shape[-1]:  # the model's own generation does (Dream's)
+        kth = logits64.topk(top_k, dim=-1).values[..., -1:]  # (B, K, 1)
+        logits64.masked_fill_(logits64 < kth, float("-inf"))
     if gumbel_denominator is None:
         x0 = logits64.argmax(dim=-1)  # (B, K)
     else:

@@ -30,7 +30,8 @@ class BlockRules:
         self.by_threshold = as_tensor([p.sampler == Sampler.THRESHOLD for p in rows], torch.bool)
         self.threshold_t = as_tensor([float(p.threshold) for p in rows], torch.float64)
         self.factor_t = as_tensor([float(p.factor) for p in rows], torch.float64)
-        self.schedule = num_transfer_schedule(block_length, [p.steps_per_block for p in rows])
+        self.schedule = num_transfer_schedule(block_length, [p.steps_per_block for p in rows],
+                                              [p.schedule_kind for p in rows])
         self.schedule_t = as_tensor([row + [0] * (block_length - len(row)) for row in self.schedule],
                                     torch.long)  # (B, K)
         # LLaDA2.1's token editing (threshold rows with an editing_threshold; +inf: the row never edits).

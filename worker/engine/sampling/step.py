@@ -16,7 +16,8 @@ from .transfer import in_first_open_sub_block, parallel_transfer_count, select_t
 class BlockContext:
     """What every step of one block shares (B rows, K positions, V tokens): the rows' ``rules`` and
     the constraints on their tokens. ``first_allowed`` (B, V) binds the block position ``first_slot``
-    (B,; None: 0); ``history`` (B, V) counts earlier blocks' tokens; ``fixed`` (B, K) marks given text."""
+    (B,; None: 0); ``history`` (B, V) counts earlier blocks' tokens; ``fixed`` (B, K) marks given text;
+    ``top_k``: the model's sampling top-k (predict_x0), the same for every row, or None."""
 
     rules: BlockRules
     mask_token_id: int
@@ -25,6 +26,7 @@ class BlockContext:
     history: torch.Tensor | None = None  # for frequency and presence penalties; None: nothing generated yet
     fixed: torch.Tensor | None = None  # prompt or template text, which the penalties do not count
     kept: Kept | None = None  # the positions each row keeps; None: all
+    top_k: int | None = None  # a family whose own generation samples from the top-k logits (Dream)
 
 
 def commit_step(context: BlockContext, block: torch.Tensor, logits_n: torch.Tensor, slots: torch.Tensor,
@@ -42,7 +44,8 @@ def commit_step(context: BlockContext, block: torch.Tensor, logits_n: torch.Tens
         penalty = repetition_penalty(counts, rules.frequency_t, rules.presence_t)
     first_slot = 0 if context.first_slot is None else context.first_slot[:, None]
     x0_n, confidence_n = predict_x0(logits_n, rules.temperature_t, rules.top_p_t, denominator, mask_token_id,
-                                    context.first_allowed, penalty, first_column=slots == first_slot)
+                                    context.first_allowed, penalty, first_column=slots == first_slot,
+                                    top_k=context.top_k)
     x0 = block.scatter(1, slots, x0_n)  # (B, K); committed positions keep their tokens
     confidence = confidence_n.new_zeros(block.shape).scatter_(1, slots, confidence_n)  # (B, K)
     edit = None

@@ -1,4 +1,5 @@
-"""How many positions a step commits, and which: LLaDA's linear schedule and Fast-dLLM's rules.
+"""How many positions a step commits, and which: LLaDA's linear and Dream's maskgit_plus schedules,
+and Fast-dLLM's rules.
 
 ``threshold`` commits every masked position with confidence >= tau, ``factor`` the n most confident
 where (n + 1)(1 - c_(n)) < f (Wu et al. 2025, "Fast-dLLM", arXiv:2505.22618, §3.3); both at least one.
@@ -9,16 +10,33 @@ from __future__ import annotations
 import torch
 
 
-def num_transfer_schedule(block_length: int, steps: list[int]) -> list[list[int]]:
-    """Tokens to commit at each step, per row: (B, max(steps)), zero past a row's own steps. The
-    block is split evenly, the remainder to the first steps (LLaDA's linear noise schedule)."""
+def num_transfer_schedule(block_length: int, steps: list[int], kinds: list[str] | None = None) -> list[list[int]]:
+    """Tokens to commit at each step, per row: (B, max(steps)), zero past a row's own steps. ``kinds``:
+    each row's schedule (None: all "linear"): "linear" splits the block evenly, the remainder to the
+    first steps (LLaDA's linear noise schedule); "maskgit_plus" is Dream's (``maskgit_plus_schedule``)."""
     num_steps = max(steps)
     schedule = []
-    for row_steps in steps:
-        base, remainder = divmod(block_length, row_steps)
-        row = [base + (s < remainder) for s in range(row_steps)]
+    for row_steps, kind in zip(steps, kinds or ["linear"] * len(steps), strict=True):
+        if kind == "maskgit_plus":
+            row = maskgit_plus_schedule(block_length, row_steps)
+        else:
+            base, remainder = divmod(block_length, row_steps)
+            row = [base + (s < remainder) for s in range(row_steps)]
         schedule.append(row + [0] * (num_steps - row_steps))
     return schedule
+
+
+def maskgit_plus_schedule(masked: int, steps: int, eps: float = 1e-3) -> list[int]:
+    """Dream's default count (its ``diffusion_generate``, alg maskgit_plus): with t = linspace(1, eps,
+    steps + 1), step i commits int(m_i * (1 - t_(i+1) / t_i)) of the m_i masks left, the last all of
+    them; in float32, as there (16 masks in 16 steps: 0, then 1 x 14, then 2)."""
+    times = torch.linspace(1, eps, steps + 1, dtype=torch.float32)
+    row, left = [], masked
+    for i in range(steps):
+        count = int(torch.tensor(float(left)) * (1 - times[i + 1] / times[i])) if i < steps - 1 else left
+        row.append(count)
+        left -= count
+    return row
 
 
 def select_transfer(confidence: torch.Tensor, mask_index: torch.Tensor, num_transfer: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,11 @@ class Row:
         return whole_blocks(len(self.lead) + self.request.params.max_tokens, block_length) - len(self.generated)
 
 
+def _committed(row: Row) -> int:
+    """The row's completion tokens committed so far, not counting a last block's positions past max_tokens."""
+    return min(len(row.completion), row.request.params.max_tokens)
+
+
 class ContinuousScheduler:
     """The base scheduler: the loop and the rows' bookkeeping. A subclass says how rows join (``_admit``)
     and how one block of every row is denoised (``_denoise_round``); its batch has ``rows`` and ``keep``."""
@@ -76,6 +81,12 @@ class ContinuousScheduler:
         self.aligned = aligned
         self.mask_token_id, self.pad_token_id, self.eos_token_ids = mask_token_id, pad_token_id, eos_token_ids
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
+        # A family whose own generation samples from the top-k logits says so (Dream); None: all of them.
+        self.top_k: int | None = getattr(model, "sampling_top_k", None)
+        # Progress, read by the worker's heartbeat thread: completion tokens committed since the engine
+        # loaded, and those of the rows still running (0 between runs).
+        self.tokens_committed = 0
+        self.tokens_in_flight = 0
 
     @torch.inference_mode()
     def run(self, requests: list[tuple[int, GenerationRequest]]) -> Iterator[tuple[int, GenerationResult]]:
@@ -85,14 +96,21 @@ class ContinuousScheduler:
             raise ValueError("one scheduler run serves one diffusion.block_length")
         waiting = deque(sorted(requests, key=lambda item: len(item[1].prompt_ids)))  # less padding
         batch = None
-        while waiting or (batch and batch.rows):
-            batch = self._admit(batch, waiting, block_length)
-            self._denoise_round(batch, block_length)
-            done = [self._is_done(row) for row in batch.rows]
-            for row, finished in zip(batch.rows, done, strict=False):
-                if finished:
-                    yield row.index, self._result(row)
-            batch.keep([not d for d in done])
+        try:
+            while waiting or (batch and batch.rows):
+                batch = self._admit(batch, waiting, block_length)
+                before = sum(_committed(row) for row in batch.rows)
+                self._denoise_round(batch, block_length)
+                committed = [_committed(row) for row in batch.rows]
+                done = [self._is_done(row) for row in batch.rows]
+                self.tokens_committed += sum(committed) - before
+                self.tokens_in_flight = sum(n for n, d in zip(committed, done, strict=True) if not d)
+                for row, finished in zip(batch.rows, done, strict=False):
+                    if finished:
+                        yield row.index, self._result(row)
+                batch.keep([not d for d in done])
+        finally:  # also when the caller stops early (a cancelled batch)
+            self.tokens_in_flight = 0
 
     def _admit(self, batch, waiting: deque, block_length: int):
         """The batch with the waiting rows that fit joined (a new one if ``batch`` is None or empty)."""
@@ -144,7 +162,8 @@ class ContinuousScheduler:
         first_allowed, first_slot = self._first_token(rows)
         return BlockContext(BlockRules([row.request.params for row in rows], block_length, self.device, sub_block),
                             self.mask_token_id, first_allowed=first_allowed, first_slot=first_slot,
-                            history=self._history(rows), fixed=fixed, kept=self._kept(rows, block_length))
+                            history=self._history(rows), fixed=fixed, kept=self._kept(rows, block_length),
+                            top_k=self.top_k)
 
     def _history(self, rows: list[Row]) -> torch.Tensor | None:
         """Counts of the tokens each row wrote (B, V; ``Row.written``), when a row has a repetition
