@@ -7,10 +7,14 @@ from fastapi import FastAPI
 from api.auth import KeyCheck
 from api.errors import install_error_handlers, without_422
 from api.hardening import RefuseUnstorableText
+from api.metrics import router as metrics_router
 from api.queue import Queue
 from api.routes import batches, files, system
+from api.routes import schedules as schedules_routes
+from api.routes import status as status_routes
+from api.routes import workers as workers_routes
 from common.settings import Settings
-from common.storage import BlobStore
+from common.storage import open_blob_store
 from db.session import make_engine, make_session_factory
 
 
@@ -20,12 +24,16 @@ def create_app(settings: Settings | None = None, *, queue: Queue | None = None) 
                   description="OpenAI Batch API compatible batch generation for diffusion LMs")
     app.state.settings = settings
     app.state.session_factory = make_session_factory(make_engine(settings.resolved_database_url))
-    app.state.blobs = BlobStore(settings.files_dir)
+    app.state.blobs = open_blob_store(settings)
     app.state.queue = queue or Queue(settings)
     app.state.key_check = KeyCheck(settings)
     install_error_handlers(app)
     app.add_middleware(RefuseUnstorableText)
     for module in (files, batches, system):
         app.include_router(module.router)
+    app.include_router(workers_routes.router)  # /v1/workers
+    app.include_router(schedules_routes.router)  # /v1/schedules
+    app.include_router(metrics_router)  # /metrics (Prometheus)
+    app.include_router(status_routes.router)  # the status page at / and /v1/status
     without_422(app)
     return app

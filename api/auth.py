@@ -19,7 +19,7 @@ from common.ids import now
 from common.settings import Settings
 from db import keys
 from db.models import LOCAL_TENANT, ApiKey
-from db.scoped import TenantScope
+from db.scoped import EveryTenant, TenantScope
 
 LAST_USED_EVERY_S = 60  # last_used_at is written at most this often per key, not on every request
 MAX_CACHED_KEYS = 10_000
@@ -86,7 +86,9 @@ class KeyCheck:
             row = keys.get_key(session, key_id=cached[0])
             return row if row is not None and row.secret_hash == cached[1] else None
         parts = keys.split_key(presented)
-        row = keys.get_key(session, key_id=parts[0]) if parts else None
+        if parts is None:
+            return None
+        row = keys.get_key(session, key_id=parts[0])
         if row is None or not keys.secret_matches(row, parts[1]):
             return None
         if len(self._verified) >= MAX_CACHED_KEYS:
@@ -103,8 +105,9 @@ def presented_key(request: Request) -> str | None:
 
 
 def authenticate(request: Request, session: SessionDep) -> Caller:
+    key_check: KeyCheck = request.app.state.key_check
     try:
-        return request.app.state.key_check.caller(session, presented_key(request))
+        return key_check.caller(session, presented_key(request))
     finally:
         # End the transaction now: on SQLite it holds the write lock, and the route may stream an upload next.
         session.commit()
@@ -119,3 +122,11 @@ def tenant_scope(session: SessionDep, caller: CurrentTenant) -> TenantScope:
 
 # Routes read files, batches and requests only through this: every query is the caller's tenant's.
 ScopeDep = Annotated[TenantScope, Depends(tenant_scope)]
+
+
+def batch_reader(session: SessionDep, caller: CurrentTenant) -> TenantScope | EveryTenant:
+    """Whose batches a service-wide read (the status page) shows: an admin key's, every tenant's."""
+    return EveryTenant(session) if caller.admin else TenantScope(session, caller.tenant_id)
+
+
+ReaderDep = Annotated[TenantScope | EveryTenant, Depends(batch_reader)]

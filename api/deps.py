@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from api.queue import Queue
 from common.settings import Settings
@@ -14,20 +14,24 @@ from common.storage import BlobStore
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.session_factory() as session:
+    session_factory: sessionmaker[Session] = request.app.state.session_factory
+    with session_factory() as session:
         yield session
 
 
 def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 def get_blobs(request: Request) -> BlobStore:
-    return request.app.state.blobs
+    blobs: BlobStore = request.app.state.blobs
+    return blobs
 
 
 def get_queue(request: Request) -> Queue:
-    return request.app.state.queue
+    queue: Queue = request.app.state.queue
+    return queue
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

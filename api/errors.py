@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -53,7 +54,7 @@ class ApiError(Exception):
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None):
+                   headers: Mapping[str, str] | None = None) -> JSONResponse:
     kind = TYPE_FOR_STATUS.get(status, "invalid_request_error" if status < 500 else "server_error")
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -74,7 +75,7 @@ def without_422(app: FastAPI) -> None:
             app.openapi_schema = schema
         return app.openapi_schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to change the schema
 
 
 def _allowed(request: Request) -> str:
@@ -89,11 +90,11 @@ def _allowed(request: Request) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError):
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.param, exc.code)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError):
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         if first.get("type") == "json_invalid":  # its loc is the character offset, not a field
             return error_response(400, f"The request body is not valid JSON: {first.get('ctx', {}).get('error')}.",
@@ -105,18 +106,18 @@ def install_error_handlers(app: FastAPI) -> None:
                               param, "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = {"Allow": _allowed(request)} if exc.status_code == 405 else exc.headers
         return error_response(exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(OperationalError)
-    async def _database_down(_: Request, exc: OperationalError):
+    async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
         # The database restarting or out of reach: say so (the SDK retries a 503), not "server error".
         log.warning("database unavailable: %s", exc)
         return error_response(503, "The database is unavailable; retry shortly.", code="database_unavailable",
                               headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception):
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return error_response(500, "The server had an error while processing your request.")

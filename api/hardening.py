@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qsl
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import error_response
@@ -37,7 +38,7 @@ class RefuseUnstorableText:
             await refusal(scope, receive, send)
 
 
-def _refusal(scope: Scope):
+def _refusal(scope: Scope) -> JSONResponse | None:
     if not storable(scope["path"]):
         return error_response(404, "No such object: the path holds a NUL or an unpaired surrogate, which no "
                               "id does.", code="not_found")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from celery import Celery
+
 from common.queue import FINALIZE_BATCH, VALIDATE_BATCH, make_celery
 from common.settings import CONTROL_QUEUE, Settings
 
@@ -11,10 +13,10 @@ log = logging.getLogger("diffbatch.api")
 
 
 class Queue:
-    def __init__(self, settings: Settings, celery=None) -> None:
+    def __init__(self, settings: Settings, celery: Celery | None = None) -> None:
         self.celery = celery or make_celery(settings)
 
-    def _send(self, name: str, *args) -> bool:
+    def _send(self, name: str, *args: str) -> bool:
         # The row is already committed: if the broker is down, the reconciler sends this again later,
         # so the request succeeds instead of failing on a doorbell.
         try:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from common.lines import ENDPOINTS
-from db.models import Batch, File
+from db.models import Batch, File, WebhookDelivery
 
 
 def _storable(value: str) -> str:
@@ -41,12 +43,22 @@ class CreateBatch(BaseModel):
         "maxProperties": 16, "propertyNames": {"maxLength": 64, "pattern": NO_NUL},
         "additionalProperties": {"type": "string", "maxLength": 512, "pattern": NO_NUL}})
     output_expires_after: ExpiresAfter | None = None  # the output and error files' expiry
+    # diffbatch extension: called with a signed event on each terminal status (also read from
+    # metadata.webhook_url, for clients that cannot add a field; this field wins).
+    webhook_url: str | None = Field(None, max_length=2048, json_schema_extra={"format": "uri"})
 
     @field_validator("endpoint")
     @classmethod
     def _known_endpoint(cls, value: str) -> str:
         if value not in ENDPOINTS:
             raise ValueError(f"must be one of {', '.join(ENDPOINTS)}")
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if value is not None and (problem := webhook_url_problem(value)):
+            raise ValueError(problem)
         return value
 
     @field_validator("completion_window")
@@ -68,13 +80,43 @@ class CreateBatch(BaseModel):
         return value
 
 
+def webhook_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a webhook (an absolute http or https URL, at most 2048 characters), or None."""
+    if len(url) > 2048:
+        return "must be at most 2048 characters"
+    if any(c.isspace() or ord(c) < 32 or c == "\x7f" for c in url):
+        return "must not hold spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme not in ("http", "https") or not host:
+        return "must be an absolute http:// or https:// URL"
+    return None
+
+
+def webhook_object(row: Batch, deliveries: Sequence[WebhookDelivery]) -> dict[str, Any] | None:
+    """diffbatch extension: the batch's webhook and each event sent to it (None: the batch names none)."""
+    if not row.webhook_url:
+        return None
+    return {"url": row.webhook_url, "deliveries": [
+        {"id": d.id, "event_type": d.event_type, "status": d.status, "attempts": d.attempts,
+         "last_status_code": d.last_status_code, "last_error": d.last_error,
+         "next_attempt_at": d.next_attempt_at, "delivered_at": d.delivered_at} for d in deliveries]}
+
+
 def file_object(row: File) -> dict[str, Any]:
     return {"id": row.id, "object": "file", "bytes": row.bytes, "created_at": row.created_at,
             "filename": row.filename, "purpose": row.purpose, "status": "processed",
             "status_details": None, "expires_at": row.expires_at}
 
 
-def batch_object(row: Batch) -> dict[str, Any]:
+def batch_object(row: Batch, running_tokens: int = 0, deliveries: Sequence[WebhookDelivery] = ()) -> dict[str, Any]:
+    """The OpenAI Batch object, with the `progress` extension; ``running_tokens``: the tokens of its
+    requests running now (db.progress), so progress moves before any request finishes; ``deliveries``:
+    its webhook deliveries (db.webhooks), shown in the `webhook` extension."""
     return {
         "id": row.id, "object": "batch", "endpoint": row.endpoint, "model": row.model,
         "errors": {"object": "list", "data": row.errors} if row.errors else None,
@@ -89,6 +131,10 @@ def batch_object(row: Batch) -> dict[str, Any]:
         "metadata": row.metadata_ or {},
         "usage": {"input_tokens": row.input_tokens, "output_tokens": row.output_tokens,
                   "total_tokens": row.input_tokens + row.output_tokens},
+        "progress": {"requests_done": row.completed + row.failed, "requests_total": row.total,
+                     "tokens_done": row.output_tokens + running_tokens},
+        "webhook": webhook_object(row, deliveries),
+        "schedule_id": row.schedule_id,  # diffbatch extension: the schedule whose run created it, else None
     }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 from python_multipart.exceptions import FormParserError
@@ -20,6 +20,9 @@ from api.deps import get_blobs, get_settings
 from api.errors import ApiError
 from common.ids import new_id
 from common.storage import BlobWriter
+
+if TYPE_CHECKING:  # declared for type checkers only
+    from python_multipart.multipart import MultipartCallbacks
 
 FIELD_BYTES = 64 * 1024  # a form field other than the file (purpose, expires_after[...]) is short
 MAX_PARTS = 16
@@ -162,10 +165,11 @@ class _Form:
     def on_end(self) -> None:
         self.ended = True
 
-    def callbacks(self) -> dict:
-        names = ("on_part_begin", "on_header_field", "on_header_value", "on_header_end", "on_headers_finished",
-                 "on_part_data", "on_part_end", "on_end")
-        return {name: getattr(self, name) for name in names}
+    def callbacks(self) -> MultipartCallbacks:
+        return {"on_part_begin": self.on_part_begin, "on_header_field": self.on_header_field,
+                "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
+                "on_headers_finished": self.on_headers_finished, "on_part_data": self.on_part_data,
+                "on_part_end": self.on_part_end, "on_end": self.on_end}
 
     async def flush(self) -> None:
         if self.pending:

@@ -8,10 +8,10 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from common.ids import now
 from common.settings import Settings
@@ -19,11 +19,17 @@ from common.settings import Settings
 if TYPE_CHECKING:  # the database packages load only when a command uses them
     from sqlalchemy.orm import Session
 
+    from db.models import ApiKey, Tenant
+
 API_KEY_VARIABLE = "DIFFBATCH_API_KEY"
 EXIT_NOT_FOUND, EXIT_USAGE = 1, 2
 
+# A subcommand's handler, and cli.main's ``command(name, handler, help)`` that adds one.
+Handler = Callable[[Settings, argparse.Namespace], int]
+Command = Callable[[str, Handler, str], argparse.ArgumentParser]
 
-def register(command) -> None:
+
+def register(command: Command) -> None:
     """Add the `keys` and `tenants` commands through cli.main's ``command(name, handler, help)``."""
     keys_parser = command("keys", _keys, "API keys: create, import, list, revoke (each bound to a tenant)")
     actions = _actions(keys_parser)
@@ -48,19 +54,24 @@ def register(command) -> None:
     listed.add_argument("--json", action="store_true")
 
 
-def _actions(parser: argparse.ArgumentParser):
-    """Sub-commands that also take --data-dir after their name (`keys create --tenant X --data-dir D`)."""
-    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    add_parser = actions.add_parser
+if TYPE_CHECKING:  # generic in typeshed only
+    _SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+else:
+    _SubParsers = argparse._SubParsersAction
 
-    def add_action(name: str, **kwargs) -> argparse.ArgumentParser:
-        action = add_parser(name, **kwargs)
+
+class _Actions(_SubParsers):
+    """Sub-commands that also take --data-dir after their name (`keys create --tenant X --data-dir D`)."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        action = super().add_parser(name, **kwargs)
         # SUPPRESS: left out, it keeps a --data-dir given before the action instead of resetting it
         action.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS, help="data folder")
         return action
 
-    actions.add_parser = add_action
-    return actions
+
+def _actions(parser: argparse.ArgumentParser) -> _SubParsers:
+    return parser.add_subparsers(action=_Actions, dest="action", required=True, metavar="ACTION")
 
 
 DEFAULT = "default"
@@ -111,7 +122,7 @@ def keys_exist(settings: Settings) -> bool:
         engine.dispose()
 
 
-def _keys(settings: Settings, args) -> int:
+def _keys(settings: Settings, args: argparse.Namespace) -> int:
     from db import keys
 
     try:
@@ -132,7 +143,7 @@ def _keys(settings: Settings, args) -> int:
         return EXIT_USAGE
 
 
-def _import(session: Session, args) -> int:
+def _import(session: Session, args: argparse.Namespace) -> int:
     from db import keys
 
     key = os.environ.get(API_KEY_VARIABLE, "").strip()
@@ -159,7 +170,7 @@ def _revoke(session: Session, key_or_id: str) -> int:
     return 0
 
 
-def _tenants(settings: Settings, args) -> int:
+def _tenants(settings: Settings, args: argparse.Namespace) -> int:
     from db import keys
 
     try:
@@ -179,15 +190,15 @@ def _tenants(settings: Settings, args) -> int:
         return EXIT_USAGE
 
 
-def _key_fields(row) -> dict:
+def _key_fields(row: ApiKey) -> dict[str, Any]:
     return {"id": row.id, "tenant": row.tenant_id, "admin": row.admin, "created": _time(row.created_at),
             "last_used": _time(row.last_used_at), "revoked": _time(row.revoked_at)}
 
 
-def _tenant_fields(row, settings: Settings, *, as_json: bool) -> dict:
+def _tenant_fields(row: Tenant, settings: Settings, *, as_json: bool) -> dict[str, Any]:
     """The limits in force; the table marks the server's defaults, JSON lists them under "defaulted"."""
-    fields = {"tenant": row.id, "created": _time(row.created_at)}
-    defaulted = []
+    fields: dict[str, Any] = {"tenant": row.id, "created": _time(row.created_at)}
+    defaulted: list[str] = []
     for name in ("max_queued_requests", "max_queued_tokens"):
         override = getattr(row, name)
         fields[name] = getattr(settings, name) if override is None else override
@@ -203,7 +214,7 @@ def _time(stamp: int | None) -> str | None:
     return datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _print_rows(rows: list[dict], as_json: bool) -> None:
+def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         print(json.dumps(rows, indent=2))
         return

@@ -8,11 +8,16 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from cli import checks
 from cli import keys as keys_commands
+from cli import people as people_commands
+from cli import schedules as schedules_commands
+from cli.keys import Handler
 from common.settings import CONTROL_QUEUE, Settings
 
 
@@ -32,11 +37,34 @@ def main(argv: list[str] | None = None) -> int:
     return args.handler(settings, args) or 0
 
 
+USAGE = """Batch generation with diffusion language models, OpenAI Batch API compatible.
+
+  diffbatch run batch.jsonl -o results.jsonl     run a file on this machine, start to end
+  diffbatch serve                                serve the API; then from another shell:
+  diffbatch submit batch.jsonl --wait            submit a file and watch it run
+  diffbatch status | results BATCH | cancel BATCH
+
+Exit codes: 0 done (every line succeeded), 3 done with failed lines, 1 the batch failed, expired or was
+cancelled (or the server said no), 2 a wrong argument or a startup check (the message says the fix),
+130 interrupted."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffbatch")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffbatch", description=__doc__)
+    parser = argparse.ArgumentParser(prog="diffbatch", description=USAGE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"diffbatch {_version()}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    def command(name: str, handler, help_: str) -> argparse.ArgumentParser:
+    def command(name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--data-dir", type=Path, help="data folder (default ./diffbatch-data, "
                        "or DIFFBATCH_DATA_DIR)")
@@ -47,9 +75,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, help="batch input file (OpenAI Batch JSONL)")
     p.add_argument("-o", "--output", type=Path, required=True, help="where to write the result lines")
     p.add_argument("--errors", type=Path, help="where to write error lines (default OUTPUT.errors.jsonl)")
-    p.add_argument("--url", help="use a running diffbatch server instead of starting the embedded one")
+    p.add_argument("--url", help="use a running diffbatch server instead of starting the embedded one "
+                   "(the URL `serve` prints)")
+    p.add_argument("--model", type=Path, help="the checkpoint folder to run (default DIFFBATCH_MODEL, else the "
+                   "built-in model)")
     p = command("serve", _serve, "start API, worker, control process and scheduler (embedded: SQLite, no servers)")
-    p.add_argument("--port", type=int)
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; another needs an API key)")
+    p.add_argument("--port", type=int, help="port to listen on (default DIFFBATCH_API_PORT, 8000)")
+    people_commands.register(command)  # submit, status, results, cancel, models, workers
     p = command("api", _api, "start the HTTP API")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
@@ -60,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     p = command("db", _db, "database maintenance")
     p.add_argument("action", choices=["upgrade"])
     keys_commands.register(command)  # `diffbatch keys ...` and `diffbatch tenants ...`
+    schedules_commands.register(command)  # `diffbatch schedules ...`
     p = command("train-builtin", _train_builtin, "train the built-in model on this Python's standard "
                 "library (resumes from OUT/state.pt)")
     p.add_argument("--out", type=Path, default=Path("train-builtin"), help="run folder (default ./train-builtin)")
@@ -82,10 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, help="stop the fine-tuning (resumably) after this many minutes")
     p.add_argument("--lr", type=float, help="peak learning rate (default 5e-4)")
     p.add_argument("--certainty-weight", type=float, default=1.0,
-                   help="weight of the certainty-forcing term (default 1.0; 0.3 kept more quality, README)")
+                   help="weight of the certainty-forcing term (default 1.0; 0.3 kept more quality, docs/benchmarks.md)")
     p.add_argument("--data-weight", type=float, default=0.0,
-                   help="weight of a diffusion loss on the training corpus next to the teacher's; keeps the "
-                   "held-out loss but also fewer tokens a pass (default 0: teacher completions only; README)")
+                   help="weight of a diffusion loss on the training corpus next to the teacher's; keeps the held-out "
+                   "loss but also fewer tokens a pass (default 0: teacher completions only; docs/benchmarks.md)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     return parser
 
@@ -96,7 +130,7 @@ JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch6
                   "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
 
 
-def _run(settings: Settings, args) -> int:
+def _run(settings: Settings, args: argparse.Namespace) -> int:
     import httpx
 
     from cli.client import ServerError, run_batch
@@ -110,6 +144,15 @@ def _run(settings: Settings, args) -> int:
         if not path.parent.is_dir():
             print(f"diffbatch run: cannot write {path}: no such folder {path.parent}", file=sys.stderr)
             return 2
+    if args.model and args.url:
+        print("diffbatch run: --model starts the embedded stack; with --url the server's workers hold the "
+              "model (leave out one of them)", file=sys.stderr)
+        return 2
+    if args.model:
+        settings = settings.model_copy(update={"model": str(args.model.resolve())})
+    if not args.url and not _checked("run", settings, checks.check_data_dir, checks.check_database,
+                                     checks.check_broker, checks.check_model):
+        return 2
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the embedded stack as Ctrl-C does
     try:
         if args.url:
@@ -132,10 +175,15 @@ def _run(settings: Settings, args) -> int:
         return 130
 
 
-def _serve(settings: Settings, args) -> int:
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from cli.stack import EmbeddedStack
 
-    stack = EmbeddedStack(settings, port=args.port or settings.api_port)
+    settings = settings.model_copy(update={"api_host": args.host or settings.api_host})
+    port = args.port or settings.api_port
+    if not _checked("serve", settings, checks.check_data_dir, checks.check_database, checks.check_broker,
+                    checks.check_model, _check_keys, lambda s: checks.check_port(s.api_host, port)):
+        return 2
+    stack = EmbeddedStack(settings, port=port)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the stack as Ctrl-C does
     with stack:
         try:
@@ -155,11 +203,40 @@ def _serve(settings: Settings, args) -> int:
     return 0
 
 
-def _interrupt(*_args) -> None:
+def _interrupt(*_args: object) -> None:
     raise KeyboardInterrupt
 
 
-def _api(settings: Settings, args) -> int:
+def _checked(command: str, settings: Settings, *steps: Callable[[Settings], None]) -> bool:
+    """Run startup checks in order; the first that fails is one line on stderr, and False (the caller exits 2)."""
+    try:
+        for step in steps:
+            step(settings)
+    except checks.StartupError as exc:
+        print(f"diffbatch {command}: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def _check_keys(settings: Settings) -> None:
+    """Off loopback, the API refuses to start without a key: said before the stack starts, not after."""
+    from api.auth import CREATE_KEY_HINT, is_loopback_host
+
+    if not is_loopback_host(settings.api_host) and not keys_commands.keys_exist(settings):
+        raise checks.StartupError(f"refusing to serve on {settings.api_host} without an API key; "
+                                  f"{CREATE_KEY_HINT} (or leave out --host to serve on 127.0.0.1)")
+
+
+def _not_a_poll(record: logging.LogRecord) -> bool:
+    """uvicorn's access log without successful GETs: a client polling a batch would fill api.log."""
+    args = record.args
+    if isinstance(args, tuple) and len(args) == 5:  # (client, method, path, http version, status)
+        method, status = args[1], args[4]
+        return not (method == "GET" and isinstance(status, int) and status < 400)
+    return True
+
+
+def _api(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
@@ -170,12 +247,16 @@ def _api(settings: Settings, args) -> int:
         print(f"diffbatch api: refusing to serve on {settings.api_host} without an API key; {CREATE_KEY_HINT} "
               "(or bind to 127.0.0.1)", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings), host=settings.api_host, port=args.port or settings.api_port,
-                log_level="info")
+    port = args.port or settings.api_port
+    if not _checked("api", settings, checks.check_database, checks.check_broker,
+                    lambda s: checks.check_port(s.api_host, port)):
+        return 2
+    logging.getLogger("uvicorn.access").addFilter(_not_a_poll)
+    uvicorn.run(create_app(settings), host=settings.api_host, port=port, log_level="info")
     return 0
 
 
-def _worker(settings: Settings, args) -> int:
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
     from celery.signals import worker_ready, worker_shutdown
 
     from common.ids import now
@@ -185,23 +266,28 @@ def _worker(settings: Settings, args) -> int:
     from worker.leases import retire_worker
     from worker.runtime import Runtime, set_runtime
 
+    if not _checked("worker", settings, checks.check_database, checks.check_broker, checks.check_model):
+        return 2
     runtime = Runtime(settings, celery=app)
     set_runtime(runtime)
     engine = runtime.engine  # load the model before taking work
 
-    @worker_ready.connect
-    def _register(**_kwargs) -> None:
+    def _register(**_kwargs: object) -> None:
         # Only now is Celery consuming: `/v1/models` lists this model once work sent to it is taken.
         with runtime.session() as session, session.begin():
             repo.upsert_worker(session, name=runtime.name, model=runtime.model_name,
                                queue=runtime.model_queue, max_positions=engine.max_positions, now=now())
         threading.Thread(target=beat_worker_row, args=(runtime,), daemon=True).start()
 
-    @worker_shutdown.connect
-    def _retire(**_kwargs) -> None:
+    def _retire(**_kwargs: object) -> None:
         # A clean stop hands its chunks back at once, so a restarted stack resumes them without waiting
         # for this worker to be declared dead.
         retire_worker(runtime)
+
+    # Connected by a call, not as decorators (Celery is untyped); the signals hold them weakly, and these
+    # names keep them alive while the worker runs.
+    worker_ready.connect(_register)
+    worker_shutdown.connect(_retire)
 
     # The model's queue only: validation, finalizing and reconciling belong to `diffbatch control`, so they
     # never wait behind a chunk and never spend GPU time.
@@ -211,20 +297,23 @@ def _worker(settings: Settings, args) -> int:
     return 0
 
 
-def _control(settings: Settings, args) -> int:
+def _control(settings: Settings, args: argparse.Namespace) -> int:
     from celery.signals import worker_ready
 
     from worker.celery_app import app
     from worker.reconcile import reconcile
     from worker.runtime import Runtime, set_runtime
 
+    if not _checked("control", settings, checks.check_database, checks.check_broker, checks.check_model):
+        return 2
     runtime = Runtime(settings, celery=app, weights=False)
     set_runtime(runtime)
     runtime.engine  # the tokenizer and the model's shape, to check request lines; no weights  # noqa: B018
 
-    @worker_ready.connect
-    def _resume(**_kwargs) -> None:
+    def _resume(**_kwargs: object) -> None:
         reconcile(runtime)  # pick up at once whatever a previous run left behind
+
+    worker_ready.connect(_resume)
 
     # Threads: a long validation must not hold up a finalize or the reconciler behind it.
     app.worker_main(["worker", "--pool", "threads", "--concurrency", str(settings.control_concurrency),
@@ -233,15 +322,16 @@ def _control(settings: Settings, args) -> int:
     return 0
 
 
-def _beat(settings: Settings, args) -> int:
+def _beat(settings: Settings, args: argparse.Namespace) -> int:
     from worker.celery_app import app
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if not _checked("beat", settings, checks.check_data_dir, checks.check_database, checks.check_broker):
+        return 2
     app.start(["beat", "--schedule", str(settings.data_dir / "celerybeat-schedule"), "--loglevel", "INFO"])
     return 0
 
 
-def _db(settings: Settings, args) -> int:
+def _db(settings: Settings, args: argparse.Namespace) -> int:
     from db.migrate import upgrade
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -250,7 +340,7 @@ def _db(settings: Settings, args) -> int:
     return 0
 
 
-def _train_builtin(settings: Settings, args) -> int:
+def _train_builtin(settings: Settings, args: argparse.Namespace) -> int:
     import json
 
     if args.export_to:
@@ -275,7 +365,7 @@ def _train_builtin(settings: Settings, args) -> int:
     return 0
 
 
-def _distill_builtin(settings: Settings, args) -> int:
+def _distill_builtin(settings: Settings, args: argparse.Namespace) -> int:
     import json
 
     _use_jemalloc(args.command)

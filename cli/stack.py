@@ -10,11 +10,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
 from cli.client import auth_headers
+from cli.logs import RotatingLog, pump
+from common.metrics import MULTIPROC_ENV, fresh_multiproc_dir
 from common.queue import declare_queues, make_celery
 from common.settings import CONTROL_QUEUE, Settings, queue_for_model
 
@@ -27,7 +30,7 @@ CPU_ALLOCATOR = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4294967295:glibc
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _dies_with(parent: int):
+def _dies_with(parent: int) -> Callable[[], None] | None:
     """A child's setup (Linux): SIGTERM when ``parent`` dies, so a `diffbatch run`/`serve` killed
     outright (kill -9, the OOM killer) leaves no worker holding the data folder. Elsewhere: None."""
     if not sys.platform.startswith("linux"):
@@ -44,7 +47,8 @@ def _dies_with(parent: int):
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        port: int = probe.getsockname()[1]
+        return port
 
 
 class EmbeddedStack:
@@ -54,13 +58,13 @@ class EmbeddedStack:
         self.settings, self.port = settings, port
         self.url = f"http://{settings.api_host}:{port}"
         self.log_dir = log_dir or settings.data_dir / "logs"
-        self.processes: list[subprocess.Popen] = []
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}  # by role
 
     def __enter__(self) -> EmbeddedStack:
         self.start()
         return self
 
-    def __exit__(self, *_exc) -> None:
+    def __exit__(self, *_exc: object) -> None:
         self.stop()
 
     def start(self) -> None:
@@ -72,14 +76,19 @@ class EmbeddedStack:
         upgrade(self.settings.resolved_database_url)
         declare_queues(make_celery(self.settings),
                        [CONTROL_QUEUE, queue_for_model(self.settings.served_model_name)])
-        env = {**os.environ, "DIFFBATCH_DATA_DIR": str(self.settings.data_dir.resolve())}
+        env = {**os.environ, "DIFFBATCH_DATA_DIR": str(self.settings.data_dir.resolve()),
+               "DIFFBATCH_MODEL": self.settings.model}  # `run --model` chose it, not the environment
+        # Every child writes its metrics there and the API's /metrics adds them up; emptied at each start.
+        env[MULTIPROC_ENV] = str(fresh_multiproc_dir(self.settings.data_dir.resolve() / "metrics"))
         for role, args in (("worker", []), ("control", []), ("beat", []),
                            ("api", ["--host", self.settings.api_host, "--port", str(self.port)])):
             role_env = {**CPU_ALLOCATOR, **env} if role == "worker" and self.settings.device == "cpu" else env
-            log = open(self.log_dir / f"{role}.log", "ab")
-            self.processes.append(subprocess.Popen(
-                [sys.executable, "-m", "cli.main", role, *args], env=role_env, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_dies_with(os.getpid())))
+            process = subprocess.Popen(
+                [sys.executable, "-m", "cli.main", role, *args], env=role_env, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_dies_with(os.getpid()))
+            assert process.stdout is not None
+            pump(process.stdout, RotatingLog(self.log_dir / f"{role}.log"))  # capped: see cli/logs.py
+            self.processes[role] = process
 
     def unfinished_work(self) -> str | None:
         """What a previous run left open in this data folder, in words (None: nothing); the control
@@ -121,17 +130,17 @@ class EmbeddedStack:
 
     def check_alive(self) -> None:
         """Raise if any of the stack's processes has exited."""
-        for process in self.processes:
+        for role, process in self.processes.items():
             if process.poll() is not None:
-                raise RuntimeError(f"`{' '.join(process.args[3:4])}` exited with {process.returncode}; "
+                raise RuntimeError(f"`{role}` exited with {process.returncode}; "
                                    f"see {self.log_dir}")
 
     def stop(self, grace: float = 15.0) -> None:
-        for process in self.processes:
+        for process in self.processes.values():
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        for process in self.processes:
+        for process in self.processes.values():
             try:
                 process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

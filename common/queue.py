@@ -6,6 +6,8 @@ on the same configuration (worker/celery_app.py), so both ends agree on one sour
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 from kombu import Queue
 from kombu.transport import TRANSPORT_ALIASES
@@ -19,6 +21,7 @@ VALIDATE_BATCH = "diffbatch.validate_batch"
 RUN_CHUNK = "diffbatch.run_chunk"
 FINALIZE_BATCH = "diffbatch.finalize_batch"
 RECONCILE = "diffbatch.reconcile"
+FIRE_SCHEDULES = "diffbatch.fire_schedules"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -26,7 +29,7 @@ def make_celery(settings: Settings) -> Celery:
     if broker.startswith("sqla+"):
         broker = "diffbatch-" + broker
     app = Celery("diffbatch", broker=broker, set_as_current=False)
-    options: dict = {}
+    options: dict[str, Any] = {}
     if broker.startswith("redis"):
         # A chunk may run for many minutes: the message must stay invisible longer than that, or
         # Redis hands it to a second worker. Priority ordering needs the Redis transport's support.
@@ -60,6 +63,7 @@ def queue_depth(app: Celery, name: str) -> int:
     not know is empty: Redis drops the key of an empty list."""
     with app.connection_for_read() as conn:
         try:
-            return conn.default_channel.queue_declare(queue=name, passive=True).message_count
+            depth: int = conn.default_channel.queue_declare(queue=name, passive=True).message_count
+            return depth
         except conn.channel_errors:
             return 0

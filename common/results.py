@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # common/ does not import db/ at run time
+    from db.models import Request
 
 
-def output_line(request) -> dict[str, Any]:
+def output_line(request: Request) -> dict[str, Any]:
     """One line of the output file (a succeeded request) or of the error file (any other end)."""
     if request.status == "succeeded":
         return {"id": request.public_id, "custom_id": request.custom_id,

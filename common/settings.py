@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.lines import DiffusionOptions
@@ -38,7 +40,7 @@ class Settings(BaseSettings):
     cuda_graphs: bool = True
     # The body.diffusion options a request leaves unset, as JSON (e.g. '{"sampler": "threshold",
     # "threshold": 0.7, "editing_threshold": 0.5}' to serve LLaDA2.1 with its own decoding to clients
-    # that send plain OpenAI bodies); None: the checkpoint's defaults (README: Models).
+    # that send plain OpenAI bodies); None: the checkpoint's defaults (docs/models.md).
     diffusion: dict[str, Any] | None = None
     chunk_size: int = 64  # requests per Celery message
     max_attempts: int = 3  # failed runs of a request on its own before it ends as max_attempts_exceeded
@@ -70,6 +72,22 @@ class Settings(BaseSettings):
     # running, and their token budgets (prompt + max_tokens); a create past either is a 429 quota_exceeded.
     max_queued_requests: int = Field(1_000_000, ge=0)
     max_queued_tokens: int = Field(1_000_000_000, ge=0)
+    # -- webhooks (worker/webhooks.py) ----------------------------------------------------------
+    # Signs every webhook call (Standard Webhooks): "whsec_" + base64 of 24 to 64 random bytes. Needed by the
+    # API and the control worker once a batch names a webhook_url; without it such a create is a 400.
+    webhook_secret: SecretStr | None = None
+    webhook_every_s: float = Field(5.0, gt=0)  # how often the control worker sends due webhook deliveries
+    # -- metrics (common/metrics.py) -------------------------------------------------------------
+    # A worker or control process serves its own Prometheus metrics on this port (None: only through the
+    # API's /metrics, which adds up the processes of one host via PROMETHEUS_MULTIPROC_DIR). No key: counts only.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    metrics_host: str = "0.0.0.0"  # the address that port listens on
+    # -- schedules (worker/schedules.py) ----------------------------------------------------------
+    schedules_every_s: float = Field(15.0, gt=0)  # how often beat fires due schedules (a run starts this late at most)
+    # -- files across hosts (common/s3_storage.py) ------------------------------------------------
+    # Blobs in an S3-compatible store, e.g. "s3://bucket/prefix?endpoint_url=http://127.0.0.1:9000&region=us-east-1"
+    # (credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); None: files_dir on local disk.
+    files_url: str | None = None
 
     _diffusion_defaults: DiffusionOptions | None = PrivateAttr(default=None)
 
@@ -106,6 +124,36 @@ class Settings(BaseSettings):
         if self.worker_dead_after_s <= self.heartbeat_s:
             raise ValueError(f"DIFFBATCH_WORKER_DEAD_AFTER_S ({self.worker_dead_after_s}) must be more than "
                              f"DIFFBATCH_HEARTBEAT_S ({self.heartbeat_s})")
+        return self
+
+    @property
+    def webhook_key(self) -> bytes | None:
+        """The HMAC key of DIFFBATCH_WEBHOOK_SECRET (its base64 part, decoded); None when unset."""
+        if self.webhook_secret is None:
+            return None
+        encoded = self.webhook_secret.get_secret_value().removeprefix("whsec_")
+        return base64.b64decode(encoded, validate=True)
+
+    @model_validator(mode="after")
+    def _webhook_secret_format(self) -> Settings:
+        if self.webhook_secret is None:
+            return self
+        try:
+            size = len(self.webhook_key or b"") if self.webhook_secret.get_secret_value().startswith("whsec_") else 0
+        except binascii.Error:
+            size = 0
+        if not 24 <= size <= 64:
+            raise ValueError("DIFFBATCH_WEBHOOK_SECRET must be 'whsec_' followed by the base64 of 24 to 64 random "
+                             "bytes, e.g. the output of: python -c \"import base64, os; "
+                             "print('whsec_' + base64.b64encode(os.urandom(32)).decode())\"")
+        return self
+
+    @model_validator(mode="after")
+    def _files_url_is_s3(self) -> Settings:
+        if self.files_url:
+            from common.s3_storage import parse_files_url  # imports botocore: only where S3 is used
+
+            parse_files_url(self.files_url)  # a ValueError naming DIFFBATCH_FILES_URL
         return self
 
     @property

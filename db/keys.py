@@ -16,6 +16,7 @@ from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
 
 from db.models import ApiKey, Tenant
+from db.session import rows_changed
 
 KEY_PREFIX = "dbk_"
 MIN_IMPORTED_KEY_LENGTH = 32
@@ -125,17 +126,17 @@ def find_key(session: Session, *, key_or_id: str) -> ApiKey | None:
 
 def revoke_key(session: Session, *, key_id: str, now: int) -> bool:
     """Revoke the key; False if it already was (its first revocation time stays)."""
-    result = session.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
-                             .values(revoked_at=now))
-    return result.rowcount == 1
+    changed = rows_changed(session, update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+                                    .values(revoked_at=now))
+    return changed == 1
 
 
 def touch_key(session: Session, *, key_id: str, now: int, every_s: int) -> bool:
     """Record a use, at most once per ``every_s`` seconds, so requests do not each write a row."""
-    result = session.execute(update(ApiKey).where(
+    changed = rows_changed(session, update(ApiKey).where(
         ApiKey.id == key_id, (ApiKey.last_used_at.is_(None)) | (ApiKey.last_used_at <= now - every_s))
         .values(last_used_at=now))
-    return result.rowcount == 1
+    return changed == 1
 
 
 def get_tenant(session: Session, *, tenant_id: str) -> Tenant | None:

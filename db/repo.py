@@ -7,12 +7,14 @@ row count says who won, so a result is written once and a batch is finalized onc
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, delete, exists, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Exists, Select, Table, and_, delete, exists, func, select, update
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
+from db import webhooks
 from db.models import OPEN_REQUEST_STATUSES, Batch, BatchStatus, Chunk, File, Request, RequestStatus, Worker
+from db.session import rows_changed
 
 # ---------------------------------------------------------------------------------------- files
 
@@ -91,11 +93,14 @@ def list_batches(session: Session, *, after: str | None, limit: int) -> list[Bat
 
 def transition(session: Session, *, batch_id: str, from_: Iterable[BatchStatus], to: BatchStatus,
                now: int, **fields: Any) -> bool:
-    """Move a batch between statuses only if it is still in one of `from_`; True if this call did it."""
+    """Move a batch between statuses only if it is still in one of `from_`; True if this call did it.
+    A terminal status queues the batch's webhook event in the same transaction (db/webhooks.py)."""
     stamp = {f"{to.value}_at": now} if hasattr(Batch, f"{to.value}_at") else {}
-    result = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status.in_(list(from_)))
-                             .values(status=to, touched_at=now, **stamp, **fields))
-    return result.rowcount == 1
+    changed = rows_changed(session, update(Batch).where(Batch.id == batch_id, Batch.status.in_(list(from_)))
+                                    .values(status=to, touched_at=now, **stamp, **fields))
+    if changed == 1 and to in webhooks.EVENT_TYPES:  # a terminal status
+        webhooks.record_event(session, batch_id=batch_id, status=to, now=now)
+    return changed == 1
 
 
 def touch_batch(session: Session, *, batch_id: str, now: int) -> None:
@@ -105,18 +110,20 @@ def touch_batch(session: Session, *, batch_id: str, now: int) -> None:
 def claim_validation(session: Session, *, batch_id: str, token: str, now: int) -> bool:
     """Make ``token`` the validating batch's one validation attempt (taking it over from any other) and
     count the attempt; False if the batch is no longer validating."""
-    result = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == BatchStatus.validating)
-                             .values(validation_token=token, touched_at=now,
-                                     validation_attempts=Batch.validation_attempts + 1))
-    return result.rowcount == 1
+    changed = rows_changed(session, update(Batch)
+                           .where(Batch.id == batch_id, Batch.status == BatchStatus.validating)
+                           .values(validation_token=token, touched_at=now,
+                                   validation_attempts=Batch.validation_attempts + 1))
+    return changed == 1
 
 
 def holds_validation(session: Session, *, batch_id: str, token: str, now: int) -> bool:
     """Touch the batch if attempt ``token`` still owns its validation; the row stays locked until the
     transaction ends, so no other attempt takes over while this one writes."""
-    result = session.execute(update(Batch).where(Batch.id == batch_id, Batch.status == BatchStatus.validating,
-                                                 Batch.validation_token == token).values(touched_at=now))
-    return result.rowcount == 1
+    changed = rows_changed(session, update(Batch)
+                           .where(Batch.id == batch_id, Batch.status == BatchStatus.validating,
+                                  Batch.validation_token == token).values(touched_at=now))
+    return changed == 1
 
 
 def batches_in(session: Session, *, statuses: Sequence[BatchStatus], touched_before: int | None = None,
@@ -131,7 +138,8 @@ def batches_in(session: Session, *, statuses: Sequence[BatchStatus], touched_bef
 
 
 def add_requests(session: Session, *, rows: list[dict[str, Any]]) -> None:
-    session.execute(Request.__table__.insert(), rows)
+    # A Core insert of plain rows; a declarative class's __table__ is a Table (typed as any FromClause).
+    session.execute(cast(Table, Request.__table__).insert(), rows)
 
 
 def add_chunk(session: Session, *, batch_id: str, queue: str, size: int, now: int) -> int:
@@ -194,18 +202,18 @@ def close_open_requests(session: Session, *, batch_id: str, status: RequestStatu
                         message: str, now: int, include_running: bool) -> int:
     """End every open request of a batch as an error line (cancelled, expired)."""
     statuses = list(OPEN_REQUEST_STATUSES) if include_running else [RequestStatus.pending]
-    result = session.execute(update(Request).where(Request.batch_id == batch_id,
-                                                   Request.status.in_(statuses))
-                             .values(status=status, error_code=code, error_message=message,
-                                     finished_at=now))
+    changed = rows_changed(session, update(Request).where(Request.batch_id == batch_id,
+                                                          Request.status.in_(statuses))
+                                    .values(status=status, error_code=code, error_message=message,
+                                            finished_at=now))
     session.execute(update(Batch).where(Batch.id == batch_id)
-                    .values(failed=Batch.failed + result.rowcount))
-    return result.rowcount
+                    .values(failed=Batch.failed + changed))
+    return changed
 
 
 def count_requests(session: Session, *, batch_id: str, statuses: Sequence[RequestStatus]) -> int:
-    return session.scalar(select(func.count()).select_from(Request)
-                          .where(Request.batch_id == batch_id, Request.status.in_(list(statuses))))
+    return session.execute(select(func.count()).select_from(Request)
+                           .where(Request.batch_id == batch_id, Request.status.in_(list(statuses)))).scalar_one()
 
 
 def requests_of(session: Session, *, batch_id: str, statuses: Sequence[RequestStatus],
@@ -237,11 +245,11 @@ def reclaim_orphaned_requests(session: Session, *, dead_before: int) -> int:
     """Running requests whose worker is dead (no `workers` row beating since ``dead_before``, or one
     restarted after the claim) go back to pending; their chunk's lease, if any, is handled apart."""
     open_batches = select(Batch.id).where(Batch.status.in_([BatchStatus.in_progress, BatchStatus.cancelling]))
-    result = session.execute(update(Request).where(Request.batch_id.in_(open_batches),  # (batch, status) index
-                                                   Request.status == RequestStatus.running,
-                                                   ~_live(Request.worker, Request.heartbeat_at, dead_before))
-                             .values(status=RequestStatus.pending, worker=None))
-    return result.rowcount
+    return rows_changed(session, update(Request)
+                        .where(Request.batch_id.in_(open_batches),  # (batch, status) index
+                               Request.status == RequestStatus.running,
+                               ~_live(Request.worker, Request.heartbeat_at, dead_before))
+                        .values(status=RequestStatus.pending, worker=None))
 
 
 def chunks_to_requeue(session: Session, *, delay: int, now: int) -> list[Chunk]:
@@ -268,13 +276,14 @@ def chunks_to_requeue(session: Session, *, delay: int, now: int) -> list[Chunk]:
 # delivered to) records the failed run with `chunk_failed`, whose conditional UPDATE lets one do it.
 
 
-def _live(holder, since, dead_before: int):
+def _live(holder: InstrumentedAttribute[str | None], since: InstrumentedAttribute[int | None],
+          dead_before: int) -> Exists:
     """A worker named `holder` beat at or after ``dead_before`` and (re)started no later than ``since``
     (a restarted process with the same name does not own what its predecessor held)."""
     return exists().where(Worker.name == holder, Worker.heartbeat_at >= dead_before, Worker.started_at <= since)
 
 
-def _live_lease(dead_before: int):
+def _live_lease(dead_before: int) -> ColumnElement[bool]:
     # A live worker that no longer renews a lease (its run ended but could not release it) holds nothing.
     return and_(Chunk.leased_at >= dead_before, _live(Chunk.worker, Chunk.leased_at, dead_before))
 
@@ -286,28 +295,28 @@ def holder_is_live(session: Session, *, chunk_id: int, dead_before: int) -> bool
 def lease_chunk(session: Session, *, chunk_id: int, worker: str, now: int) -> bool:
     """Make `worker` the holder of a chunk nobody else holds; False if somebody does. (A dead holder's
     run is recorded with `chunk_failed` first, which frees the chunk.)"""
-    result = session.execute(update(Chunk).where(Chunk.id == chunk_id,
-                                                 Chunk.worker.is_(None) | (Chunk.worker == worker))
-                             .values(worker=worker, leased_at=now))
-    return result.rowcount == 1
+    changed = rows_changed(session, update(Chunk).where(Chunk.id == chunk_id,
+                                                        Chunk.worker.is_(None) | (Chunk.worker == worker))
+                                    .values(worker=worker, leased_at=now))
+    return changed == 1
 
 
 def renew_lease(session: Session, *, chunk_id: int, worker: str, now: int) -> bool:
     """Renew `worker`'s lease on a chunk it runs; False if the lease is no longer its own."""
-    result = session.execute(update(Chunk).where(Chunk.id == chunk_id, Chunk.worker == worker)
-                             .values(leased_at=now))
-    return result.rowcount == 1
+    changed = rows_changed(session, update(Chunk).where(Chunk.id == chunk_id, Chunk.worker == worker)
+                                    .values(leased_at=now))
+    return changed == 1
 
 
 def end_lease(session: Session, *, chunk_id: int, worker: str) -> bool:
     """Release `worker`'s lease and hand back the requests it still runs (a run that stopped early:
     cancelled, expired, shut down). Counts no failure; False if `worker` no longer held the chunk."""
-    result = session.execute(update(Chunk).where(Chunk.id == chunk_id, Chunk.worker == worker)
-                             .values(worker=None, leased_at=None))
+    changed = rows_changed(session, update(Chunk).where(Chunk.id == chunk_id, Chunk.worker == worker)
+                                    .values(worker=None, leased_at=None))
     session.execute(update(Request).where(Request.chunk_id == chunk_id, Request.worker == worker,
                                           Request.status == RequestStatus.running)
                     .values(status=RequestStatus.pending, worker=None))
-    return result.rowcount == 1
+    return changed == 1
 
 
 def dead_leases(session: Session, *, dead_before: int) -> list[Chunk]:
@@ -321,9 +330,9 @@ def chunk_failed(session: Session, *, chunk_id: int, holder: str, now: int, max_
     """Record that `holder`'s run of a chunk ended unfinished (died, or the engine raised); returns what to
     send next: the chunk, its two halves (a group failing again), or nothing (its lone request failed
     ``max_attempts`` times and ends as max_attempts_exceeded, or another caller recorded this run)."""
-    result = session.execute(update(Chunk).where(Chunk.id == chunk_id, Chunk.worker == holder)
-                             .values(worker=None, leased_at=None, failures=Chunk.failures + 1, enqueued_at=now))
-    if result.rowcount != 1:
+    changed = rows_changed(session, update(Chunk).where(Chunk.id == chunk_id, Chunk.worker == holder)
+                           .values(worker=None, leased_at=None, failures=Chunk.failures + 1, enqueued_at=now))
+    if changed != 1:
         return []
     session.execute(update(Request).where(Request.chunk_id == chunk_id, Request.status == RequestStatus.running)
                     .values(status=RequestStatus.pending, worker=None))
@@ -345,7 +354,7 @@ def _blame_lone_request(session: Session, chunk: Chunk, request_id: int, *, now:
     # Alone in its run, the request is the one to blame: only such runs count as its attempts, so a
     # batch-mate of a poison request never ends as max_attempts_exceeded.
     session.execute(update(Request).where(Request.id == request_id).values(attempts=Request.attempts + 1))
-    attempts = session.scalar(select(Request.attempts).where(Request.id == request_id))
+    attempts = session.execute(select(Request.attempts).where(Request.id == request_id)).scalar_one()
     if attempts < max_attempts:
         return [chunk]
     finish_requests(session, batch_id=chunk.batch_id, outcomes=[outcome(
@@ -364,7 +373,7 @@ def _split_off(session: Session, chunk: Chunk, request_ids: list[int], *, now: i
     return part
 
 
-def _awaiting_doorbell(sent_before: int):
+def _awaiting_doorbell(sent_before: int) -> Select[Chunk]:
     """Chunks of running batches (found from the batches, not by scanning every chunk ever stored)
     with pending requests, no holder, last sent before ``sent_before``."""
     has_pending = exists().where(Request.chunk_id == Chunk.id, Request.status == RequestStatus.pending)
@@ -404,9 +413,10 @@ def retire_worker(session: Session, *, name: str) -> list[Chunk]:
 def open_work(session: Session) -> tuple[int, int]:
     """(batches not finished yet, requests not run yet): what a restarted server resumes."""
     unfinished = [BatchStatus.validating, BatchStatus.in_progress, BatchStatus.cancelling, BatchStatus.finalizing]
-    batches = session.scalar(select(func.count()).select_from(Batch).where(Batch.status.in_(unfinished)))
-    requests = session.scalar(select(func.count()).select_from(Request)
-                              .where(Request.status.in_(list(OPEN_REQUEST_STATUSES))))
+    batches = session.execute(select(func.count()).select_from(Batch)
+                              .where(Batch.status.in_(unfinished))).scalar_one()
+    requests = session.execute(select(func.count()).select_from(Request)
+                               .where(Request.status.in_(list(OPEN_REQUEST_STATUSES)))).scalar_one()
     return batches, requests
 
 
@@ -435,7 +445,8 @@ def known_workers(session: Session, *, since: int | None = None) -> list[Worker]
     return list(session.scalars(query.order_by(Worker.model)))
 
 
-def _past_cursor(columns, values, descending: bool):
+def _past_cursor(columns: tuple[InstrumentedAttribute[int], InstrumentedAttribute[str]], values: tuple[int, str],
+                 descending: bool) -> ColumnElement[bool]:
     (c1, c2), (v1, v2) = columns, values
     if descending:
         return (c1 < v1) | ((c1 == v1) & (c2 < v2))
@@ -458,5 +469,5 @@ def expired_file_ids(session: Session, *, now: int, limit: int = 1000) -> list[s
 def delete_expired_file(session: Session, *, file_id: str, now: int) -> bool:
     """Delete the file's row if it is still expired and unused; True if this call deleted it."""
     in_use = exists().where(Batch.input_file_id == file_id, Batch.status.in_(_READING_INPUT))
-    result = session.execute(delete(File).where(File.id == file_id, File.expires_at <= now, ~in_use))
-    return result.rowcount == 1
+    changed = rows_changed(session, delete(File).where(File.id == file_id, File.expires_at <= now, ~in_use))
+    return changed == 1

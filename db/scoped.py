@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Select, case, delete, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Select, case, delete, func, select
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from db.models import OPEN_REQUEST_STATUSES, Batch, BatchStatus, File, Request
+from db.models import OPEN_REQUEST_STATUSES, Batch, BatchStatus, File, Request, Schedule
+from db.session import rows_changed
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ class TenantScope:
         return list(self.session.scalars(query.order_by(*order).limit(limit)))
 
     def delete_file(self, file_id: str) -> bool:
-        result = self.session.execute(delete(File).where(File.id == file_id, File.tenant_id == self.tenant_id))
-        return result.rowcount == 1
+        return rows_changed(self.session, delete(File).where(File.id == file_id,
+                                                             File.tenant_id == self.tenant_id)) == 1
 
     # ---------------------------------------------------------------------------------- batches
 
@@ -60,15 +61,38 @@ class TenantScope:
         return self.session.scalar(self._batches().where(Batch.request_hash == request_hash,
                                                          Batch.created_at >= since).order_by(Batch.created_at))
 
-    def list_batches(self, *, after: str | None, limit: int) -> list[Batch]:
+    def list_batches(self, *, after: str | None, limit: int, schedule_id: str | None = None) -> list[Batch]:
         query = self._batches()
+        if schedule_id is not None:
+            query = query.where(Batch.schedule_id == schedule_id)
         if after and (cursor := self.get_batch(after)) is not None:
             query = query.where(_past((Batch.created_at, Batch.id), (cursor.created_at, cursor.id), True))
         return list(self.session.scalars(query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)))
 
+    def recent_batches(self, *, since: int, limit: int) -> list[Batch]:
+        """The status page's batches: every unfinished one, and those created at or after ``since``."""
+        return _recent(self.session, self._batches(), since=since, limit=limit)
+
     def get_request(self, public_id: str) -> Request | None:
         return self.session.scalar(select(Request).join(Batch, Batch.id == Request.batch_id)
                                    .where(Request.public_id == public_id, Batch.tenant_id == self.tenant_id))
+
+    # -------------------------------------------------------------------------------- schedules
+
+    def get_schedule(self, schedule_id: str) -> Schedule | None:
+        return self.session.scalar(self._schedules().where(Schedule.id == schedule_id))
+
+    def list_schedules(self, *, after: str | None, limit: int) -> list[Schedule]:
+        query = self._schedules()
+        if after and (cursor := self.get_schedule(after)) is not None:
+            query = query.where(_past((Schedule.created_at, Schedule.id), (cursor.created_at, cursor.id), True))
+        return list(self.session.scalars(query.order_by(Schedule.created_at.desc(), Schedule.id.desc())
+                                         .limit(limit)))
+
+    def delete_schedule(self, schedule_id: str) -> bool:
+        """Delete the schedule; the batches it created stay."""
+        return rows_changed(self.session, delete(Schedule).where(Schedule.id == schedule_id,
+                                                                 Schedule.tenant_id == self.tenant_id)) == 1
 
     # ----------------------------------------------------------------------------------- quotas
 
@@ -88,14 +112,39 @@ class TenantScope:
 
     # ---------------------------------------------------------------------------------- helpers
 
-    def _files(self) -> Select:
+    def _files(self) -> Select[File]:
         return select(File).where(File.tenant_id == self.tenant_id)
 
-    def _batches(self) -> Select:
+    def _batches(self) -> Select[Batch]:
         return select(Batch).where(Batch.tenant_id == self.tenant_id)
 
+    def _schedules(self) -> Select[Schedule]:
+        return select(Schedule).where(Schedule.tenant_id == self.tenant_id)
 
-def _past(columns, values, descending: bool):
+
+class EveryTenant:
+    """An admin key's read-only view of every tenant's batches (the status page). It has no lookups by
+    id and no writes: those stay with TenantScope, so an admin key still acts as its own tenant there."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def recent_batches(self, *, since: int, limit: int) -> list[Batch]:
+        """As TenantScope.recent_batches, across every tenant."""
+        return _recent(self.session, select(Batch), since=since, limit=limit)
+
+
+UNFINISHED_BATCH_STATUSES = (BatchStatus.validating, BatchStatus.in_progress, BatchStatus.finalizing,
+                             BatchStatus.cancelling)
+
+
+def _recent(session: Session, query: Select[Batch], *, since: int, limit: int) -> list[Batch]:
+    query = query.where(Batch.status.in_(UNFINISHED_BATCH_STATUSES) | (Batch.created_at >= since))
+    return list(session.scalars(query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)))
+
+
+def _past(columns: tuple[InstrumentedAttribute[int], InstrumentedAttribute[str]], values: tuple[int, str],
+          descending: bool) -> ColumnElement[bool]:
     """Keyset pagination: the rows strictly after the cursor in the listing's order."""
     (c1, c2), (v1, v2) = columns, values
     if descending:

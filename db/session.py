@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Connection, CursorResult, Delete, Engine, Update, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -17,7 +18,7 @@ def make_engine(url: str) -> Engine:
     engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
-    def _configure(dbapi_conn, _record) -> None:
+    def _configure(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the driver, open transactions (see the "begin" hook below).
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
@@ -28,7 +29,7 @@ def make_engine(url: str) -> Engine:
         cursor.close()
 
     @event.listens_for(engine, "begin")
-    def _begin_immediate(conn) -> None:
+    def _begin_immediate(conn: Connection) -> None:
         # A deferred transaction that later writes can fail at once with SQLITE_BUSY when another
         # process committed in between; taking the write lock up front makes it wait instead.
         conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -38,3 +39,9 @@ def make_engine(url: str) -> Engine:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def rows_changed(session: Session, statement: Update | Delete) -> int:
+    """Run an UPDATE or DELETE; the rows it matched (how a conditional update tells who won)."""
+    # Session.execute is typed Result for any statement; for an UPDATE or DELETE it is a CursorResult.
+    return cast("CursorResult[Any]", session.execute(statement)).rowcount

@@ -1,12 +1,12 @@
 """The blob store: a file appears whole or not at all, whoever else writes it."""
 
-from common.storage import BlobStore
+from common.storage import LocalBlobStore
 
 
 def test_two_writers_of_one_blob_do_not_corrupt_it(tmp_path):
     """A finalizer taken over while writing and the one that took over write the same file id: each
     writes its own temporary file, so the blob is one writer's whole content, never a mix."""
-    store = BlobStore(tmp_path)
+    store = LocalBlobStore(tmp_path)
     second = [b"second writer\n" * 1000]
 
     def first_writer_parts():

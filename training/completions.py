@@ -45,8 +45,11 @@ def _prompts_in(source: SourceFile) -> list[CompletionPrompt]:
         body = node.body[1:]  # after the docstring
         if len(body) < 2:
             continue
-        end = node.body[0].end_lineno + PROMPT_BODY_LINES  # 1-based, inclusive
-        if end >= node.end_lineno:
+        docstring_end, function_end = node.body[0].end_lineno, node.end_lineno
+        if docstring_end is None or function_end is None:  # ast.parse always sets them
+            continue
+        end = docstring_end + PROMPT_BODY_LINES  # 1-based, inclusive
+        if end >= function_end:
             continue  # the prompt would hold the whole function
         text = textwrap.dedent("".join(lines[node.lineno - 1 : end]))
         prompts.append(CompletionPrompt(f"{source.name}:{node.lineno}", text))

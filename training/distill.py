@@ -59,15 +59,14 @@ def write_teacher_completions(
     prompts = function_prompts(train_files, limit=10**9)
     order = list(range(len(prompts)))
     random.Random(TEACHER_SHUFFLE_SEED).shuffle(order)
-    options = {"sampler": "reference", "temperature": 0.0, "block_length": block_length,
-               "presence_penalty": presence_penalty}
-    engine = Engine(load_model(model_dir), max_batch_size=batch)
+    engine = Engine(load_model(str(model_dir)), max_batch_size=batch)
     todo, requests = [], []
     for i in order[:limit]:
         if i in done:
             continue
         ids, healing = engine.heal(engine.encode_completion(prompts[i].prompt))
-        params = SamplingParams(max_tokens=new_tokens, seed=i, **options)
+        params = SamplingParams(max_tokens=new_tokens, seed=i, sampler="reference", temperature=0.0,
+                                block_length=block_length, presence_penalty=presence_penalty)
         todo.append((i, ids))
         requests.append(GenerationRequest(ids, params, healing=healing))
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
@@ -173,7 +172,9 @@ def _distill_step(model, optimizer, config: DistillConfig, records, corpus: Toke
         parts = diffusion_loss(model, x0, mask_token_id=mask_id, block_length=config.block_length,
                                prompt_length=prompt_length, generator=generator,
                                certainty_temperature=config.certainty_temperature)
-    loss = parts.loss + config.certainty_weight * parts.certainty
+    certainty = parts.certainty
+    assert certainty is not None  # asked for: config.certainty_temperature is a float
+    loss = parts.loss + config.certainty_weight * certainty
     figures = {}
     if corpus is not None:  # its own generator, so the teacher rows a step reads do not depend on it
         corpus_generator = step_generator(config.seed + 1, step)
@@ -182,5 +183,5 @@ def _distill_step(model, optimizer, config: DistillConfig, records, corpus: Toke
         figures["data"] = round(data.loss.item(), 4)
     update(model, optimizer, loss)
     return {"loss": round(loss.item(), 4), "diffusion": round(parts.loss.item(), 4),
-            "certainty": round(parts.certainty.item(), 4), **figures,
+            "certainty": round(certainty.item(), 4), **figures,
             "masked_ce": round(parts.masked_ce_sum.item() / max(1, parts.masked_count), 4)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from common.ids import now
 from common.results import output_line
@@ -30,6 +30,7 @@ def maybe_finalize(rt: Runtime, batch_id: str) -> bool:
     error_id = _write_file(rt, batch_id, "error", ERROR_STATUSES)
     with rt.session() as session, session.begin():
         batch = repo.get_batch(session, batch_id=batch_id)
+        assert batch is not None  # batch rows are never deleted
         expired = repo.count_requests(session, batch_id=batch_id, statuses=[RequestStatus.expired])
         final = (BatchStatus.cancelled if batch.cancelling_at else
                  BatchStatus.expired if expired else BatchStatus.completed)
@@ -69,12 +70,13 @@ def _enter_finalizing(rt: Runtime, batch_id: str) -> bool:
                                       BatchStatus.finalizing])
 
 
-def _write_file(rt: Runtime, batch_id: str, kind: str, statuses) -> str | None:
+def _write_file(rt: Runtime, batch_id: str, kind: str, statuses: Sequence[RequestStatus]) -> str | None:
     file_id = f"file-{batch_id.removeprefix('batch_')}-{kind}"
     lines = _result_lines(rt, batch_id, statuses)
     size = rt.blobs.write(file_id, lines)
     with rt.session() as session, session.begin():
         batch = repo.get_batch(session, batch_id=batch_id)
+        assert batch is not None  # batch rows are never deleted
         tenant_id = batch.tenant_id  # the batch's owner owns its results
         written = now()
         keep_s = batch.output_expires_after_s or rt.settings.retention_days * 86400  # 0: kept for good
@@ -86,12 +88,12 @@ def _write_file(rt: Runtime, batch_id: str, kind: str, statuses) -> str | None:
             rt.blobs.delete(file_id)
             return None
         repo.add_file(session, file_id=file_id, tenant_id=tenant_id, filename=f"{batch_id}_{kind}.jsonl",
-                      purpose="batch_output", size=size, storage_path=str(rt.blobs.path(file_id)), now=written,
+                      purpose="batch_output", size=size, storage_path=rt.blobs.location(file_id), now=written,
                       expires_at=written + keep_s if keep_s else None)
     return file_id
 
 
-def _result_lines(rt: Runtime, batch_id: str, statuses) -> Iterator[bytes]:
+def _result_lines(rt: Runtime, batch_id: str, statuses: Sequence[RequestStatus]) -> Iterator[bytes]:
     """Result lines in input order, read a page at a time so a million lines never sit in memory.
     Each page touches the batch: a finalizer writing a large file shows it is alive, so the
     reconciler does not take it for a dead one and start a second."""

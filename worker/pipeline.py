@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from sqlalchemy.orm import Session
+
+from common import metrics
 from common.ids import now
 from common.queue import FINALIZE_BATCH
 from common.settings import CONTROL_QUEUE
@@ -21,6 +25,11 @@ from worker.heartbeat import Heartbeat
 from worker.leases import record_failed_run
 from worker.responses import error_code_and_param, response_body, to_generation_request
 from worker.runtime import Runtime
+
+if TYPE_CHECKING:  # the engine's types; importing this module loads no torch
+    from worker.engine.params import GenerationRequest, GenerationResult
+
+    Runnable = tuple[Request, GenerationRequest]  # a claimed request and what the engine runs for it
 
 log = logging.getLogger("diffbatch.worker")
 RETRY_PAUSE_S = 5  # before a group the engine raised in runs again: an out-of-memory may pass
@@ -39,8 +48,8 @@ def run_chunk(rt: Runtime, chunk_id: int) -> int:
     if lease is None or not lease.claimed:
         return 0
     try:
-        with Heartbeat(rt, chunk_id) as beat:
-            written = _process(rt, lease, beat)
+        with Heartbeat(rt, chunk_id) as beat, metrics.ChunkMeter(lease.model, rt.name) as meter:
+            written = _process(rt, lease, beat, meter)
     except Exception:
         log.exception("chunk %s failed; its group runs again, split if it failed before", chunk_id)
         record_failed_run(rt, chunk_id, rt.name, countdown=RETRY_PAUSE_S)
@@ -75,7 +84,7 @@ def _take_lease(rt: Runtime, chunk_id: int) -> _Lease | None:
     return _Lease(chunk.batch_id, None, [])
 
 
-def _lease_chunk(rt: Runtime, session, chunk: Chunk, t: int) -> _Lease | None:
+def _lease_chunk(rt: Runtime, session: Session, chunk: Chunk, t: int) -> _Lease | None:
     batch = repo.get_batch(session, batch_id=chunk.batch_id)
     if batch is None:
         return None
@@ -90,7 +99,7 @@ def _lease_chunk(rt: Runtime, session, chunk: Chunk, t: int) -> _Lease | None:
     return _Lease(batch.id, batch.model, claimed)
 
 
-def _process(rt: Runtime, lease: _Lease, beat: Heartbeat) -> int:
+def _process(rt: Runtime, lease: _Lease, beat: Heartbeat, meter: metrics.ChunkMeter) -> int:
     runnable, written = [], 0
     for request in lease.claimed:
         try:
@@ -99,29 +108,33 @@ def _process(rt: Runtime, lease: _Lease, beat: Heartbeat) -> int:
         except ValueError as exc:
             code, param = error_code_and_param(exc, request.url)
             written += _fail(rt, request, code, f"{param}: {exc}")
-    return written + _generate_and_store(rt, lease, runnable, beat)
+    return written + _generate_and_store(rt, lease, runnable, beat, meter)
 
 
-def _generate_and_store(rt: Runtime, lease: _Lease, runnable: list, beat: Heartbeat) -> int:
+def _generate_and_store(rt: Runtime, lease: _Lease, runnable: list[Runnable], beat: Heartbeat,
+                        meter: metrics.ChunkMeter) -> int:
     """Stream the engine's results (rows finish at different times under continuous batching) and
     hand them to the writer thread a batch-size group at a time, so storing overlaps generation."""
     size, stores, finished, pending = rt.settings.max_batch_size, [], set(), []
     if not runnable:
         return 0
+    model = lease.model
+    assert model is not None  # set with in_progress, the only status whose requests are claimed
     try:
         results = rt.engine.stream([g for _, g in runnable])
         for index, result in results:
             pending.append((runnable[index], result))
             finished.add(index)
+            meter.add(result.completion_tokens, result.prompt_tokens, result.forward_passes)
             if len(pending) == size or len(finished) == len(runnable):
-                stores.append(rt.writer.submit(_store, rt, lease.model, pending))
+                stores.append(rt.writer.submit(_store, rt, model, pending))
                 pending = []
                 if len(finished) < len(runnable) and not _still_ours(rt, lease.batch_id, beat):
                     results.close()  # cancelled, expired, or taken for dead: the rest is handed back
                     break
     finally:
         if pending:  # the engine raised: keep the results it finished before
-            stores.append(rt.writer.submit(_store, rt, lease.model, pending))
+            stores.append(rt.writer.submit(_store, rt, model, pending))
         written = sum(store.result() for store in stores)
     return written
 
@@ -130,7 +143,7 @@ def _still_ours(rt: Runtime, batch_id: str, beat: Heartbeat) -> bool:
     return not beat.lost.is_set() and _batch_status(rt, batch_id) == BatchStatus.in_progress
 
 
-def _store(rt: Runtime, model: str, finished: list) -> int:
+def _store(rt: Runtime, model: str, finished: list[tuple[Runnable, GenerationResult]]) -> int:
     outcomes = [repo.outcome(request.id, RequestStatus.succeeded, now(),
                              response=response_body(request.url, model, result),
                              prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,

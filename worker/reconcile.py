@@ -13,6 +13,9 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 
+from sqlalchemy.orm import Session
+
+from common import metrics
 from common.ids import now
 from common.queue import VALIDATE_BATCH, queue_depth
 from common.settings import CONTROL_QUEUE
@@ -43,18 +46,21 @@ def reconcile(rt: Runtime) -> dict[str, int]:
     finalized = sum(maybe_finalize(rt, batch.id) for batch in open_batches)
     report = {"reclaimed": dead, "orphaned": orphaned, "resent": len(lost), "requeued": len(requeued),
               "revalidated": len(retried), "expired_validating": len(late), "finalized": finalized}
+    metrics.reconciler_actions(report)
     if any(report.values()):
         log.info("reconcile: %s", report)
     return report
 
 
-def _recover_dead_holders(rt: Runtime, session, t: int) -> tuple[int, list[Chunk]]:
+def _recover_dead_holders(rt: Runtime, session: Session, t: int) -> tuple[int, list[Chunk]]:
     """Record the failed run of every chunk whose holder is dead; returns (how many, chunks to send)."""
     to_send: list[Chunk] = []
     dead = repo.dead_leases(session, dead_before=t - rt.settings.worker_dead_after_s)
     for chunk in dead:
-        log.warning("chunk %s: its holder %s is dead; reclaiming it", chunk.id, chunk.worker)
-        to_send += repo.chunk_failed(session, chunk_id=chunk.id, holder=chunk.worker, now=t,
+        holder = chunk.worker
+        assert holder is not None  # dead_leases finds held chunks only
+        log.warning("chunk %s: its holder %s is dead; reclaiming it", chunk.id, holder)
+        to_send += repo.chunk_failed(session, chunk_id=chunk.id, holder=holder, now=t,
                                      max_attempts=rt.settings.max_attempts)
     return len(dead), to_send
 
@@ -82,7 +88,7 @@ def _find_lost_doorbells(rt: Runtime, t: int) -> list[Chunk]:
         return repo.mark_resent(session, chunk_ids=lost, sent_before=sent_before, now=t)
 
 
-def _retry_stuck_validations(rt: Runtime, session, t: int) -> tuple[list[Batch], list[Batch]]:
+def _retry_stuck_validations(rt: Runtime, session: Session, t: int) -> tuple[list[Batch], list[Batch]]:
     """Validation touches its batch as it goes, so a quiet one lost its message or its worker:
     returns (expired, to retry)."""
     stuck = repo.batches_in(session, statuses=[BatchStatus.validating],

@@ -47,7 +47,4 @@ def _purge_expired_files(rt: Runtime) -> int:
 
 
 def _purge_partials(rt: Runtime) -> int:
-    old = rt.blobs.partials_older_than(time.time() - PARTIAL_MAX_AGE_S)
-    for path in old:
-        path.unlink(missing_ok=True)
-    return len(old)
+    return rt.blobs.purge_partials(time.time() - PARTIAL_MAX_AGE_S)

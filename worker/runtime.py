@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from common.queue import make_celery
 from common.settings import BUILTIN_MODEL, Settings, queue_for_model
-from common.storage import BlobStore
+from common.storage import open_blob_store
 from db.session import make_engine, make_session_factory
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ class Runtime:
     def __init__(self, settings: Settings, celery=None, *, weights: bool = True) -> None:
         self.settings, self.weights = settings, weights
         self.session = make_session_factory(make_engine(settings.resolved_database_url))
-        self.blobs = BlobStore(settings.files_dir)
+        self.blobs = open_blob_store(settings)
         self.celery = celery or make_celery(settings)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.model_name = settings.served_model_name

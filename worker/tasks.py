@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from common.queue import FINALIZE_BATCH, RECONCILE, RUN_CHUNK, VALIDATE_BATCH
-from worker import finalize, pipeline, retention, validation
+from common.queue import FINALIZE_BATCH, FIRE_SCHEDULES, RECONCILE, RUN_CHUNK, VALIDATE_BATCH
+from worker import finalize, pipeline, retention, schedules, validation, webhooks
 from worker import reconcile as reconciler
 from worker.runtime import get_runtime
 
@@ -33,3 +33,13 @@ def reconcile() -> dict[str, int]:
 @shared_task(name=retention.TASK)
 def purge_expired() -> dict[str, int]:
     return retention.purge(get_runtime())
+
+
+@shared_task(name=webhooks.TASK)
+def send_webhooks() -> dict[str, int]:
+    return webhooks.send_due(get_runtime())
+
+
+@shared_task(name=FIRE_SCHEDULES)
+def fire_schedules() -> dict[str, dict[str, str]]:
+    return schedules.fire_due(get_runtime()).as_dict()

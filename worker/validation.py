@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Iterator
 
+from common import metrics
 from common.ids import new_id, now
 from common.lines import ChatBody, LineError, ParsedLine, parse_body, parse_line
 from common.queue import RUN_CHUNK
@@ -47,18 +48,26 @@ def validate_batch(rt: Runtime, batch_id: str) -> None:
         session.refresh(batch)  # the claim counted this attempt
         attempts, endpoint = batch.validation_attempts, batch.endpoint
         source = repo.get_file(session, file_id=batch.input_file_id)
+    started, outcome = time.monotonic(), "error"
     try:
         if refusal := _refusal(rt, source, attempts):
-            return _fail(rt, batch_id, token, [refusal])
+            _fail(rt, batch_id, token, [refusal])
+            outcome = "rejected"
+            return
         assert source is not None  # _refusal refuses a missing file
         errors, model, count = _check_lines(rt, batch_id, token, source.id, endpoint)
         if errors:
             _fail(rt, batch_id, token, errors)
+            outcome = "rejected"
         else:
             assert model is not None  # a file without errors has a line, so a model
             _store(rt, batch_id, token, source.id, model, count)
+            outcome = "accepted"
     except _TakenOver:
+        outcome = "taken_over"
         _stop(rt, batch_id, token)
+    finally:
+        metrics.validation_done(outcome, time.monotonic() - started)
 
 
 def _own(session, batch_id: str, token: str) -> None:
@@ -84,7 +93,7 @@ def _refusal(rt: Runtime, source, attempts: int) -> LineError | None:
         return LineError(0, "validation_failed", f"Validation gave up after {attempts - 1} attempts "
                          "(DIFFBATCH_MAX_VALIDATION_ATTEMPTS): the file may be too large, or the validator "
                          "keeps dying on it.")
-    if source is None or not rt.blobs.path(source.id).exists():
+    if source is None or not rt.blobs.exists(source.id):
         return LineError(0, "file_not_found", "The input file no longer exists.")
     if source.line_count is not None and source.line_count > limits.max_batch_requests:
         return _too_many(source.line_count, limits.max_batch_requests)

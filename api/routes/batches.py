@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from sqlalchemy.exc import IntegrityError
@@ -12,15 +12,19 @@ from sqlalchemy.exc import IntegrityError
 from api.auth import ScopeDep, authenticate
 from api.deps import IdempotencyKey, QueueDep, SessionDep, SettingsDep
 from api.errors import ApiError, error_responses
-from api.quotas import check_quota
-from api.schemas import CreateBatch, batch_object, page
+from api.quotas import batch_limits
+from api.schemas import CreateBatch, batch_object, page, webhook_url_problem
 from common.ids import new_id, now
 from common.results import output_line
-from db import repo
-from db.models import OPEN_REQUEST_STATUSES, TERMINAL_BATCH_STATUSES, BatchStatus, RequestStatus
+from common.settings import Settings
+from db import repo, webhooks
+from db.batches_create import BatchSpec, Refused, input_file
+from db.batches_create import create_batch as add_checked_batch
+from db.models import OPEN_REQUEST_STATUSES, TERMINAL_BATCH_STATUSES, Batch, BatchStatus, RequestStatus, WebhookDelivery
+from db.progress import running_tokens
+from db.scoped import TenantScope
 
 router = APIRouter(prefix="/v1/batches", dependencies=[Depends(authenticate)])
-WINDOW_S = {"24h": 24 * 3600}
 FINISHED = [status for status in RequestStatus if status not in OPEN_REQUEST_STATUSES]
 
 
@@ -28,9 +32,24 @@ def _request_hash(body: CreateBatch) -> str:
     return hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
 
 
-@router.post("", responses=error_responses(400, 401, 404, 409, 429))
+def webhook_url_of(body: CreateBatch, settings: Settings) -> str | None:
+    """The batch's webhook: the `webhook_url` field, else metadata.webhook_url (checked here). A webhook
+    is signed, so it needs DIFFBATCH_WEBHOOK_SECRET."""
+    url, param = body.webhook_url, "webhook_url"
+    if url is None and body.metadata and "webhook_url" in body.metadata:
+        url, param = body.metadata["webhook_url"], "metadata.webhook_url"
+        if problem := webhook_url_problem(url):
+            raise ApiError(400, f"{param}: {problem}", param=param, code="invalid_request")
+    if url is not None and settings.webhook_secret is None:
+        raise ApiError(400, f"{param}: this server signs webhooks and has no secret to sign them with; its "
+                       "operator sets DIFFBATCH_WEBHOOK_SECRET (see the README: Webhooks).", param=param,
+                       code="webhook_secret_missing")
+    return url
+
+
+@router.post("", response_model=None, responses=error_responses(400, 401, 404, 409, 429))
 def create_batch(session: SessionDep, scope: ScopeDep, settings: SettingsDep, queue: QueueDep, body: CreateBatch,
-                 idempotency_key: IdempotencyKey = None):
+                 idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
     # The OpenAI SDK retries POSTs: a key, or an identical body moments ago, returns the first batch.
     request_hash = _request_hash(body)
     existing = (scope.find_batch_by_idempotency_key(idempotency_key) if idempotency_key
@@ -41,60 +60,64 @@ def create_batch(session: SessionDep, scope: ScopeDep, settings: SettingsDep, qu
                        code="idempotency_key_reused")
     if existing:
         return batch_object(existing)
-    source = scope.get_file(body.input_file_id)
-    if source is None:
-        raise ApiError(404, f"No such File object: {body.input_file_id}", param="input_file_id",
-                       code="file_not_found")
-    if source.purpose != "batch":
-        raise ApiError(400, f"File {source.id} has purpose {source.purpose!r}, not 'batch'.",
-                       param="input_file_id", code="invalid_file_purpose")
-    if (source.line_count or 0) > settings.max_batch_requests:
-        raise ApiError(400, f"File {source.id} has {source.line_count:,} requests; a batch takes at most "
-                       f"{settings.max_batch_requests:,} (DIFFBATCH_MAX_BATCH_REQUESTS).", param="input_file_id",
-                       code="batch_too_large")
-    check_quota(scope, settings, new_requests=source.line_count or 0)
-    created = now()
+    limits = batch_limits(settings)
     try:
-        row = repo.add_batch(
-            session, id=new_id("batch_"), tenant_id=scope.tenant_id, status=BatchStatus.validating,
-            endpoint=body.endpoint, input_file_id=source.id, completion_window=body.completion_window,
-            metadata_=body.metadata,
-            output_expires_after_s=body.output_expires_after and body.output_expires_after.seconds,
-            idempotency_key=idempotency_key, request_hash=request_hash, created_at=created,
-            expires_at=created + WINDOW_S[body.completion_window], touched_at=created,
-            total=0, completed=0, failed=0, input_tokens=0, output_tokens=0, priority=0)
+        input_file(scope, body.input_file_id, limits)  # its errors come before the webhook's
+        expires_after_s = body.output_expires_after.seconds if body.output_expires_after else None
+        spec = BatchSpec(input_file_id=body.input_file_id, endpoint=body.endpoint,
+                         completion_window=body.completion_window, metadata=body.metadata,
+                         output_expires_after_s=expires_after_s,
+                         webhook_url=webhook_url_of(body, settings), idempotency_key=idempotency_key,
+                         request_hash=request_hash)
+        row = add_checked_batch(scope, spec, limits, batch_id=new_id("batch_"), now=now())
         session.commit()
+    except Refused as exc:
+        raise ApiError(exc.status, exc.message, param=exc.param, code=exc.code) from exc
     except IntegrityError:  # a concurrent retry with the same key won the insert
         session.rollback()
-        return batch_object(scope.find_batch_by_idempotency_key(idempotency_key))
+        winner = None if idempotency_key is None else scope.find_batch_by_idempotency_key(idempotency_key)
+        if winner is None:
+            raise
+        return batch_object(winner)
     queue.validate_batch(row.id)
     return batch_object(row)
 
 
-@router.get("", responses=error_responses(400, 401))
-def list_batches(scope: ScopeDep, after: str | None = None,
-                 limit: Annotated[int, Query(ge=1, le=100)] = 20):
+@router.get("", response_model=None, responses=error_responses(400, 401))
+def list_batches(scope: ScopeDep, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                 schedule_id: str | None = None) -> dict[str, Any]:
+    """``schedule_id`` (diffbatch extension): only the batches that schedule's runs created."""
     if after and scope.get_batch(after) is None:  # else the listing would start over
         raise ApiError(400, f"after: no batch {after!r}; list again without it", param="after")
-    rows = scope.list_batches(after=after, limit=limit + 1)
-    return page([batch_object(r) for r in rows[:limit]], has_more=len(rows) > limit)
+    rows = scope.list_batches(after=after, limit=limit + 1, schedule_id=schedule_id)
+    running = running_tokens(scope.session, [r.id for r in rows[:limit]])
+    hooks = _deliveries(scope, rows[:limit])
+    return page([batch_object(r, running.get(r.id, 0), hooks.get(r.id, [])) for r in rows[:limit]],
+                has_more=len(rows) > limit)
 
 
-def _get(scope, batch_id: str):
+def _deliveries(scope: TenantScope, rows: list[Batch]) -> dict[str, list[WebhookDelivery]]:
+    """The webhook deliveries of these (tenant's own) batches; no query when none names a webhook."""
+    return webhooks.deliveries_of(scope.session, batch_ids=[r.id for r in rows if r.webhook_url])
+
+
+def _get(scope: TenantScope, batch_id: str) -> Batch:
     row = scope.get_batch(batch_id)
     if row is None:
         raise ApiError(404, f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found")
     return row
 
 
-@router.get("/{batch_id}", responses=error_responses(400, 401, 404))
-def get_batch(scope: ScopeDep, batch_id: str):
-    return batch_object(_get(scope, batch_id))
+@router.get("/{batch_id}", response_model=None, responses=error_responses(400, 401, 404))
+def get_batch(scope: ScopeDep, batch_id: str) -> dict[str, Any]:
+    row = _get(scope, batch_id)
+    return batch_object(row, running_tokens(scope.session, [row.id]).get(row.id, 0),
+                        _deliveries(scope, [row]).get(row.id, []))
 
 
-@router.get("/{batch_id}/results", responses=error_responses(400, 401, 404))
+@router.get("/{batch_id}/results", response_model=None, responses=error_responses(400, 401, 404))
 def partial_results(scope: ScopeDep, batch_id: str, after: str | None = None,
-                    limit: Annotated[int, Query(ge=1, le=1000)] = 100):
+                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
     """diffbatch extension: finished result lines so far, in input order, while the batch runs."""
     _get(scope, batch_id)
     after_line = -1
@@ -108,11 +131,11 @@ def partial_results(scope: ScopeDep, batch_id: str, after: str | None = None,
     return page([output_line(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
 
-@router.post("/{batch_id}/cancel", responses=error_responses(400, 401, 404, 409))
-def cancel_batch(session: SessionDep, scope: ScopeDep, queue: QueueDep, batch_id: str):
+@router.post("/{batch_id}/cancel", response_model=None, responses=error_responses(400, 401, 404, 409))
+def cancel_batch(session: SessionDep, scope: ScopeDep, queue: QueueDep, batch_id: str) -> dict[str, Any]:
     row = _get(scope, batch_id)
     if row.status in (BatchStatus.cancelling, BatchStatus.cancelled):
-        return batch_object(row)
+        return batch_object(row, deliveries=_deliveries(scope, [row]).get(row.id, []))
     if row.status in TERMINAL_BATCH_STATUSES or row.status == BatchStatus.finalizing:
         raise ApiError(409, f"Cannot cancel a batch with status {row.status.value!r}.",
                        param="batch_id", code="batch_not_cancellable")

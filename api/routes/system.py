@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.auth import CurrentTenant
@@ -17,23 +19,23 @@ log = logging.getLogger("diffbatch.api")
 router = APIRouter()
 
 
-@router.get("/v1/models", responses=error_responses(400, 401))
-def list_models(session: SessionDep, settings: SettingsDep, _caller: CurrentTenant):
+@router.get("/v1/models", response_model=None, responses=error_responses(400, 401))
+def list_models(session: SessionDep, settings: SettingsDep, _caller: CurrentTenant) -> dict[str, Any]:
     live = repo.known_workers(session, since=now() - settings.stale_after_s)
-    models = {}
+    models: dict[str, dict[str, Any]] = {}
     for worker in live:
         models.setdefault(worker.model, {"id": worker.model, "object": "model",
                                          "created": worker.started_at, "owned_by": "diffbatch"})
     return {"object": "list", "data": list(models.values())}
 
 
-@router.get("/healthz", responses=error_responses(400))
-def healthz():
+@router.get("/healthz", response_model=None, responses=error_responses(400))
+def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses=error_responses(400, 503))
-def readyz(session: SessionDep, queue: QueueDep):
+@router.get("/readyz", response_model=None, responses=error_responses(400, 503))
+def readyz(session: SessionDep, queue: QueueDep) -> dict[str, str] | JSONResponse:
     """Ready when the database and the broker answer; a 503 names the one that does not (details: the log)."""
     down = []
     try:

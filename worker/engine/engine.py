@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Generator
 
 from common.samplers import BLOCK_SAMPLERS, DIFFUSION_GEMMA_OPTIONS, Sampler, names
 
@@ -92,6 +92,16 @@ class Engine:
                                              **common)
         self.healer = TokenHealer(self.tokenizer, self.vocab_size)
 
+    @property
+    def tokens_in_flight(self) -> int:
+        """Completion tokens committed for the rows running now (the heartbeat reports them as progress)."""
+        return self.scheduler.tokens_in_flight
+
+    @property
+    def tokens_committed(self) -> int:
+        """Completion tokens committed since the model loaded."""
+        return self.scheduler.tokens_committed
+
     # ---- prompts -------------------------------------------------------------------------
 
     def encode_completion(self, prompt: str) -> list[int]:
@@ -175,7 +185,7 @@ class Engine:
         results = dict(self.stream(requests))
         return [results[i] for i in range(len(requests))]
 
-    def stream(self, requests: list[GenerationRequest]) -> Iterator[tuple[int, GenerationResult]]:
+    def stream(self, requests: list[GenerationRequest]) -> Generator[tuple[int, GenerationResult], None, None]:
         """Yield (index in ``requests``, result) as each request finishes; raises InvalidRequest first if
         any request is invalid. Rows are batched continuously, one scheduler run per block length."""
         for request in requests:

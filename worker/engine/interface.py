@@ -6,7 +6,7 @@ Both engines (``engine.Engine``, ``diffusion_gemma.engine.DiffusionGemmaEngine``
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Protocol
 
 from .params import GenerationRequest, GenerationResult, Healing
@@ -59,6 +59,6 @@ class GenerationEngine(Protocol):
         """Results in the order of ``requests``; raises InvalidRequest if any request is invalid."""
         ...
 
-    def stream(self, requests: list[GenerationRequest]) -> Iterator[tuple[int, GenerationResult]]:
+    def stream(self, requests: list[GenerationRequest]) -> Generator[tuple[int, GenerationResult], None, None]:
         """(index in ``requests``, result) pairs as requests finish; checks every request first."""
         ...

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Generator
 from functools import partial
 
 from common.samplers import DIFFUSION_GEMMA_SAMPLERS, Sampler, names
@@ -69,6 +69,9 @@ class DiffusionGemmaEngine:
         if params.steps is not None:
             raise InvalidRequest("diffusion.steps does not apply to DiffusionGemma models; use diffusion.max_steps",
                                  param="diffusion.steps")
+        if params.schedule is not None:  # its reference is model.generate(), which has no such choice
+            raise InvalidRequest("diffusion.schedule does not apply to DiffusionGemma models",
+                                 param="diffusion.schedule")
         if params.block_length != self.canvas_length:
             raise InvalidRequest(f"diffusion.block_length is fixed by the checkpoint: canvas_length="
                                  f"{self.canvas_length}", param="diffusion.block_length")
@@ -117,7 +120,7 @@ class DiffusionGemmaEngine:
                              "canvas starts from random tokens, not from [MASK] around fixed text",
                              param="diffusion.template")
 
-    def stream(self, requests: list[GenerationRequest]) -> Iterator[tuple[int, GenerationResult]]:
+    def stream(self, requests: list[GenerationRequest]) -> Generator[tuple[int, GenerationResult], None, None]:
         """(index, result) pairs, the worker's interface; all come once the whole call is done."""
         yield from enumerate(self.generate(requests))
 
