@@ -68,9 +68,8 @@ class Heartbeat:
 
 
 def tokens_in_flight(rt: Runtime) -> int:
-    """The engine's count of tokens its running rows have committed (0 for an engine without one)."""
-    count = getattr(rt.engine, "tokens_in_flight", 0)
-    return count if isinstance(count, int) else 0
+    """The engine's count of tokens its running rows have committed."""
+    return rt.engine.tokens_in_flight
 
 
 def beat_worker_row(rt: Runtime) -> None:

@@ -141,6 +141,29 @@ def test_max_tokens_and_passes(loaded):
     assert short.token_ids == long_.token_ids[: len(short.token_ids)]  # same seed, same first canvas
 
 
+def test_progress_counts_whole_canvases_while_the_batch_runs(loaded, monkeypatch):
+    # The worker's heartbeat reports tokens_in_flight, so a long DiffusionGemma chunk shows progress
+    # before any of its requests is stored.
+    from worker.engine.diffusion_gemma.continuous import ContinuousDenoiser
+
+    engine = make_engine(loaded, max_batch_size=2)
+    seen: list[int] = []
+    commit = ContinuousDenoiser._commit
+
+    def observed(self, slots, finished):
+        to_encode = commit(self, slots, finished)
+        seen.append(engine.tokens_in_flight)
+        return to_encode
+
+    monkeypatch.setattr(ContinuousDenoiser, "_commit", observed)
+    results = engine.generate(_requests(engine, [("a", dict(max_tokens=40, seed=1)),
+                                                 ("b", dict(max_tokens=20, seed=2))]))
+    assert seen == sorted(seen) and seen[0] == 0  # no canvas done before the first commit
+    assert seen[-1] >= sum(r.completion_tokens for r in results) and seen[-1] % CANVAS == 0
+    assert len(set(seen)) >= 3  # it moved canvas by canvas, not once at the end
+    assert engine.tokens_in_flight == 0  # nothing running after the call
+
+
 def test_eviction_at_eos(loaded):
     """A row that emits EOS leaves after that canvas: fewer decoder passes, finish_reason stop."""
     engine = make_engine(loaded, max_batch_size=4)
@@ -186,6 +209,7 @@ def test_prompt_longer_than_positions(loaded):
     (dict(top_p=0.5), "top_p does not apply"),
     (dict(t_min=0.9), r"diffusion.t_min \(0.9\) must be >= 0 and below diffusion.t_max \(0.8\)"),
     (dict(max_steps=0), "diffusion.max_steps must be a positive integer"),
+    (dict(sampler="reference", schedule="maskgit_plus"), "diffusion.schedule does not apply"),
 ])
 def test_check_names_the_field(loaded, kw, message):
     engine = make_engine(loaded)

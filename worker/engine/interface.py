@@ -35,6 +35,11 @@ class GenerationEngine(Protocol):
         """The block (DiffusionGemma: the canvas) length for a request that names none."""
         ...
 
+    @property
+    def tokens_in_flight(self) -> int:
+        """Completion tokens committed for the rows running now; the heartbeat reports them as progress."""
+        ...
+
     def encode_completion(self, prompt: str) -> list[int]:
         """A /v1/completions prompt's token ids."""
         ...

@@ -46,6 +46,9 @@ class ContinuousDenoiser:
         self.adapter, self.max_rows = adapter, max_rows
         self.stability = stop.stability_threshold if stop.adaptive_stop else None
         self.confidence = stop.confidence_threshold if stop.adaptive_stop else None
+        # Progress, read by the worker's heartbeat thread: tokens the run's jobs have committed so far
+        # (whole canvases; no job's result is handed out before the run ends).
+        self.tokens_in_flight = 0
 
     @torch.inference_mode()
     def run(self, jobs: list[Job]) -> None:
@@ -65,6 +68,8 @@ class ContinuousDenoiser:
             self._encode_and_start(slots, to_encode)
             finished = self._step(len(slots), fresh=len(to_encode))
             to_encode = self._commit(slots, finished)
+            if finished:
+                self.tokens_in_flight = sum(len(job.generated) for job in jobs)
 
     # ---- state ---------------------------------------------------------------------------
 

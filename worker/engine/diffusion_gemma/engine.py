@@ -37,6 +37,7 @@ class DiffusionGemmaEngine:
         self.adapter = DiffusionGemmaAdapter(loaded.model, loaded.pad_token_id)
         self.canvas_length = self.adapter.canvas_length
         self.default_block_length = self.canvas_length  # the canvas is DiffusionGemma's block
+        self._denoiser: ContinuousDenoiser | None = None  # the continuous run in progress, for progress reports
         self.vocab_size = self.adapter.vocab_size
         self.defaults = checkpoint_defaults(loaded.model.generation_config)
         self.eos_token_ids = tuple(loaded.eos_token_ids)
@@ -115,6 +116,12 @@ class DiffusionGemmaEngine:
             self._run_reference(requests, reference, results)
         return [results[i] for i in range(len(requests))]
 
+    @property
+    def tokens_in_flight(self) -> int:
+        """Completion tokens the running continuous batch has committed (reference runs report none)."""
+        denoiser = self._denoiser
+        return denoiser.tokens_in_flight if denoiser is not None else 0
+
     def encode_template(self, template: str) -> list[int | None]:
         raise InvalidRequest("diffusion.template (infilling) is not supported for DiffusionGemma models: their "
                              "canvas starts from random tokens, not from [MASK] around fixed text",
@@ -129,7 +136,11 @@ class DiffusionGemmaEngine:
         jobs = [Job(prompt_ids=requests[i].prompt_ids, settings=resolve(self.defaults, requests[i].params),
                     seed=requests[i].params.effective_seed, done=partial(self._is_done, params=requests[i].params))
                 for i in indices]
-        ContinuousDenoiser(self.adapter, max_rows=self.max_batch_size, stop=self.defaults).run(jobs)
+        self._denoiser = ContinuousDenoiser(self.adapter, max_rows=self.max_batch_size, stop=self.defaults)
+        try:
+            self._denoiser.run(jobs)
+        finally:
+            self._denoiser = None
         for i, job in zip(indices, jobs, strict=False):
             results[i] = self._result(requests[i], job.generated, job.forward_passes, job.elapsed_s)
 
