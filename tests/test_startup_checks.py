@@ -55,12 +55,16 @@ def test_run_model_names_the_folder_to_check(tmp_path, capsys):
     _nothing_submitted(tmp_path)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any folder")
-def test_an_unreadable_model_folder_is_said(tmp_path, capsys):
+def test_an_unreadable_model_folder_is_said(tmp_path, capsys, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
     (locked / "config.json").write_text("{}")
     locked.chmod(0)
+    # Root reads any folder whatever its mode; the check asks os.access, so answer for this folder as
+    # its permissions would for anyone else.
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path).is_relative_to(locked)
+                        else real_access(path, mode, **kw))
     try:
         assert main(_run(tmp_path, "--model", str(locked))) == 2
     finally:
