@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api.auth import KeyCheck
+from api.body_limit import LimitBodySize
 from api.errors import install_error_handlers, without_422
 from api.hardening import RefuseUnstorableText
 from api.metrics import router as metrics_router
@@ -29,6 +30,7 @@ def create_app(settings: Settings | None = None, *, queue: Queue | None = None) 
     app.state.key_check = KeyCheck(settings)
     install_error_handlers(app)
     app.add_middleware(RefuseUnstorableText)
+    app.add_middleware(LimitBodySize, limit=settings.max_upload_bytes)
     for module in (files, batches, system):
         app.include_router(module.router)
     app.include_router(workers_routes.router)  # /v1/workers

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from common.lines import ENDPOINTS
 from db.models import Batch, File, WebhookDelivery
@@ -78,6 +78,21 @@ class CreateBatch(BaseModel):
             _storable(key)
             _storable(text)
         return value
+
+
+# One inline request: an input file's line (diffbatch extension).
+INLINE_REQUEST = {"type": "object", "required": ["custom_id", "method", "url", "body"], "properties": {
+    "custom_id": {"type": "string"}, "method": {"type": "string", "enum": ["POST"]},
+    "url": {"type": "string", "enum": list(ENDPOINTS)}, "body": {"type": "object"}}}
+
+
+class CreateBatchBody(CreateBatch):
+    """POST /v1/batches: an input_file_id, or (diffbatch extension) the input lines inline in `requests`;
+    exactly one of the two (checked by the route, which names the field)."""
+
+    # Optional here only: a schedule's template (CreateBatch) always names a file.
+    input_file_id: StorableText | None = Field(None, min_length=1)  # type: ignore[assignment]
+    requests: list[Annotated[Any, WithJsonSchema(INLINE_REQUEST)]] | None = None
 
 
 def webhook_url_problem(url: str) -> str | None:

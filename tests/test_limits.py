@@ -84,6 +84,25 @@ def test_a_declared_size_over_the_limit_is_refused_before_the_body_is_read(tmp_p
     _nothing_kept(svc)
 
 
+def test_a_json_body_past_the_upload_limit_is_a_413_declared_or_counted(tmp_path, tiny_model):
+    # Inline requests make large JSON bodies normal: they are bounded like uploads (plus 1 MiB of slack).
+    with Service.embedded(tmp_path, tiny_model, max_upload_bytes=1000) as svc:
+        items = [completion_line(f"r{i}", prompt="x" * 4000) for i in range(300)]  # ~1.3 MB
+        body = json.dumps({"requests": items, "endpoint": "/v1/completions", "completion_window": "24h"})
+        declared = svc.client.post("/v1/batches", content=body, headers={"content-type": "application/json"})
+        assert declared.status_code == 413 and declared.json()["error"]["code"] == "body_too_large"
+
+        def chunked():
+            for start in range(0, len(body), 65536):
+                yield body[start:start + 65536].encode()
+        counted = svc.client.post("/v1/batches", content=chunked(), headers={"content-type": "application/json"})
+        assert counted.status_code == 413 and counted.json()["error"]["param"] == "body"
+        small = svc.client.post("/v1/batches", json={"requests": [completion_line("r")], "endpoint": "/v1/completions",
+                                                     "completion_window": "24h"})
+        assert small.status_code == 200, small.text
+        assert svc.client.get("/v1/batches").json()["data"][0]["id"] == small.json()["id"]
+
+
 def test_a_small_configured_limit_counts_the_file_bytes_exactly(tmp_path, tiny_model):
     svc = Service.embedded(tmp_path, tiny_model, max_upload_bytes=1000)
     exact = svc.client.post("/v1/files", files={"file": ("a.jsonl", b"x" * 1000)}, data={"purpose": "batch"})

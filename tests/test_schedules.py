@@ -186,10 +186,12 @@ def test_schedules_are_tenant_scoped(api):
                                                  "endpoint": "/v1/completions"}}
     assert api.client.post("/v1/schedules", json=stolen, headers=bob).status_code == 404  # not bob's file
     second = create(api, headers=alice)
+    # Newest first; two made in one second are ordered by id, as the listing's order says.
+    newer, older = sorted([created, second], key=lambda s: (s["created_at"], s["id"]), reverse=True)
     listed = api.client.get("/v1/schedules", params={"limit": 1}, headers=alice).json()
-    assert [s["id"] for s in listed["data"]] == [second["id"]] and listed["has_more"]
-    rest = api.client.get("/v1/schedules", params={"after": second["id"]}, headers=alice).json()
-    assert [s["id"] for s in rest["data"]] == [sid] and not rest["has_more"]
+    assert [s["id"] for s in listed["data"]] == [newer["id"]] and listed["has_more"]
+    rest = api.client.get("/v1/schedules", params={"after": newer["id"]}, headers=alice).json()
+    assert [s["id"] for s in rest["data"]] == [older["id"]] and not rest["has_more"]
     fired = fire_due(api.runtime, now=created["next_run_at"]).fired
     with api.runtime.session() as session:
         assert session.get(Batch, fired[sid]).tenant_id == "alice"

@@ -10,13 +10,16 @@ from fastapi import APIRouter, Depends, Query
 from sqlalchemy.exc import IntegrityError
 
 from api.auth import ScopeDep, authenticate
-from api.deps import IdempotencyKey, QueueDep, SessionDep, SettingsDep
+from api.deps import BlobsDep, IdempotencyKey, QueueDep, SessionDep, SettingsDep
 from api.errors import ApiError, error_responses
+from api.queue import Queue
 from api.quotas import batch_limits
-from api.schemas import CreateBatch, batch_object, page, webhook_url_problem
+from api.routes.batch_extensions import NewInput, input_of, retry_input, retry_spec
+from api.schemas import CreateBatch, CreateBatchBody, batch_object, page, webhook_url_problem
 from common.ids import new_id, now
 from common.results import output_line
 from common.settings import Settings
+from common.storage import BlobStore
 from db import repo, webhooks
 from db.batches_create import BatchSpec, Refused, input_file
 from db.batches_create import create_batch as add_checked_batch
@@ -48,39 +51,78 @@ def webhook_url_of(body: CreateBatch, settings: Settings) -> str | None:
 
 
 @router.post("", response_model=None, responses=error_responses(400, 401, 404, 409, 429))
-def create_batch(session: SessionDep, scope: ScopeDep, settings: SettingsDep, queue: QueueDep, body: CreateBatch,
+def create_batch(scope: ScopeDep, settings: SettingsDep, queue: QueueDep, blobs: BlobsDep, body: CreateBatchBody,
                  idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
     # The OpenAI SDK retries POSTs: a key, or an identical body moments ago, returns the first batch.
     request_hash = _request_hash(body)
+    if existing := _earlier(scope, settings, idempotency_key, request_hash):
+        return batch_object(existing)
+    limits = batch_limits(settings)
+    file_id, new_input = input_of(body, settings)  # inline requests (extension) become a file written here
+    try:
+        if new_input is None:
+            input_file(scope, file_id, limits)  # its errors come before the webhook's
+        expires_after_s = body.output_expires_after.seconds if body.output_expires_after else None
+        spec = BatchSpec(input_file_id=file_id, endpoint=body.endpoint,
+                         completion_window=body.completion_window, metadata=body.metadata,
+                         output_expires_after_s=expires_after_s,
+                         webhook_url=webhook_url_of(body, settings), idempotency_key=idempotency_key,
+                         request_hash=request_hash)
+    except Refused as exc:
+        raise ApiError(exc.status, exc.message, param=exc.param, code=exc.code) from exc
+    return batch_object(_add(scope, settings, queue, blobs, spec, new_input))
+
+
+def _earlier(scope: TenantScope, settings: Settings, idempotency_key: str | None, request_hash: str) -> Batch | None:
+    """The batch an earlier try of this POST made: by its Idempotency-Key, else by an identical request
+    moments ago. A key sent before with another request is a 409."""
     existing = (scope.find_batch_by_idempotency_key(idempotency_key) if idempotency_key
                 else scope.find_recent_batch(request_hash=request_hash, since=now() - settings.dedupe_window_s))
     if existing and existing.request_hash != request_hash:  # a key reused for another batch: not a retry
         raise ApiError(409, f"Idempotency-Key {idempotency_key!r} was sent with another batch ({existing.id}), "
                        "of other parameters; use a new key for a new batch.", param="Idempotency-Key",
                        code="idempotency_key_reused")
-    if existing:
-        return batch_object(existing)
-    limits = batch_limits(settings)
+    return existing
+
+
+def _add(scope: TenantScope, settings: Settings, queue: Queue, blobs: BlobStore, spec: BatchSpec,
+         new_input: NewInput | None) -> Batch:
+    """Add the batch (and the input file written for it, if any), commit, and send its validation."""
+    committed = False
     try:
-        input_file(scope, body.input_file_id, limits)  # its errors come before the webhook's
-        expires_after_s = body.output_expires_after.seconds if body.output_expires_after else None
-        spec = BatchSpec(input_file_id=body.input_file_id, endpoint=body.endpoint,
-                         completion_window=body.completion_window, metadata=body.metadata,
-                         output_expires_after_s=expires_after_s,
-                         webhook_url=webhook_url_of(body, settings), idempotency_key=idempotency_key,
-                         request_hash=request_hash)
-        row = add_checked_batch(scope, spec, limits, batch_id=new_id("batch_"), now=now())
-        session.commit()
+        if new_input is not None:
+            new_input.add(scope, blobs, settings)
+        row = add_checked_batch(scope, spec, batch_limits(settings), batch_id=new_id("batch_"), now=now())
+        scope.session.commit()
+        committed = True
     except Refused as exc:
         raise ApiError(exc.status, exc.message, param=exc.param, code=exc.code) from exc
     except IntegrityError:  # a concurrent retry with the same key won the insert
-        session.rollback()
-        winner = None if idempotency_key is None else scope.find_batch_by_idempotency_key(idempotency_key)
+        scope.session.rollback()
+        key = spec.idempotency_key
+        winner = None if key is None else scope.find_batch_by_idempotency_key(key)
         if winner is None:
             raise
-        return batch_object(winner)
+        return winner
+    finally:
+        if new_input is not None and not committed:
+            new_input.discard(blobs)
     queue.validate_batch(row.id)
-    return batch_object(row)
+    return row
+
+
+@router.post("/{batch_id}/retry", response_model=None, responses=error_responses(400, 401, 404, 409, 429))
+def retry_batch(scope: ScopeDep, settings: SettingsDep, queue: QueueDep, blobs: BlobsDep, batch_id: str,
+                idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+    """diffbatch extension: a new batch of a finished batch's failed, expired and cancelled lines, in input
+    order, with metadata.retry_of naming it. Idempotent as create is."""
+    first = _get(scope, batch_id)
+    request_hash = hashlib.sha256(f"retry of {batch_id}".encode()).hexdigest()
+    if existing := _earlier(scope, settings, idempotency_key, request_hash):
+        return batch_object(existing)
+    new_input = retry_input(scope, first)
+    spec = retry_spec(first, new_input, idempotency_key=idempotency_key, request_hash=request_hash)
+    return batch_object(_add(scope, settings, queue, blobs, spec, new_input))
 
 
 @router.get("", response_model=None, responses=error_responses(400, 401))
