@@ -21,6 +21,7 @@ from common.queue import FINALIZE_BATCH
 from common.settings import CONTROL_QUEUE
 from db import repo
 from db.models import OPEN_REQUEST_STATUSES, BatchStatus, Chunk, Request, RequestStatus
+from db.progress import report_chunk_tokens
 from worker.heartbeat import Heartbeat
 from worker.leases import record_failed_run
 from worker.responses import error_code_and_param, response_body, to_generation_request
@@ -127,14 +128,14 @@ def _generate_and_store(rt: Runtime, lease: _Lease, runnable: list[Runnable], be
             finished.add(index)
             meter.add(result.completion_tokens, result.prompt_tokens, result.forward_passes)
             if len(pending) == size or len(finished) == len(runnable):
-                stores.append(rt.writer.submit(_store, rt, model, pending))
+                stores.append(rt.writer.submit(_store, rt, model, beat.chunk_id, pending))
                 pending = []
                 if len(finished) < len(runnable) and not _still_ours(rt, lease.batch_id, beat):
                     results.close()  # cancelled, expired, or taken for dead: the rest is handed back
                     break
     finally:
         if pending:  # the engine raised: keep the results it finished before
-            stores.append(rt.writer.submit(_store, rt, model, pending))
+            stores.append(rt.writer.submit(_store, rt, model, beat.chunk_id, pending))
         written = sum(store.result() for store in stores)
     return written
 
@@ -143,13 +144,17 @@ def _still_ours(rt: Runtime, batch_id: str, beat: Heartbeat) -> bool:
     return not beat.lost.is_set() and _batch_status(rt, batch_id) == BatchStatus.in_progress
 
 
-def _store(rt: Runtime, model: str, finished: list[tuple[Runnable, GenerationResult]]) -> int:
+def _store(rt: Runtime, model: str, chunk_id: int, finished: list[tuple[Runnable, GenerationResult]]) -> int:
     outcomes = [repo.outcome(request.id, RequestStatus.succeeded, now(),
                              response=response_body(request.url, model, result),
                              prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                              forward_passes=result.forward_passes)
                 for (request, _), result in finished]
     with rt.session() as session, session.begin():
+        # The stored rows' tokens now count as their requests' output: the chunk's running count, which
+        # the engine lowered before it handed them out, is written in the same transaction so a progress
+        # reader never counts them twice.
+        report_chunk_tokens(session, chunk_id=chunk_id, worker=rt.name, tokens=rt.engine.tokens_in_flight)
         return repo.finish_requests(session, batch_id=finished[0][0][0].batch_id, outcomes=outcomes)
 
 
