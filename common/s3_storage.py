@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from botocore.exceptions import ClientError
 
-from common.storage import CHUNK_BYTES, OversizedLine
+from common.storage import CHUNK_BYTES, OversizedLine, write_all
 
 if TYPE_CHECKING:
     from types_boto3_s3 import S3Client
@@ -194,14 +194,7 @@ class S3BlobStore:
 
     def write(self, file_id: str, parts: Iterable[bytes]) -> int:
         """Store the parts as one object; returns its size in bytes."""
-        blob = self.writer(file_id)
-        try:
-            for part in parts:
-                blob.write(part)
-        except BaseException:
-            blob.discard()  # a writer that failed leaves no upload behind
-            raise
-        return blob.commit()
+        return write_all(self.writer(file_id), parts)
 
     def read_chunks(self, file_id: str) -> Generator[bytes, None, None]:
         body = self.client.get_object(Bucket=self.bucket, Key=self.key(file_id))["Body"]

@@ -125,14 +125,7 @@ class LocalBlobStore:
 
     def write(self, file_id: str, parts: Iterable[bytes]) -> int:
         """Store the parts as one blob; returns its size in bytes."""
-        blob = self.writer(file_id)
-        try:
-            for part in parts:
-                blob.write(part)
-        except BaseException:
-            blob.discard()  # a writer that failed leaves no partial file behind
-            raise
-        return blob.commit()
+        return write_all(self.writer(file_id), parts)
 
     def read_chunks(self, file_id: str) -> Iterator[bytes]:
         with open(self.path(file_id), "rb") as src:
@@ -189,3 +182,14 @@ def _skip_rest_of_line(src: IO[bytes]) -> int:
         if piece.endswith(b"\n"):
             break
     return skipped
+
+
+def write_all(blob: BlobWriter, parts: Iterable[bytes]) -> int:
+    """Write ``parts`` to ``blob`` and commit it; a write that fails discards it (nothing half-stored)."""
+    try:
+        for part in parts:
+            blob.write(part)
+    except BaseException:
+        blob.discard()
+        raise
+    return blob.commit()

@@ -117,6 +117,21 @@ def require_servers() -> None:
         pytest.skip(f"Redis/PostgreSQL unreachable: {exc}")
 
 
+# Parametrize a fixture with these to run its tests on SQLite and on PostgreSQL (run when CI=true).
+DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.services)]
+
+
+@contextlib.contextmanager
+def service_on(database: str, tmp_path: Path, model: Path, **overrides):
+    """A Service (not started) on the embedded SQLite or on a fresh PostgreSQL database."""
+    if database == "sqlite":
+        yield Service.embedded(tmp_path, model, **overrides)
+        return
+    require_servers()
+    with fresh_postgres_database() as url:
+        yield Service.embedded(tmp_path, model, database_url=url, **overrides)
+
+
 @contextlib.contextmanager
 def fresh_postgres_database():
     """A new empty PostgreSQL database for one test, dropped afterwards."""

@@ -13,24 +13,18 @@ from pathlib import Path
 import pytest
 
 from common.ids import now
-from common.settings import Settings
 from db import keys, repo
 from db.models import File
-from tests.harness import Service, completion_line, fresh_postgres_database, require_servers
+from tests.harness import DATABASES, Service, completion_line, service_on
 from worker import finalize, pipeline, validation
 
 ROUTES = Path(__file__).resolve().parents[1] / "api" / "routes"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
+@pytest.fixture(params=DATABASES)
 def svc(request, tmp_path, tiny_model):
-    if request.param == "sqlite":
-        yield Service.embedded(tmp_path, tiny_model)
-        return
-    require_servers()
-    with fresh_postgres_database() as url:
-        yield Service(Settings(data_dir=tmp_path / "data", model=str(tiny_model), database_url=url,
-                               broker_url="memory://"))
+    with service_on(request.param, tmp_path, tiny_model) as service:
+        yield service
 
 
 @pytest.fixture

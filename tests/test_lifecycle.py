@@ -10,28 +10,23 @@ import pytest
 from sqlalchemy import update
 
 from common.ids import now
-from common.settings import CONTROL_QUEUE, Settings
+from common.settings import CONTROL_QUEUE
 from db import repo
 from db.models import Batch, Chunk, RequestStatus
 from tests.harness import (
+    DATABASES,
     Service,
     completion_line,
-    fresh_postgres_database,
-    require_servers,
+    service_on,
 )
 from worker import finalize, pipeline, reconcile, validation
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
+@pytest.fixture(params=DATABASES)
 def svc(request, tmp_path, tiny_model):
     timings = dict(chunk_size=2, max_batch_size=2, requeue_after_s=60, stale_after_s=60)
-    if request.param == "sqlite":
-        yield Service.embedded(tmp_path, tiny_model, **timings)
-        return
-    require_servers()
-    with fresh_postgres_database() as url:
-        yield Service(Settings(data_dir=tmp_path / "data", model=str(tiny_model), database_url=url,
-                               broker_url="memory://", **timings))
+    with service_on(request.param, tmp_path, tiny_model, **timings) as service:
+        yield service
 
 
 def _validated(svc: Service, n: int) -> tuple[str, list[int]]:

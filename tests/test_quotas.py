@@ -10,22 +10,16 @@ import pytest
 from sqlalchemy import select
 
 from common.ids import now
-from common.settings import Settings
 from db import keys, repo
 from db.models import Request
-from tests.harness import Service, completion_line, fresh_postgres_database, require_servers
+from tests.harness import DATABASES, Service, completion_line, service_on
 from worker import finalize, validation
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
+@pytest.fixture(params=DATABASES)
 def api(request, tmp_path, tiny_model):
-    if request.param == "sqlite":
-        yield Service.embedded(tmp_path, tiny_model, max_queued_requests=3)
-        return
-    require_servers()
-    with fresh_postgres_database() as url:
-        yield Service(Settings(data_dir=tmp_path / "data", model=str(tiny_model), database_url=url,
-                               broker_url="memory://", max_queued_requests=3))
+    with service_on(request.param, tmp_path, tiny_model, max_queued_requests=3) as service:
+        yield service
 
 
 def new_key(svc: Service, tenant: str) -> dict[str, str]:

@@ -17,10 +17,10 @@ import api.routes.schedules as schedule_routes
 from common.cron import next_run
 from common.ids import now
 from common.queue import FIRE_SCHEDULES
-from common.settings import CONTROL_QUEUE, Settings
+from common.settings import CONTROL_QUEUE
 from db import keys
 from db.models import Batch, Schedule
-from tests.harness import Service, completion_line, fresh_postgres_database, require_servers
+from tests.harness import DATABASES, Service, completion_line, service_on
 from worker.schedules import fire_due
 
 
@@ -83,15 +83,10 @@ def test_a_schedule_fires_once_per_due_minute_as_a_normal_batch(api):
     assert (after["last_run_at"], after["last_batch_id"], after["next_run_at"]) == (t0 + 60, rows[1].id, t0 + 120)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
+@pytest.fixture(params=DATABASES)
 def either(request, tmp_path, tiny_model):
-    if request.param == "sqlite":
-        yield Service.embedded(tmp_path, tiny_model)
-        return
-    require_servers()
-    with fresh_postgres_database() as url:
-        yield Service(Settings(data_dir=tmp_path / "data", model=str(tiny_model), database_url=url,
-                               broker_url="memory://"))
+    with service_on(request.param, tmp_path, tiny_model) as service:
+        yield service
 
 
 def test_two_firing_passes_racing_create_each_run_once(either):
