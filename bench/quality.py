@@ -60,6 +60,7 @@ def measure(engine: Engine, prompts, new_tokens: int, options: dict, healing: bo
     return {
         "parse_share": sum(parses(p.prompt, r.text) for p, r in zip(prompts, results, strict=False)) / len(prompts),
         "distinct_ratio": sum(distinct_ratio(r.token_ids) for r in results) / len(results),
+        "tokens": tokens,
         "tokens_per_s": tokens / seconds,
         "passes_per_token": sum(r.forward_passes for r in results) / max(1, tokens),
         "samples": [(p.source, p.prompt, r.text) for p, r in zip(prompts[:3], results[:3], strict=False)],

@@ -18,7 +18,7 @@ from cli import keys as keys_commands
 from cli import people as people_commands
 from cli import schedules as schedules_commands
 from cli.keys import Handler
-from common.settings import CONTROL_QUEUE, Settings
+from common.settings import BUILTIN_MODEL_PATH, CONTROL_QUEUE, Settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--export-to", type=Path, help="only export the run's last saved state to this folder")
+    p.add_argument("--objective", choices=["diffusion", "ar"], default="diffusion",
+                   help="diffusion (the built-in model) or ar: its autoregressive twin, same shape, data and "
+                   "schedule, a transformers Llama model (bench/vs_ar.py)")
+    p.add_argument("--tokenizer-from", type=Path, help="model folder whose tokenizer a new run uses (default: "
+                   "trained on the corpus; with --objective ar, the built-in model's)")
     p = command("distill-builtin", _distill_builtin, "fine-tune a model on its own completions so the "
                 "parallel samplers commit more tokens per pass (resumes from OUT)")
     p.add_argument("--out", type=Path, default=Path("distill-builtin"), help="run folder (default ./distill-builtin)")
@@ -346,7 +351,7 @@ def _train_builtin(settings: Settings, args: argparse.Namespace) -> int:
     if args.export_to:
         from training.loop import TrainConfig, export_checkpoint
 
-        step = export_checkpoint(TrainConfig(out_dir=args.out), args.export_to)
+        step = export_checkpoint(TrainConfig(out_dir=args.out, objective=args.objective), args.export_to)
         print(f"exported step {step} of {args.out} to {args.export_to}")
         return 0
     _use_jemalloc(args.command)
@@ -357,8 +362,10 @@ def _train_builtin(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # The twin reads text with the shipped model's tokenizer unless told otherwise: same ids, same data.
+    tokenizer_from = args.tokenizer_from or (BUILTIN_MODEL_PATH if args.objective == "ar" else None)
     result = train(TrainConfig(out_dir=args.out, steps=args.steps, max_minutes=args.max_minutes, seed=args.seed,
-                               init_from=args.init_from,
+                               init_from=args.init_from, objective=args.objective, tokenizer_from=tokenizer_from,
                                **({"learning_rate": args.lr} if args.lr else {})))
     print(json.dumps(result))
     print(f"model written to {args.out / 'model'}; serve it with DIFFBATCH_MODEL={args.out / 'model'}")

@@ -22,9 +22,10 @@ from transformers import PreTrainedTokenizerFast
 from worker.engine.builtin import DiffbatchMDMForMaskedDiffusion
 from worker.engine.builtin.create import config_for
 
+from .ar import ar_loss, build_ar_model
 from .corpus import list_sources, split
 from .data import TokenStream, encode_files, sample_starts, step_generator
-from .objective import diffusion_loss
+from .objective import LossParts, diffusion_loss
 from .tokenizer import train_bpe_tokenizer
 
 
@@ -55,6 +56,12 @@ class TrainConfig:
     # An exported model folder to start from (its weights and tokenizer) with a fresh optimizer and
     # schedule: how a run goes on from a shipped checkpoint whose state.pt is gone.
     init_from: Path | None = None
+    # "diffusion" (the built-in model) or "ar": its autoregressive twin (training/ar.py), same shape,
+    # data, windows and schedule, for bench/vs_ar.py.
+    objective: str = "diffusion"
+    # Where the tokenizer comes from when the run has none yet and no --init-from: a model folder.
+    # None trains one on the corpus (deterministic for the same corpus and vocabulary size).
+    tokenizer_from: Path | None = None
 
 
 def train(config: TrainConfig) -> dict:
@@ -119,8 +126,8 @@ def _prepare_data(config: TrainConfig, out: Path):
     tokenizer_dir = out / "tokenizer"
     if tokenizer_dir.is_dir():
         tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-    elif config.init_from is not None:  # the starting model's ids, not a freshly trained vocabulary
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(config.init_from)
+    elif (source := config.init_from or config.tokenizer_from) is not None:  # those ids, not a new vocabulary
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
         tokenizer.save_pretrained(tokenizer_dir)
     else:
         tokenizer = train_bpe_tokenizer((s.text for s in train_files), vocab_size=config.vocab_size)
@@ -129,7 +136,11 @@ def _prepare_data(config: TrainConfig, out: Path):
     return tokenizer, encode_files(tokenizer, train_files), encode_files(tokenizer, held_out_files)
 
 
-def _build_model(config: TrainConfig, tokenizer) -> DiffbatchMDMForMaskedDiffusion:
+def _build_model(config: TrainConfig, tokenizer):
+    if config.objective == "ar":
+        return build_ar_model(tokenizer, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+                              num_attention_heads=config.num_attention_heads,
+                              intermediate_size=config.intermediate_size)
     model_config = config_for(
         tokenizer, name=config.name, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
         num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
@@ -139,7 +150,7 @@ def _build_model(config: TrainConfig, tokenizer) -> DiffbatchMDMForMaskedDiffusi
 
 def _load_weights(model, folder: Path) -> None:
     """Copy an exported model's weights (bf16 on disk) into the fp32 training model; shapes must match."""
-    exported = DiffbatchMDMForMaskedDiffusion.from_pretrained(folder, dtype=torch.float32)
+    exported = type(model).from_pretrained(folder, dtype=torch.float32)
     model.load_state_dict(exported.state_dict())
 
 
@@ -167,8 +178,12 @@ def _train_step(model, optimizer, config: TrainConfig, stream: TokenStream, step
 
 def data_loss(model, config: TrainConfig, stream: TokenStream, batch_size: int, generator: torch.Generator,
               mask_id: int):
-    """The diffusion loss on ``batch_size`` random windows of ``stream``, with a prompt of random length."""
+    """The diffusion loss on ``batch_size`` random windows of ``stream``, with a prompt of random length
+    (the twin's next-token loss on the same windows, for the "ar" objective)."""
     x0 = stream.windows(sample_starts(stream, batch_size, config.seq_length, generator), config.seq_length)
+    if config.objective == "ar":
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            return ar_loss(model, x0)
     prompt_length = int(torch.randint(0, config.seq_length - config.block_length, (1,), generator=generator))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
         return diffusion_loss(model, x0, mask_token_id=mask_id, block_length=config.block_length,
@@ -196,8 +211,7 @@ def evaluate(model, config: TrainConfig, held_out: TokenStream, mask_id: int) ->
     for _ in range(0, config.eval_windows, batch):
         x0 = held_out.windows(sample_starts(held_out, batch, config.seq_length, generator), config.seq_length)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-            parts = diffusion_loss(model, x0, mask_token_id=mask_id, block_length=config.block_length,
-                                   prompt_length=0, generator=generator)
+            parts = _held_out_loss(model, config, x0, mask_id, generator)
         region = x0.shape[0] * (x0.shape[1] - 0)
         total_loss += parts.loss.item() * region
         scored += region
@@ -208,6 +222,16 @@ def evaluate(model, config: TrainConfig, held_out: TokenStream, mask_id: int) ->
     elbo = total_loss / scored
     return {"masked_ce": round(ce_sum / ce_count, 4), "elbo_nats_per_token": round(elbo, 4),
             "elbo_bits_per_byte": round(elbo * tokens_per_byte / math.log(2), 4)}
+
+
+def _held_out_loss(model, config: TrainConfig, x0: torch.Tensor, mask_id: int,
+                   generator: torch.Generator) -> LossParts:
+    """The twin's loss is its exact negative log-likelihood per token, the diffusion model's an upper
+    bound on it (the ELBO): per byte, the two compare, with the bound at a disadvantage."""
+    if config.objective == "ar":
+        return ar_loss(model, x0)
+    return diffusion_loss(model, x0, mask_token_id=mask_id, block_length=config.block_length, prompt_length=0,
+                          generator=generator)
 
 
 def export(model, tokenizer, path: Path) -> Path:

@@ -123,3 +123,26 @@ def test_a_run_can_start_from_an_exported_model(corpus, tmp_path):
     assert start < fresh - 1.0 and go_on["step"] == 10
     assert (tmp_path / "b" / "tokenizer" / "tokenizer.json").read_text() == \
         (tmp_path / "a" / "model" / "tokenizer.json").read_text()
+
+
+def test_the_autoregressive_twin_trains_on_the_same_data_and_generates_with_a_kv_cache(corpus, tmp_path):
+    """--objective ar: a Llama model of the same shape and tokenizer, which transformers' generate() runs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    twin_dir, diffusion_dir = tmp_path / "ar", tmp_path / "mdm"
+    train(TrainConfig(out_dir=diffusion_dir, steps=2, corpus_root=corpus, **TINY))
+    result = train(TrainConfig(out_dir=twin_dir, steps=40, corpus_root=corpus, objective="ar",
+                               tokenizer_from=diffusion_dir / "model", **TINY))
+    evals = _evals(twin_dir)
+    assert result["masked_ce"] < evals[0]["eval"]["masked_ce"] - 1.0  # next-token loss fell from ~ln(320)
+    same_ids = (diffusion_dir / "model" / "tokenizer.json").read_text()
+    assert (twin_dir / "model" / "tokenizer.json").read_text() == same_ids
+
+    twin = AutoModelForCausalLM.from_pretrained(twin_dir / "model")
+    assert twin.config.model_type == "llama" and twin.config.hidden_size == TINY["hidden_size"]
+    tokenizer = AutoTokenizer.from_pretrained(twin_dir / "model")
+    prompt = tokenizer("def add_3(a, b):\n", return_tensors="pt")
+    out = twin.generate(**prompt, max_new_tokens=12, do_sample=False, use_cache=True)
+    no_cache = twin.generate(**prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1] and torch.equal(out, no_cache)
