@@ -7,7 +7,9 @@ stability history, noise), so at every decoder pass:
 - a row whose canvas finished denoising commits it at once: it is evicted if it hit EOS, a stop
   string or max_tokens, else its canvas is encoded into its prefix and a new canvas starts;
 - a waiting request takes a free slot and starts its first canvas (its own canvas boundary);
-so no decoder pass is spent on a finished canvas. The step itself has no per-row Python loop.
+so no decoder pass is spent on a finished canvas. The step itself has no per-row Python loop; its
+vocabulary-wide work runs a few canvases at a time (``chunked.py``), and what a slot carries to its next
+pass is the self-conditioning embeddings (canvas, hidden), not the (canvas, vocabulary) logits.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import chunked
 from .adapter import DiffusionGemmaAdapter
-from .denoise import entropy_bound_accept, linear_temperature, sample_inverse_cdf_, stable_and_confident, token_entropy
+from .denoise import entropy_bound_accept, linear_temperature, stable_and_confident
 from .noise import draw_canvas_noise
 from .settings import DenoiseSettings
 
@@ -85,14 +88,16 @@ class ContinuousDenoiser:
         self.passes = torch.zeros(rows, dtype=torch.long, device=device)
         self.t_min, self.t_max, self.bound = (torch.zeros(rows, device=device) for _ in range(3))
         self.sc_valid = torch.zeros(rows, dtype=torch.bool, device=device)
-        self.sc_logits: torch.Tensor | None = None  # (rows, L, V), allocated at the first step
+        # (rows, L, H): the soft embeddings the decoder would derive from the last step's logits.
+        self.sc_input = torch.zeros((rows, length, self.adapter.hidden_size), dtype=self.adapter.embed_dtype,
+                                    device=device)
+        self.per_chunk = chunked.rows_per_chunk(length, self.adapter.vocab_size)
         self.history = (None if not self.stability else
                         torch.full((self.stability, rows, length), -1, dtype=torch.long, device=device))
 
     def _per_slot(self) -> list[torch.Tensor]:
-        tensors = [self.canvas, self.argmax, self.uniform, self.renoise, self.steps_done, self.max_steps,
-                   self.passes, self.t_min, self.t_max, self.bound, self.sc_valid]
-        return tensors + ([self.sc_logits] if self.sc_logits is not None else [])
+        return [self.canvas, self.argmax, self.uniform, self.renoise, self.steps_done, self.max_steps,
+                self.passes, self.t_min, self.t_max, self.bound, self.sc_valid, self.sc_input]
 
     def _admit(self, slot: int, job: Job) -> None:
         s = job.settings
@@ -123,32 +128,27 @@ class ContinuousDenoiser:
 
     def _step(self, n: int, fresh: int) -> list[int]:
         """One denoising step for slots 0..n-1; returns the slots whose canvas finished."""
-        previous = self.sc_logits
-        self_conditioning = None if fresh == n or previous is None else previous[:n]  # every row fresh: no signal
-        logits = self.adapter.decode(self.cache, self.canvas[:n], self_conditioning, self.sc_valid[:n])
+        # Every row fresh: no signal at all, as generate's first step; else fresh rows get zeros (the mask).
+        signal = None if fresh == n else self.sc_input[:n] * self.sc_valid[:n].to(self.sc_input.dtype)[:, None, None]
+        hidden = self.adapter.decode(self.cache, self.canvas[:n], signal)
         steps_done, max_steps = self.steps_done[:n], self.max_steps[:n]
         temperature = linear_temperature(self.t_min[:n], self.t_max[:n], max_steps - steps_done, max_steps)
-        processed = logits.div_(temperature[:, None, None])  # (n, L, V), in place: logits are ours
-        probs = torch.softmax(processed, dim=-1)
-        entropy = token_entropy(probs)  # (n, L)
-        rows = torch.arange(n, device=logits.device)
-        denoised = sample_inverse_cdf_(probs, self.uniform[rows, steps_done])  # (n, L); probs consumed
-        accept = entropy_bound_accept(entropy, self.bound[:n])
+        rows = torch.arange(n, device=hidden.device)
+        draws = chunked.denoise_in_chunks(
+            hidden, temperature, self.uniform[rows, steps_done], head=self.adapter.head,
+            self_conditioning=self.adapter.self_conditioning_input, self_conditioning_out=self.sc_input[:n],
+            per_chunk=self.per_chunk)
+        accept = entropy_bound_accept(draws.entropy, self.bound[:n])
         # Accepted positions take the denoiser's draw; every other position is renoised.
-        self.canvas[:n] = torch.where(accept, denoised, self.renoise[rows, steps_done])
-        argmax = processed.argmax(dim=-1)
-        stop = torch.zeros(n, dtype=torch.bool, device=logits.device)
+        self.canvas[:n] = torch.where(accept, draws.drawn, self.renoise[rows, steps_done])
+        stop = torch.zeros(n, dtype=torch.bool, device=hidden.device)
         if self.confidence is not None:
             history = None if self.history is None else self.history[:, :n]
-            stop, history = stable_and_confident(history, argmax, entropy, self.confidence)
+            stop, history = stable_and_confident(history, draws.argmax, draws.entropy, self.confidence)
             if history is not None and self.history is not None:
                 self.history[:, :n] = history
-        if self.sc_logits is None:
-            self.sc_logits = torch.zeros((self.max_rows, *processed.shape[1:]), dtype=self.adapter.embed_dtype,
-                                         device=logits.device)
-        self.sc_logits[:n] = processed
         self.sc_valid[:n] = True
-        self.argmax[:n] = argmax
+        self.argmax[:n] = draws.argmax
         self.steps_done[:n] += 1
         self.passes[:n] += 1
         finished = stop | (self.steps_done[:n] >= max_steps)

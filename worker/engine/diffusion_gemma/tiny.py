@@ -19,10 +19,13 @@ from worker.engine.builtin.tokenizer import build_byte_tokenizer
 
 
 def tiny_config(tokenizer, *, canvas_length: int = 16, hidden_size: int = 32, num_layers: int = 2,
-                max_positions: int = 512, sliding_window: int = 24) -> DiffusionGemmaConfig:
-    """Two layers (one sliding, one full), two experts, a 2-layer vision tower nobody calls."""
+                max_positions: int = 512, sliding_window: int = 24,
+                vocab_size: int | None = None) -> DiffusionGemmaConfig:
+    """Two layers (one sliding, one full), two experts, a 2-layer vision tower nobody calls. ``vocab_size``
+    (default: the tokenizer's) may exceed the tokenizer, e.g. DiffusionGemma's 262,144 for memory figures."""
     text = dict(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        vocab_size=len(tokenizer) if vocab_size is None else vocab_size, hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
         global_head_dim=16, num_experts=2, top_k_experts=1, moe_intermediate_size=hidden_size,
         max_position_embeddings=max_positions, sliding_window=sliding_window,
