@@ -10,7 +10,7 @@ from api.errors import install_error_handlers, without_422
 from api.hardening import RefuseUnstorableText
 from api.metrics import router as metrics_router
 from api.queue import Queue
-from api.routes import batches, files, system
+from api.routes import batches, files, message_batches, system
 from api.routes import schedules as schedules_routes
 from api.routes import status as status_routes
 from api.routes import workers as workers_routes
@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None, *, queue: Queue | None = None) 
         app.include_router(module.router)
     app.include_router(workers_routes.router)  # /v1/workers
     app.include_router(schedules_routes.router)  # /v1/schedules
+    app.include_router(message_batches.router)  # /v1/messages/batches (Anthropic's Message Batches)
     app.include_router(metrics_router)  # /metrics (Prometheus)
     app.include_router(status_routes.router)  # the status page at / and /v1/status
     without_422(app)

@@ -53,5 +53,6 @@ class LimitBodySize:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(413, f"The request body is larger than {self.limit:,} bytes "
-                                  "(DIFFBATCH_MAX_UPLOAD_BYTES plus 1 MiB).", param="body", code="body_too_large")
+                                  "(DIFFBATCH_MAX_UPLOAD_BYTES plus 1 MiB).", param="body", code="body_too_large",
+                                  path=scope["path"])
         await response(scope, receive, send)

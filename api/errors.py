@@ -1,4 +1,5 @@
-"""OpenAI's error body for every failure: {"error": {"message", "type", "param", "code"}}."""
+"""The error body of every failure: OpenAI's {"error": {"message", "type", "param", "code"}}, and on the
+Anthropic routes (/v1/messages...) Anthropic's {"type": "error", "error": {"type", "message"}}."""
 
 from __future__ import annotations
 
@@ -53,8 +54,23 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+ANTHROPIC_PATHS = "/v1/messages"
+# Anthropic's error types (docs: "Errors"), by status.
+ANTHROPIC_TYPE_FOR_STATUS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                             429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def anthropic_path(path: str) -> bool:
+    return path == ANTHROPIC_PATHS or path.startswith(ANTHROPIC_PATHS + "/")
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: Mapping[str, str] | None = None) -> JSONResponse:
+                   headers: Mapping[str, str] | None = None, *, path: str = "") -> JSONResponse:
+    """The error body for a request to ``path``: Anthropic's on its routes, else OpenAI's."""
+    if anthropic_path(path):
+        kind = ANTHROPIC_TYPE_FOR_STATUS.get(status, "invalid_request_error" if status < 500 else "api_error")
+        return JSONResponse({"type": "error", "error": {"type": kind, "message": message}}, status_code=status,
+                            headers=headers)
     kind = TYPE_FOR_STATUS.get(status, "invalid_request_error" if status < 500 else "server_error")
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -90,34 +106,35 @@ def _allowed(request: Request) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.code, path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        path = request.url.path
         first = exc.errors()[0]
         if first.get("type") == "json_invalid":  # its loc is the character offset, not a field
             return error_response(400, f"The request body is not valid JSON: {first.get('ctx', {}).get('error')}.",
-                                  "body", "invalid_json")
+                                  "body", "invalid_json", path=path)
         where = first.get("loc", ())
         loc = [str(part) for part in where if part not in ("body", "query", "path", "header")]
         param = ".".join(loc) or (str(where[0]) if where else None)  # a missing body is named "body"
         return error_response(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")),
-                              param, "invalid_request")
+                              param, "invalid_request", path=path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = {"Allow": _allowed(request)} if exc.status_code == 405 else exc.headers
-        return error_response(exc.status_code, str(exc.detail), headers=headers)
+        return error_response(exc.status_code, str(exc.detail), headers=headers, path=request.url.path)
 
     @app.exception_handler(OperationalError)
-    async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
+    async def _database_down(request: Request, exc: OperationalError) -> JSONResponse:
         # The database restarting or out of reach: say so (the SDK retries a 503), not "server error".
         log.warning("database unavailable: %s", exc)
         return error_response(503, "The database is unavailable; retry shortly.", code="database_unavailable",
-                              headers={"Retry-After": "5"})
+                              headers={"Retry-After": "5"}, path=request.url.path)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return error_response(500, "The server had an error while processing your request.")
+        return error_response(500, "The server had an error while processing your request.", path=request.url.path)

@@ -41,14 +41,15 @@ class RefuseUnstorableText:
 def _refusal(scope: Scope) -> JSONResponse | None:
     if not storable(scope["path"]):
         return error_response(404, "No such object: the path holds a NUL or an unpaired surrogate, which no "
-                              "id does.", code="not_found")
+                              "id does.", code="not_found", path=scope["path"])
     # Decoded as Starlette decodes them for the handlers.
     for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True):
         if not storable(name) or not storable(value):
             return error_response(400, f"{name}: must not hold NUL or unpaired surrogates.", param=name,
-                                  code="invalid_value")
+                                  code="invalid_value", path=scope["path"])
     for raw_name, raw_value in scope["headers"]:
         if b"\x00" in raw_value:  # headers decode as Latin-1, where only NUL is unstorable
             name = raw_name.decode("latin-1")
-            return error_response(400, f"Header {name}: must not hold NUL.", param=name, code="invalid_value")
+            return error_response(400, f"Header {name}: must not hold NUL.", param=name, code="invalid_value",
+                                  path=scope["path"])
     return None

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema, field_validator
 
 from common.lines import ENDPOINTS
 from db.models import Batch, File, WebhookDelivery
@@ -33,6 +33,9 @@ class ExpiresAfter(BaseModel):
     seconds: int = Field(ge=3600, le=2592000)  # 1 hour to 30 days, as OpenAI
 
 
+MIN_PRIORITY, MAX_PRIORITY = -100, 100
+
+
 class CreateBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -46,6 +49,9 @@ class CreateBatch(BaseModel):
     # diffbatch extension: called with a signed event on each terminal status (also read from
     # metadata.webhook_url, for clients that cannot add a field; this field wins).
     webhook_url: str | None = Field(None, max_length=2048, json_schema_extra={"format": "uri"})
+    # diffbatch extension: queued chunks of a higher-priority batch run first on its model (None: 0). Strict, so
+    # "5", 5.0 and true are refused rather than read as numbers.
+    priority: StrictInt | None = Field(None, ge=MIN_PRIORITY, le=MAX_PRIORITY)
 
     @field_validator("endpoint")
     @classmethod
@@ -87,12 +93,18 @@ INLINE_REQUEST = {"type": "object", "required": ["custom_id", "method", "url", "
 
 
 class CreateBatchBody(CreateBatch):
-    """POST /v1/batches: an input_file_id, or (diffbatch extension) the input lines inline in `requests`;
-    exactly one of the two (checked by the route, which names the field)."""
+    """POST /v1/batches: an input_file_id, or (diffbatch extensions) the input lines inline in `requests`, or
+    a `template` with its `rows` or `rows_file_id` (api/templated.py); exactly one of the three (checked by the
+    route, which names the field)."""
 
     # Optional here only: a schedule's template (CreateBatch) always names a file.
     input_file_id: StorableText | None = Field(None, min_length=1)  # type: ignore[assignment]
     requests: list[Annotated[Any, WithJsonSchema(INLINE_REQUEST)]] | None = None
+    # A request body whose string values may hold {{column}} placeholders, one request per row.
+    template: dict[str, Any] | None = None
+    rows: list[Annotated[Any, WithJsonSchema({"type": "object"})]] | None = None  # objects of column values
+    rows_file_id: StorableText | None = Field(None, min_length=1)  # an uploaded .csv (header row) or .jsonl
+    custom_id_column: StorableText | None = Field(None, min_length=1)  # None: "row-1", "row-2", ...
 
 
 def webhook_url_problem(url: str) -> str | None:
@@ -150,6 +162,7 @@ def batch_object(row: Batch, running_tokens: int = 0, deliveries: Sequence[Webho
                      "tokens_done": row.output_tokens + running_tokens},
         "webhook": webhook_object(row, deliveries),
         "schedule_id": row.schedule_id,  # diffbatch extension: the schedule whose run created it, else None
+        "priority": row.priority,  # diffbatch extension: higher runs first on its model
     }
 
 

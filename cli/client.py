@@ -68,12 +68,20 @@ class Api:
     def content(self, file_id: str) -> bytes:
         return _ok_bytes(self.http.get(f"/files/{file_id}/content"))
 
-    def submit(self, input_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Upload ``input_path`` and create its batch: (the file object, the batch object)."""
-        with open(input_path, "rb") as src:
-            uploaded = _ok(self.http.post("/files", files={"file": (input_path.name, src)}, data={"purpose": "batch"}))
-        batch = _ok(self.http.post("/batches", json={"input_file_id": uploaded["id"], "completion_window": "24h",
-                                                     "endpoint": first_endpoint(input_path)}))
+    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return _ok(self.http.post(path, json=body))
+
+    def upload(self, path: Path) -> dict[str, Any]:
+        """Upload a file of purpose "batch" under its own name: the file object."""
+        with open(path, "rb") as src:
+            return _ok(self.http.post("/files", files={"file": (path.name, src)}, data={"purpose": "batch"}))
+
+    def submit(self, input_path: Path, **extensions: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Upload ``input_path`` and create its batch (with ``extensions``, create-body fields such as
+        priority): (the file object, the batch object)."""
+        uploaded = self.upload(input_path)
+        batch = self.post("/batches", {"input_file_id": uploaded["id"], "completion_window": "24h",
+                                       "endpoint": first_endpoint(input_path), **extensions})
         return uploaded, batch
 
     def cancel(self, batch_id: str) -> dict[str, Any]:
@@ -103,8 +111,8 @@ def expected_tokens(path: Path) -> float | None:
                 continue
             if not isinstance(body, dict):
                 continue
-            limit = body.get("max_completion_tokens") or body.get("max_tokens")
-            default = CHAT_DEFAULT_TOKENS if "messages" in body else COMPLETION_DEFAULT_TOKENS
+            limit = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+            default = CHAT_DEFAULT_TOKENS if "messages" in body or "input" in body else COMPLETION_DEFAULT_TOKENS
             limits.append(limit if isinstance(limit, int) else default)
     return sum(limits) / len(limits) if limits else None
 

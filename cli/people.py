@@ -26,6 +26,7 @@ from rich.table import Table
 from cli.client import TERMINAL, Api, ServerError, console, exit_code, expected_tokens
 from cli.keys import Command, Handler
 from cli.progress import clock, snapshot
+from common.lines import ENDPOINTS
 from common.settings import Settings
 
 URL_VARIABLE = "DIFFBATCH_URL"
@@ -37,8 +38,19 @@ out = Console()  # tables on stdout; progress and messages go to stderr (cli.cli
 
 def register(command: Command) -> None:
     """Add the commands through cli.main's ``command(name, handler, help)``."""
-    p = command("submit", _submit, "upload a batch input file and create its batch; prints the batch id")
-    p.add_argument("input", type=Path, help="batch input file (OpenAI Batch JSONL)")
+    p = command("submit", _submit, "upload a batch input file (or a template and its rows) and create its batch; "
+                "prints the batch id")
+    p.add_argument("input", type=Path, nargs="?", help="batch input file (OpenAI Batch JSONL); or --template "
+                   "and --rows")
+    p.add_argument("--template", type=Path, help="a request body (JSON) whose string values hold {{column}} "
+                   "placeholders: one request per row of --rows (a diffbatch extension)")
+    p.add_argument("--rows", type=Path, help="the template's rows: .csv with a header row, or .jsonl (one object "
+                   "of column values a line)")
+    p.add_argument("--custom-id-column", help="the column that gives each request its custom_id (default: "
+                   "row-1, row-2, ...)")
+    p.add_argument("--endpoint", choices=list(ENDPOINTS), help="the template's endpoint (default: "
+                   "/v1/chat/completions when it has messages, else /v1/completions)")
+    p.add_argument("--priority", type=int, help="higher runs first on its model: -100 to 100 (default 0)")
     p.add_argument("--wait", action="store_true", help="follow it to its end; the exit code says how it ended")
     _common(p)
     p = command("status", _status, "a table of recent batches, or one batch's progress, followed to its end")
@@ -102,21 +114,79 @@ def _show(value: Any, text: str, *, as_json: bool) -> None:
         print(text)
 
 
+class _Usage(Exception):
+    """A wrong argument: the message is printed and the command exits 2."""
+
+
 @_reporting
 def _submit(settings: Settings, args: argparse.Namespace) -> int:
-    if not args.input.is_file():
-        print(f"diffbatch submit: no such file: {args.input}", file=sys.stderr)
+    try:
+        template = _submitted_template(args)
+    except _Usage as exc:
+        print(f"diffbatch submit: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    extensions = {} if args.priority is None else {"priority": args.priority}
     with _api(settings, args) as api:
-        _uploaded, batch = api.submit(args.input)
+        if template is None:
+            _uploaded, batch = api.submit(args.input, **extensions)
+            source, hint = args.input, expected_tokens(args.input)
+        else:
+            batch, source, hint = _submit_template(api, args, template, extensions), args.rows, None
         if not args.wait:
             _show(batch, batch["id"], as_json=args.json)
             return 0
-        console.print(f"batch [bold]{batch['id']}[/] submitted ({args.input})")
-        batch = api.follow(batch, poll_s=POLL_S, hint=expected_tokens(args.input))
+        console.print(f"batch [bold]{batch['id']}[/] submitted ({source})")
+        batch = api.follow(batch, poll_s=POLL_S, hint=hint)
         _show(batch, batch["id"], as_json=args.json)
         _outcome(batch)
         return exit_code(batch)
+
+
+def _submitted_template(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The --template body, or None for a plain input file; _Usage when the arguments do not fit."""
+    if args.template is None:
+        for flag, value in (("--rows", args.rows), ("--custom-id-column", args.custom_id_column),
+                            ("--endpoint", args.endpoint)):
+            if value is not None:
+                raise _Usage(f"{flag} goes with --template")
+        if args.input is None:
+            raise _Usage("give a batch input file, or --template T.json --rows FILE.csv|FILE.jsonl")
+        if not args.input.is_file():
+            raise _Usage(f"no such file: {args.input}")
+        return None
+    if args.input is not None:
+        raise _Usage("give a batch input file or --template, not both")
+    if args.rows is None:
+        raise _Usage("--template needs --rows FILE.csv|FILE.jsonl")
+    for path in (args.template, args.rows):
+        if not path.is_file():
+            raise _Usage(f"no such file: {path}")
+    if args.rows.suffix.lower() not in ROW_SUFFIXES:
+        raise _Usage(f"--rows {args.rows}: the server reads rows by the file's name: .csv (with a header row) "
+                     "or .jsonl")
+    try:
+        template = json.loads(args.template.read_bytes())
+    except (ValueError, RecursionError) as exc:
+        raise _Usage(f"--template {args.template}: not valid JSON: {exc}") from exc
+    if not isinstance(template, dict):
+        raise _Usage(f"--template {args.template}: must be a JSON object (a request body)")
+    return template
+
+
+# The names api/templated.py reads rows files by.
+ROW_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+
+
+def _submit_template(api: Api, args: argparse.Namespace, template: dict[str, Any],
+                     extensions: dict[str, Any]) -> dict[str, Any]:
+    """Upload the rows file (the server reads it as a stream) and create the templated batch."""
+    uploaded = api.upload(args.rows)
+    endpoint = args.endpoint or ("/v1/chat/completions" if "messages" in template else "/v1/completions")
+    body = {"template": template, "rows_file_id": uploaded["id"], "endpoint": endpoint, "completion_window": "24h",
+            **extensions}
+    if args.custom_id_column is not None:
+        body["custom_id_column"] = args.custom_id_column
+    return api.post("/batches", body)
 
 
 @_reporting

@@ -1,4 +1,5 @@
-"""The input line of a batch file and the bodies it may carry (OpenAI Batch API compatible).
+"""The input line of a batch file and the bodies it may carry (OpenAI Batch API compatible, and the
+`params` of Anthropic's Message Batches, stored as lines of url `/v1/messages`).
 
 Every model forbids unknown fields: an option diffbatch does not implement is an error naming the field,
 never silently ignored. `parse_line` turns one raw line into a `ParsedLine` or a `LineError` that names
@@ -10,21 +11,30 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from common.json_schema import UnsupportedSchema, compile_schema
 from common.samplers import SAMPLER_NAMES, SAMPLER_OPTIONS, SCHEDULES, option_samplers
 
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")  # OpenAI batches' endpoints
+MESSAGES_URL = "/v1/messages"  # Anthropic's Message Batches (api/routes/message_batches.py)
+LINE_URLS = (*ENDPOINTS, MESSAGES_URL)
+# Anthropic checks each request's params when it runs: a bad one errors that request alone, the others run.
+# So a line of these urls is checked at validation only as far as its envelope and model; the worker checks
+# the rest (worker/responses.py: to_generation_request).
+CHECKED_WHEN_RUN = frozenset({MESSAGES_URL})
 FILL_MARKER = re.compile(r"\{\{fill:(\d+)\}\}")  # the engine's infill.py reads the same syntax
 
 
@@ -150,6 +160,48 @@ class DiffusionOptions(_Strict):
         return DiffusionOptions.model_validate({**self.model_dump(exclude_none=True), "sampler": default})
 
 
+def _checked_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A schema outside the subset structured output supports (common/json_schema.py) is a line error
+    naming what is unsupported, at upload, not a failed request later."""
+    try:
+        compile_schema(schema)
+    except UnsupportedSchema as error:
+        raise ValueError(str(error)) from None
+    return schema
+
+
+class JsonSchemaSpec(_Strict):
+    """OpenAI's `json_schema` object: output that fits `schema`, written by infilling its skeleton."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None  # diffbatch's output always fits: strict or not
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("schema_")
+    @classmethod
+    def _supported(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        return _checked_schema(schema)
+
+
+class ResponseFormat(_Strict):
+    """`response_format` of chat and (a diffbatch extension) completion lines. `json_object` (any JSON, no
+    schema) has no skeleton to infill, so it is refused by name: give a json_schema."""
+
+    type: Literal["text", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a json_schema object")
+        if self.type == "text" and self.json_schema is not None:
+            raise ValueError("json_schema applies to type 'json_schema' only")
+        return self
+
+
 class _SamplingBody(_Strict):
     model: str = Field(min_length=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
@@ -162,6 +214,12 @@ class _SamplingBody(_Strict):
     stream: Literal[False] = False
     user: str | None = None
     diffusion: DiffusionOptions = Field(default_factory=DiffusionOptions)
+    response_format: ResponseFormat | None = None
+
+    def json_schema(self) -> dict[str, Any] | None:
+        """The schema the output must fit (response_format json_schema), or None for free text."""
+        spec = self.response_format.json_schema if self.response_format else None
+        return spec.schema_ if spec else None
 
     @field_validator("stop")
     @classmethod
@@ -178,6 +236,9 @@ class _SamplingBody(_Strict):
 class CompletionBody(_SamplingBody):
     prompt: str = Field(min_length=1)
     max_tokens: int = Field(16, ge=1, le=8192)  # OpenAI's default for /v1/completions
+
+    def output_limit(self) -> int:
+        return self.max_tokens
 
 
 class Message(_Strict):
@@ -205,11 +266,198 @@ class ChatBody(_SamplingBody):
     def output_limit(self) -> int:
         return self.max_completion_tokens or self.max_tokens or 256
 
+    def chat_messages(self) -> list[dict[str, Any]]:
+        return [{"role": m.role, "content": m.content} for m in self.messages]
+
+
+def _only_text_parts(content: Any, kinds: tuple[str, ...]) -> Any:
+    """Before the parts are parsed: a part of another type (an image, a file, a tool result) is an error
+    naming its type, since multimodal and tool content are out of scope and never silently dropped."""
+    if isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict) and part.get("type") not in kinds:
+                raise ValueError(f"only {' and '.join(kinds)} content parts are supported, got type "
+                                 f"{part.get('type')!r}")
+    return content
+
+
+def _text_or(parts: Any) -> Any:
+    """``str | parts``, the branch chosen by the value's JSON type: an error then comes from that branch alone
+    (pydantic's plain union reports the string branch's "should be a valid string" for a bad list)."""
+    return Annotated[Annotated[str, Tag("str")] | Annotated[parts, Tag("list")],
+                     Discriminator(lambda value: "str" if isinstance(value, str) else "list")]
+
+
+# ------------------------------------------------------------------------------ /v1/responses
+
+
+class InputText(_Strict):
+    type: Literal["input_text"]
+    text: str
+
+
+class ResponsesMessage(_Strict):
+    """An input item of OpenAI's Responses API: a message (`type` "message" may be given or left out)."""
+
+    type: Literal["message"] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: _text_or(list[InputText])  # type: ignore[valid-type]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: Any) -> Any:
+        return _only_text_parts(content, ("input_text",))
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class TextFormat(_Strict):
+    """`text.format` of a Responses body: plain text, or output that fits a JSON schema (the Responses API
+    puts json_schema's fields in the format itself). `json_object` is refused by name, as for chat."""
+
+    type: Literal["text", "json_schema"]
+    name: str | None = Field(None, pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("schema_")
+    @classmethod
+    def _supported(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if schema is None else _checked_schema(schema)
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> TextFormat:
+        if self.type == "json_schema" and (self.schema_ is None or self.name is None):
+            raise ValueError("type 'json_schema' needs name and schema")
+        if self.type == "text" and (self.schema_ is not None or self.name is not None):
+            raise ValueError("name and schema apply to type 'json_schema' only")
+        return self
+
+
+class TextOptions(_Strict):
+    format: TextFormat = Field(default_factory=lambda: TextFormat(type="text"))
+
+
+class ResponsesBody(_Strict):
+    """A `/v1/responses` line's body: text in, one output message out. Tools, reasoning, conversation
+    state (previous_response_id) and streaming are refused by name (unknown fields are errors)."""
+
+    model: str = Field(min_length=1)
+    input: _text_or(list[ResponsesMessage])  # type: ignore[valid-type]
+    instructions: str | None = None  # a system message before the input
+    max_output_tokens: int | None = Field(None, ge=1, le=8192)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    text: TextOptions | None = None
+    metadata: dict[str, str] | None = None  # accepted; not echoed in the Response
+    store: bool | None = None  # accepted; a batch's responses are kept in its output file, not by id
+    user: str | None = None
+    stream: Literal[False] = False
+    diffusion: DiffusionOptions = Field(default_factory=DiffusionOptions)
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, value: str | list[ResponsesMessage]) -> str | list[ResponsesMessage]:
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+
+    def output_limit(self) -> int:
+        return self.max_output_tokens or 256  # chat's default
+
+    def json_schema(self) -> dict[str, Any] | None:
+        return self.text.format.schema_ if self.text else None
+
+    def stop_list(self) -> list[str]:
+        return []  # the Responses API has no stop sequences
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        items = [ResponsesMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        system = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
+        return system + [{"role": m.role, "content": m.text()} for m in items]
+
+
+# ------------------------------------------------------------------------------ /v1/messages
+
+
+class TextBlock(_Strict):
+    type: Literal["text"]
+    text: str
+    cache_control: dict[str, Any] | None = None  # a prompt-caching hint: accepted, changes nothing here
+
+
+class AnthropicMessage(_Strict):
+    role: Literal["user", "assistant"]
+    content: _text_or(list[TextBlock])  # type: ignore[valid-type]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: Any) -> Any:
+        return _only_text_parts(content, ("text",))
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(b.text for b in self.content)
+
+
+class AnthropicMetadata(_Strict):
+    user_id: str | None = Field(None, max_length=256)
+
+
+class MessagesBody(_Strict):
+    """The `params` of one request of an Anthropic Message Batch (a Messages API body). Tools, thinking,
+    top_k, streaming and the rest are refused by name, per request (CHECKED_WHEN_RUN)."""
+
+    model: str = Field(min_length=1)
+    max_tokens: int = Field(ge=1, le=8192)
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: _text_or(list[TextBlock]) | None = None  # type: ignore[valid-type]
+    temperature: float = Field(0.0, ge=0.0, le=1.0)  # diffbatch's default 0 (deterministic), not Anthropic's 1
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop_sequences: list[str] | None = None
+    metadata: AnthropicMetadata | None = None
+    stream: Literal[False] = False
+    diffusion: DiffusionOptions = Field(default_factory=DiffusionOptions)
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_user(cls, messages: list[AnthropicMessage]) -> list[AnthropicMessage]:
+        # Anthropic continues a final assistant turn (prefill); the chat template here opens a new turn,
+        # so such a request would silently mean something else.
+        if messages and messages[-1].role != "user":
+            raise ValueError("the last message must have role 'user': continuing an assistant turn (prefill) "
+                             "is not supported")
+        return messages
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _non_empty_stops(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not s for s in value):
+            raise ValueError("stop sequences must be non-empty strings")
+        return value
+
+    def output_limit(self) -> int:
+        return self.max_tokens
+
+    def json_schema(self) -> dict[str, Any] | None:
+        return None  # Anthropic's structured outputs are not part of Message Batches' params here
+
+    def stop_list(self) -> list[str]:
+        return list(self.stop_sequences or [])
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        system = self.system if isinstance(self.system, str) else "".join(b.text for b in self.system or [])
+        first = [{"role": "system", "content": system}] if self.system is not None else []
+        return first + [{"role": m.role, "content": m.text()} for m in self.messages]
+
 
 class _Line(_Strict):
     custom_id: str = Field(min_length=1, max_length=512)
     method: Literal["POST"]
-    url: Literal[ENDPOINTS]  # type: ignore[valid-type]
+    url: Literal[LINE_URLS]  # type: ignore[valid-type]
     body: dict[str, Any]
 
     @field_validator("custom_id")
@@ -220,8 +468,16 @@ class _Line(_Strict):
         return custom_id
 
 
-BODY_FOR_URL: dict[str, type[CompletionBody] | type[ChatBody]] = {
-    "/v1/completions": CompletionBody, "/v1/chat/completions": ChatBody}
+Body = CompletionBody | ChatBody | ResponsesBody | MessagesBody
+BODY_FOR_URL: dict[str, type[Body]] = {
+    "/v1/completions": CompletionBody, "/v1/chat/completions": ChatBody, "/v1/responses": ResponsesBody,
+    MESSAGES_URL: MessagesBody}
+
+
+class _ModelOnly(BaseModel):
+    """What validation checks of a CHECKED_WHEN_RUN body: a model to route it by (other fields: the worker's)."""
+
+    model: str = Field(min_length=1, strict=True)  # other fields are ignored here
 
 
 @dataclass(frozen=True)
@@ -244,8 +500,22 @@ class LineError:
         return {"code": self.code, "line": self.line, "message": self.message, "param": self.param}
 
 
-def parse_body(url: str, body: dict[str, Any]) -> CompletionBody | ChatBody:
+def parse_body(url: str, body: dict[str, Any]) -> Body:
     return BODY_FOR_URL[url].model_validate(body)
+
+
+def body_error(exc: ValidationError) -> tuple[str | None, str]:
+    """The body field a validation error names (None: the body as a whole) and pydantic's message."""
+    first = exc.errors(include_url=False)[0]
+    return _field(first["loc"]), first["msg"]
+
+
+def output_limit(url: str, body: dict[str, Any]) -> int:
+    """The most tokens a stored line's request may generate; 0 for a body the worker will refuse."""
+    try:
+        return parse_body(url, body).output_limit()
+    except ValidationError:  # only a CHECKED_WHEN_RUN body gets this far unchecked
+        return 0
 
 
 def parse_line(raw: bytes, line: int) -> ParsedLine | LineError:
@@ -265,6 +535,12 @@ def parse_line(raw: bytes, line: int) -> ParsedLine | LineError:
         envelope = _Line.model_validate(data)
     except ValidationError as exc:
         return _from_validation_error(exc, line, prefix="")
+    if envelope.url in CHECKED_WHEN_RUN:
+        try:
+            model = _ModelOnly.model_validate(envelope.body).model
+        except ValidationError as exc:
+            return _from_validation_error(exc, line, prefix="body.")
+        return ParsedLine(line=line, custom_id=envelope.custom_id, url=envelope.url, body=envelope.body, model=model)
     try:
         body = parse_body(envelope.url, envelope.body)
     except ValidationError as exc:
@@ -272,7 +548,7 @@ def parse_line(raw: bytes, line: int) -> ParsedLine | LineError:
     # Stored as sent (validated, unset fields left out): a default filled in here would read as set
     # when the worker parses the body again, and win over the server's DIFFBATCH_DIFFUSION.
     return ParsedLine(line=line, custom_id=envelope.custom_id, url=envelope.url,
-                      body=body.model_dump(mode="json", exclude_unset=True), model=body.model)
+                      body=body.model_dump(mode="json", exclude_unset=True, by_alias=True), model=body.model)
 
 
 # The names pydantic gives the branches of a union in an error's location (`stop` is str | list[str]):
@@ -280,10 +556,15 @@ def parse_line(raw: bytes, line: int) -> ParsedLine | LineError:
 _UNION_BRANCH = re.compile(r"^(str|int|float|bool|dict|list|none|function-[a-z]+)(\[.*\])?$")
 
 
+def _field(loc: tuple[int | str, ...]) -> str | None:
+    where = [str(part) for part in loc if not _UNION_BRANCH.match(str(part))]
+    return ".".join(where) or None
+
+
 def _from_validation_error(exc: ValidationError, line: int, prefix: str) -> LineError:
     first = exc.errors(include_url=False)[0]
-    where = [str(part) for part in first["loc"] if not _UNION_BRANCH.match(str(part))]
-    param = prefix + ".".join(where) if where else None
+    field = _field(first["loc"])
+    param = prefix + field if field else None
     kind = first["type"]
     code = {"missing": "missing_required_parameter", "extra_forbidden": "unknown_parameter"}.get(
         kind, "invalid_value")

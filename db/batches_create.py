@@ -46,6 +46,7 @@ class BatchSpec:
     schedule_id: str | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
+    priority: int = 0  # higher first: a worker leases the best chunk of its queue (repo.lease_best_chunk)
 
 
 def create_batch(scope: TenantScope, spec: BatchSpec, limits: Limits, *, batch_id: str, now: int) -> Batch:
@@ -58,7 +59,7 @@ def create_batch(scope: TenantScope, spec: BatchSpec, limits: Limits, *, batch_i
         metadata_=spec.metadata, output_expires_after_s=spec.output_expires_after_s,
         webhook_url=spec.webhook_url, schedule_id=spec.schedule_id, idempotency_key=spec.idempotency_key,
         request_hash=spec.request_hash, created_at=now, expires_at=now + WINDOW_S[spec.completion_window],
-        touched_at=now, total=0, completed=0, failed=0, input_tokens=0, output_tokens=0, priority=0)
+        touched_at=now, total=0, completed=0, failed=0, input_tokens=0, output_tokens=0, priority=spec.priority)
 
 
 def input_file(scope: TenantScope, file_id: str, limits: Limits, *, param: str = "input_file_id") -> File:

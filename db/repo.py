@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Exists, Select, Table, and_, delete, exists, func, select, update
+from sqlalchemy import ColumnElement, Exists, Select, Table, and_, case, delete, exists, func, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from db import webhooks
@@ -274,6 +274,8 @@ def chunks_to_requeue(session: Session, *, delay: int, now: int) -> list[Chunk]:
 # worker's `workers` row beats, the run renews it (leased_at), and the worker has not restarted since;
 # otherwise the holder is dead, and whoever notices first (the reconciler, or a worker the chunk is
 # delivered to) records the failed run with `chunk_failed`, whose conditional UPDATE lets one do it.
+# A doorbell leases the best chunk of its queue (`lease_best_chunk`: batch priority first), not always the
+# one it names; as every chunk that needs a run has a doorbell of its own, each still runs.
 
 
 def _live(holder: InstrumentedAttribute[str | None], since: InstrumentedAttribute[int | None],
@@ -299,6 +301,33 @@ def lease_chunk(session: Session, *, chunk_id: int, worker: str, now: int) -> bo
                                                         Chunk.worker.is_(None) | (Chunk.worker == worker))
                                     .values(worker=worker, leased_at=now))
     return changed == 1
+
+
+def lease_best_chunk(session: Session, *, queue: str, worker: str, now: int, prefer: int | None = None) -> Chunk | None:
+    """Make `worker` the holder of the chunk of ``queue`` that should run next, and return it; None when no
+    chunk needs a run. Candidates are unheld chunks with pending requests whose batch is in progress and
+    within its window; the highest batch priority goes first, among equals the chunk ``prefer`` (the one a
+    doorbell names, so equal priorities keep the broker's order), then the oldest batch's first chunk.
+
+    The lease is a conditional UPDATE of an unheld row: of two workers racing for one chunk one wins, and
+    the other takes the next best (rows another transaction has locked are skipped, not waited for)."""
+    has_pending = exists().where(Request.chunk_id == Chunk.id, Request.status == RequestStatus.pending)
+    preferred_first = case((Chunk.id == prefer, 0), else_=1)
+    lost: list[int] = []  # chunks a racing worker leased between our read and our update
+    while True:
+        best = session.scalar(
+            select(Chunk.id).join(Batch, Batch.id == Chunk.batch_id)  # from the running batches (indexed)
+            .where(Batch.status == BatchStatus.in_progress, Batch.expires_at > now, Chunk.queue == queue,
+                   Chunk.worker.is_(None), Chunk.id.not_in(lost), has_pending)
+            .order_by(Batch.priority.desc(), preferred_first, Batch.created_at, Chunk.id)
+            .limit(1).with_for_update(skip_locked=True, of=Chunk))
+        if best is None:
+            return None
+        if rows_changed(session, update(Chunk).where(Chunk.id == best, Chunk.worker.is_(None))
+                        .values(worker=worker, leased_at=now)) == 1:
+            return session.scalars(select(Chunk).where(Chunk.id == best)
+                                   .execution_options(populate_existing=True)).one()
+        lost.append(best)
 
 
 def renew_lease(session: Session, *, chunk_id: int, worker: str, now: int) -> bool:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy import ColumnElement, Select, case, delete, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from db.models import OPEN_REQUEST_STATUSES, Batch, BatchStatus, File, Request, Schedule
+from db.models import OPEN_REQUEST_STATUSES, Batch, BatchStatus, File, Request, RequestStatus, Schedule
 from db.session import rows_changed
 
 
@@ -61,13 +61,38 @@ class TenantScope:
         return self.session.scalar(self._batches().where(Batch.request_hash == request_hash,
                                                          Batch.created_at >= since).order_by(Batch.created_at))
 
-    def list_batches(self, *, after: str | None, limit: int, schedule_id: str | None = None) -> list[Batch]:
+    def list_batches(self, *, after: str | None, limit: int, schedule_id: str | None = None,
+                     endpoint: str | None = None, before: str | None = None) -> list[Batch]:
+        """Newest first: the ``limit`` batches after the cursor ``after``, or (``before``) the ``limit`` just
+        before the cursor ``before``, the farthest from it first."""
         query = self._batches()
         if schedule_id is not None:
             query = query.where(Batch.schedule_id == schedule_id)
+        if endpoint is not None:
+            query = query.where(Batch.endpoint == endpoint)
+        if before and (cursor := self.get_batch(before)) is not None:
+            query = query.where(_past((Batch.created_at, Batch.id), (cursor.created_at, cursor.id), False))
+            return list(self.session.scalars(query.order_by(Batch.created_at, Batch.id).limit(limit)))[::-1]
         if after and (cursor := self.get_batch(after)) is not None:
             query = query.where(_past((Batch.created_at, Batch.id), (cursor.created_at, cursor.id), True))
         return list(self.session.scalars(query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)))
+
+    def request_counts(self, batch_ids: list[str]) -> dict[str, dict[RequestStatus, int]]:
+        """How many stored requests of each of these batches have each status."""
+        if not batch_ids:
+            return {}
+        query = (select(Request.batch_id, Request.status, func.count()).join(Batch, Batch.id == Request.batch_id)
+                 .where(Batch.tenant_id == self.tenant_id, Request.batch_id.in_(batch_ids))
+                 .group_by(Request.batch_id, Request.status))
+        counts: dict[str, dict[RequestStatus, int]] = {}
+        for batch_id, status, count in self.session.execute(query):
+            counts.setdefault(batch_id, {})[status] = count
+        return counts
+
+    def delete_batch(self, batch_id: str) -> bool:
+        """Delete the batch with its requests and chunks (the database cascades); its files stay."""
+        return rows_changed(self.session, delete(Batch).where(Batch.id == batch_id,
+                                                              Batch.tenant_id == self.tenant_id)) == 1
 
     def recent_batches(self, *, since: int, limit: int) -> list[Batch]:
         """The status page's batches: every unfinished one, and those created at or after ``since``."""

@@ -104,7 +104,7 @@ def test_the_openapi_schema_documents_the_answers_and_constraints(api):
     listed = {p["name"]: p["schema"] for p in schema["paths"]["/v1/files"]["get"]["parameters"]}
     assert listed["order"]["enum"] == ["asc", "desc"] and listed["limit"]["maximum"] == 10000
     create = schema["components"]["schemas"]["CreateBatch"]["properties"]
-    assert create["endpoint"]["enum"] == ["/v1/completions", "/v1/chat/completions"]
+    assert create["endpoint"]["enum"] == ["/v1/completions", "/v1/chat/completions", "/v1/responses"]
     assert create["completion_window"]["enum"] == ["24h"] and "pattern" in create["input_file_id"]
     assert {"409", "404"} <= set(schema["paths"]["/v1/batches"]["post"]["responses"])
     assert "503" in schema["paths"]["/readyz"]["get"]["responses"]

@@ -1,10 +1,12 @@
-"""run_chunk: lease the chunk -> claim its requests -> run the engine -> write each result once.
+"""run_chunk: lease a chunk -> claim its requests -> run the engine -> write each result once.
 
-A chunk runs only on the worker holding its lease (db/repo.py, "chunk leases"): a duplicate doorbell
-finds it held and returns, and one that finds its holder dead records that run as failed. A run the
-engine raises in is recorded the same way, so a group that keeps failing is split until the request
-to blame runs alone. Finalizing is the control process's work: when the batch has nothing open left,
-the worker sends FINALIZE_BATCH to the control queue instead of writing files on a GPU host.
+A chunk runs only on the worker holding its lease (db/repo.py, "chunk leases"). A doorbell leases the
+best chunk of its queue, the one it names unless a higher-priority batch waits; one that finds its named
+chunk held by a live worker takes the next best (or returns), and one that finds its holder dead records
+that run as failed. A run the engine raises in is recorded the same way, so a group that keeps failing is
+split until the request to blame runs alone. Finalizing is the control process's work: when the batch has
+nothing open left, the worker sends FINALIZE_BATCH to the control queue instead of writing files on a GPU
+host.
 """
 
 from __future__ import annotations
@@ -38,35 +40,40 @@ RETRY_PAUSE_S = 5  # before a group the engine raised in runs again: an out-of-m
 
 @dataclass
 class _Lease:
+    chunk_id: int  # the chunk leased: the doorbell's own, or a better one of its queue
     batch_id: str
     model: str | None
     claimed: list[Request]
 
 
 def run_chunk(rt: Runtime, chunk_id: int) -> int:
-    """Process what is still open in a chunk; returns how many results this call wrote."""
+    """Answer a chunk's doorbell: process what is still open in the best chunk of its queue (the chunk
+    itself unless a higher-priority batch waits); returns how many results this call wrote."""
     lease = _take_lease(rt, chunk_id)
     if lease is None or not lease.claimed:
         return 0
     try:
-        with Heartbeat(rt, chunk_id) as beat, metrics.ChunkMeter(lease.model, rt.name) as meter:
+        with Heartbeat(rt, lease.chunk_id) as beat, metrics.ChunkMeter(lease.model, rt.name) as meter:
             written = _process(rt, lease, beat, meter)
     except Exception:
-        log.exception("chunk %s failed; its group runs again, split if it failed before", chunk_id)
-        record_failed_run(rt, chunk_id, rt.name, countdown=RETRY_PAUSE_S)
+        log.exception("chunk %s failed; its group runs again, split if it failed before", lease.chunk_id)
+        record_failed_run(rt, lease.chunk_id, rt.name, countdown=RETRY_PAUSE_S)
         _finalize_if_done(rt, lease.batch_id)
         raise
     except BaseException:  # the process is stopping: not the group's fault, so no failure counted
-        _end_lease(rt, chunk_id)
+        _end_lease(rt, lease.chunk_id)
         raise
-    _end_lease(rt, chunk_id)
+    _end_lease(rt, lease.chunk_id)
     _finalize_if_done(rt, lease.batch_id)
     return written
 
 
 def _take_lease(rt: Runtime, chunk_id: int) -> _Lease | None:
-    """Lease the chunk and claim its open requests. None if it is unknown or another live worker holds
-    it; a lease with nothing claimed if its batch is not running or its dead holder's run was recorded."""
+    """Lease the chunk that should run next on the doorbell's queue and claim its open requests
+    (repo.lease_best_chunk: the highest batch priority, among equals the named chunk). The named chunk's
+    own case comes first: a dead holder's run is recorded (which re-sends it) and this doorbell ends
+    with nothing claimed; a live holder keeps it, and this doorbell takes the next best chunk, since the
+    holder may have leased it on another chunk's doorbell. None if nothing on the queue needs a run."""
     t = now()
     with rt.session() as session, session.begin():
         chunk = repo.get_chunk(session, chunk_id=chunk_id)
@@ -75,29 +82,26 @@ def _take_lease(rt: Runtime, chunk_id: int) -> _Lease | None:
         holder = chunk.worker
         live = holder is not None and repo.holder_is_live(session, chunk_id=chunk_id,
                                                           dead_before=t - rt.settings.worker_dead_after_s)
-        if holder is None or (live and holder == rt.name):  # free, or left held by this very process
-            return _lease_chunk(rt, session, chunk, t)
-        if live:
-            return None  # a duplicate doorbell: its holder runs it
+        if holder is None or live:
+            if holder == rt.name:  # left held by this very process (a run that could not release it)
+                repo.end_lease(session, chunk_id=chunk_id, worker=rt.name)
+            best = repo.lease_best_chunk(session, queue=chunk.queue, worker=rt.name, now=t, prefer=chunk_id)
+            return None if best is None else _claim(rt, session, best, t)
     log.warning("chunk %s: its holder %s is dead; recording the failed run", chunk_id, holder)
     record_failed_run(rt, chunk_id, holder)
     _finalize_if_done(rt, chunk.batch_id)
-    return _Lease(chunk.batch_id, None, [])
+    return _Lease(chunk_id, chunk.batch_id, None, [])
 
 
-def _lease_chunk(rt: Runtime, session: Session, chunk: Chunk, t: int) -> _Lease | None:
+def _claim(rt: Runtime, session: Session, chunk: Chunk, t: int) -> _Lease:
+    """Claim the open requests of a chunk this worker has just leased (its batch was in progress)."""
     batch = repo.get_batch(session, batch_id=chunk.batch_id)
-    if batch is None:
-        return None
-    if batch.status != BatchStatus.in_progress or t >= batch.expires_at:
-        return _Lease(batch.id, batch.model, [])  # finalize closes what is left
-    if not repo.lease_chunk(session, chunk_id=chunk.id, worker=rt.name, now=t):
-        return None
+    assert batch is not None  # a chunk's batch is deleted with it
     repo.beat_worker(session, name=rt.name, now=t)  # the lease holds from this beat on
     claimed = repo.claim_requests(session, chunk_id=chunk.id, worker=rt.name, now=t)
     if not claimed:
         repo.end_lease(session, chunk_id=chunk.id, worker=rt.name)
-    return _Lease(batch.id, batch.model, claimed)
+    return _Lease(chunk.id, batch.id, batch.model, claimed)
 
 
 def _process(rt: Runtime, lease: _Lease, beat: Heartbeat, meter: metrics.ChunkMeter) -> int:

@@ -84,7 +84,7 @@ def _spec(row: Schedule) -> BatchSpec:
     return BatchSpec(input_file_id=template["input_file_id"], endpoint=template["endpoint"],
                      completion_window=template.get("completion_window", "24h"), metadata=template.get("metadata"),
                      output_expires_after_s=expiry.get("seconds"), webhook_url=template.get("webhook_url"),
-                     schedule_id=row.id)
+                     schedule_id=row.id, priority=template.get("priority") or 0)
 
 
 def _limits(settings: Settings) -> Limits:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 from common import metrics
 from common.ids import new_id, now
-from common.lines import ChatBody, LineError, ParsedLine, parse_body, parse_line
+from common.lines import CHECKED_WHEN_RUN, LineError, ParsedLine, output_limit, parse_line
 from common.queue import RUN_CHUNK
 from common.settings import queue_for_model
 from common.storage import OversizedLine
@@ -164,8 +164,8 @@ def _check_lines(rt: Runtime, batch_id: str, token: str, file_id: str,
             errors.append(LineError(item.line, "mismatched_model",
                                     f"Line {item.line}: body.model {item.model!r} differs from {model!r}; "
                                     "a batch uses one model.", "body.model"))
-        elif item.model == rt.model_name and (error := _fits_model(rt, item)):
-            errors.append(error)
+        elif item.model == rt.model_name and item.url not in CHECKED_WHEN_RUN and (error := _fits_model(rt, item)):
+            errors.append(error)  # (a CHECKED_WHEN_RUN request the model cannot run fails alone when it runs)
         else:
             model, model_line = item.model, model_line or item.line
         if isinstance(item, ParsedLine):
@@ -224,11 +224,12 @@ def _budget_tokens(rt: Runtime, item: ParsedLine) -> int:
         try:
             request = to_generation_request(rt.engine, item.url, item.body, rt.settings.diffusion_defaults)
             return len(request.prompt_ids) + request.params.max_tokens
+        except ValueError:
+            if item.url not in CHECKED_WHEN_RUN:  # else: unchecked so far, it fails alone when it runs
+                log.warning("batch line %d: token budget estimated", item.line, exc_info=True)
         except Exception:  # the line was checked already; an estimate beats a failed validation
             log.warning("batch line %d: token budget estimated", item.line, exc_info=True)
-    body = parse_body(item.url, item.body)
-    limit = body.output_limit() if isinstance(body, ChatBody) else body.max_tokens
-    return len(json.dumps(item.body).encode()) // 4 + limit
+    return len(json.dumps(item.body).encode()) // 4 + output_limit(item.url, item.body)
 
 
 def _fits_model(rt: Runtime, item: ParsedLine) -> LineError | None:

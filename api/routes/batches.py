@@ -55,10 +55,10 @@ def create_batch(scope: ScopeDep, settings: SettingsDep, queue: QueueDep, blobs:
                  idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
     # The OpenAI SDK retries POSTs: a key, or an identical body moments ago, returns the first batch.
     request_hash = _request_hash(body)
-    if existing := _earlier(scope, settings, idempotency_key, request_hash):
+    if existing := earlier_batch(scope, settings, idempotency_key, request_hash):
         return batch_object(existing)
     limits = batch_limits(settings)
-    file_id, new_input = input_of(body, settings)  # inline requests (extension) become a file written here
+    file_id, new_input = input_of(body, settings, scope, blobs)  # inline requests and templates (extensions)
     try:
         if new_input is None:
             input_file(scope, file_id, limits)  # its errors come before the webhook's
@@ -67,13 +67,14 @@ def create_batch(scope: ScopeDep, settings: SettingsDep, queue: QueueDep, blobs:
                          completion_window=body.completion_window, metadata=body.metadata,
                          output_expires_after_s=expires_after_s,
                          webhook_url=webhook_url_of(body, settings), idempotency_key=idempotency_key,
-                         request_hash=request_hash)
+                         request_hash=request_hash, priority=body.priority or 0)
     except Refused as exc:
         raise ApiError(exc.status, exc.message, param=exc.param, code=exc.code) from exc
-    return batch_object(_add(scope, settings, queue, blobs, spec, new_input))
+    return batch_object(add_batch(scope, settings, queue, blobs, spec, new_input))
 
 
-def _earlier(scope: TenantScope, settings: Settings, idempotency_key: str | None, request_hash: str) -> Batch | None:
+def earlier_batch(scope: TenantScope, settings: Settings, idempotency_key: str | None,
+                  request_hash: str) -> Batch | None:
     """The batch an earlier try of this POST made: by its Idempotency-Key, else by an identical request
     moments ago. A key sent before with another request is a 409."""
     existing = (scope.find_batch_by_idempotency_key(idempotency_key) if idempotency_key
@@ -85,8 +86,8 @@ def _earlier(scope: TenantScope, settings: Settings, idempotency_key: str | None
     return existing
 
 
-def _add(scope: TenantScope, settings: Settings, queue: Queue, blobs: BlobStore, spec: BatchSpec,
-         new_input: NewInput | None) -> Batch:
+def add_batch(scope: TenantScope, settings: Settings, queue: Queue, blobs: BlobStore, spec: BatchSpec,
+              new_input: NewInput | None) -> Batch:
     """Add the batch (and the input file written for it, if any), commit, and send its validation."""
     committed = False
     try:
@@ -118,11 +119,11 @@ def retry_batch(scope: ScopeDep, settings: SettingsDep, queue: QueueDep, blobs: 
     order, with metadata.retry_of naming it. Idempotent as create is."""
     first = _get(scope, batch_id)
     request_hash = hashlib.sha256(f"retry of {batch_id}".encode()).hexdigest()
-    if existing := _earlier(scope, settings, idempotency_key, request_hash):
+    if existing := earlier_batch(scope, settings, idempotency_key, request_hash):
         return batch_object(existing)
     new_input = retry_input(scope, first)
     spec = retry_spec(first, new_input, idempotency_key=idempotency_key, request_hash=request_hash)
-    return batch_object(_add(scope, settings, queue, blobs, spec, new_input))
+    return batch_object(add_batch(scope, settings, queue, blobs, spec, new_input))
 
 
 @router.get("", response_model=None, responses=error_responses(400, 401))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Generator
+from collections import OrderedDict, defaultdict
+from collections.abc import Generator, Sequence
+
+import torch
 
 from common.samplers import BLOCK_SAMPLERS, DIFFUSION_GEMMA_OPTIONS, Sampler, names
 
@@ -17,6 +19,10 @@ from .prompts import encode_chat, encode_completion
 from .schedulers.base import ContinuousScheduler
 from .schedulers.block import BlockScheduler
 from .schedulers.canvas import CanvasScheduler
+from .structured import Piece, StructuredCanvas, TokenClasses, encode_structured
+
+# Structured canvases kept, keyed by their skeleton: the requests of a batch mostly share a schema.
+STRUCTURED_CACHE = 64
 
 SUPPORTED_FAMILIES = ("block_causal", *ALIGNED_FAMILIES, *FULL_ATTENTION_FAMILIES)
 
@@ -91,6 +97,9 @@ class Engine:
                                              full_attention=self.full_attention, logits_shift=self.logits_shift,
                                              **common)
         self.healer = TokenHealer(self.tokenizer, self.vocab_size)
+        self.eos_token_ids = tuple(loaded.eos_token_ids)
+        self._token_classes: TokenClasses | None = None  # built on the first structured request
+        self._structured: OrderedDict[tuple[Piece, ...], StructuredCanvas] = OrderedDict()
 
     @property
     def tokens_in_flight(self) -> int:
@@ -137,6 +146,7 @@ class Engine:
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
             raise InvalidRequest(f"prompt token ids must be integers in [0, {self.vocab_size})", param="prompt")
         self._check_template(request)
+        self._check_structured(request)
         healing = request.healing
         if healing is not None and (request.template_ids is not None or not healing.allowed or not all(
                 isinstance(t, int) and 0 <= t < self.vocab_size for t in healing.allowed)):
@@ -149,8 +159,10 @@ class Engine:
                                  "be overwritten. Remove it from the prompt", param="prompt")
         needed = len(prompt) - lead + whole_blocks(lead + params.max_tokens, params.block_length)
         if needed > self.max_positions:
+            completion = (f"max_tokens={params.max_tokens}" if request.structured is None else
+                          f"the response_format's {params.max_tokens} tokens")
             raise ContextLengthError(
-                f"prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} (rounded up to "
+                f"prompt of {len(prompt)} tokens + {completion} (rounded up to "
                 f"{needed - len(prompt)}, to end on a block of diffusion.block_length={params.block_length}) "
                 f"needs {needed} positions; the model supports {self.max_positions}"
             )
@@ -158,14 +170,56 @@ class Engine:
     def encode_template(self, template: str) -> list[int | None]:
         return encode_template(self.tokenizer, template)
 
+    def encode_structured(self, pieces: Sequence[Piece]) -> StructuredCanvas:
+        """Structured output's canvas of a skeleton (structured.py), cached per skeleton."""
+        key = tuple(pieces)
+        canvas = self._structured.get(key)
+        if canvas is None:
+            if self.logits_shift and not self.full_attention:
+                raise InvalidRequest(self._no_templates("response_format"), param="response_format")
+            if not self.eos_token_ids:
+                raise InvalidRequest("response_format: this model has no EOS token to pad a value with",
+                                     param="response_format")
+            if self._token_classes is None:
+                mask = self.scheduler.mask_token_id
+                special = {int(i) for i in getattr(self.tokenizer, "all_special_ids", [])} | {mask}
+                self._token_classes = TokenClasses(self.tokenizer, self.vocab_size, special, self.eos_token_ids[0])
+            canvas = encode_structured(self.tokenizer, self._token_classes, key, self.scheduler.mask_token_id)
+            self._structured[key] = canvas
+            if len(self._structured) > STRUCTURED_CACHE:
+                self._structured.popitem(last=False)
+        else:
+            self._structured.move_to_end(key)
+        return canvas
+
+    @staticmethod
+    def _no_templates(param: str) -> str:
+        return (f"{param} is not supported for this model: each block's first token is its previous token's "
+                "prediction, not a hole's")
+
+    def _check_structured(self, request: GenerationRequest) -> None:
+        structured = request.structured
+        if structured is None:
+            return
+        canvas = structured.canvas
+        if request.template_ids is not canvas.template and request.template_ids != canvas.template:
+            raise InvalidRequest("response_format: the request's template must be its structured canvas's",
+                                 param="response_format")
+        if canvas.masks.dim() != 2 or canvas.masks.shape[1] != self.vocab_size or canvas.masks.dtype != torch.bool \
+                or len(canvas.classes) != len(canvas.template) or int(canvas.classes.max()) >= len(canvas.masks):
+            raise InvalidRequest("response_format: the structured canvas was not made for this model's vocabulary",
+                                 param="response_format")
+        if request.healing is not None:
+            raise InvalidRequest("diffusion.token_healing does not apply with response_format",
+                                 param="diffusion.token_healing")
+
     def _check_template(self, request: GenerationRequest) -> None:
         template = request.template_ids
         if template is None:
             return
-        param = "diffusion.template"
+        param = "diffusion.template" if request.structured is None else "response_format"
         if self.logits_shift and not self.full_attention:
-            raise InvalidRequest(f"{param} is not supported for this model: each block's first token is its "
-                                 "previous token's prediction, not a hole's", param=param)
+            raise InvalidRequest(self._no_templates(param), param=param)
         if not isinstance(template, list) or None not in template:
             raise InvalidRequest(f"{param} must hold at least one hole", param=param)
         if not all(t is None or (isinstance(t, int) and 0 <= t < self.vocab_size) for t in template):
@@ -174,7 +228,7 @@ class Engine:
             raise InvalidRequest(f"{param} holds the mask token {self._mask_spelling()} in its text; only "
                                  "{{fill:N}} marks holes. Remove it from the template", param=param)
         if request.params.max_tokens != len(template) or request.params.stop:
-            raise InvalidRequest("with diffusion.template, the template sets the length: max_tokens must equal "
+            raise InvalidRequest(f"with {param}, the template sets the length: max_tokens must equal "
                                  "its length in tokens and stop must be empty")
 
     def _mask_spelling(self) -> str:

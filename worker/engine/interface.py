@@ -6,10 +6,13 @@ Both engines (``engine.Engine``, ``diffusion_gemma.engine.DiffusionGemmaEngine``
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import Protocol
+from collections.abc import Generator, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from .params import GenerationRequest, GenerationResult, Healing
+
+if TYPE_CHECKING:  # structured.py holds torch tensors
+    from .structured import Piece, StructuredCanvas
 
 
 class GenerationEngine(Protocol):
@@ -50,6 +53,11 @@ class GenerationEngine(Protocol):
 
     def encode_template(self, template: str) -> list[int | None]:
         """An infilling template: token ids for its text, None for each hole position."""
+        ...
+
+    def encode_structured(self, pieces: Sequence[Piece]) -> StructuredCanvas:
+        """Structured output's canvas of a skeleton (structured.py); InvalidRequest naming response_format
+        where the model cannot fill one."""
         ...
 
     def heal(self, prompt_ids: list[int]) -> tuple[list[int], Healing | None]:

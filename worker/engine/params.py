@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from common.samplers import DIFFUSION_GEMMA_OPTIONS, SAMPLER_OPTIONS, SAMPLERS, SCHEDULES, Sampler, names
+
+if TYPE_CHECKING:  # structured.py holds torch tensors; this module stays torch-free
+    from .structured import StructuredOutput
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI's chat/completions API
 
@@ -206,6 +210,10 @@ class GenerationRequest:
     # Token healing (healing.py): the prompt's last token was given back; the first generated token
     # must be one of ``healing.allowed`` and the reported text leaves out ``healing.text``.
     healing: Healing | None = None
+    # Structured output (structured.py): every hole position of ``template_ids`` (which must be
+    # ``structured.canvas.template``) bound to its class's tokens, and the text the result reports
+    # rendered from the holes (a JSON document) instead of decoded.
+    structured: StructuredOutput | None = None
 
     @property
     def healed_text(self) -> str:
@@ -222,3 +230,4 @@ class GenerationResult:
     completion_tokens: int
     forward_passes: int
     elapsed_s: float
+    stop_sequence: str | None = None  # the stop string the text was cut at, if one was

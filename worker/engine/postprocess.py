@@ -10,6 +10,13 @@ class FinishedRow:
     token_ids: list[int]
     text: str
     finish_reason: str  # "stop" | "length"
+    stop_sequence: str | None = None  # the stop string the text was cut at (Anthropic's stop_sequence)
+
+
+def first_stop(text: str, stop: tuple[str, ...]) -> str | None:
+    """The stop string whose occurrence in ``text`` comes first (the first listed on a tie), or None."""
+    found = [(i, n) for n, s in enumerate(stop) if (i := text.find(s)) >= 0]
+    return stop[min(found)[1]] if found else None
 
 
 def apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
@@ -68,8 +75,9 @@ def finish_row(
     the ``healed`` text, which belongs to the prompt)."""
     token_ids, hit_eos = cut_at_eos(generated[:max_tokens], eos_token_ids)
     text = completion_text(tokenizer, token_ids, healed)
+    matched = first_stop(text, stop)
     text, hit_stop = apply_stop(text, stop)
     if hit_stop:
         token_ids = covering_prefix(tokenizer, token_ids, healed + text)
     finish_reason = "stop" if hit_eos or hit_stop else "length"
-    return FinishedRow(token_ids=token_ids, text=text, finish_reason=finish_reason)
+    return FinishedRow(token_ids=token_ids, text=text, finish_reason=finish_reason, stop_sequence=matched)

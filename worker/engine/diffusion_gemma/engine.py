@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from functools import partial
 
 from common.samplers import DIFFUSION_GEMMA_SAMPLERS, Sampler, names
@@ -18,6 +18,7 @@ from ..loader import LoadedModel
 from ..params import ContextLengthError, GenerationRequest, GenerationResult, InvalidRequest, SamplingParams
 from ..postprocess import apply_stop, completion_text, cut_at_eos, finish_row
 from ..prompts import encode_chat, encode_completion
+from ..structured import Piece, StructuredCanvas
 from .adapter import DiffusionGemmaAdapter
 from .continuous import ContinuousDenoiser, Job
 from .reference import generate_reference
@@ -62,6 +63,8 @@ class DiffusionGemmaEngine:
         """Raise InvalidRequest (ContextLengthError for length) if ``request`` cannot run on this model."""
         params = request.params
         params.validate()
+        if request.structured is not None:
+            self.encode_structured(())  # raises: structured output is infilling
         if request.template_ids is not None:
             self.encode_template("")  # raises: infilling is not supported here
         if params.sampler not in DIFFUSION_GEMMA_SAMPLERS:
@@ -127,6 +130,11 @@ class DiffusionGemmaEngine:
                              "canvas starts from random tokens, not from [MASK] around fixed text",
                              param="diffusion.template")
 
+    def encode_structured(self, pieces: Sequence[Piece]) -> StructuredCanvas:
+        raise InvalidRequest("response_format json_schema is not supported for DiffusionGemma models: it is "
+                             "written by infilling a skeleton, and their canvas starts from random tokens, not "
+                             "from [MASK] around fixed text", param="response_format")
+
     def stream(self, requests: list[GenerationRequest]) -> Generator[tuple[int, GenerationResult], None, None]:
         """(index, result) pairs, the worker's interface; all come once the whole call is done."""
         yield from enumerate(self.generate(requests))
@@ -182,4 +190,4 @@ class DiffusionGemmaEngine:
                          tokenizer=self.tokenizer)
         return GenerationResult(token_ids=row.token_ids, text=row.text, finish_reason=row.finish_reason,
                                 prompt_tokens=len(request.prompt_ids), completion_tokens=len(row.token_ids),
-                                forward_passes=forward_passes, elapsed_s=elapsed)
+                                forward_passes=forward_passes, elapsed_s=elapsed, stop_sequence=row.stop_sequence)

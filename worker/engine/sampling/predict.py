@@ -42,25 +42,28 @@ def predict_x0(
     top_p: torch.Tensor | None,
     gumbel_denominator: torch.Tensor | None,
     mask_token_id: int,
-    first_allowed: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
     penalty: torch.Tensor | None = None,
-    first_column: torch.Tensor | None = None,
+    allowed_index: torch.Tensor | None = None,
     top_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x0 (B, K) and its confidence softmax(logits)[x0] (B, K) from ``logits`` (B, K, V); Gumbel-max
     where ``gumbel_denominator`` (B, K, V, ones for greedy rows; None: all greedy) says; top_p (B,) or None.
-    first_allowed (B, V) binds the position first_column (B, K) marks; penalty (B, V) is subtracted;
-    top_k: only each position's top_k largest logits (ties at the k-th kept) count, for x0 and confidence."""
+    ``allowed`` (C, V) bool is a table of token sets and ``allowed_index`` (B, K) each position's row in
+    it (-1: free); penalty (B, V) is subtracted; top_k: only each position's top_k largest logits (ties
+    at the k-th kept) count, for x0 and confidence."""
     logits64 = logits.to(torch.float64, copy=True)  # never write into the model's logits
     if penalty is not None:
         logits64 -= penalty[:, None, :]
     # Committing [MASK] would leave the position masked and break the schedule. A trained model gives
     # it ~zero probability anyway; an untrained one, whose tied embeddings echo the input, prefers it.
     logits64[..., mask_token_id] = float("-inf")
-    if first_allowed is not None:  # token healing: the other tokens get no probability there
-        if first_column is None:
-            raise ValueError("first_allowed needs first_column")
-        logits64.masked_fill_(first_column[..., None] & ~first_allowed[:, None, :], float("-inf"))
+    if allowed is not None:  # token healing, structured output: the other tokens get no probability there
+        if allowed_index is None:
+            raise ValueError("allowed needs allowed_index")
+        bound = allowed_index >= 0  # (B, K)
+        permitted = allowed[allowed_index.clamp(min=0)]  # (B, K, V): gathered per step, stored per class
+        logits64.masked_fill_(bound[..., None] & ~permitted, float("-inf"))
     if top_k is not None and top_k < logits64.shape[-1]:  # the model's own generation does (Dream's)
         kth = logits64.topk(top_k, dim=-1).values[..., -1:]  # (B, K, 1)
         logits64.masked_fill_(logits64 < kth, float("-inf"))

@@ -15,14 +15,15 @@ from .transfer import in_first_open_sub_block, parallel_transfer_count, select_t
 @dataclass
 class BlockContext:
     """What every step of one block shares (B rows, K positions, V tokens): the rows' ``rules`` and
-    the constraints on their tokens. ``first_allowed`` (B, V) binds the block position ``first_slot``
-    (B,; None: 0); ``history`` (B, V) counts earlier blocks' tokens; ``fixed`` (B, K) marks given text;
-    ``top_k``: the model's sampling top-k (predict_x0), the same for every row, or None."""
+    the constraints on their tokens. ``allowed`` (C, V) bool is a table of token sets and ``allowed_at``
+    (B, K) long each block position's row in it (-1: free); ``history`` (B, V) counts earlier blocks'
+    tokens; ``fixed`` (B, K) marks given text; ``top_k``: the model's sampling top-k (predict_x0), the
+    same for every row, or None."""
 
     rules: BlockRules
     mask_token_id: int
-    first_allowed: torch.Tensor | None = None  # token healing; None: the first token is free
-    first_slot: torch.Tensor | None = None  # a row's lead comes before it
+    allowed: torch.Tensor | None = None  # token healing's first token, structured output's holes; None: all free
+    allowed_at: torch.Tensor | None = None
     history: torch.Tensor | None = None  # for frequency and presence penalties; None: nothing generated yet
     fixed: torch.Tensor | None = None  # prompt or template text, which the penalties do not count
     kept: Kept | None = None  # the positions each row keeps; None: all
@@ -42,10 +43,13 @@ def commit_step(context: BlockContext, block: torch.Tensor, logits_n: torch.Tens
         counts = token_counts(block, generated, logits_n.shape[-1])
         counts = counts if context.history is None else counts + context.history
         penalty = repetition_penalty(counts, rules.frequency_t, rules.presence_t)
-    first_slot = 0 if context.first_slot is None else context.first_slot[:, None]
+    allowed_index = None
+    if context.allowed is not None:
+        if context.allowed_at is None:
+            raise ValueError("allowed needs allowed_at")
+        allowed_index = context.allowed_at.gather(1, slots)  # (B, n)
     x0_n, confidence_n = predict_x0(logits_n, rules.temperature_t, rules.top_p_t, denominator, mask_token_id,
-                                    context.first_allowed, penalty, first_column=slots == first_slot,
-                                    top_k=context.top_k)
+                                    context.allowed, penalty, allowed_index=allowed_index, top_k=context.top_k)
     x0 = block.scatter(1, slots, x0_n)  # (B, K); committed positions keep their tokens
     confidence = confidence_n.new_zeros(block.shape).scatter_(1, slots, confidence_n)  # (B, K)
     edit = None

@@ -159,11 +159,41 @@ class ContinuousScheduler:
     def _block_context(self, rows: list[Row], block_length: int, fixed: torch.Tensor | None,
                        sub_block: int | None = None) -> BlockContext:
         """What every step of the rows' next block shares (sampling.step.BlockContext)."""
-        first_allowed, first_slot = self._first_token(rows)
+        allowed, allowed_at = self._allowed(rows, block_length)
         return BlockContext(BlockRules([row.request.params for row in rows], block_length, self.device, sub_block),
-                            self.mask_token_id, first_allowed=first_allowed, first_slot=first_slot,
+                            self.mask_token_id, allowed=allowed, allowed_at=allowed_at,
                             history=self._history(rows), fixed=fixed, kept=self._kept(rows, block_length),
                             top_k=self.top_k)
+
+    def _allowed(self, rows: list[Row], block_length: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The token sets bound positions of the rows' next block may take: a table (C, V) bool and each
+        block position's row in it (B, K; -1: free), or (None, None) when none is bound. Token healing
+        binds a row's first generated token (after its lead); structured output every hole position."""
+        tables: list[torch.Tensor] = []
+        offsets: dict[int, int] = {}  # rows of one schema share its canvas, so its table once
+        at = torch.full((len(rows), block_length), -1, dtype=torch.long)
+        size = 0
+        for r, row in enumerate(rows):  # once per block, not per step
+            healing, structured = row.request.healing, row.request.structured
+            if healing is not None and not row.generated:
+                mask = torch.zeros((1, self.vocab_size), dtype=torch.bool)
+                mask[0, list(healing.allowed)] = True
+                tables.append(mask.to(self.device))
+                at[r, len(row.lead)] = size
+                size += 1
+            if structured is not None:
+                canvas = structured.canvas
+                if id(canvas) not in offsets:
+                    offsets[id(canvas)] = size
+                    tables.append(canvas.masks_on(self.device))
+                    size += canvas.masks.shape[0]
+                start = len(row.generated) - len(row.lead)  # the completion's position at the block's column 0
+                classes = canvas.classes[max(start, 0) : start + block_length]
+                column = max(-start, 0)
+                at[r, column : column + len(classes)] = torch.where(classes >= 0, classes + offsets[id(canvas)], -1)
+        if not tables:
+            return None, None
+        return torch.cat(tables), at.to(self.device)
 
     def _history(self, rows: list[Row]) -> torch.Tensor | None:
         """Counts of the tokens each row wrote (B, V; ``Row.written``), when a row has a repetition
@@ -237,7 +267,12 @@ class ContinuousScheduler:
         params = row.request.params
         finished = finish_row(row.completion, max_tokens=params.max_tokens, eos_token_ids=self._eos_for(row),
                               stop=params.stop, tokenizer=self.tokenizer, healed=row.request.healed_text)
-        return GenerationResult(token_ids=finished.token_ids, text=finished.text,
-                                finish_reason=finished.finish_reason, prompt_tokens=len(row.request.prompt_ids),
+        text, finish_reason = finished.text, finished.finish_reason
+        structured = row.request.structured
+        if structured is not None:  # the holes' texts rendered (a JSON document), complete: "stop"
+            text = structured.render(structured.canvas.hole_texts(self.tokenizer, finished.token_ids))
+            finish_reason = "stop"
+        return GenerationResult(token_ids=finished.token_ids, text=text,
+                                finish_reason=finish_reason, prompt_tokens=len(row.request.prompt_ids),
                                 completion_tokens=len(finished.token_ids), forward_passes=row.passes,
-                                elapsed_s=time.perf_counter() - row.admitted_at)
+                                elapsed_s=time.perf_counter() - row.admitted_at, stop_sequence=finished.stop_sequence)
