@@ -12,8 +12,10 @@ schedule, adaptive stop). model.generate() runs the requests in fixed batches of
 submission order, left-padded, as a transformers user would; its output is cut like the engine's
 (max_tokens, EOS, stop strings) before counting tokens. The engine holds --batch-size rows.
 
---full-size (CUDA, bf16): random weights in roughly the shape of DiffusionGemma 26B-A4B, batch sizes
---batches, one request shape (prompt 512, max_tokens 512) per batch size.
+--full-size (CUDA, bf16): random weights in roughly the shape of DiffusionGemma 26B-A4B, built on the GPU
+from its config, batch sizes --batches, one request shape (prompt 512, max_tokens 512) per batch size:
+tokens/s, decoder canvas rows per second and the allocator's peak of each side (an out-of-memory is
+reported, not raised: transformers' generate() holds float32 canvas x vocabulary temporaries per row).
 
 --memory: peak memory above the weights, per row, of the engine's default (entropy_bound, continuous
 batching) against model.generate() on the same rows, and the engine's reference sampler on them (its
@@ -72,6 +74,21 @@ class Side:
     seconds: float
     tokens: int
     row_passes: int  # canvas rows the decoder computed: sum over decoder calls of their batch size
+    peak_bytes: int = 0  # CUDA: the allocator's peak during the run (weights included); 0 elsewhere
+    failed: str = ""  # why the run did not finish (CUDA out of memory), or ""
+
+
+def cuda_peak(run, *args):
+    """``run(*args)`` -> Side with the CUDA allocator's peak recorded; an out-of-memory ends it as failed."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        side = run(*args)
+    except torch.OutOfMemoryError:
+        side = Side("(out of memory)", float("nan"), 0, 0, failed="CUDA out of memory")
+    torch.cuda.synchronize()
+    side.peak_bytes = torch.cuda.max_memory_allocated()
+    return side
 
 
 def workload(engine, count: int, seed: int) -> list[GenerationRequest]:
@@ -139,12 +156,18 @@ def run_generate(engine, requests, batch_size: int) -> Side:
 def table(command: str, sides: list[Side], note: str) -> None:
     print(f"command: {command}")
     print(note)
-    print(f"{'':56s} {'seconds':>8s} {'tokens':>8s} {'tokens/s':>9s} {'decoder rows':>13s}")
+    print(f"{'':56s} {'seconds':>8s} {'tokens':>8s} {'tokens/s':>9s} {'decoder rows':>13s} {'rows/s':>8s} "
+          f"{'peak GiB':>9s}")
     for s in sides:
-        print(f"{s.label:56s} {s.seconds:8.2f} {s.tokens:8d} {s.tokens / s.seconds:9.1f} {s.row_passes:13d}")
+        if s.failed:
+            print(f"{s.label:56s} {s.failed} (peak {s.peak_bytes / 2**30:.1f} GiB)")
+            continue
+        print(f"{s.label:56s} {s.seconds:8.2f} {s.tokens:8d} {s.tokens / s.seconds:9.1f} {s.row_passes:13d} "
+              f"{s.row_passes / s.seconds:8.1f} {s.peak_bytes / 2**30 if s.peak_bytes else float('nan'):9.1f}")
     base, ours = sides[1], sides[0]
-    ratio = (ours.tokens / ours.seconds) / (base.tokens / base.seconds)
-    print(f"ratio (engine tokens/s / generate tokens/s): {ratio:.2f}x")
+    if not (base.failed or ours.failed):
+        ratio = (ours.tokens / ours.seconds) / (base.tokens / base.seconds)
+        print(f"ratio (engine tokens/s / generate tokens/s): {ratio:.2f}x")
 
 
 def tiny_engine(folder: Path, args) -> DiffusionGemmaEngine:
@@ -380,8 +403,10 @@ def main() -> None:
                         for i in range(batch_size)]
             if batch_size == batches[0]:  # warm-up: kernels, allocator
                 run_engine(engine, requests[:1]), run_generate(engine, requests[:1], 1)
-            sides = [run_engine(engine, requests), run_generate(engine, requests, batch_size)]
-            table(command, sides, f"full-size random DiffusionGemma, bf16, {args.device}, batch {batch_size}")
+            sides = [cuda_peak(run_engine, engine, requests), cuda_peak(run_generate, engine, requests, batch_size)]
+            table(command, sides, f"full-size random DiffusionGemma, bf16, {args.device}, batch {batch_size}, "
+                                  f"at most {args.max_steps} denoising steps per {engine.canvas_length}-token canvas; "
+                                  f"peak GiB includes the weights")
         return
     with tempfile.TemporaryDirectory() as folder:
         engine = tiny_engine(Path(folder), args)

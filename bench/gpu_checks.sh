@@ -9,9 +9,14 @@
 #   1. the built-in model's speed, eager and CUDA-graph steps, against full recomputation and an
 #      autoregressive model of its shape, batch 1 and 32 (the engine issue's speed targets), with
 #      the host time each graph row spent outside replays (eager first steps and captures);
+#      Every bench/engine.py row on CUDA is also measured against transformers' static KV cache,
+#      compiled with CUDA graphs (--ar-static is the default there), the ratio against the faster;
 #   2. the same tokens on the GPU as on the CPU, batched as alone, cached as recomputed, graph
 #      as eager: built-in model (reference), LLaDA2's editing (a captured step holds its state),
-#      Fast-dLLM v2 (shifted logits in the captured step), SDAR.
+#      Fast-dLLM v2 (shifted logits in the captured step), SDAR;
+#   3. a full-size DiffusionGemma-26B-A4B of random bf16 weights built on the GPU: peak memory,
+#      decoder rows/s and tokens/s at batch 1, 8, 32, 64, at most 12 denoising steps per 256-token
+#      canvas, against transformers' generate() (vLLM's recipe caps this model at 4 sequences).
 # The device image has torch and transformers; a Python package it lacks is carried as a wheel in
 # .gpu_wheels/ (ignored by git; fill it here with `pip download --no-deps -d .gpu_wheels NAME`
 # and name .gpu_wheels in the run's carry).
@@ -46,3 +51,4 @@ step 55 python3 bench/device_agreement.py --device cuda --random-shape 512x8x8 -
 step 55 python3 bench/device_agreement.py --device cuda --random-shape 512x8x8 --family fast_dllm_v2 \
     --sampler "threshold 0.9"
 step 55 python3 bench/device_agreement.py --device cuda --random-shape 512x8x8 --family sdar
+step 240 python3 bench/diffusiongemma.py --device cuda --full-size --batches 1,8,32,64 --max-steps 12
