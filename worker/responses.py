@@ -26,7 +26,6 @@ from worker.engine.params import (
     InvalidRequest,
     SamplingParams,
 )
-from worker.structured_output import structured_request
 
 RESPONSES_URL = "/v1/responses"
 # The body field holding each endpoint's prompt: where a context-length error points.
@@ -81,7 +80,9 @@ def to_generation_request(engine: GenerationEngine, url: str, body: dict[str, An
         template_ids = engine.encode_template(options.template)
         params = dataclasses.replace(params, max_tokens=len(template_ids))  # the template sets the length
     request = GenerationRequest(prompt_ids=prompt_ids, params=params, template_ids=template_ids, healing=healing)
-    if schema is not None:  # JSON that fits the schema, by infilling its skeleton (worker/structured_output.py)
+    if schema is not None:  # JSON that fits the schema, by infilling its skeleton
+        from worker.structured_output import structured_request  # its masks are torch tensors: loaded when used
+
         request = structured_request(engine, schema, request)
         needed, limit_set = request.params.max_tokens, LIMIT_FIELDS & parsed.model_fields_set
         if limit_set and parsed.output_limit() < needed:  # the document would be cut, so invalid
