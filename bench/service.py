@@ -11,7 +11,13 @@ bench re-executes itself with cli.stack.CPU_ALLOCATOR (what the embedded CPU wor
 GLIBC_TUNABLES or LD_PRELOAD is already set: baseline and service run under the same allocator.
 Exits 1 if any mode lost or duplicated a custom_id.
 
-    python bench/service.py [--requests 1000] [--repeat 3] [--chunk-size 64] [--skip-production]
+`--mixed` draws each request's max_tokens log-uniformly from 8..256 (seeded), where a chunk's last rows
+used to run at low occupancy; its engine-alone baseline is then one continuous run over every request
+(the engine's best), not fixed groups. Each service mode runs once per `--feed-ahead` value
+(DIFFBATCH_FEED_AHEAD_CHUNKS: 0 is one chunk a run, the behaviour before cross-chunk feeding).
+
+    python bench/service.py [--requests 1000] [--repeat 3] [--chunk-size 64] [--skip-production] [--mixed]
+        [--feed-ahead 2,0]
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
+import random
 import secrets
 import shlex
 import shutil
@@ -28,6 +36,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
@@ -66,6 +75,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--mixed", action="store_true", help="max_tokens log-uniform in 8..256 (seeded)")
+    parser.add_argument("--feed-ahead", default="2,0",
+                        help="DIFFBATCH_FEED_AHEAD_CHUNKS values to run each service mode with (comma-separated)")
     parser.add_argument("--model", help="checkpoint folder (default: the built-in model)")
     parser.add_argument("--chunk-size", type=int, help="DIFFBATCH_CHUNK_SIZE for the service modes")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each mode (medians reported)")
@@ -78,12 +90,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def write_requests(path: Path, args: argparse.Namespace, model_name: str) -> list[dict]:
     """Deterministic varied code prompts, one seed per line."""
-    lines = []
+    lines, draw = [], random.Random(0)
     for i in range(args.requests):
+        max_tokens = round(math.exp(draw.uniform(math.log(8), math.log(256)))) if args.mixed else args.max_tokens
         name = NAMES[i % len(NAMES)]
         snippet = SNIPPETS[(i // len(NAMES)) % len(SNIPPETS)]
         prompt = snippet.format(name=name, Name=name.title().replace("_", "")) + "    " * (i % 3)
-        body = {"model": model_name, "prompt": prompt, "max_tokens": args.max_tokens, "seed": i,
+        body = {"model": model_name, "prompt": prompt, "max_tokens": max_tokens, "seed": i,
                 "diffusion": {"block_length": args.block_length}}
         lines.append({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/completions", "body": body})
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -103,12 +116,17 @@ def load_engine(model_path: Path, line: dict):
     return engine
 
 
-def bench_engine(engine, lines: list[dict], mode: str) -> Row:
+def bench_engine(engine, lines: list[dict], mode: str, continuous: bool = False) -> Row:
+    """``continuous``: one engine run over every request (rows join as others finish), else fixed groups
+    of max_batch_size."""
     from worker.responses import to_generation_request
 
     started = time.perf_counter()
     requests = [to_generation_request(engine, line["url"], line["body"]) for line in lines]
     tokens = 0
+    if continuous:
+        tokens = sum(result.completion_tokens for _, result in engine.stream(requests))
+        return Row(mode, len(lines), tokens, time.perf_counter() - started)
     for first in range(0, len(requests), engine.max_batch_size):
         results = engine.generate(requests[first:first + engine.max_batch_size])
         tokens += sum(r.completion_tokens for r in results)
@@ -208,7 +226,7 @@ def print_report(rows: list[Row], argv: list[str]) -> None:
         else:
             mode_ratios = [ratios[i] for i in runs]
             ratio, spread = f"{median(mode_ratios):.2f}", f"{min(mode_ratios):.2f}-{max(mode_ratios):.2f}"
-            ready = f"{median([rows[i].ready_s for i in runs]):.1f}"
+            ready = f"{median([rows[i].ready_s or 0.0 for i in runs]):.1f}"
         first = rows[runs[0]]
         print(f"{mode:<38} {first.requests:>8} {first.tokens:>10} {seconds:>8.1f} {first.tokens / seconds:>9.1f} "
               f"{ratio:>6} {spread:>11} {ready:>8} {sum(rows[i].id_faults for i in runs):>8} "
@@ -226,20 +244,23 @@ def run_modes(args: argparse.Namespace, model_path: Path, work: Path) -> list[Ro
     chunk = str(args.chunk_size) if args.chunk_size else os.environ.get("DIFFBATCH_CHUNK_SIZE")
     engine = load_engine(model_path, lines[0])
     log(f"{len(lines)} requests in {input_path}; engine alone ...")
-    rows = [bench_engine(engine, lines, "engine alone")]
-    modes = [("embedded sqlite+sqla", contextlib.nullcontext, args.skip_embedded),
-             ("production postgres+redis", production_servers, args.skip_production)]
-    modes = [(mode, servers) for mode, servers, skip in modes if not skip]
+    baseline = "engine alone, one run" if args.mixed else "engine alone"
+    rows = [bench_engine(engine, lines, baseline, continuous=args.mixed)]
+    feeds = [value.strip() for value in args.feed_ahead.split(",") if value.strip()]
+    candidates: list[tuple[str, Callable[[], contextlib.AbstractContextManager[object]], bool]] = [
+        ("embedded sqlite+sqla", contextlib.nullcontext, args.skip_embedded),
+        ("production postgres+redis", production_servers, args.skip_production)]
+    modes = [(mode, servers) for mode, servers, skip in candidates if not skip]
     with environment(DIFFBATCH_MODEL=str(model_path.resolve()), DIFFBATCH_CHUNK_SIZE=chunk,
                      DIFFBATCH_DATABASE_URL=None, DIFFBATCH_BROKER_URL=None):
         for round_ in range(args.repeat):
-            for mode, servers in modes:
-                log(f"round {round_ + 1}/{args.repeat}: {mode} service, then the engine alone ...")
-                with servers():
-                    label = f"{mode} (chunk {Settings().chunk_size})"
-                    data_dir = work / f"{mode.split()[0]}-{round_ + 1}"
+            for (mode, servers), feed in ((m, f) for m in modes for f in feeds):
+                log(f"round {round_ + 1}/{args.repeat}: {mode} service, feed {feed}, then the engine alone ...")
+                with servers(), environment(DIFFBATCH_FEED_AHEAD_CHUNKS=feed):
+                    label = f"{mode} (chunk {Settings().chunk_size}, feed {feed})"
+                    data_dir = work / f"{mode.split()[0]}-feed{feed}-{round_ + 1}"
                     rows.append(bench_service(label, input_path, data_dir, lines, args.poll_s))
-                rows.append(bench_engine(engine, lines, "engine alone"))
+                rows.append(bench_engine(engine, lines, baseline, continuous=args.mixed))
     return rows
 
 

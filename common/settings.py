@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     # that send plain OpenAI bodies); None: the checkpoint's defaults (docs/models.md).
     diffusion: dict[str, Any] | None = None
     chunk_size: int = 64  # requests per Celery message
+    # Chunks a run may lease beyond its first to keep the engine's batch full across chunk boundaries
+    # (worker/feed.py); 0, the default: one chunk a run. Off until a benchmark shows it pays (on the tiny
+    # model, mixed lengths, both gave 0.93 of the engine alone: docs/benchmarks.md).
+    feed_ahead_chunks: int = Field(default=0, ge=0, le=8)
     max_attempts: int = 3  # failed runs of a request on its own before it ends as max_attempts_exceeded
     heartbeat_s: int = 10  # a worker beats its `workers` row this often (and while it runs a chunk)
     worker_dead_after_s: int = 30  # a worker whose row beat longer ago is dead: its chunks are reclaimed

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Exists, Select, Table, and_, case, delete, exists, func, select, update
+from sqlalchemy import ColumnElement, Exists, Select, Table, and_, case, delete, exists, func, select, true, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from db import webhooks
@@ -303,14 +303,16 @@ def lease_chunk(session: Session, *, chunk_id: int, worker: str, now: int) -> bo
     return changed == 1
 
 
-def lease_best_chunk(session: Session, *, queue: str, worker: str, now: int, prefer: int | None = None) -> Chunk | None:
+def lease_best_chunk(session: Session, *, queue: str, worker: str, now: int, prefer: int | None = None,
+                     unfailed: bool = False) -> Chunk | None:
     """Make `worker` the holder of the chunk of ``queue`` that should run next, and return it; None when no
     chunk needs a run. Candidates are unheld chunks with pending requests whose batch is in progress and
     within its window; the highest batch priority goes first, among equals the chunk ``prefer`` (the one a
     doorbell names, so equal priorities keep the broker's order), then the oldest batch's first chunk.
 
     The lease is a conditional UPDATE of an unheld row: of two workers racing for one chunk one wins, and
-    the other takes the next best (rows another transaction has locked are skipped, not waited for)."""
+    the other takes the next best (rows another transaction has locked are skipped, not waited for).
+    ``unfailed``: only chunks with no failed run (a run fed from several chunks takes no suspect chunk)."""
     has_pending = exists().where(Request.chunk_id == Chunk.id, Request.status == RequestStatus.pending)
     preferred_first = case((Chunk.id == prefer, 0), else_=1)
     lost: list[int] = []  # chunks a racing worker leased between our read and our update
@@ -318,7 +320,8 @@ def lease_best_chunk(session: Session, *, queue: str, worker: str, now: int, pre
         best = session.scalar(
             select(Chunk.id).join(Batch, Batch.id == Chunk.batch_id)  # from the running batches (indexed)
             .where(Batch.status == BatchStatus.in_progress, Batch.expires_at > now, Chunk.queue == queue,
-                   Chunk.worker.is_(None), Chunk.id.not_in(lost), has_pending)
+                   Chunk.worker.is_(None), Chunk.id.not_in(lost), has_pending,
+                   Chunk.failures == 0 if unfailed else true())
             .order_by(Batch.priority.desc(), preferred_first, Batch.created_at, Chunk.id)
             .limit(1).with_for_update(skip_locked=True, of=Chunk))
         if best is None:
@@ -415,6 +418,12 @@ def chunks_awaiting_doorbell(session: Session, *, sent_before: int, limit: int =
     """Unheld chunks with pending requests, sent before ``sent_before``: if their queue is empty, their
     message was lost."""
     return list(session.scalars(_awaiting_doorbell(sent_before).order_by(Chunk.id).limit(limit)))
+
+
+def chunks_to_resume(session: Session, *, chunk_ids: Sequence[int]) -> list[Chunk]:
+    """Those of ``chunk_ids`` that await a run: unheld, with pending requests, their batch in progress."""
+    return list(session.scalars(_awaiting_doorbell(sent_before=2**62).where(Chunk.id.in_(list(chunk_ids)))
+                                .order_by(Chunk.id)))
 
 
 def mark_resent(session: Session, *, chunk_ids: Sequence[int], sent_before: int, now: int) -> list[Chunk]:

@@ -56,6 +56,7 @@ def _empty_the_broker(svc: Service) -> None:
 
 
 def test_cancel_keeps_finished_results_and_closes_the_rest(svc):
+    svc.runtime.settings.feed_ahead_chunks = 0  # one chunk a run: the batch is left part done
     batch_id, chunks = _validated(svc, 5)
     pipeline.run_chunk(svc.runtime, chunks[0])
     cancelled = svc.client.post(f"/v1/batches/{batch_id}/cancel").json()
@@ -89,6 +90,7 @@ def test_cancel_while_validating_stores_nothing(svc):
 
 
 def test_expired_batch_keeps_results_and_reports_the_rest(svc):
+    svc.runtime.settings.feed_ahead_chunks = 0  # one chunk a run: the batch is left part done
     batch_id, chunks = _validated(svc, 3)
     pipeline.run_chunk(svc.runtime, chunks[0])
     with svc.runtime.session() as session, session.begin():
@@ -209,7 +211,7 @@ def test_poison_request_ends_as_an_error_line_not_a_loop(svc):
 def test_engine_failure_hands_requests_back(svc, monkeypatch):
     batch_id, chunks = _validated(svc, 2)
 
-    def broken(_requests):
+    def broken(_requests, more=None):
         raise RuntimeError("CUDA out of memory")
         yield  # a generator, like Engine.stream: the error comes at the first result
 
@@ -253,6 +255,7 @@ def test_a_validation_that_never_finishes_expires_with_its_window(svc):
 
 
 def test_partial_results_while_the_batch_runs(svc):
+    svc.runtime.settings.feed_ahead_chunks = 0  # one chunk a run: the batch is left part done
     batch_id, chunks = _validated(svc, 5)
     assert svc.client.get(f"/v1/batches/{batch_id}/results").json()["data"] == []
     pipeline.run_chunk(svc.runtime, chunks[0])

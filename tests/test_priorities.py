@@ -131,10 +131,13 @@ def test_a_doorbell_whose_chunk_another_worker_holds_runs_the_next_best(svc):
     assert pipeline.run_chunk(svc.runtime, second) == 0  # nothing is left that nobody holds
 
 
-def test_a_batch_run_by_hand_doorbells_completes_every_request_once(svc):
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_a_batch_run_by_hand_doorbells_completes_every_request_once(svc, ahead):
+    svc.settings.feed_ahead_chunks = ahead  # 2: the first doorbell's run is fed the other chunks
     low, high = _create(svc, "low", 6), _create(svc, "high", 2, priority=1)
     doorbells = _chunks(svc, low) + _chunks(svc, high)
-    assert [pipeline.run_chunk(svc.runtime, chunk) for chunk in doorbells] == [2, 2, 2, 2]
+    written = [pipeline.run_chunk(svc.runtime, chunk) for chunk in doorbells]
+    assert written == ([2, 2, 2, 2] if ahead == 0 else [8, 0, 0, 0])
     for batch in (low, high):
         finalize.maybe_finalize(svc.runtime, batch["id"])
         done = svc.client.get(f"/v1/batches/{batch['id']}").json()

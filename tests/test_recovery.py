@@ -134,7 +134,7 @@ def test_a_live_holder_keeps_its_lease(svc, monkeypatch):
     batch_id, [chunk_id] = _validated(svc, 2)
     _held_by(svc, chunk_id, "gpu-2:9", beat_at=now())
 
-    def must_not_run(_requests):
+    def must_not_run(_requests, more=None):
         raise AssertionError("a second worker ran a chunk another worker holds")
 
     monkeypatch.setattr(svc.runtime.engine, "stream", must_not_run)
@@ -238,11 +238,15 @@ def test_two_reconcilers_at_once_send_a_lost_chunk_once(svc, monkeypatch):
 
 
 def _poisoned_stream(real_stream, raised: list):
-    def stream(requests):
-        if any(r.params.seed == POISON_SEED for r in requests):
-            raised.append(len(requests))
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        yield from real_stream(requests)
+    def stream(requests, more=None):
+        def raise_on_poison(given):
+            if any(r.params.seed == POISON_SEED for r in given):
+                raised.append(len(given))
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return given
+
+        raise_on_poison(requests)
+        yield from real_stream(requests, None if more is None else lambda free: raise_on_poison(more(free)))
     return stream
 
 
@@ -308,8 +312,8 @@ def test_a_cancel_during_a_run_is_not_a_failure(svc, monkeypatch):
     batch_id, [chunk_id] = _validated(svc, 4)
     real_stream = svc.runtime.engine.stream
 
-    def cancelled_after_the_first_result(requests):
-        for n, item in enumerate(real_stream(requests)):
+    def cancelled_after_the_first_result(requests, more=None):
+        for n, item in enumerate(real_stream(requests, more)):
             if n == 1:
                 svc.client.post(f"/v1/batches/{batch_id}/cancel")
             yield item
@@ -326,6 +330,7 @@ def test_a_cancel_during_a_run_is_not_a_failure(svc, monkeypatch):
 
 def test_the_worker_asks_the_control_queue_to_finalize_instead_of_writing_files(svc):
     svc.runtime.settings.chunk_size = 2
+    svc.runtime.settings.feed_ahead_chunks = 0  # one chunk a run: the first leaves requests open
     batch_id, chunks = _validated(svc, 4)
     _empty_the_broker(svc)
     pipeline.run_chunk(svc.runtime, chunks[0])

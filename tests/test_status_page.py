@@ -53,8 +53,9 @@ def status(svc: Service, key: str | None = None) -> dict:
 
 @pytest.fixture
 def one_per_chunk(tmp_path, tiny_model):
-    """A service whose chunks hold one request each, so a batch's requests finish one by one."""
-    return Service.embedded(tmp_path, tiny_model, chunk_size=1, max_batch_size=1)
+    """A service whose chunks hold one request each, each chunk a run of its own (no feeding), so a batch's
+    requests finish one by one."""
+    return Service.embedded(tmp_path, tiny_model, chunk_size=1, max_batch_size=1, feed_ahead_chunks=0)
 
 
 def test_the_page_is_public_but_its_data_needs_a_key(one_per_chunk):
@@ -146,8 +147,8 @@ def test_the_browser_shows_a_running_batch_progress_until_done(one_per_chunk, tm
     engine = svc.runtime.engine
     real_stream, gate = engine.stream, threading.Semaphore(0)
 
-    def one_result_per_release(requests):  # the test lets each request finish in turn
-        for item in real_stream(requests):
+    def one_result_per_release(requests, more=None):  # the test lets each request finish in turn
+        for item in real_stream(requests, more):
             assert gate.acquire(timeout=WAIT_S), "the test never released this request"
             yield item
 

@@ -16,15 +16,41 @@ PROGRESS_S = 2.0  # how often a running chunk reports its tokens: the progress b
 
 
 class Heartbeat:
-    """While a chunk runs: beat the worker's row and renew the chunk's lease every ``heartbeat_s``, and
-    report the tokens its running rows have committed (Chunk.tokens_done) every PROGRESS_S.
-    ``lost`` is set once the lease is gone (the reconciler took this worker for dead), so the run stops."""
+    """While a run goes on: beat the worker's row and renew the lease of every chunk it holds every
+    ``heartbeat_s``, and report the tokens its running rows have committed (Chunk.tokens_done) every
+    PROGRESS_S, on the first chunk it holds (a run fed from several chunks counts its rows there: the
+    engine counts them together). ``lost`` is set once a held lease is gone (the reconciler took this
+    worker for dead), so the run stops. ``hold``/``drop``: a run fed from further chunks (worker/feed.py)."""
 
     def __init__(self, rt: Runtime, chunk_id: int) -> None:
-        self.rt, self.chunk_id = rt, chunk_id
+        self.rt = rt
         self.lost = threading.Event()
+        self._held = [chunk_id]
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="diffbatch-heartbeat", daemon=True)
+
+    @property
+    def chunk_id(self) -> int:
+        """The chunk the run started with (the one whose lease the run began under)."""
+        return self.held[0] if self.held else -1
+
+    @property
+    def held(self) -> list[int]:
+        with self._lock:
+            return list(self._held)
+
+    def hold(self, chunk_id: int) -> None:
+        with self._lock:
+            self._held.append(chunk_id)
+
+    def drop(self, chunk_id: int) -> None:
+        """Stop renewing a chunk (before its lease is ended) and zero its progress."""
+        with self._lock:
+            if chunk_id not in self._held:
+                return
+            self._held.remove(chunk_id)
+        self._reset(chunk_id)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -33,27 +59,33 @@ class Heartbeat:
     def __exit__(self, *_exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        for chunk_id in self.held:
+            self._reset(chunk_id)
+
+    def _reset(self, chunk_id: int) -> None:
         try:  # the finished rows' tokens now count as their requests' own; a re-run starts from 0
             with self.rt.session() as session, session.begin():
-                report_chunk_tokens(session, chunk_id=self.chunk_id, worker=self.rt.name, tokens=0)
+                report_chunk_tokens(session, chunk_id=chunk_id, worker=self.rt.name, tokens=0)
         except Exception:  # noqa: BLE001 - only progress: a released chunk's count is not read
-            log.warning("could not reset chunk %s's progress", self.chunk_id, exc_info=True)
+            log.warning("could not reset chunk %s's progress", chunk_id, exc_info=True)
 
     def _run(self) -> None:
-        # Progress is written every PROGRESS_S (a cheap update), the lease renewed every heartbeat_s.
+        # Progress is written every PROGRESS_S (a cheap update), the leases renewed every heartbeat_s.
         tick = min(PROGRESS_S, self.rt.settings.heartbeat_s)
         last_beat, reported = time.monotonic(), 0
         while not self._stop.wait(tick):
             beat = time.monotonic() - last_beat >= self.rt.settings.heartbeat_s - tick / 2
-            tokens, held = tokens_in_flight(self.rt), True
-            if not beat and tokens == reported:
+            tokens, held = tokens_in_flight(self.rt), self.held
+            if not held or (not beat and tokens == reported):
                 continue
+            lost: list[int] = []
             try:
                 with self.rt.session() as session, session.begin():
-                    report_chunk_tokens(session, chunk_id=self.chunk_id, worker=self.rt.name, tokens=tokens)
+                    report_chunk_tokens(session, chunk_id=held[0], worker=self.rt.name, tokens=tokens)
                     if beat:
                         repo.beat_worker(session, name=self.rt.name, now=now())
-                        held = repo.renew_lease(session, chunk_id=self.chunk_id, worker=self.rt.name, now=now())
+                        lost = [c for c in held
+                                if not repo.renew_lease(session, chunk_id=c, worker=self.rt.name, now=now())]
             except Exception:  # noqa: BLE001 - the next beat tries again; missing three loses the lease
                 log.warning("heartbeat failed", exc_info=True)
                 continue
@@ -61,8 +93,9 @@ class Heartbeat:
             if not beat:
                 continue
             last_beat = time.monotonic()
-            if not held:
-                log.warning("lost the lease on chunk %s (taken for dead); stopping it", self.chunk_id)
+            lost = [c for c in lost if c in self.held]  # a chunk the run released meanwhile is not lost
+            if lost:
+                log.warning("lost the lease on chunks %s (taken for dead); stopping the run", lost)
                 self.lost.set()
                 return
 

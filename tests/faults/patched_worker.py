@@ -19,11 +19,16 @@ ROW_DELAY_ENV = "FAULTS_ROW_DELAY_S"
 def _patched_stream(original):
     delay = float(os.environ.get(ROW_DELAY_ENV, "0"))
 
-    def stream(self, requests):
-        # The engine sees token ids only; the tiny model's byte tokenizer decodes them to the prompt's text.
-        if any(POISON_MARK in self.tokenizer.decode(request.prompt_ids) for request in requests):
-            os.kill(os.getpid(), signal.SIGKILL)
-        for item in original(self, requests):
+    def stream(self, requests, more=None):
+        def kill_on_poison(given):
+            # The engine sees token ids only; the tiny model's byte tokenizer decodes them to the prompt's text.
+            if any(POISON_MARK in self.tokenizer.decode(request.prompt_ids) for request in given):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return given
+
+        kill_on_poison(requests)
+        fed = None if more is None else (lambda free: kill_on_poison(more(free)))  # requests fed mid-run too
+        for item in original(self, requests, fed):
             yield item
             time.sleep(delay)
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict, defaultdict
-from collections.abc import Generator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Generator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from .schedulers.base import ContinuousScheduler
 from .schedulers.block import BlockScheduler
 from .schedulers.canvas import CanvasScheduler
 from .structured import Piece, StructuredCanvas, TokenClasses, encode_structured
+
+if TYPE_CHECKING:
+    from .interface import More
 
 # Structured canvases kept, keyed by their skeleton: the requests of a batch mostly share a schema.
 STRUCTURED_CACHE = 64
@@ -239,13 +243,34 @@ class Engine:
         results = dict(self.stream(requests))
         return [results[i] for i in range(len(requests))]
 
-    def stream(self, requests: list[GenerationRequest]) -> Generator[tuple[int, GenerationResult], None, None]:
-        """Yield (index in ``requests``, result) as each request finishes; raises InvalidRequest first if
-        any request is invalid. Rows are batched continuously, one scheduler run per block length."""
+    def stream(self, requests: list[GenerationRequest], more: More | None = None,
+               ) -> Generator[tuple[int, GenerationResult], None, None]:
+        """Yield (index, result) as each request finishes; raises InvalidRequest first if any request is
+        invalid. Rows are batched continuously, one scheduler run per block length. ``more`` (free rows ->
+        requests) feeds the running batch when nothing waits: fed requests are numbered after those given
+        so far; those of the run's block length join it, the others wait for a later run."""
         for request in requests:
             self.check(request)
-        groups: dict[int, list[tuple[int, GenerationRequest]]] = defaultdict(list)
-        for i, request in enumerate(requests):
-            groups[request.params.block_length].append((i, request))
-        for group in groups.values():
-            yield from self.scheduler.run(group)
+        held = list(enumerate(requests))  # numbered requests not yet handed to a scheduler run
+        numbered = len(requests)
+
+        def take(length: int) -> list[tuple[int, GenerationRequest]]:
+            taken = [item for item in held if item[1].params.block_length == length]
+            held[:] = [item for item in held if item[1].params.block_length != length]
+            return taken
+
+        def feeder(length: int) -> Callable[[int], list[tuple[int, GenerationRequest]]]:
+            def feed(free: int) -> list[tuple[int, GenerationRequest]]:
+                nonlocal numbered
+                assert more is not None
+                fresh = more(free)
+                for request in fresh:
+                    self.check(request)
+                held.extend(enumerate(fresh, start=numbered))
+                numbered += len(fresh)
+                return take(length)
+            return feed
+
+        while held:
+            length = held[0][1].params.block_length
+            yield from self.scheduler.run(take(length), more=None if more is None else feeder(length))

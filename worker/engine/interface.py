@@ -6,13 +6,17 @@ Both engines (``engine.Engine``, ``diffusion_gemma.engine.DiffusionGemmaEngine``
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from .params import GenerationRequest, GenerationResult, Healing
 
 if TYPE_CHECKING:  # structured.py holds torch tensors
     from .structured import Piece, StructuredCanvas
+
+
+# The worker's feed of further requests while a run goes on (GenerationEngine.stream): free rows -> requests.
+More = Callable[[int], list[GenerationRequest]]
 
 
 class GenerationEngine(Protocol):
@@ -72,6 +76,10 @@ class GenerationEngine(Protocol):
         """Results in the order of ``requests``; raises InvalidRequest if any request is invalid."""
         ...
 
-    def stream(self, requests: list[GenerationRequest]) -> Generator[tuple[int, GenerationResult], None, None]:
-        """(index in ``requests``, result) pairs as requests finish; checks every request first."""
+    def stream(self, requests: list[GenerationRequest], more: More | None = None,
+               ) -> Generator[tuple[int, GenerationResult], None, None]:
+        """(index, result) pairs as requests finish; checks every request first. ``more``: called with the
+        free rows when the running batch has room and nothing waits; the requests it returns (which the
+        caller has checked) join the run with indices after the ones given so far. An engine that cannot
+        take requests mid-run may ignore it (DiffusionGemmaEngine does)."""
         ...

@@ -14,6 +14,7 @@ from functools import partial
 
 from common.samplers import DIFFUSION_GEMMA_SAMPLERS, Sampler, names
 
+from ..interface import More
 from ..loader import LoadedModel
 from ..params import ContextLengthError, GenerationRequest, GenerationResult, InvalidRequest, SamplingParams
 from ..postprocess import apply_stop, completion_text, cut_at_eos, finish_row
@@ -135,8 +136,10 @@ class DiffusionGemmaEngine:
                              "written by infilling a skeleton, and their canvas starts from random tokens, not "
                              "from [MASK] around fixed text", param="response_format")
 
-    def stream(self, requests: list[GenerationRequest]) -> Generator[tuple[int, GenerationResult], None, None]:
-        """(index, result) pairs, the worker's interface; all come once the whole call is done."""
+    def stream(self, requests: list[GenerationRequest], more: More | None = None,
+               ) -> Generator[tuple[int, GenerationResult], None, None]:
+        """(index, result) pairs, the worker's interface; all come once the whole call is done. ``more`` is
+        ignored: a run takes no requests once it started, so a worker runs one chunk at a time here."""
         yield from enumerate(self.generate(requests))
 
     def _run_continuous(self, requests: list[GenerationRequest], indices: list[int],

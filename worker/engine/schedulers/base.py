@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -89,15 +89,27 @@ class ContinuousScheduler:
         self.tokens_in_flight = 0
 
     @torch.inference_mode()
-    def run(self, requests: list[tuple[int, GenerationRequest]]) -> Iterator[tuple[int, GenerationResult]]:
-        """Yield (index, result) as rows finish. All requests share one block_length."""
-        block_length = requests[0][1].params.block_length
+    def run(self, requests: list[tuple[int, GenerationRequest]],
+            more: Callable[[int], list[tuple[int, GenerationRequest]]] | None = None,
+            ) -> Iterator[tuple[int, GenerationResult]]:
+        """Yield (index, result) as rows finish. All requests share one block_length. ``more(free_rows)``:
+        asked, when nothing waits and the batch has a free row, for further (index, request) pairs of the
+        same block_length; they join as waiting rows do, so a row's tokens stay its own."""
+        block_length = requests[0][1].params.block_length if requests else 0
         if any(r.params.block_length != block_length for _, r in requests):
             raise ValueError("one scheduler run serves one diffusion.block_length")
         waiting = deque(sorted(requests, key=lambda item: len(item[1].prompt_ids)))  # less padding
         batch = None
         try:
-            while waiting or (batch and batch.rows):
+            while True:
+                free = self.max_batch_size - (len(batch.rows) if batch else 0)
+                if more is not None and not waiting and free > 0:
+                    fed = more(free)
+                    if any(r.params.block_length != block_length for _, r in fed):
+                        raise ValueError("one scheduler run serves one diffusion.block_length")
+                    waiting.extend(sorted(fed, key=lambda item: len(item[1].prompt_ids)))
+                if not (waiting or (batch and batch.rows)):
+                    break
                 batch = self._admit(batch, waiting, block_length)
                 before = sum(_committed(row) for row in batch.rows)
                 self._denoise_round(batch, block_length)
