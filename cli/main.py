@@ -158,15 +158,16 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     if not args.url and not _checked("run", settings, checks.check_data_dir, checks.check_database,
                                      checks.check_broker, checks.check_model):
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the embedded stack as Ctrl-C does
+    _stop_on_signals()
     try:
         if args.url:
-            return run_batch(args.url, args.input, args.output, errors)
+            return run_batch(args.url, args.input, args.output, errors, check=_raise_if_interrupted)
         with EmbeddedStack(settings, port=free_port()) as stack:
             print(f"starting the embedded stack in {settings.data_dir} (logs in {stack.log_dir}) ...",
                   file=sys.stderr)
             stack.wait_ready()
-            return run_batch(stack.url, args.input, args.output, errors, check=stack.check_alive)
+            return run_batch(stack.url, args.input, args.output, errors,
+                             check=lambda: (_raise_if_interrupted(), stack.check_alive()))
     except (ServerError, RuntimeError, TimeoutError, OSError) as exc:
         print(f"diffbatch run: {exc}", file=sys.stderr)
         return 1
@@ -189,7 +190,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
                     checks.check_model, _check_keys, lambda s: checks.check_port(s.api_host, port)):
         return 2
     stack = EmbeddedStack(settings, port=port)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the stack as Ctrl-C does
+    _stop_on_signals()
     with stack:
         try:
             if left := stack.unfinished_work():
@@ -198,6 +199,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             print(f"diffbatch is serving at {stack.url}/v1 (data in {settings.data_dir}); Ctrl-C stops it",
                   flush=True)
             while True:
+                _raise_if_interrupted()
                 stack.check_alive()
                 time.sleep(1)
         except KeyboardInterrupt:
@@ -208,8 +210,26 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+_interrupted = threading.Event()
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and `kill` both stop the stack."""
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def _interrupt(*_args: object) -> None:
+    _interrupted.set()
     raise KeyboardInterrupt
+
+
+def _raise_if_interrupted() -> None:
+    """Raise the interrupt again at the next poll: Python drops (prints) an exception a signal handler
+    raises while the main thread runs a finalizer (a __del__, a weakref callback), and a `kill` landing
+    there would let a run carry on to the end of its batch."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
 
 
 def _checked(command: str, settings: Settings, *steps: Callable[[Settings], None]) -> bool:

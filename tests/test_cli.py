@@ -210,9 +210,36 @@ def test_sigterm_to_run_stops_its_whole_stack(tmp_path, tiny_model):
     children = _children(process.pid)
     assert len(children) == 4
     process.terminate()
-    assert process.wait(timeout=60) == 130
-    assert "interrupted; the batch stays in" in process.stderr.read()
+    code = process.wait(timeout=60)
+    stderr = process.stderr.read()
+    assert code == 130, stderr
+    assert "interrupted; the batch stays in" in stderr
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not all(_gone(pid) for pid in children):
         time.sleep(0.2)
     assert all(_gone(pid) for pid in children)
+
+
+def test_a_kill_python_drops_inside_a_finalizer_still_stops_the_next_poll(monkeypatch):
+    """Python prints and drops an exception a signal handler raises while a __del__ runs; the run's
+    poll must raise the interrupt again rather than follow the batch to its end."""
+    from cli import main
+
+    monkeypatch.setattr(main, "_interrupted", main.threading.Event())
+    previous = signal.signal(signal.SIGTERM, main._interrupt)
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    class KilledWhileCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs at one of these bytecodes, inside __del__
+                pass
+
+    try:
+        KilledWhileCollected()  # collected at once: the KeyboardInterrupt is dropped
+        assert [type(hook.exc_value) for hook in unraisable] == [KeyboardInterrupt]
+        with pytest.raises(KeyboardInterrupt):
+            main._raise_if_interrupted()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
