@@ -166,8 +166,11 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
             print(f"starting the embedded stack in {settings.data_dir} (logs in {stack.log_dir}) ...",
                   file=sys.stderr)
             stack.wait_ready()
-            return run_batch(stack.url, args.input, args.output, errors,
-                             check=lambda: (_raise_if_interrupted(), stack.check_alive()))
+
+            def check() -> None:
+                _raise_if_interrupted()
+                stack.check_alive()
+            return run_batch(stack.url, args.input, args.output, errors, check=check)
     except (ServerError, RuntimeError, TimeoutError, OSError) as exc:
         print(f"diffbatch run: {exc}", file=sys.stderr)
         return 1
