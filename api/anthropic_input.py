@@ -42,7 +42,11 @@ def message_batch_input(body: CreateMessageBatch, settings: Settings) -> NewInpu
                            param=f"{where}.custom_id")
         first[item.custom_id] = index
         line = {"custom_id": item.custom_id, "method": "POST", "url": MESSAGES_URL, "body": item.params}
-        raw = json.dumps(line, separators=(",", ":")).encode()  # ASCII: a lone surrogate stays an escape
+        try:  # ASCII: a lone surrogate stays an escape
+            raw = json.dumps(line, separators=(",", ":"), allow_nan=False).encode()
+        except ValueError:  # Starlette reads NaN and Infinity, which JSON (and PostgreSQL's json) has not
+            raise ApiError(400, f"{where}.params: NaN and Infinity are not JSON numbers.",
+                           param=f"{where}.params") from None
         if len(raw) > settings.max_line_bytes:
             raise ApiError(400, f"{where}: {len(raw):,} bytes as a JSON line; a request may have at most "
                            f"{settings.max_line_bytes:,} (DIFFBATCH_MAX_LINE_BYTES).", param=where)

@@ -22,7 +22,8 @@ def ended(row: Batch) -> bool:
 def processing_status(row: Batch) -> str:
     if ended(row):
         return "ended"
-    return "canceling" if row.status == BatchStatus.cancelling else "in_progress"  # validating, finalizing too
+    # A cancel moves cancelling -> finalizing while the result files are written: still canceling.
+    return "canceling" if row.cancelling_at is not None else "in_progress"  # validating, finalizing too
 
 
 def rfc3339(timestamp: int | None) -> str | None:

@@ -26,8 +26,10 @@ from typing import Any
 from api.errors import ApiError
 from common.storage import BlobStore, OversizedLine
 
-# The column name is captured; the lazy name and the \s* around it keep "{{ lang }}" naming "lang".
-PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][\w .-]*?)\s*\}\}")
+# The column name is captured, "{{ lang }}" naming "lang". Spaces inside a name come only between
+# words, so no run of spaces can belong to the name or to the \s* after it: with a lazy name that
+# could, "{{a" and a megabyte of spaces took the regex about half an hour.
+PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][\w.-]*(?: +[\w.-]+)*)\s*\}\}")
 ROW_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 

@@ -518,13 +518,19 @@ def output_limit(url: str, body: dict[str, Any]) -> int:
         return 0
 
 
+def _not_json(constant: str) -> None:
+    """Python's json reads NaN and Infinity; JSON has no such numbers, and PostgreSQL's json column
+    refuses them, so a line holding one would fail every try at storing its batch."""
+    raise ValueError(f"{constant} is not a JSON number")
+
+
 def parse_line(raw: bytes, line: int) -> ParsedLine | LineError:
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not an error
     except UnicodeDecodeError as exc:
         return LineError(line, "invalid_encoding", f"Line {line}: not valid UTF-8 (byte {exc.start}).")
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_not_json)
     except json.JSONDecodeError as exc:
         return LineError(line, "invalid_json_line", f"Line {line}: not valid JSON: {exc.msg}.")
     except (ValueError, RecursionError) as exc:  # a number of over 4,300 digits; nesting past the stack

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import anthropic
@@ -12,6 +13,7 @@ from anthropic.types.messages import MessageBatchIndividualResponse
 
 from common.ids import now
 from db import keys, repo
+from db.models import Batch, BatchStatus
 from tests.harness import DATABASES, Service, completion_line, service_on
 from tests.live_server import live_server
 from worker import finalize, pipeline, validation
@@ -177,6 +179,17 @@ def test_bad_creates_get_anthropic_error_bodies_naming_the_field(api, requests, 
         assert refused.value.body["error"]["message"].startswith(named)
 
 
+def test_nan_in_params_is_a_400_not_a_batch_stalled_on_postgresql(api):
+    """Starlette reads NaN (the SDK would refuse to send it); PostgreSQL's json column refuses it."""
+    body = json.dumps({"requests": [{"custom_id": "a", "params": params()},
+                                    {"custom_id": "b", "params": params(temperature=float("nan"))}]})
+    with live_server(api.client.app) as url:
+        message = _anthropic_error(httpx.post(f"{url}/v1/messages/batches", content=body,
+                                              headers={"content-type": "application/json"}), 400,
+                                   "invalid_request_error")
+        assert message.startswith("requests.1.params: NaN")
+
+
 def test_too_many_requests_and_other_errors_in_anthropic_shape(api):
     api.settings.max_batch_requests = 2
     with live_server(api.client.app) as url:
@@ -255,3 +268,13 @@ def test_engine_refusals_name_the_params_field():
         "invalid_request", "params.stop_sequences")
     assert error_code_and_param(InvalidRequest("bad", param="prompt"), "/v1/messages") == (
         "invalid_request", "params.messages")
+
+
+@pytest.mark.parametrize(("status", "cancelled", "shown"), [
+    (BatchStatus.in_progress, False, "in_progress"), (BatchStatus.cancelling, True, "canceling"),
+    (BatchStatus.finalizing, True, "canceling"),  # writing a cancelled batch's files: not back in progress
+    (BatchStatus.finalizing, False, "in_progress"), (BatchStatus.cancelled, True, "ended")])
+def test_a_cancelled_batch_shows_canceling_until_it_has_ended(status, cancelled, shown):
+    from api.anthropic_objects import processing_status
+
+    assert processing_status(Batch(status=status, cancelling_at=1 if cancelled else None)) == shown

@@ -190,3 +190,12 @@ def test_cli_submits_a_template_and_a_csv_file(service, tmp_path, capsys):
         assert sorted(line["custom_id"] for line in service.lines_of(done["output_file_id"])) == ["q1", "q2"]
         assert main(["submit", "--template", str(template), "--url", url]) == 2  # --rows is missing
         assert "--template needs --rows" in capsys.readouterr().err
+
+
+def test_placeholders_are_found_in_linear_time_and_unclosed_ones_stay_text():
+    from api.templated import Template
+
+    template = Template({"prompt": "{{ first name }} and {{a.b-c}}, {{ 1x }}, {{open" + " " * 200_000})
+    assert template.columns == {"first name": "body.prompt", "a.b-c": "body.prompt"}
+    body = template.render({"first name": "Ada", "a.b-c": "B"})
+    assert body["prompt"].startswith("Ada and B, {{ 1x }}, {{open   ")

@@ -28,6 +28,8 @@ def _raw(*lines: dict | bytes | str) -> bytes:
 
 CASES = {
     "not json": (_raw(GOOD, "{not json"), 2, "invalid_json_line", None),
+    "NaN is not JSON": (_raw(GOOD, json.dumps(completion_line("b", temperature=float("nan")))), 2,
+                        "invalid_json_line", None),
     "missing custom_id": (_raw({"method": "POST", "url": "/v1/completions", "body": GOOD["body"]}),
                           1, "missing_required_parameter", "custom_id"),
     "missing prompt": (_raw(GOOD, {**GOOD, "custom_id": "b", "body": {"model": "tiny"}}),
