@@ -125,8 +125,7 @@ def _generate_and_store(rt: Runtime, feed: ChunkFeed, beat: Heartbeat, meter: me
             if len(pending[chunk_id]) < size and not last:
                 continue
             stores.append(_submit_store(rt, feed, chunk_id, pending.pop(chunk_id)))
-            if last:
-                beat.drop(chunk_id)
+            if last:  # the lease is renewed until _release, after the stores: a slow database cannot expire it
                 stores.append(rt.writer.submit(_release, rt, feed, chunk_id))
             if feed.held() and not _still_ours(rt, feed, beat):
                 results.close()  # cancelled, expired, or taken for dead: the rest is handed back
