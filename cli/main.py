@@ -387,9 +387,13 @@ def _train_builtin(settings: Settings, args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     # The twin reads text with the shipped model's tokenizer unless told otherwise: same ids, same data.
     tokenizer_from = args.tokenizer_from or (BUILTIN_MODEL_PATH if args.objective == "ar" else None)
-    result = train(TrainConfig(out_dir=args.out, steps=args.steps, max_minutes=args.max_minutes, seed=args.seed,
-                               init_from=args.init_from, objective=args.objective, tokenizer_from=tokenizer_from,
-                               **({"learning_rate": args.lr} if args.lr else {})))
+    try:
+        result = train(TrainConfig(out_dir=args.out, steps=args.steps, max_minutes=args.max_minutes,
+                                   seed=args.seed, init_from=args.init_from, objective=args.objective,
+                                   tokenizer_from=tokenizer_from, **({"learning_rate": args.lr} if args.lr else {})))
+    except ValueError as exc:
+        print(f"diffbatch train-builtin: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(result))
     print(f"model written to {args.out / 'model'}; serve it with DIFFBATCH_MODEL={args.out / 'model'}")
     return 0

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -64,9 +64,22 @@ class TrainConfig:
     tokenizer_from: Path | None = None
 
 
+def recorded_objective(out_dir: Path) -> str | None:
+    """The objective a run folder was started with (its log's first line), None for a new folder."""
+    try:
+        with (Path(out_dir) / "log.jsonl").open() as log:
+            first = json.loads(log.readline())
+    except (OSError, ValueError):
+        return None
+    return first.get("config", {}).get("objective", "diffusion") if isinstance(first, dict) else None
+
+
 def train(config: TrainConfig) -> dict:
     """Train (or resume) and export; returns the last evaluation."""
     out = Path(config.out_dir)
+    recorded = recorded_objective(out)
+    if recorded is not None and recorded != config.objective and (out / "state.pt").is_file():
+        raise ValueError(f"{out} is a run of objective {recorded!r}; resume it with --objective {recorded}")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     tokenizer, train_stream, held_out = _prepare_data(config, out)
@@ -243,8 +256,10 @@ def export(model, tokenizer, path: Path) -> Path:
 
 
 def export_checkpoint(config: TrainConfig, destination: Path) -> int:
-    """Export the run's last saved state (``state.pt``) to ``destination``; returns its step."""
+    """Export the run's last saved state (``state.pt``) to ``destination``, as the objective the run
+    was started with; returns its step."""
     out = Path(config.out_dir)
+    config = replace(config, objective=recorded_objective(out) or config.objective)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
     model = _build_model(config, tokenizer)
     state = torch.load(out / "state.pt", map_location="cpu", weights_only=True)

@@ -146,3 +146,11 @@ def test_the_autoregressive_twin_trains_on_the_same_data_and_generates_with_a_kv
     out = twin.generate(**prompt, max_new_tokens=12, do_sample=False, use_cache=True)
     no_cache = twin.generate(**prompt, max_new_tokens=12, do_sample=False, use_cache=False)
     assert out.shape[1] > prompt["input_ids"].shape[1] and torch.equal(out, no_cache)
+
+    # The run folder remembers its objective: export reads it back, resuming as the other is refused.
+    from training.loop import export_checkpoint
+
+    assert export_checkpoint(TrainConfig(out_dir=twin_dir, **TINY), tmp_path / "again") == 40
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "again").config.model_type == "llama"
+    with pytest.raises(ValueError, match="--objective ar"):
+        train(TrainConfig(out_dir=twin_dir, steps=41, corpus_root=corpus, **TINY))
