@@ -26,12 +26,33 @@ import time
 import torch
 from engine import count_flops  # bench/ is the script's folder, so first on sys.path
 from quality import measure
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from common.settings import Settings
 from training.completions import distinct_ratio, function_prompts, parses
 from training.corpus import list_sources, split
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
+
+
+class FirstTokenHealing(LogitsProcessor):
+    """A healed prompt's first new token must extend the text cut from the prompt, as in the engine.
+    Only the first step of healed rows pays for it (prefix_allowed_tokens_fn would build a
+    vocabulary-wide mask for every row at every step, a cost the diffusion side does not have)."""
+
+    def __init__(self, width: int, healed: list) -> None:
+        self.width = width
+        self.allowed = {row: torch.tensor(sorted(healing.allowed)) for row, (_, healing) in enumerate(healed)
+                        if healing is not None}
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[-1] != self.width:
+            return scores
+        for row, allowed in self.allowed.items():
+            keep = scores[row, allowed]
+            scores[row] = float("-inf")
+            scores[row, allowed] = keep
+        return scores
 
 
 def twin_generate(model, tokenizer, engine: Engine, prompts: list[str], new_tokens: int, batch: int) -> dict:
@@ -44,16 +65,11 @@ def twin_generate(model, tokenizer, engine: Engine, prompts: list[str], new_toke
         pad = tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in healed])
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in healed])
-        everything = list(range(len(tokenizer)))
-
-        def allowed(row: int, ids: torch.Tensor, healed=healed, width=width, everything=everything) -> list[int]:
-            healing = healed[row][1]
-            return list(healing.allowed) if healing is not None and ids.shape[-1] == width else everything
-
         start = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=new_tokens,
-                                 do_sample=False, use_cache=True, prefix_allowed_tokens_fn=allowed,
+                                 do_sample=False, use_cache=True,
+                                 logits_processor=LogitsProcessorList([FirstTokenHealing(width, healed)]),
                                  eos_token_id=eos, pad_token_id=pad)
         seconds += time.perf_counter() - start
         for (_, healing), row in zip(healed, out[:, width:].tolist(), strict=True):
