@@ -65,9 +65,12 @@ def _unstored(blobs: BlobStore, batch: Batch, max_line_bytes: int) -> Iterator[b
         if isinstance(raw, OversizedLine) or not raw.strip():  # never written by the create route
             continue
         custom_id = json.loads(raw)["custom_id"]
-        if kind == "errored":
-            error = by_line.get(number, first)
+        if kind == "errored" and number in by_line:
+            error = by_line[number]
             yield _line(custom_id, errored(error.get("code"), error.get("message") or "The batch failed."))
+        elif kind == "errored":  # a line fine in itself, or past the errors listed: the batch's reason
+            yield _line(custom_id, errored("validation_failed", "This request did not run: its batch failed "
+                                           f"validation ({first.get('message') or first.get('code')})."))
         else:
             yield _line(custom_id, {"type": kind})
 

@@ -57,7 +57,7 @@ class ApiError(Exception):
 ANTHROPIC_PATHS = "/v1/messages"
 # Anthropic's error types (docs: "Errors"), by status.
 ANTHROPIC_TYPE_FOR_STATUS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-                             429: "rate_limit_error", 503: "overloaded_error"}
+                             413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
 
 
 def anthropic_path(path: str) -> bool:

@@ -49,7 +49,8 @@ def register(command: Command) -> None:
     p.add_argument("--custom-id-column", help="the column that gives each request its custom_id (default: "
                    "row-1, row-2, ...)")
     p.add_argument("--endpoint", choices=list(ENDPOINTS), help="the template's endpoint (default: "
-                   "/v1/chat/completions when it has messages, else /v1/completions)")
+                   "/v1/chat/completions when it has messages, /v1/responses when it has input, "
+                   "else /v1/completions)")
     p.add_argument("--priority", type=int, help="higher runs first on its model: -100 to 100 (default 0)")
     p.add_argument("--wait", action="store_true", help="follow it to its end; the exit code says how it ended")
     _common(p)
@@ -181,7 +182,8 @@ def _submit_template(api: Api, args: argparse.Namespace, template: dict[str, Any
                      extensions: dict[str, Any]) -> dict[str, Any]:
     """Upload the rows file (the server reads it as a stream) and create the templated batch."""
     uploaded = api.upload(args.rows)
-    endpoint = args.endpoint or ("/v1/chat/completions" if "messages" in template else "/v1/completions")
+    endpoint = args.endpoint or ("/v1/chat/completions" if "messages" in template else
+                                 "/v1/responses" if "input" in template else "/v1/completions")
     body = {"template": template, "rows_file_id": uploaded["id"], "endpoint": endpoint, "completion_window": "24h",
             **extensions}
     if args.custom_id_column is not None:

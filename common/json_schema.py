@@ -51,7 +51,7 @@ DEFAULT_ITEMS = 3
 MAX_DEPTH = 16  # nested objects and arrays
 STRING_TOKENS = 24  # a string hole's positions unless maxLength is less or minLength more
 MAX_STRING_TOKENS = 256  # minLength above this is refused
-INTEGER_DIGITS = 6  # digit positions of an integer (or a number's integer part)
+INTEGER_DIGITS = 6  # digit positions (tokens, of one digit or more) of an integer or a number's integer part
 FRACTION_DIGITS = 4  # digit positions of a number's fraction
 
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment",

@@ -296,17 +296,36 @@ class InputText(_Strict):
     text: str
 
 
+class OutputText(_Strict):
+    """An earlier answer's text, as a message of `response.output` carries it when passed back as input."""
+
+    type: Literal["output_text"]
+    text: str
+    annotations: list[Any] | None = None
+    logprobs: list[Any] | None = None
+
+
 class ResponsesMessage(_Strict):
-    """An input item of OpenAI's Responses API: a message (`type` "message" may be given or left out)."""
+    """An input item of OpenAI's Responses API: a message (`type` "message" may be given or left out),
+    or an assistant message of an earlier response's output, passed back as it came (`id`, `status`)."""
 
     type: Literal["message"] | None = None
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
     role: Literal["system", "developer", "user", "assistant"]
-    content: _text_or(list[InputText])  # type: ignore[valid-type]
+    content: _text_or(list[InputText | OutputText])  # type: ignore[valid-type]
 
     @field_validator("content", mode="before")
     @classmethod
     def _text_only(cls, content: Any) -> Any:
-        return _only_text_parts(content, ("input_text",))
+        return _only_text_parts(content, ("input_text", "output_text"))
+
+    @model_validator(mode="after")
+    def _output_text_is_the_assistants(self) -> ResponsesMessage:
+        if self.role != "assistant" and not isinstance(self.content, str) and any(
+                part.type == "output_text" for part in self.content):
+            raise ValueError(f"output_text parts belong to assistant messages, not {self.role!r} ones")
+        return self
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)

@@ -307,8 +307,9 @@ def lease_best_chunk(session: Session, *, queue: str, worker: str, now: int, pre
                      unfailed: bool = False) -> Chunk | None:
     """Make `worker` the holder of the chunk of ``queue`` that should run next, and return it; None when no
     chunk needs a run. Candidates are unheld chunks with pending requests whose batch is in progress and
-    within its window; the highest batch priority goes first, among equals the chunk ``prefer`` (the one a
-    doorbell names, so equal priorities keep the broker's order), then the oldest batch's first chunk.
+    within its window, past a failed run's pause; the highest batch priority goes first, among equals the
+    chunk ``prefer`` (the one a doorbell names, so equal priorities keep the broker's order), then the
+    oldest batch's first chunk.
 
     The lease is a conditional UPDATE of an unheld row: of two workers racing for one chunk one wins, and
     the other takes the next best (rows another transaction has locked are skipped, not waited for).
@@ -321,6 +322,7 @@ def lease_best_chunk(session: Session, *, queue: str, worker: str, now: int, pre
             select(Chunk.id).join(Batch, Batch.id == Chunk.batch_id)  # from the running batches (indexed)
             .where(Batch.status == BatchStatus.in_progress, Batch.expires_at > now, Chunk.queue == queue,
                    Chunk.worker.is_(None), Chunk.id.not_in(lost), has_pending,
+                   (Chunk.enqueued_at <= now) | (Chunk.id == prefer),  # a failed run's pause is kept
                    Chunk.failures == 0 if unfailed else true())
             .order_by(Batch.priority.desc(), preferred_first, Batch.created_at, Chunk.id)
             .limit(1).with_for_update(skip_locked=True, of=Chunk))
@@ -358,12 +360,15 @@ def dead_leases(session: Session, *, dead_before: int) -> list[Chunk]:
     return list(session.scalars(query))
 
 
-def chunk_failed(session: Session, *, chunk_id: int, holder: str, now: int, max_attempts: int) -> list[Chunk]:
+def chunk_failed(session: Session, *, chunk_id: int, holder: str, now: int, max_attempts: int,
+                 retry_after: int = 0) -> list[Chunk]:
     """Record that `holder`'s run of a chunk ended unfinished (died, or the engine raised); returns what to
     send next: the chunk, its two halves (a group failing again), or nothing (its lone request failed
-    ``max_attempts`` times and ends as max_attempts_exceeded, or another caller recorded this run)."""
+    ``max_attempts`` times and ends as max_attempts_exceeded, or another caller recorded this run).
+    ``retry_after``: seconds before another run of it may be leased (enqueued_at is set that far ahead)."""
     changed = rows_changed(session, update(Chunk).where(Chunk.id == chunk_id, Chunk.worker == holder)
-                           .values(worker=None, leased_at=None, failures=Chunk.failures + 1, enqueued_at=now))
+                           .values(worker=None, leased_at=None, failures=Chunk.failures + 1,
+                                   enqueued_at=now + retry_after))
     if changed != 1:
         return []
     session.execute(update(Request).where(Request.chunk_id == chunk_id, Request.status == RequestStatus.running)
@@ -377,7 +382,8 @@ def chunk_failed(session: Session, *, chunk_id: int, holder: str, now: int, max_
         return _blame_lone_request(session, chunk, open_ids[0], now=now, max_attempts=max_attempts)
     if len(open_ids) > 1 and chunk.failures >= 2:
         half = (len(open_ids) + 1) // 2
-        return [_split_off(session, chunk, part, now=now) for part in (open_ids[:half], open_ids[half:])]
+        return [_split_off(session, chunk, part, now=now + retry_after)
+                for part in (open_ids[:half], open_ids[half:])]
     return [chunk] if open_ids else []
 
 

@@ -198,7 +198,7 @@ def test_too_many_requests_and_other_errors_in_anthropic_shape(api):
         assert "at most 2" in message
         api.settings.max_upload_bytes = 200  # one request is about 130 bytes as a line
         message = _anthropic_error(httpx.post(f"{url}/v1/messages/batches", json={
-            "requests": [{"custom_id": f"r{i}", "params": params()} for i in range(2)]}), 413, "invalid_request_error")
+            "requests": [{"custom_id": f"r{i}", "params": params()} for i in range(2)]}), 413, "request_too_large")
         assert "200 bytes" in message
         _anthropic_error(httpx.get(f"{url}/v1/messages/batches/batch_nope"), 404, "not_found_error")
         _anthropic_error(httpx.get(f"{url}/v1/messages/batches?limit=0"), 400, "invalid_request_error")

@@ -182,3 +182,17 @@ def test_a_chunk_held_by_a_live_worker_is_not_taken_even_when_best(svc):
     with svc.runtime.session() as session, session.begin():
         session.execute(update(Chunk).where(Chunk.id == high[0]).values(worker="busy", leased_at=now()))
     assert _lease(svc, "w1", prefer=high[0]) == low[0]
+
+
+def test_a_chunk_whose_run_just_failed_waits_out_its_pause_unless_named(svc):
+    """An engine error (an out-of-memory, say) pauses a chunk's retry; another chunk's doorbell must not
+    take it early because its batch ranks higher."""
+    high = _chunks(svc, _create(svc, "high", 2, priority=3))
+    low = _chunks(svc, _create(svc, "low", 2))
+    assert _lease(svc, "w1", prefer=high[0]) == high[0]
+    with svc.runtime.session() as session, session.begin():
+        assert repo.chunk_failed(session, chunk_id=high[0], holder="w1", now=now(), max_attempts=3,
+                                 retry_after=60)[0].id == high[0]
+    assert _lease(svc, "w2", prefer=low[0]) == low[0]  # the higher priority waits
+    assert _lease(svc, "w3") is None
+    assert _lease(svc, "w4", prefer=high[0]) == high[0]  # its own doorbell (sent after the pause) runs it

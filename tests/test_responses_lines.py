@@ -30,6 +30,11 @@ def parsed(line: dict) -> ParsedLine | LineError:
                {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Say hi."}]}]},
     {"input": "x", "text": {"format": {"type": "text"}}, "metadata": {"k": "v"}, "store": False, "user": "u",
      "temperature": 0.7, "top_p": 0.9, "diffusion": {"block_length": 8}},
+    # A second turn that passes back the first response's output message as it came.
+    {"input": [{"role": "user", "content": "Say hi."},
+               {"id": "msg_1", "type": "message", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": "Hi.", "annotations": []}]},
+               {"role": "user", "content": "Again."}]},
 ])
 def test_accepted_bodies(body):
     line = parsed(responses_line("a", **body))
@@ -45,6 +50,8 @@ def test_accepted_bodies(body):
      "body.input.0.content", "'input_image'"),
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "body.input.0.type", "message"),
     ({"input": []}, "body.input", "empty"),
+    ({"input": [{"role": "user", "content": [{"type": "output_text", "text": "x"}]}]}, "body.input.0",
+     "assistant"),
     ({"max_output_tokens": 0}, "body.max_output_tokens", "greater than or equal to 1"),
     ({"temperature": "1"}, "body.temperature", "JSON number"),
 ])

@@ -75,13 +75,14 @@ def test_every_structured_line_parses_and_fits_its_schema(service: Service):
     assert out["free"]["response"]["status_code"] == 200
 
 
-def test_a_max_tokens_below_the_skeleton_is_an_error_naming_it(service: Service):
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_a_max_tokens_below_the_skeleton_is_an_error_naming_it(service: Service, field):
     """It would cut the document, so invalid JSON: refused at validation, like other lines the engine refuses."""
-    failed = service.wait(service.submit([chat_line("short", PERSON, max_tokens=2)],
+    failed = service.wait(service.submit([chat_line("short", PERSON, **{field: 2})],
                                          endpoint="/v1/chat/completions")["id"])
     assert failed["status"] == "failed"
     [error] = failed["errors"]["data"]
-    assert (error["line"], error["param"]) == (1, "body.max_tokens") and "takes" in error["message"], error
+    assert (error["line"], error["param"]) == (1, f"body.{field}") and "takes" in error["message"], error
 
 
 def test_completion_lines_take_a_schema_too(service: Service):

@@ -191,6 +191,11 @@ def test_cli_submits_a_template_and_a_csv_file(service, tmp_path, capsys):
         assert main(["submit", "--template", str(template), "--url", url]) == 2  # --rows is missing
         assert "--template needs --rows" in capsys.readouterr().err
 
+        template.write_text(json.dumps({"model": "tiny", "input": "Say {{text}}.", "max_output_tokens": 4}))
+        assert main(["submit", "--template", str(template), "--rows", str(rows), "--url", url]) == 0
+        responses = service.client.get(f"/v1/batches/{capsys.readouterr().out.strip()}").json()
+        assert responses["endpoint"] == "/v1/responses"  # read from the template's `input`
+
 
 def test_placeholders_are_found_in_linear_time_and_unclosed_ones_stay_text():
     from api.templated import Template

@@ -30,7 +30,7 @@ def maybe_finalize(rt: Runtime, batch_id: str) -> bool:
     error_id = _write_file(rt, batch_id, "error", ERROR_STATUSES)
     with rt.session() as session, session.begin():
         batch = repo.get_batch(session, batch_id=batch_id)
-        assert batch is not None  # batch rows are never deleted
+        assert batch is not None  # only an ended batch is ever deleted, and this one is finalizing
         expired = repo.count_requests(session, batch_id=batch_id, statuses=[RequestStatus.expired])
         final = (BatchStatus.cancelled if batch.cancelling_at else
                  BatchStatus.expired if expired else BatchStatus.completed)
@@ -76,7 +76,7 @@ def _write_file(rt: Runtime, batch_id: str, kind: str, statuses: Sequence[Reques
     size = rt.blobs.write(file_id, lines)
     with rt.session() as session, session.begin():
         batch = repo.get_batch(session, batch_id=batch_id)
-        assert batch is not None  # batch rows are never deleted
+        assert batch is not None  # only an ended batch is ever deleted, and this one is finalizing
         tenant_id = batch.tenant_id  # the batch's owner owns its results
         written = now()
         keep_s = batch.output_expires_after_s or rt.settings.retention_days * 86400  # 0: kept for good

@@ -7,6 +7,7 @@ send the messages after they commit, so a worker never receives a chunk the data
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 
 from common.ids import now
@@ -44,7 +45,7 @@ def record_failed_run(rt: Runtime, chunk_id: int, holder: str, *, countdown: flo
     halves); returns those chunks ([] if another process recorded this run first)."""
     with rt.session() as session, session.begin():
         chunks = repo.chunk_failed(session, chunk_id=chunk_id, holder=holder, now=now(),
-                                   max_attempts=rt.settings.max_attempts)
+                                   max_attempts=rt.settings.max_attempts, retry_after=math.ceil(countdown or 0))
     send_chunks(rt, chunks, countdown=countdown, resumed=True)
     return chunks
 

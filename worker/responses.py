@@ -87,7 +87,7 @@ def to_generation_request(engine: GenerationEngine, url: str, body: dict[str, An
         needed, limit_set = request.params.max_tokens, LIMIT_FIELDS & parsed.model_fields_set
         if limit_set and parsed.output_limit() < needed:  # the document would be cut, so invalid
             raise InvalidRequest(f"response_format's schema takes {needed} tokens, more than the output limit "
-                                 f"{parsed.output_limit()}: raise it or leave it unset", param="max_tokens")
+                                 f"{parsed.output_limit()}: raise it or leave it unset", param=min(limit_set))
     try:
         engine.check(request)
     except ValueError as error:

@@ -59,7 +59,8 @@ def _object(request: Request, scope: TenantScope, row: Batch) -> dict[str, Any]:
     return _objects(request, scope, [row])[0]
 
 
-@router.post("", response_model=MessageBatchObject, responses=anthropic_error_responses(400, 401, 413, 429))
+@router.post("", response_model=MessageBatchObject,
+             responses=anthropic_error_responses(400, 401, 409, 413, 429, 503))
 def create_message_batch(request: Request, scope: ScopeDep, settings: SettingsDep, queue: QueueDep,
                          blobs: BlobsDep, body: CreateMessageBatch,
                          idempotency_key: IdempotencyKey = None) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Sequence
 from typing import TYPE_CHECKING
@@ -104,6 +105,7 @@ class Engine:
         self.eos_token_ids = tuple(loaded.eos_token_ids)
         self._token_classes: TokenClasses | None = None  # built on the first structured request
         self._structured: OrderedDict[tuple[Piece, ...], StructuredCanvas] = OrderedDict()
+        self._structured_lock = threading.Lock()
 
     @property
     def tokens_in_flight(self) -> int:
@@ -175,10 +177,14 @@ class Engine:
         return encode_template(self.tokenizer, template)
 
     def encode_structured(self, pieces: Sequence[Piece]) -> StructuredCanvas:
-        """Structured output's canvas of a skeleton (structured.py), cached per skeleton."""
+        """Structured output's canvas of a skeleton (structured.py), cached per skeleton. Locked: the
+        control process validates lines in threads, and the cache's reordering is not thread-safe."""
         key = tuple(pieces)
-        canvas = self._structured.get(key)
-        if canvas is None:
+        with self._structured_lock:
+            canvas = self._structured.get(key)
+            if canvas is not None:
+                self._structured.move_to_end(key)
+                return canvas
             if self.logits_shift and not self.full_attention:
                 raise InvalidRequest(self._no_templates("response_format"), param="response_format")
             if not self.eos_token_ids:
@@ -192,9 +198,7 @@ class Engine:
             self._structured[key] = canvas
             if len(self._structured) > STRUCTURED_CACHE:
                 self._structured.popitem(last=False)
-        else:
-            self._structured.move_to_end(key)
-        return canvas
+            return canvas
 
     @staticmethod
     def _no_templates(param: str) -> str:
