@@ -21,64 +21,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import torch
 from engine import count_flops  # bench/ is the script's folder, so first on sys.path
 from quality import measure
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from common.settings import Settings
+from training.ar import twin_complete
 from training.completions import distinct_ratio, function_prompts, parses
 from training.corpus import list_sources, split
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 
 
-class FirstTokenHealing(LogitsProcessor):
-    """A healed prompt's first new token must extend the text cut from the prompt, as in the engine.
-    Only the first step of healed rows pays for it (prefix_allowed_tokens_fn would build a
-    vocabulary-wide mask for every row at every step, a cost the diffusion side does not have)."""
-
-    def __init__(self, width: int, healed: list) -> None:
-        self.width = width
-        self.allowed = {row: torch.tensor(sorted(healing.allowed)) for row, (_, healing) in enumerate(healed)
-                        if healing is not None}
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[-1] != self.width:
-            return scores
-        for row, allowed in self.allowed.items():
-            keep = scores[row, allowed]
-            scores[row] = float("-inf")
-            scores[row, allowed] = keep
-        return scores
-
-
 def twin_generate(model, tokenizer, engine: Engine, prompts: list[str], new_tokens: int, batch: int) -> dict:
     """Greedy completions of ``prompts`` by the twin, ``batch`` at a time, healed as the engine heals."""
-    texts, token_rows, seconds = [], [], 0.0
-    eos = tokenizer.eos_token_id
-    for first in range(0, len(prompts), batch):
-        healed = [engine.heal(engine.encode_completion(p)) for p in prompts[first:first + batch]]
-        width = max(len(ids) for ids, _ in healed)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in healed])
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in healed])
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=new_tokens,
-                                 do_sample=False, use_cache=True,
-                                 logits_processor=LogitsProcessorList([FirstTokenHealing(width, healed)]),
-                                 eos_token_id=eos, pad_token_id=pad)
-        seconds += time.perf_counter() - start
-        for (_, healing), row in zip(healed, out[:, width:].tolist(), strict=True):
-            row = row[:row.index(eos)] if eos in row else row
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            texts.append(text[len(healing.text):] if healing is not None else text)
-            token_rows.append(row)
-    tokens = sum(len(r) for r in token_rows)
-    return {"texts": texts, "token_rows": token_rows, "tokens": tokens, "seconds": seconds}
+    completions, seconds = twin_complete(model, tokenizer, lambda p: engine.heal(engine.encode_completion(p)),
+                                         prompts, new_tokens=new_tokens, batch=batch)
+    token_rows = [c.token_ids for c in completions]
+    return {"texts": [c.text for c in completions], "token_rows": token_rows,
+            "tokens": sum(len(r) for r in token_rows), "seconds": seconds}
 
 
 def main(argv: list[str]) -> int:

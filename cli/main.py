@@ -117,6 +117,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-minutes", type=float, default=30.0,
                    help="time for the teacher's completions (OUT/teacher.jsonl; default 30)")
     p.add_argument("--teacher-tokens", type=int, default=64, help="tokens per teacher completion (default 64)")
+    p.add_argument("--teacher-twin", type=Path, help="the autoregressive twin's model folder (train-builtin "
+                   "--objective ar) as the teacher, sampled, instead of the model itself (greedy)")
+    p.add_argument("--teacher-temperature", type=float, default=0.8, help="the twin's sampling temperature (0.8)")
+    p.add_argument("--teacher-top-p", type=float, default=0.95, help="the twin's nucleus (0.95)")
     p.add_argument("--steps", type=int, default=600, help="length of the learning-rate schedule")
     p.add_argument("--max-minutes", type=float, help="stop the fine-tuning (resumably) after this many minutes")
     p.add_argument("--lr", type=float, help="peak learning rate (default 5e-4)")
@@ -406,7 +410,7 @@ def _distill_builtin(settings: Settings, args: argparse.Namespace) -> int:
 
     import torch
 
-    from training.distill import DistillConfig, distill, write_teacher_completions
+    from training.distill import DistillConfig, distill, write_teacher_completions, write_twin_teacher_completions
     from worker.runtime import ensure_model
 
     if args.threads:
@@ -415,8 +419,13 @@ def _distill_builtin(settings: Settings, args: argparse.Namespace) -> int:
     teacher = args.out / "teacher.jsonl"
     args.out.mkdir(parents=True, exist_ok=True)
     if not (args.out / "state.pt").is_file():  # once fine-tuning began, its data stays as it is
-        count = write_teacher_completions(model, teacher, new_tokens=args.teacher_tokens,
-                                          max_minutes=args.teacher_minutes)
+        if args.teacher_twin:
+            count = write_twin_teacher_completions(args.teacher_twin, model, teacher, new_tokens=args.teacher_tokens,
+                                                   temperature=args.teacher_temperature, top_p=args.teacher_top_p,
+                                                   max_minutes=args.teacher_minutes)
+        else:
+            count = write_teacher_completions(model, teacher, new_tokens=args.teacher_tokens,
+                                              max_minutes=args.teacher_minutes)
         print(f"{count} teacher completions in {teacher}")
     result = distill(DistillConfig(out_dir=args.out, teacher=teacher, init_from=model, steps=args.steps,
                                    completion_tokens=args.teacher_tokens, max_minutes=args.max_minutes,

@@ -9,9 +9,15 @@ to serve it. It is trained on the same windows of the same data with the same to
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+
+from worker.engine.params import Healing
 
 from .objective import LossParts
 
@@ -34,3 +40,60 @@ def ar_loss(model, x0: torch.Tensor) -> LossParts:
     targets = x0[:, 1:]
     ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
     return LossParts(loss=ce.mean(), masked_ce_sum=ce.detach().sum(), masked_count=ce.numel())
+
+
+class FirstTokenHealing(LogitsProcessor):
+    """A healed prompt's first new token must extend the text cut from the prompt, as in the engine.
+    Only the first step of healed rows pays for it (prefix_allowed_tokens_fn would build a
+    vocabulary-wide mask for every row at every step, a cost the diffusion side does not have)."""
+
+    def __init__(self, width: int, healings: Sequence[Healing | None]) -> None:
+        self.width = width
+        self.allowed = {row: torch.tensor(sorted(healing.allowed)) for row, healing in enumerate(healings)
+                        if healing is not None}
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[-1] != self.width:
+            return scores
+        for row, allowed in self.allowed.items():
+            keep = scores[row, allowed]
+            scores[row] = float("-inf")
+            scores[row, allowed] = keep
+        return scores
+
+
+@dataclass
+class TwinCompletion:
+    prompt_ids: list[int]  # healed, as the service would run the prompt
+    token_ids: list[int]  # cut at the first end token
+    text: str  # what follows the prompt's text (the healed-away text left out)
+
+
+def twin_complete(model, tokenizer, heal: Callable[[str], tuple[list[int], Healing | None]],
+                  prompts: Sequence[str], *, new_tokens: int, batch: int, temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int = 0) -> tuple[list[TwinCompletion], float]:
+    """The twin's completions of ``prompts``, ``batch`` at a time (left-padded, KV cache), healed as the
+    engine heals (``heal``: Engine.heal of the prompt's ids); greedy at temperature 0, else sampled
+    (reproducibly: seeded per batch). Also returns the seconds spent in ``generate`` alone."""
+    completions, seconds = [], 0.0
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+        "do_sample": False}
+    for first in range(0, len(prompts), batch):
+        healed = [heal(prompt) for prompt in prompts[first:first + batch]]
+        width = max(len(ids) for ids, _ in healed)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in healed])
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in healed])
+        processors = LogitsProcessorList([FirstTokenHealing(width, [healing for _, healing in healed])])
+        torch.manual_seed(seed + first)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=new_tokens,
+                                 use_cache=True, logits_processor=processors, eos_token_id=eos, pad_token_id=pad,
+                                 **sampling)
+        seconds += time.perf_counter() - start
+        for (ids, healing), row in zip(healed, out[:, width:].tolist(), strict=True):
+            row = row[:row.index(eos)] if eos in row else row
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            completions.append(TwinCompletion(ids, row, text[len(healing.text):] if healing is not None else text))
+    return completions, seconds

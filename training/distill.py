@@ -42,6 +42,17 @@ from .objective import diffusion_loss
 TEACHER_SHUFFLE_SEED = 20251130  # a time-limited run covers the corpus evenly
 
 
+def _teacher_prompts(out_path: Path, limit: int | None, corpus_root: Path | None) -> tuple[list, list[int], set[int]]:
+    """The training split's function prompts, the indices of the first ``limit`` of them in a fixed
+    shuffled order (a time-limited run covers the corpus evenly) and those ``out_path`` already holds."""
+    done = {record["index"] for record in read_records(out_path)} if out_path.is_file() else set()
+    train_files, _ = split(list_sources(corpus_root))
+    prompts = function_prompts(train_files, limit=10**9)
+    order = list(range(len(prompts)))
+    random.Random(TEACHER_SHUFFLE_SEED).shuffle(order)
+    return prompts, [i for i in order[:limit] if i not in done], done
+
+
 def write_teacher_completions(
     model_dir: Path, out_path: Path, *, new_tokens: int = 64, batch: int = 64, block_length: int = 32,
     presence_penalty: float = 0.8, max_minutes: float | None = None, limit: int | None = None,
@@ -54,16 +65,10 @@ def write_teacher_completions(
     filter, against 48% at 0.5). Prompts
     already in the file are skipped, so a stopped run resumes. Returns the number of records."""
     out_path = Path(out_path)
-    done = {record["index"] for record in read_records(out_path)} if out_path.is_file() else set()
-    train_files, _ = split(list_sources(corpus_root))
-    prompts = function_prompts(train_files, limit=10**9)
-    order = list(range(len(prompts)))
-    random.Random(TEACHER_SHUFFLE_SEED).shuffle(order)
+    prompts, order, done = _teacher_prompts(out_path, limit, corpus_root)
     engine = Engine(load_model(str(model_dir)), max_batch_size=batch)
     todo, requests = [], []
-    for i in order[:limit]:
-        if i in done:
-            continue
+    for i in order:
         ids, healing = engine.heal(engine.encode_completion(prompts[i].prompt))
         params = SamplingParams(max_tokens=new_tokens, seed=i, sampler="reference", temperature=0.0,
                                 block_length=block_length, presence_penalty=presence_penalty)
@@ -77,13 +82,55 @@ def write_teacher_completions(
         for first in range(0, len(requests), chunk):
             for position, result in engine.stream(requests[first : first + chunk]):
                 index, ids = todo[first + position]
-                out.write(json.dumps({"index": index, "source": prompts[index].source, "prompt_ids": ids,
-                                      "completion_ids": result.token_ids}) + "\n")
-                out.flush()
+                _write_record(out, index, prompts[index].source, ids, result.token_ids)
                 done.add(index)
             if deadline is not None and time.monotonic() > deadline:
                 break
     return len(done)
+
+
+def write_twin_teacher_completions(
+    twin_dir: Path, model_dir: Path, out_path: Path, *, new_tokens: int = 64, batch: int = 64,
+    temperature: float = 0.8, top_p: float = 0.95, max_minutes: float | None = None, limit: int | None = None,
+    corpus_root: Path | None = None,
+) -> int:
+    """As write_teacher_completions, with the autoregressive twin (training/ar.py) as the teacher: a
+    better model of the same data (held-out bits per byte) that writes fast with its KV cache, sampled
+    (``temperature``, ``top_p``), so its completions do not loop as greedy decoding of a small model
+    does. ``model_dir`` (the student) heals the prompts, as the service will. Sequence-level
+    distillation from a stronger teacher is what non-autoregressive translation trains its parallel
+    decoders on (Kim & Rush 2016, arXiv:1606.07947; Gu et al. 2018, arXiv:1711.02281)."""
+    from transformers import AutoModelForCausalLM
+
+    from .ar import twin_complete
+
+    out_path = Path(out_path)
+    prompts, order, done = _teacher_prompts(out_path, limit, corpus_root)
+    engine = Engine(load_model(str(model_dir)), max_batch_size=batch)
+    twin = AutoModelForCausalLM.from_pretrained(twin_dir, dtype=torch.float32).eval()
+    if PreTrainedTokenizerFast.from_pretrained(twin_dir).get_vocab() != engine.tokenizer.get_vocab():
+        raise ValueError(f"the twin {twin_dir} reads text with another tokenizer than {model_dir}: train it "
+                         "with --objective ar --tokenizer-from the student")
+    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
+    with out_path.open("a") as out:
+        for first in range(0, len(order), batch):
+            indices = order[first:first + batch]
+            completions, _ = twin_complete(
+                twin, engine.tokenizer, lambda text: engine.heal(engine.encode_completion(text)),
+                [prompts[i].prompt for i in indices], new_tokens=new_tokens, batch=batch,
+                temperature=temperature, top_p=top_p, seed=indices[0])
+            for index, completion in zip(indices, completions, strict=True):
+                _write_record(out, index, prompts[index].source, completion.prompt_ids, completion.token_ids)
+                done.add(index)
+            if deadline is not None and time.monotonic() > deadline:
+                break
+    return len(done)
+
+
+def _write_record(out, index: int, source: str, prompt_ids: list[int], completion_ids: list[int]) -> None:
+    out.write(json.dumps({"index": index, "source": source, "prompt_ids": prompt_ids,
+                          "completion_ids": completion_ids}) + "\n")
+    out.flush()
 
 
 def read_records(path: Path) -> list[dict]:

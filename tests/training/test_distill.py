@@ -9,7 +9,14 @@ import math
 import pytest
 import torch
 
-from training.distill import DistillConfig, distill, read_records, teacher_batch, write_teacher_completions
+from training.distill import (
+    DistillConfig,
+    distill,
+    read_records,
+    teacher_batch,
+    write_teacher_completions,
+    write_twin_teacher_completions,
+)
 from training.loop import TrainConfig, train
 from training.objective import certainty_entropy
 from worker.engine.engine import Engine
@@ -119,3 +126,37 @@ def test_distillation_lets_the_threshold_sampler_commit_more_tokens_per_pass(tea
                                   data_weight=1.0, **TINY))
     drift = mixed["elbo_bits_per_byte"] - start["elbo_bits_per_byte"]
     assert drift < result["elbo_bits_per_byte"] - start["elbo_bits_per_byte"], (start, result, mixed)
+
+
+def test_the_autoregressive_twin_writes_sampled_teacher_records_the_student_trains_on(teacher_model, tmp_path):
+    """--teacher-twin: the twin (same tokenizer) writes the records, healed as the student's service would
+    run the prompts; sampled, reproducibly, and resumable like the student's own teacher run."""
+    root, model = teacher_model
+    twin_dir = tmp_path / "twin"
+    train(TrainConfig(out_dir=twin_dir, steps=60, corpus_root=root, objective="ar", tokenizer_from=model,
+                      learning_rate=3e-3, **TINY))
+    sampled, again, greedy = tmp_path / "sampled.jsonl", tmp_path / "again.jsonl", tmp_path / "greedy.jsonl"
+    options = dict(new_tokens=16, batch=8, limit=16, corpus_root=root)
+    assert write_twin_teacher_completions(twin_dir / "model", model, sampled, temperature=1.0, **options) == 16
+    write_twin_teacher_completions(twin_dir / "model", model, again, temperature=1.0, **options)
+    write_twin_teacher_completions(twin_dir / "model", model, greedy, temperature=0.0, **options)
+    records = read_records(sampled)
+    assert read_records(again) == records  # seeded
+    assert [r["completion_ids"] for r in read_records(greedy)] != [r["completion_ids"] for r in records]
+    engine = Engine(load_model(str(model)))
+    for record in records:
+        assert len(record["completion_ids"]) <= 16
+        assert engine.tokenizer.eos_token_id not in record["completion_ids"]
+    # The prompts are the student's healed ones: what the engine runs for the same text.
+    from training.completions import function_prompts
+    from training.corpus import list_sources, split
+
+    prompts = function_prompts(split(list_sources(root))[0], limit=10**9)
+    for record in records[:4]:
+        assert record["prompt_ids"] == engine.heal(engine.encode_completion(prompts[record["index"]].prompt))[0]
+    assert write_twin_teacher_completions(twin_dir / "model", model, sampled, temperature=1.0, **options) == 16
+    assert len(read_records(sampled)) == 16  # resumed: nothing written twice
+
+    result = distill(DistillConfig(out_dir=tmp_path / "student", teacher=sampled, init_from=model, steps=5,
+                                   completion_tokens=16, corpus_root=root, min_distinct=0.0, **TINY))
+    assert result["step"] == 5
