@@ -9,8 +9,8 @@ windows and schedule, as a transformers Llama. Both continue the same held-out f
 prompt's last token; the twin gets the same constraint on its first token through a logits
 processor, training/ar.py), and both stop at their end-of-text token. The twin runs ``generate``'s
 static batches: a finished row keeps its place until the batch's longest row ends, where the engine
-admits the next request (continuous batching), one reason the ratio moves with the batch size. The diffusion model runs with
-what a plain OpenAI body gets: its default sampler and block length.
+admits the next request (continuous batching), one reason the ratio moves with the batch size.
+The diffusion model runs with what a plain OpenAI body gets: its default sampler and block length.
 
 Printed: parse share and distinct-token ratio (quality); then at each batch size tokens/s of both, the
 ratio, forward passes per token and matmul FLOPs per generated token (bench/engine.py's counter: layers,
