@@ -1,6 +1,6 @@
 """The premise, measured: the built-in diffusion model against its autoregressive twin, same run.
 
-    python bench/vs_ar.py --twin PATH [--model PATH] [--prompts 256] [--new-tokens 128]
+    python bench/vs_ar.py [--twin bench/twin] [--model PATH] [--prompts 256] [--new-tokens 128]
                           [--batches 1,8,32,64] [--speed-prompts 64]
 
 The twin is `diffbatch train-builtin --objective ar` (training/ar.py): the same shape, tokenizer, data,
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 from engine import count_flops  # bench/ is the script's folder, so first on sys.path
@@ -47,7 +48,8 @@ def twin_generate(model, tokenizer, engine: Engine, prompts: list[str], new_toke
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--twin", required=True, help="the autoregressive twin's model folder")
+    parser.add_argument("--twin", default=str(Path(__file__).parent / "twin"),
+                        help="the autoregressive twin's model folder (default: bench/twin)")
     parser.add_argument("--model", help="the diffusion model (default: the built-in model)")
     parser.add_argument("--prompts", type=int, default=256, help="held-out prompts for the quality figures")
     parser.add_argument("--speed-prompts", type=int, default=64, help="held-out prompts timed at each batch size")
