@@ -121,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
                    "--objective ar) as the teacher, sampled, instead of the model itself (greedy)")
     p.add_argument("--teacher-temperature", type=float, default=0.8, help="the twin's sampling temperature (0.8)")
     p.add_argument("--teacher-top-p", type=float, default=0.95, help="the twin's nucleus (0.95)")
+    p.add_argument("--teacher-presence-penalty", type=float, default=0.0,
+                   help="the twin's presence_penalty, as the engine applies it (default 0; with "
+                   "--teacher-temperature 0 a greedy teacher that does not loop, docs/benchmarks.md)")
     p.add_argument("--steps", type=int, default=600, help="length of the learning-rate schedule")
     p.add_argument("--max-minutes", type=float, help="stop the fine-tuning (resumably) after this many minutes")
     p.add_argument("--lr", type=float, help="peak learning rate (default 5e-4)")
@@ -422,6 +425,7 @@ def _distill_builtin(settings: Settings, args: argparse.Namespace) -> int:
         if args.teacher_twin:
             count = write_twin_teacher_completions(args.teacher_twin, model, teacher, new_tokens=args.teacher_tokens,
                                                    temperature=args.teacher_temperature, top_p=args.teacher_top_p,
+                                                   presence_penalty=args.teacher_presence_penalty,
                                                    max_minutes=args.teacher_minutes)
         else:
             count = write_teacher_completions(model, teacher, new_tokens=args.teacher_tokens,

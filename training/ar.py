@@ -62,6 +62,22 @@ class FirstTokenHealing(LogitsProcessor):
         return scores
 
 
+class PresencePenalty(LogitsProcessor):
+    """OpenAI's ``presence_penalty`` as the engine applies it (sampling/predict.py): ``penalty`` off the
+    logit of every token the row has generated so far (the prompt's tokens do not count)."""
+
+    def __init__(self, width: int, penalty: float) -> None:
+        self.width = width
+        self.penalty = penalty
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[:, self.width:]
+        if generated.shape[-1] == 0:
+            return scores
+        seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, generated, True)
+        return scores - self.penalty * seen.to(scores.dtype)
+
+
 @dataclass
 class TwinCompletion:
     prompt_ids: list[int]  # healed, as the service would run the prompt
@@ -71,10 +87,12 @@ class TwinCompletion:
 
 def twin_complete(model, tokenizer, heal: Callable[[str], tuple[list[int], Healing | None]],
                   prompts: Sequence[str], *, new_tokens: int, batch: int, temperature: float = 0.0,
-                  top_p: float = 1.0, seed: int = 0) -> tuple[list[TwinCompletion], float]:
+                  top_p: float = 1.0, presence_penalty: float = 0.0, seed: int = 0,
+                  ) -> tuple[list[TwinCompletion], float]:
     """The twin's completions of ``prompts``, ``batch`` at a time (left-padded, KV cache), healed as the
     engine heals (``heal``: Engine.heal of the prompt's ids); greedy at temperature 0, else sampled
-    (reproducibly: seeded per batch). Also returns the seconds spent in ``generate`` alone."""
+    (reproducibly: seeded per batch), with the engine's ``presence_penalty``. Also returns the seconds
+    spent in ``generate`` alone."""
     completions, seconds = [], 0.0
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
@@ -85,6 +103,8 @@ def twin_complete(model, tokenizer, heal: Callable[[str], tuple[list[int], Heali
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in healed])
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in healed])
         processors = LogitsProcessorList([FirstTokenHealing(width, [healing for _, healing in healed])])
+        if presence_penalty:
+            processors.append(PresencePenalty(width, presence_penalty))
         torch.manual_seed(seed + first)
         start = time.perf_counter()
         with torch.inference_mode():

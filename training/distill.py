@@ -91,15 +91,16 @@ def write_teacher_completions(
 
 def write_twin_teacher_completions(
     twin_dir: Path, model_dir: Path, out_path: Path, *, new_tokens: int = 64, batch: int = 64,
-    temperature: float = 0.8, top_p: float = 0.95, max_minutes: float | None = None, limit: int | None = None,
-    corpus_root: Path | None = None,
+    temperature: float = 0.8, top_p: float = 0.95, presence_penalty: float = 0.0, max_minutes: float | None = None,
+    limit: int | None = None, corpus_root: Path | None = None,
 ) -> int:
     """As write_teacher_completions, with the autoregressive twin (training/ar.py) as the teacher: a
     better model of the same data (held-out bits per byte) that writes fast with its KV cache, sampled
-    (``temperature``, ``top_p``), so its completions do not loop as greedy decoding of a small model
-    does. ``model_dir`` (the student) heals the prompts, as the service will. Sequence-level
-    distillation from a stronger teacher is what non-autoregressive translation trains its parallel
-    decoders on (Kim & Rush 2016, arXiv:1606.07947; Gu et al. 2018, arXiv:1711.02281)."""
+    (``temperature``, ``top_p``) or greedy with the engine's ``presence_penalty``, so its completions do
+    not loop as plain greedy decoding of a small model does. ``model_dir`` (the student) heals the
+    prompts, as the service will. Sequence-level distillation from a stronger teacher is what
+    non-autoregressive translation trains its parallel decoders on (Kim & Rush 2016,
+    arXiv:1606.07947; Gu et al. 2018, arXiv:1711.02281)."""
     from transformers import AutoModelForCausalLM
 
     from .ar import twin_complete
@@ -118,7 +119,7 @@ def write_twin_teacher_completions(
             completions, _ = twin_complete(
                 twin, engine.tokenizer, lambda text: engine.heal(engine.encode_completion(text)),
                 [prompts[i].prompt for i in indices], new_tokens=new_tokens, batch=batch,
-                temperature=temperature, top_p=top_p, seed=indices[0])
+                temperature=temperature, top_p=top_p, presence_penalty=presence_penalty, seed=indices[0])
             for index, completion in zip(indices, completions, strict=True):
                 _write_record(out, index, prompts[index].source, completion.prompt_ids, completion.token_ids)
                 done.add(index)

@@ -160,3 +160,21 @@ def test_the_autoregressive_twin_writes_sampled_teacher_records_the_student_trai
     result = distill(DistillConfig(out_dir=tmp_path / "student", teacher=sampled, init_from=model, steps=5,
                                    completion_tokens=16, corpus_root=root, min_distinct=0.0, **TINY))
     assert result["step"] == 5
+
+
+def test_the_twin_teachers_presence_penalty_lowers_generated_tokens_only():
+    """--teacher-presence-penalty: as the engine's presence_penalty, tokens the row has generated lose
+    ``penalty`` from their logit once, however often they came; the prompt's tokens are not penalised."""
+    from training.ar import PresencePenalty
+
+    prompt_width = 3
+    input_ids = torch.tensor([[5, 6, 7, 1, 1, 2],    # generated 1 twice and 2
+                              [0, 5, 6, 7, 7, 7]])   # generated only tokens that the prompt also has
+    scores = torch.zeros(2, 10)
+    penalised = PresencePenalty(prompt_width, 0.75)(input_ids, scores.clone())
+    expected = torch.zeros(2, 10)
+    expected[0, [1, 2]] = -0.75
+    expected[1, 7] = -0.75
+    assert torch.equal(penalised, expected)
+    # Before any token is generated nothing changes, the prompt's tokens included.
+    assert torch.equal(PresencePenalty(6, 0.75)(input_ids, scores.clone()), scores)
