@@ -23,22 +23,31 @@ from training.corpus import list_sources, split
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
+from worker.responses import to_generation_request
 
 DEFAULT_SAMPLERS = "reference,threshold 0.9,factor 1.0"
 
 
-def sampler_options(label: str) -> dict:
+def sampler_options(label: str) -> dict | None:
     """Diffusion options for a label: ``reference``, ``reference STEPS`` (steps per block),
-    ``threshold TAU``, ``threshold TAU edit E`` (LLaDA2.1's token editing at E) or ``factor F``."""
+    ``threshold TAU [steps S] [edit E]`` (S: the dynamic rule finishes a block in at most S passes; E:
+    LLaDA2.1's token editing), ``factor F``; or None for ``default``: what a plain OpenAI body gets
+    (the checkpoint's own sampler, block and steps, through the service's request builder)."""
     name, *values = label.split()
+    if name == "default" and not values:
+        return None
     if name == "reference" and len(values) <= 1:
         return {"sampler": "reference", **({"steps": int(values[0])} if values else {})}
-    if name in ("threshold", "factor") and len(values) == 1:
+    if name == "factor" and len(values) == 1:
         return {"sampler": name, name: float(values[0])}
-    if name == "threshold" and len(values) == 3 and values[1] == "edit":
-        return {"sampler": name, name: float(values[0]), "editing_threshold": float(values[2])}
-    raise SystemExit(f"--samplers: {label!r} is not 'reference', 'reference STEPS', 'threshold TAU', "
-                     "'threshold TAU edit E' or 'factor F'")
+    extras = dict(zip(values[1::2], values[2::2], strict=False))
+    if name == "threshold" and len(values) % 2 == 1 and set(extras) <= {"steps", "edit"} \
+            and len(extras) == len(values) // 2:
+        return {"sampler": name, name: float(values[0]),
+                **({"steps": int(extras["steps"])} if "steps" in extras else {}),
+                **({"editing_threshold": float(extras["edit"])} if "edit" in extras else {})}
+    raise SystemExit(f"--samplers: {label!r} is not 'default', 'reference', 'reference STEPS', "
+                     "'threshold TAU [steps S] [edit E]' or 'factor F'")
 
 
 # The stop sequences of the Codex/HumanEval evaluation (Chen et al. 2021, arXiv:2107.03374): a line
@@ -46,12 +55,19 @@ def sampler_options(label: str) -> dict:
 CODEX_STOPS = ["\nclass", "\ndef", "\n#", "\nif"]
 
 
-def measure(engine: Engine, prompts, new_tokens: int, options: dict, healing: bool) -> dict:
+def measure(engine: Engine, prompts, new_tokens: int, options: dict | None, sampling: dict, healing: bool) -> dict:
+    """``options`` None: each prompt as a plain /v1/completions body with ``sampling``'s fields, built
+    into a request as a worker builds it."""
     requests = []
     for i, p in enumerate(prompts):
+        if options is None:
+            body = {"model": engine.name, "prompt": p.prompt, "max_tokens": new_tokens, "seed": i,
+                    **sampling, "diffusion": {"token_healing": healing}}
+            requests.append(to_generation_request(engine, "/v1/completions", body))
+            continue
         ids, healed = engine.heal(engine.encode_completion(p.prompt)) if healing else (
             engine.encode_completion(p.prompt), None)
-        requests.append(GenerationRequest(ids, SamplingParams(max_tokens=new_tokens, seed=i, **options),
+        requests.append(GenerationRequest(ids, SamplingParams(max_tokens=new_tokens, seed=i, **options, **sampling),
                                           healing=healed))
     started = time.perf_counter()
     results = engine.generate(requests)
@@ -83,7 +99,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--stop", action="append", default=[],
                         help=f"a stop sequence (repeatable); --stop codex for the Codex set {CODEX_STOPS}")
     parser.add_argument("--samplers", default=DEFAULT_SAMPLERS,
-                        help="comma-separated: reference, 'threshold TAU', 'factor F'")
+                        help="comma-separated: default (a plain body: the model's own sampler), reference, "
+                        "'reference STEPS', 'threshold TAU [steps S] [edit E]', 'factor F'")
     parser.add_argument("--caches", default="exact",
                         help="comma-separated KV caches each sampler runs with: exact, delayed (engine.py)")
     parser.add_argument("--no-healing", action="store_true", help="run the prompts' tokens as they are "
@@ -107,10 +124,12 @@ def main(argv: list[str]) -> int:
     print(f"{'sampler':<24} {'parses':>7} {'distinct':>9} {'tok/s':>8} {'vs ref':>7} {'passes/tok':>10}")
     figures, baseline = {}, None
     for label, cache in [(label, cache) for label in args.samplers.split(",") for cache in engines]:
-        options = {**sampler_options(label), "block_length": args.block_length, "temperature": args.temperature,
-                   "top_p": args.top_p, "stop": stops, "frequency_penalty": args.frequency_penalty,
-                   "presence_penalty": args.presence_penalty}
-        row = measure(engines[cache], prompts, args.new_tokens, options, healing=not args.no_healing)
+        options = sampler_options(label)
+        if options is not None:
+            options = {**options, "block_length": args.block_length}
+        sampling = {"temperature": args.temperature, "top_p": args.top_p, "stop": stops,
+                    "frequency_penalty": args.frequency_penalty, "presence_penalty": args.presence_penalty}
+        row = measure(engines[cache], prompts, args.new_tokens, options, sampling, healing=not args.no_healing)
         baseline = baseline or row["tokens_per_s"]
         label = label if cache == "exact" else f"{label}, {cache}"
         figures[label] = {k: v for k, v in row.items() if k != "samples"}

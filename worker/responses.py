@@ -66,12 +66,16 @@ def to_generation_request(engine: GenerationEngine, url: str, body: dict[str, An
     openai = parsed if isinstance(parsed, CompletionBody | ChatBody) else None  # the bodies with penalties, seed
     stop = tuple(parsed.stop_list())
     block_length = engine.default_block_length if options.block_length is None else options.block_length
+    steps = options.steps
+    if steps is None and merged.sampler is None and engine.default_steps is not None:  # nobody named a sampler
+        # The checkpoint's tokens a pass, kept on a block of another length (ceil: never more a pass).
+        steps = -(-block_length * engine.default_steps // engine.default_block_length)
     params = SamplingParams(max_tokens=parsed.output_limit(), temperature=parsed.temperature, top_p=parsed.top_p,
                             frequency_penalty=openai.frequency_penalty if openai else 0.0,
                             presence_penalty=openai.presence_penalty if openai else 0.0,
                             stop=stop, seed=openai.seed if openai else None,
                             sampler=options.sampler or engine.default_sampler,  # with_default_sampler set it
-                            block_length=block_length, steps=options.steps, **chosen)
+                            block_length=block_length, steps=steps, **chosen)
     template_ids = None
     if options.template is not None:
         if stop:

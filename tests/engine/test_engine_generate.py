@@ -255,6 +255,49 @@ def test_a_checkpoint_default_block_must_be_a_block_length(tiny_path, tmp_path, 
         Engine(load_model(str(folder)))
 
 
+def test_a_checkpoint_default_steps_bound_the_passes_of_plain_bodies(tiny_path, tmp_path):
+    import json
+    import shutil
+
+    from worker.responses import to_generation_request
+
+    folder = tmp_path / "parallel"
+    shutil.copytree(tiny_path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "diffbatch_default_sampler": "threshold",
+                                                    "diffbatch_default_block_length": 16,
+                                                    "diffbatch_default_steps": 4}))
+    engine = Engine(load_model(str(folder)))
+    body = {"model": engine.name, "prompt": "def add(a, b):", "max_tokens": 64}
+
+    def built(**fields):
+        return to_generation_request(engine, "/v1/completions", {**body, **fields}).params
+
+    plain = built()
+    assert (plain.sampler, plain.block_length, plain.steps) == ("threshold", 16, 4)
+    assert built(diffusion={"block_length": 32}).steps == 8  # the same tokens a pass on a longer block
+    assert built(diffusion={"block_length": 5}).steps == 2  # rounded up: never more tokens a pass
+    assert built(diffusion={"steps": 16}).steps == 16  # the request's own
+    assert built(diffusion={"sampler": "threshold"}).steps is None  # a named sampler runs as named
+    result = engine.generate([to_generation_request(engine, "/v1/completions", body)])[0]
+    assert len(result.token_ids) == 64
+    assert result.forward_passes <= 4 * 64 // 16  # at least 16 / 4 tokens committed a pass
+
+
+@pytest.mark.parametrize("value", [0, 17, "4", 4.0, True])
+def test_a_checkpoint_default_steps_must_fit_its_default_block(tiny_path, tmp_path, value):
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "diffbatch_default_block_length": 16,
+                                                    "diffbatch_default_steps": value}))
+    with pytest.raises(ValueError, match=r"diffbatch_default_steps .* is not an integer in \[1, 16\]"):
+        Engine(load_model(str(folder)))
+
+
 def test_stop_string_trims_text(engine):
     prompt = engine.encode_completion("stop me")
     plain = engine.generate([GenerationRequest(prompt, SamplingParams(max_tokens=48, temperature=1.0, seed=4))])[0]

@@ -37,6 +37,7 @@ class Engine:
 
     default_sampler: str = Sampler.REFERENCE.value  # unless the checkpoint's config.json names its own (below)
     default_block_length = 32  # likewise (diffbatch_default_block_length)
+    default_steps: int | None = None  # likewise (diffbatch_default_steps): one token a pass at least
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32, kv_cache: bool = True,
                  cache: str | None = None, max_batch_tokens: int | None = None, graphs: bool | None = None):
@@ -67,6 +68,14 @@ class Engine:
         if not isinstance(block, int) or isinstance(block, bool) or not 1 <= block <= 1024:
             raise ValueError(f"config.json's diffbatch_default_block_length {block!r} is not an integer in [1, 1024]")
         self.default_block_length = block
+        # A checkpoint made to commit several tokens a pass (distill-builtin) may also name the passes a
+        # default block takes at most: the threshold rule then commits at least block / steps tokens a
+        # pass, and a request that names neither sampler nor steps gets that floor.
+        steps = getattr(loaded.config, "diffbatch_default_steps", None)
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= block):
+            raise ValueError(f"config.json's diffbatch_default_steps {steps!r} is not an integer in [1, {block}] "
+                             "(diffbatch_default_block_length)")
+        self.default_steps = steps
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name

@@ -43,6 +43,12 @@ class GenerationEngine(Protocol):
         ...
 
     @property
+    def default_steps(self) -> int | None:
+        """Passes a default block takes at most when a request names neither sampler nor steps (None: no
+        bound beyond the sampler's own)."""
+        ...
+
+    @property
     def tokens_in_flight(self) -> int:
         """Completion tokens committed for the rows running now; the heartbeat reports them as progress."""
         ...

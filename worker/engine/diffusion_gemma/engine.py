@@ -28,6 +28,7 @@ from .settings import checkpoint_defaults, resolve
 
 class DiffusionGemmaEngine:
     default_sampler: str = Sampler.ENTROPY_BOUND.value
+    default_steps: int | None = None  # its max_steps bounds a canvas's passes instead
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
