@@ -32,6 +32,13 @@ STRUCTURED_CACHE = 64
 SUPPORTED_FAMILIES = ("block_causal", *ALIGNED_FAMILIES, *FULL_ATTENTION_FAMILIES)
 
 
+def _config_integer(key: str, value, most: int) -> int:
+    """``value`` of config.json's ``key``, if it is an integer in [1, ``most``]; else ValueError naming both."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+        raise ValueError(f"config.json's {key} {value!r} is not an integer in [1, {most}]")
+    return value
+
+
 class Engine:
     """The block-diffusion engine (a GenerationEngine): block-causal, aligned and full-attention families."""
 
@@ -65,17 +72,12 @@ class Engine:
         block = getattr(loaded.config, "diffbatch_default_block_length", None)
         if block is None:
             block = loaded.config.block_length if self.aligned else self.default_block_length
-        if not isinstance(block, int) or isinstance(block, bool) or not 1 <= block <= 1024:
-            raise ValueError(f"config.json's diffbatch_default_block_length {block!r} is not an integer in [1, 1024]")
-        self.default_block_length = block
+        self.default_block_length = _config_integer("diffbatch_default_block_length", block, 1024)
         # A checkpoint made to commit several tokens a pass (distill-builtin) may also name the passes a
         # default block takes at most: the threshold rule then commits at least block / steps tokens a
         # pass, and a request that names neither sampler nor steps gets that floor.
         steps = getattr(loaded.config, "diffbatch_default_steps", None)
-        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= block):
-            raise ValueError(f"config.json's diffbatch_default_steps {steps!r} is not an integer in [1, {block}] "
-                             "(diffbatch_default_block_length)")
-        self.default_steps = steps
+        self.default_steps = None if steps is None else _config_integer("diffbatch_default_steps", steps, block)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
