@@ -124,6 +124,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-presence-penalty", type=float, default=0.0,
                    help="the twin's presence_penalty, as the engine applies it (default 0; with "
                    "--teacher-temperature 0 a greedy teacher that does not loop, docs/benchmarks.md)")
+    p.add_argument("--min-distinct", type=float, default=0.4,
+                   help="leave out teacher completions below this distinct-token ratio, loops (default 0.4)")
+    p.add_argument("--whole-completions", action="store_true",
+                   help="train on the teacher's completions as written, not cut where the prompt's function "
+                   "ends (the cut, followed by EOS, teaches the model to stop there)")
     p.add_argument("--steps", type=int, default=600, help="length of the learning-rate schedule")
     p.add_argument("--max-minutes", type=float, help="stop the fine-tuning (resumably) after this many minutes")
     p.add_argument("--lr", type=float, help="peak learning rate (default 5e-4)")
@@ -434,6 +439,7 @@ def _distill_builtin(settings: Settings, args: argparse.Namespace) -> int:
     result = distill(DistillConfig(out_dir=args.out, teacher=teacher, init_from=model, steps=args.steps,
                                    completion_tokens=args.teacher_tokens, max_minutes=args.max_minutes,
                                    certainty_weight=args.certainty_weight, data_weight=args.data_weight,
+                                   end_functions=not args.whole_completions, min_distinct=args.min_distinct,
                                    **({"learning_rate": args.lr} if args.lr else {})))
     print(json.dumps(result))
     print(f"model written to {args.out / 'model'}; serve it with DIFFBATCH_MODEL={args.out / 'model'}")

@@ -74,3 +74,32 @@ def parses(prompt: str, completion: str) -> bool:
 def distinct_ratio(token_ids: list[int]) -> float:
     """Distinct tokens / tokens: degenerate repetition ("a a a a") scores low."""
     return len(set(token_ids)) / len(token_ids) if token_ids else 0.0
+
+
+def function_end(text: str, start: int) -> int | None:
+    """Offset in ``text`` of the first non-blank line at the left margin that begins at or after
+    ``start``: the end of a dedented prompt's function (what the Codex stop sequences "\\ndef",
+    "\\nclass", "\\nif", "\\n#" approximate), or None if the function goes on to the end."""
+    position = text.find("\n", max(0, start - 1))
+    while position != -1:
+        line_start = position + 1
+        if line_start < len(text) and line_start >= start and not text[line_start].isspace():
+            return line_start
+        position = text.find("\n", line_start)
+    return None
+
+
+def cut_at_function_end(decode, prompt_ids: list[int], completion_ids: list[int]) -> list[int]:
+    """The completion tokens up to the end of the prompt's function (function_end), so a model trained
+    on them followed by EOS learns to stop where the function does instead of writing on into code
+    that nobody asked for (a small model's next function soon loops). ``decode`` turns ids into text.
+    The cut falls on a token boundary at or before the margin line, so a token that would straddle
+    it is left out with what follows."""
+    prompt_length = len(decode(prompt_ids))
+    end = function_end(decode(prompt_ids + completion_ids), prompt_length)
+    if end is None:
+        return completion_ids
+    kept = 0
+    while kept < len(completion_ids) and len(decode(prompt_ids + completion_ids[: kept + 1])) <= end:
+        kept += 1
+    return completion_ids[:kept]

@@ -1,0 +1,38 @@
+"""Where a completion of a dedented function prompt ends: the cut distillation trains EOS after."""
+
+from __future__ import annotations
+
+from training.completions import cut_at_function_end, function_end
+
+PROMPT = 'def f(x):\n    """Doc."""\n    y = x\n'
+
+
+def test_the_function_ends_at_the_first_line_back_at_the_margin():
+    text = PROMPT + "    if y:\n\n        return y\n    return 0\n\n\n@cache\ndef g():\n"
+    assert text[function_end(text, len(PROMPT)):].startswith("@cache")
+    # Blank and indented lines, however many, do not end it; the prompt's own margin line does not count.
+    assert function_end(PROMPT + "    return y\n\n    \n", len(PROMPT)) is None
+    # A completion that continues the prompt's last line mid-way (token healing) is still judged by lines.
+    healed = "def f(x):\n    return x +"
+    text = healed + " 1\nclass A:\n"
+    assert text[function_end(text, len(healed)):] == "class A:\n"
+
+
+def test_the_cut_falls_on_a_token_boundary_and_keeps_the_last_newline():
+    # One character per token: a decode that joins them.
+    def decode(ids):
+        return "".join(chr(i) for i in ids)
+
+    prompt = [ord(c) for c in PROMPT]
+    completion = [ord(c) for c in "    return y\n\ndef g(): pass\n"]
+    assert decode(cut_at_function_end(decode, prompt, completion)) == "    return y\n\n"
+    unfinished = [ord(c) for c in "    return y\n"]
+    assert cut_at_function_end(decode, prompt, unfinished) == unfinished
+    # A token that straddles the margin ("\ndef") is left out with what follows it.
+    words = ["    return y", "\ndef", " g"]
+    vocabulary = {i: w for i, w in enumerate(words, start=1000)}
+
+    def decode_words(ids):
+        return "".join(vocabulary.get(i, chr(i)) for i in ids)
+
+    assert cut_at_function_end(decode_words, prompt, [1000, 1001, 1002]) == [1000]
