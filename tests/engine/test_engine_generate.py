@@ -5,9 +5,11 @@ import dataclasses
 import pytest
 from torch import nn
 
+from worker.engine.caches.exact import ExactRound, ExactRowsForward
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, Healing, SamplingParams
+from worker.engine.sampling import blocks
 from worker.engine.schedulers import block as scheduler
 from worker.engine.schedulers.block import prefill_spans
 
@@ -34,6 +36,26 @@ def test_batch_of_n_equals_n_batches_of_one(engine):
         assert together.token_ids == alone.token_ids
         assert together.text == alone.text
         assert together.finish_reason == alone.finish_reason
+
+
+def test_steps_over_the_working_rows_alone_change_no_token(engine, monkeypatch):
+    """Once some rows have finished their block, a step runs the forward over the others alone
+    (sampling/blocks.py): tokens and passes must be those of a forward over the whole batch."""
+    requests = requests_for(engine, [*MIXED, ("b", dict(max_tokens=48, sampler="threshold", threshold=0.3)),
+                                     ("c", dict(max_tokens=48, sampler="threshold", threshold=0.05))])
+    monkeypatch.setattr(blocks, "SUBSET_SHARE", 0.0)  # never: every step over the whole batch
+    whole = engine.generate(requests)
+    calls = []
+    monkeypatch.setattr(blocks, "SUBSET_SHARE", 1.0)  # as soon as one row has finished its block
+
+    def for_rows(exact, index):
+        calls.append(len(index))
+        return ExactRowsForward(exact, index)
+
+    monkeypatch.setattr(ExactRound, "for_rows", for_rows)
+    subsets = engine.generate(requests)
+    assert calls and max(calls) < len(requests)  # the subset path ran
+    assert [(r.token_ids, r.forward_passes) for r in subsets] == [(r.token_ids, r.forward_passes) for r in whole]
 
 
 def test_prompts_prefilled_a_few_rows_a_forward_give_the_same_tokens(engine, monkeypatch):

@@ -9,6 +9,11 @@ from .editing import BlockEditing
 from .noise import RowNoise
 from .step import BlockContext, commit_step
 
+# A step runs the forward over the working rows alone once at most this share of the batch works: a
+# subset forward first gathers those rows' cache (caches/exact.py), which costs more than it saves
+# while most rows still work.
+SUBSET_SHARE = 0.75
+
 
 def denoise_block(forward: StepForward, x: torch.Tensor, start: int, end: int, context: BlockContext,
                   noise: RowNoise) -> list[int]:
@@ -18,6 +23,7 @@ def denoise_block(forward: StepForward, x: torch.Tensor, start: int, end: int, c
     rules, mask_token_id = context.rules, context.mask_token_id
     block_length = end - start
     passes = [0] * x.shape[0]
+    subset: tuple[list[int], StepForward] | None = None  # the working rows and their forward
     editing = BlockEditing(rules, x[:, start:end] == mask_token_id) if rules.any_editing else None
     for step in range(block_length + max(rules.max_post_steps) + 1):
         block = x[:, start:end]  # (B, K)
@@ -36,7 +42,14 @@ def denoise_block(forward: StepForward, x: torch.Tensor, start: int, end: int, c
         edit_now = editing is not None and any(w and e for w, e in zip(working, rules.edits, strict=False))
         width = block_length if edit_now else max(masked_counts)
         slots = (~mask_index).to(torch.int8).argsort(dim=-1, stable=True)[:, :width]  # (B, n)
-        logits_n = forward(x[:, :end], slots)  # (B, n, V)
+        subset = _working_rows(forward, working, subset, x.device)
+        if subset is None:
+            logits_n = forward(x[:, :end], slots)  # (B, n, V)
+        else:  # rows that finished their block get zero logits: they have no kept mask to fill
+            rows = torch.tensor(subset[0], device=x.device)
+            some = subset[1](x[rows, :end], slots[rows])  # (W, n, V)
+            logits_n = some.new_zeros((x.shape[0], *some.shape[1:]))
+            logits_n[rows] = some
         noisy_rows = [r for r, w in enumerate(working) if w and rules.temperature[r] > 0]
         denominator = noise.gumbel_denominator(noisy_rows, rules.temperature, masked_counts, logits_n.shape)
         # Past its last mask an editing row's passes commit nothing new.
@@ -47,3 +60,16 @@ def denoise_block(forward: StepForward, x: torch.Tensor, start: int, end: int, c
         if editing is not None:
             editing.stepped(edited)
     return passes
+
+
+def _working_rows(forward: StepForward, working: list[int], subset: tuple[list[int], StepForward] | None,
+                  device: torch.device) -> tuple[list[int], StepForward] | None:
+    """The working rows and a forward over them alone, when ``forward`` offers one (``for_rows``) and
+    few enough rows work (SUBSET_SHARE); ``subset``, the last step's, is kept while the rows are the same."""
+    rows = [r for r, w in enumerate(working) if w]
+    for_rows = getattr(forward, "for_rows", None)
+    if for_rows is None or len(rows) == len(working) or len(rows) > SUBSET_SHARE * len(working):
+        return None
+    if subset is not None and subset[0] == rows:
+        return subset
+    return rows, for_rows(torch.tensor(rows, device=device))
