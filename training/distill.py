@@ -80,12 +80,12 @@ def write_teacher_completions(
     chunk = 4 * batch
     with out_path.open("a") as out:
         for first in range(0, len(requests), chunk):
+            if deadline is not None and time.monotonic() >= deadline:  # 0 minutes: none written
+                break
             for position, result in engine.stream(requests[first : first + chunk]):
                 index, ids = todo[first + position]
                 _write_record(out, index, prompts[index].source, ids, result.token_ids)
                 done.add(index)
-            if deadline is not None and time.monotonic() > deadline:
-                break
     return len(done)
 
 
@@ -115,6 +115,8 @@ def write_twin_teacher_completions(
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     with out_path.open("a") as out:
         for first in range(0, len(order), batch):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
             indices = order[first:first + batch]
             completions, _ = twin_complete(
                 twin, engine.tokenizer, lambda text: engine.heal(engine.encode_completion(text)),
@@ -123,8 +125,6 @@ def write_twin_teacher_completions(
             for index, completion in zip(indices, completions, strict=True):
                 _write_record(out, index, prompts[index].source, completion.prompt_ids, completion.token_ids)
                 done.add(index)
-            if deadline is not None and time.monotonic() > deadline:
-                break
     return len(done)
 
 

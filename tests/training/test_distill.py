@@ -78,11 +78,12 @@ def test_teacher_batch_shares_one_prompt_length_and_pads_short_completions_with_
 
 def _decode(model_dir, records, sampler: str) -> tuple[float, list[list[int]]]:
     """(forward passes per token, tokens) for the teacher's prompts; threshold 0.5 because a model
-    this small and this briefly distilled is seldom 90% sure."""
+    this small and this briefly distilled is seldom 90% sure. The EOS that ends a row counts as a
+    token: a pass commits it, though the result leaves it out."""
     engine = Engine(load_model(str(model_dir)), max_batch_size=16)
     params = SamplingParams(max_tokens=16, block_length=8, sampler=sampler, threshold=0.5)
     results = engine.generate([GenerationRequest(r["prompt_ids"], params) for r in records])
-    tokens = sum(len(r.token_ids) for r in results)
+    tokens = sum(len(r.token_ids) + (r.finish_reason == "stop") for r in results)
     return sum(r.forward_passes for r in results) / tokens, [r.token_ids for r in results]
 
 
@@ -98,6 +99,9 @@ def test_distillation_lets_the_threshold_sampler_commit_more_tokens_per_pass(tea
     assert write_teacher_completions(model, teacher, new_tokens=16, batch=16, block_length=8, limit=16,
                                      corpus_root=root) == 16
     assert len(read_records(teacher)) == 16
+    # No teacher time: nothing written (a run that reuses a teacher file it was given).
+    assert write_teacher_completions(model, tmp_path / "none.jsonl", new_tokens=16, batch=16, max_minutes=0,
+                                     corpus_root=root) == 0
 
     with pytest.raises(ValueError, match="distinct-token ratio"):  # every completion filtered out
         distill(DistillConfig(out_dir=tmp_path / "none", teacher=teacher, init_from=model, min_distinct=1.01,
@@ -114,8 +118,7 @@ def test_distillation_lets_the_threshold_sampler_commit_more_tokens_per_pass(tea
     after, parallel = _decode(tmp_path / "distilled" / "model", records, "threshold")
     assert after < 0.75 * before, (before, after)
     # Parallel acceptance writes what the distilled model writes one token a pass.
-    passes, sequential = _decode(tmp_path / "distilled" / "model", records, "reference")
-    assert passes == 1.0
+    _, sequential = _decode(tmp_path / "distilled" / "model", records, "reference")
     assert sum(p == s for p, s in zip(parallel, sequential, strict=False)) >= len(records) * 3 // 4
 
     # --data-weight adds the corpus's own diffusion loss: the same run then drifts less far from
@@ -126,6 +129,36 @@ def test_distillation_lets_the_threshold_sampler_commit_more_tokens_per_pass(tea
                                   data_weight=1.0, **TINY))
     drift = mixed["elbo_bits_per_byte"] - start["elbo_bits_per_byte"]
     assert drift < result["elbo_bits_per_byte"] - start["elbo_bits_per_byte"], (start, result, mixed)
+
+
+def test_cut_teacher_completions_teach_the_model_to_stop_where_the_function_ends(teacher_model, tmp_path):
+    """A plain request has no stop sequence: trained on completions cut where the prompt's function
+    ends (then EOS), the model ends its answer there; trained on them whole, it writes on into the next
+    function. The teacher here writes what the corpus holds (this tiny model's own completions are noise)."""
+    root, model = teacher_model
+    engine = Engine(load_model(str(model)))
+    teacher, records = tmp_path / "teacher.jsonl", []
+    for i in range(16):
+        text = CODE.format(i=100 + i)  # functions the model has not seen
+        prompt = text[: text.index("for value in values:\n") + len("for value in values:\n")]
+        prompt_ids, _ = engine.heal(engine.encode_completion(prompt))
+        rest = text[len(engine.tokenizer.decode(prompt_ids, skip_special_tokens=True)):]
+        completion_ids = engine.tokenizer.encode(rest, add_special_tokens=False)[:40]  # into "def total_"
+        records.append({"index": i, "source": "mod.py", "prompt_ids": prompt_ids, "completion_ids": completion_ids})
+    teacher.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def stops(model_dir) -> int:
+        engine = Engine(load_model(str(model_dir)), max_batch_size=16)
+        params = SamplingParams(max_tokens=40, block_length=8, sampler="reference")
+        results = engine.generate([GenerationRequest(r["prompt_ids"], params) for r in records])
+        return sum(r.finish_reason == "stop" and "def" not in r.text for r in results)
+
+    options = dict(teacher=teacher, init_from=model, steps=40, completion_tokens=40, corpus_root=root,
+                   learning_rate=2e-3, min_distinct=0.0, **TINY)
+    distill(DistillConfig(out_dir=tmp_path / "cut", **options))
+    distill(DistillConfig(out_dir=tmp_path / "whole", end_functions=False, **options))
+    cut, whole = stops(tmp_path / "cut" / "model"), stops(tmp_path / "whole" / "model")
+    assert cut >= 12 and whole <= 2, (cut, whole)
 
 
 def test_the_autoregressive_twin_writes_sampled_teacher_records_the_student_trains_on(teacher_model, tmp_path):
