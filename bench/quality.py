@@ -5,7 +5,8 @@
 For held-out functions of the standard library (signature + docstring + first lines as the prompt,
 see training/completions.py), each sampler writes --new-tokens tokens (temperature 0 by default). Printed per
 sampler: the share of completions that parse with at least one complete generated line, the mean
-distinct-token ratio, tokens/s and forward passes per token, all measured in this one run.
+distinct-token ratio, tokens per completion (fewer than --new-tokens where the model wrote EOS),
+tokens/s and forward passes per token, all measured in this one run.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def main(argv: list[str]) -> int:
           f"frequency/presence penalty {args.frequency_penalty}/{args.presence_penalty}, stop {stops}, "
           f"token healing {not args.no_healing}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)\n")
-    print(f"{'sampler':<24} {'parses':>7} {'distinct':>9} {'tok/s':>8} {'vs ref':>7} {'passes/tok':>10}")
+    print(f"{'sampler':<24} {'parses':>7} {'distinct':>9} {'tok/req':>8} {'tok/s':>8} {'vs ref':>7} {'passes/tok':>10}")
     figures, baseline = {}, None
     for label, cache in [(label, cache) for label in args.samplers.split(",") for cache in engines]:
         options = sampler_options(label)
@@ -134,6 +135,7 @@ def main(argv: list[str]) -> int:
         label = label if cache == "exact" else f"{label}, {cache}"
         figures[label] = {k: v for k, v in row.items() if k != "samples"}
         print(f"{label:<24} {100 * row['parse_share']:>6.1f}% {row['distinct_ratio']:>9.3f} "
+              f"{row['tokens'] / len(prompts):>8.1f} "
               f"{row['tokens_per_s']:>8.1f} {row['tokens_per_s'] / baseline:>6.2f}x {row['passes_per_token']:>10.3f}")
         if args.samples:
             for source, prompt, text in row["samples"]:
