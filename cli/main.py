@@ -125,6 +125,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="the twin's presence_penalty, as the engine applies it (default 0; with "
                    "--teacher-temperature 0 a greedy teacher that does not loop, docs/benchmarks.md)")
     p.add_argument("--batch-size", type=int, default=32, help="teacher rows a fine-tuning step (default 32)")
+    p.add_argument("--unlikelihood-weight", type=float, default=0.0,
+                   help="weight of token-level unlikelihood on tokens written earlier in the row, against "
+                   "loops under greedy decoding (default 0: off; docs/benchmarks.md)")
     p.add_argument("--min-distinct", type=float, default=0.4,
                    help="leave out teacher completions below this distinct-token ratio, loops (default 0.4)")
     p.add_argument("--whole-completions", action="store_true",
@@ -441,7 +444,7 @@ def _distill_builtin(settings: Settings, args: argparse.Namespace) -> int:
                                    completion_tokens=args.teacher_tokens, max_minutes=args.max_minutes,
                                    certainty_weight=args.certainty_weight, data_weight=args.data_weight,
                                    end_functions=not args.whole_completions, min_distinct=args.min_distinct,
-                                   batch_size=args.batch_size,
+                                   batch_size=args.batch_size, unlikelihood_weight=args.unlikelihood_weight,
                                    **({"learning_rate": args.lr} if args.lr else {})))
     print(json.dumps(result))
     print(f"model written to {args.out / 'model'}; serve it with DIFFBATCH_MODEL={args.out / 'model'}")

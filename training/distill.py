@@ -164,6 +164,8 @@ class DistillConfig(TrainConfig):
     # against 0.823 without) and does not stop the repetition (distinct ratio 0.20). So off by default.
     data_weight: float = 0.0
     data_batch_size: int = 8
+    # Weight of token-level unlikelihood on earlier tokens (objective.py): 0, off, by default.
+    unlikelihood_weight: float = 0.0
     steps: int = 600
     learning_rate: float = 5e-4
     warmup_steps: int = 30
@@ -228,11 +230,15 @@ def _distill_step(model, optimizer, config: DistillConfig, records, corpus: Toke
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
         parts = diffusion_loss(model, x0, mask_token_id=mask_id, block_length=config.block_length,
                                prompt_length=prompt_length, generator=generator,
-                               certainty_temperature=config.certainty_temperature)
+                               certainty_temperature=config.certainty_temperature,
+                               unlikelihood=config.unlikelihood_weight > 0)
     certainty = parts.certainty
     assert certainty is not None  # asked for: config.certainty_temperature is a float
     loss = parts.loss + config.certainty_weight * certainty
     figures = {}
+    if parts.unlikelihood is not None:
+        loss = loss + config.unlikelihood_weight * parts.unlikelihood
+        figures["unlikelihood"] = round(parts.unlikelihood.item(), 4)
     if corpus is not None:  # its own generator, so the teacher rows a step reads do not depend on it
         corpus_generator = step_generator(config.seed + 1, step)
         data = data_loss(model, config, corpus, config.data_batch_size, corpus_generator, mask_id)

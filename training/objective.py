@@ -34,6 +34,9 @@ class LossParts:
     # dParallel's certainty-forcing term (training/distill.py), when asked for: mean entropy of the
     # temperature-sharpened prediction at the masked positions the model already gets right.
     certainty: torch.Tensor | None = None
+    # Token-level unlikelihood (training/distill.py), when asked for: at the masked positions, the
+    # probability put on tokens that came earlier in the row but are not the target, pushed down.
+    unlikelihood: torch.Tensor | None = None
 
 
 def block_ids(length: int, prompt_length: int, block_length: int) -> torch.Tensor:
@@ -56,7 +59,7 @@ def two_stream_mask(blocks: torch.Tensor) -> torch.Tensor:
 
 def diffusion_loss(
     model, x0: torch.Tensor, *, mask_token_id: int, block_length: int, prompt_length: int,
-    generator: torch.Generator, certainty_temperature: float | None = None,
+    generator: torch.Generator, certainty_temperature: float | None = None, unlikelihood: bool = False,
 ) -> LossParts:
     """x0 (B, L) clean token ids. One noise level per (row, block), drawn from ``generator``."""
     batch, length = x0.shape
@@ -78,8 +81,28 @@ def diffusion_loss(
     loss = (ce / t_per_token[masked]).sum() / noisy_region.sum().clamp(min=1)
     certainty = None if certainty_temperature is None else certainty_entropy(
         logits, x0[masked], certainty_temperature)
+    repeated = unlikelihood_of_earlier_tokens(logits, x0, masked) if unlikelihood else None
     return LossParts(loss=loss, masked_ce_sum=ce.detach().sum(), masked_count=int(masked.sum()),
-                     certainty=certainty)
+                     certainty=certainty, unlikelihood=repeated)
+
+
+def unlikelihood_of_earlier_tokens(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Mean over the masked positions (M, V logits) of -sum log(1 - p(c)) over the candidates c: the
+    tokens earlier in the row (x0 (B, L), prompt included) other than the position's own target.
+
+    Token-level unlikelihood training (Welleck et al. 2019, "Neural Text Generation with Unlikelihood
+    Training", arXiv:1908.04319): greedy decoding of a small model falls into loops because copying a
+    token it has already written is what its likelihood training rewards; this term makes a repeat cost
+    something wherever the data does not repeat, which a presence penalty does only at decoding time.
+    """
+    vocab = logits.shape[-1]
+    seen = torch.zeros((*x0.shape, vocab), dtype=torch.uint8, device=x0.device).scatter_(2, x0[..., None], 1)
+    seen = seen.cummax(dim=1).values.bool()  # (B, L, V): tokens at columns <= this one
+    before = torch.cat([torch.zeros_like(seen[:, :1]), seen[:, :-1]], dim=1)[masked]  # (M, V): < this one
+    candidates = before & ~F.one_hot(x0[masked], vocab).bool()
+    p = torch.softmax(logits.float(), dim=-1)
+    penalty = -(torch.log((1 - p).clamp(min=1e-5)) * candidates).sum(dim=-1)
+    return penalty.mean() if penalty.numel() else logits.new_zeros((), dtype=torch.float32)
 
 
 def certainty_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:

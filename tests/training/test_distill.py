@@ -18,7 +18,7 @@ from training.distill import (
     write_twin_teacher_completions,
 )
 from training.loop import TrainConfig, train
-from training.objective import certainty_entropy
+from training.objective import certainty_entropy, unlikelihood_of_earlier_tokens
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
@@ -64,6 +64,20 @@ def test_certainty_term_counts_only_right_predictions_and_falls_as_they_sharpen(
     p = torch.softmax(unsure[0] / 1.0, dim=-1)
     assert math.isclose(certainty_entropy(unsure, targets, 1.0).item(), float(-(p * p.log()).sum()), rel_tol=1e-5)
     assert certainty_entropy(sure, targets, 1.0) < certainty_entropy(unsure, targets, 1.0)
+
+
+def test_unlikelihood_pushes_down_earlier_tokens_other_than_the_target():
+    x0 = torch.tensor([[5, 6, 5, 7]])
+    masked = torch.tensor([[False, False, True, True]])
+    logits = torch.randn(2, 9)
+    p = torch.softmax(logits, dim=-1)
+    # Position 2 (target 5) has seen 5 and 6: only 6 is a candidate; position 3 (target 7): 5 and 6.
+    want = (-torch.log(1 - p[0, 6]) - torch.log(1 - p[1, 5]) - torch.log(1 - p[1, 6])) / 2
+    assert math.isclose(unlikelihood_of_earlier_tokens(logits, x0, masked).item(), want.item(), rel_tol=1e-5)
+    # Putting the mass on the target instead of a repeat lowers it.
+    sure = logits.clone()
+    sure[0, 5], sure[1, 7] = 20.0, 20.0
+    assert unlikelihood_of_earlier_tokens(sure, x0, masked) < unlikelihood_of_earlier_tokens(logits, x0, masked)
 
 
 def test_teacher_batch_shares_one_prompt_length_and_pads_short_completions_with_eos():
