@@ -33,7 +33,7 @@ from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
 
-from .completions import cut_at_function_end, distinct_ratio, function_prompts
+from .completions import complete_lines, cut_at_function_end, distinct_ratio, function_prompts
 from .corpus import list_sources, split
 from .data import TokenStream, encode_files, step_generator
 from .loop import TrainConfig, data_loss, run, update
@@ -187,11 +187,14 @@ def distill(config: DistillConfig) -> dict:
     if config.end_functions:
         for record in records:
             record["completion_ids"] = cut_at_function_end(tokenizer.decode, record["prompt_ids"],
-                                                            record["completion_ids"])
-    records = [r for r in records if distinct_ratio(r["completion_ids"]) >= config.min_distinct]
+                                                           record["completion_ids"])
+    # A completion without one complete non-blank line (a function the teacher ended at once) would
+    # teach the model to answer with EOS alone: one round trained on them did so on 71 of 512 prompts.
+    records = [r for r in records if distinct_ratio(r["completion_ids"]) >= config.min_distinct
+               and complete_lines(tokenizer.decode(r["completion_ids"])).strip()]
     if not records:
         raise ValueError(f"no teacher completion in {config.teacher} has a distinct-token ratio "
-                         f">= {config.min_distinct}")
+                         f">= {config.min_distinct} and a complete non-blank line")
     # The starting model's own shape, whatever the config's shape fields say; state.pt, when there
     # is one, then replaces its weights.
     model = DiffbatchMDMForMaskedDiffusion.from_pretrained(config.init_from, dtype=torch.float32).train()

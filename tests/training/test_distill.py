@@ -174,6 +174,14 @@ def test_cut_teacher_completions_teach_the_model_to_stop_where_the_function_ends
     cut, whole = stops(tmp_path / "cut" / "model"), stops(tmp_path / "whole" / "model")
     assert cut >= 12 and whole <= 2, (cut, whole)
 
+    # A teacher that ended the function at once (blank lines, then the next def) would teach the model
+    # to answer with EOS alone: such records are left out.
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("".join(json.dumps({**r, "completion_ids": engine.tokenizer.encode(
+        "\n\n\ndef total(values):\n    return 0\n", add_special_tokens=False)}) + "\n" for r in records))
+    with pytest.raises(ValueError, match="complete non-blank line"):
+        distill(DistillConfig(out_dir=tmp_path / "blank", **{**options, "teacher": blank}))
+
 
 def test_the_autoregressive_twin_writes_sampled_teacher_records_the_student_trains_on(teacher_model, tmp_path):
     """--teacher-twin: the twin (same tokenizer) writes the records, healed as the student's service would
