@@ -1,6 +1,7 @@
 """Quality next to speed for the built-in model: held-out Python completions, per sampler.
 
     python bench/quality.py [--model PATH] [--prompts 64] [--new-tokens 128] [--batch 32] [--caches exact,delayed]
+                             [--step-rows working,all]
 
 For held-out functions of the standard library (signature + docstring + first lines as the prompt,
 see training/completions.py), each sampler writes --new-tokens tokens (temperature 0 by default). Printed per
@@ -24,9 +25,11 @@ from training.corpus import list_sources, split
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
+from worker.engine.sampling import blocks
 from worker.responses import to_generation_request
 
 DEFAULT_SAMPLERS = "reference,threshold 0.9,factor 1.0"
+WORKING_SHARE = blocks.SUBSET_SHARE
 
 
 def sampler_options(label: str) -> dict | None:
@@ -104,6 +107,9 @@ def main(argv: list[str]) -> int:
                         "'reference STEPS', 'threshold TAU [steps S] [edit E]', 'factor F'")
     parser.add_argument("--caches", default="exact",
                         help="comma-separated KV caches each sampler runs with: exact, delayed (engine.py)")
+    parser.add_argument("--step-rows", default="working",
+                        help="comma-separated: working (a step runs over the rows still working on their block, "
+                        "the engine's way), all (over the whole batch until its slowest row is done)")
     parser.add_argument("--no-healing", action="store_true", help="run the prompts' tokens as they are "
                         "(the service heals a completion prompt's last token by default)")
     parser.add_argument("--samples", action="store_true", help="print three completions per sampler")
@@ -124,7 +130,9 @@ def main(argv: list[str]) -> int:
           f"({torch.get_num_threads()} threads)\n")
     print(f"{'sampler':<24} {'parses':>7} {'distinct':>9} {'tok/req':>8} {'tok/s':>8} {'vs ref':>7} {'passes/tok':>10}")
     figures, baseline = {}, None
-    for label, cache in [(label, cache) for label in args.samplers.split(",") for cache in engines]:
+    for label, cache, step_rows in [(label, cache, rows) for label in args.samplers.split(",") for cache in engines
+                                    for rows in args.step_rows.split(",")]:
+        blocks.SUBSET_SHARE = {"working": WORKING_SHARE, "all": 0.0}[step_rows]
         options = sampler_options(label)
         if options is not None:
             options = {**options, "block_length": args.block_length}
@@ -133,6 +141,7 @@ def main(argv: list[str]) -> int:
         row = measure(engines[cache], prompts, args.new_tokens, options, sampling, healing=not args.no_healing)
         baseline = baseline or row["tokens_per_s"]
         label = label if cache == "exact" else f"{label}, {cache}"
+        label = label if step_rows == "working" else f"{label}, all rows"
         figures[label] = {k: v for k, v in row.items() if k != "samples"}
         print(f"{label:<24} {100 * row['parse_share']:>6.1f}% {row['distinct_ratio']:>9.3f} "
               f"{row['tokens'] / len(prompts):>8.1f} "
