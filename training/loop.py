@@ -58,7 +58,7 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.1
     seed: int = 0
-    bf16: bool = field(default_factory=lambda: cpu_has_bf16_matmul())  # autocast on CPU where it pays
+    bf16: bool = field(default_factory=cpu_has_bf16_matmul)  # autocast on CPU where it pays
     eval_every: int = 100
     eval_windows: int = 64
     checkpoint_every_s: float = 300.0
