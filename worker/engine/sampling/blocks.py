@@ -45,7 +45,7 @@ def denoise_block(forward: StepForward, x: torch.Tensor, start: int, end: int, c
         subset = _working_rows(forward, working, subset, x.device)
         if subset is None:
             logits_n = forward(x[:, :end], slots)  # (B, n, V)
-        else:  # rows that finished their block get zero logits: they have no kept mask to fill
+        else:  # rows left out have finished their block: zero logits, as they have no kept mask to fill
             rows = torch.tensor(subset[0], device=x.device)
             some = subset[1](x[rows, :end], slots[rows])  # (W, n, V)
             logits_n = some.new_zeros((x.shape[0], *some.shape[1:]))
@@ -64,12 +64,15 @@ def denoise_block(forward: StepForward, x: torch.Tensor, start: int, end: int, c
 
 def _working_rows(forward: StepForward, working: list[int], subset: tuple[list[int], StepForward] | None,
                   device: torch.device) -> tuple[list[int], StepForward] | None:
-    """The working rows and a forward over them alone, when ``forward`` offers one (``for_rows``) and
-    few enough rows work (SUBSET_SHARE); ``subset``, the last step's, is kept while the rows are the same."""
+    """Rows to run the step's forward over and their forward, when ``forward`` offers one (``for_rows``)
+    and few enough rows work (SUBSET_SHARE); None: the whole batch. ``subset``, the last step's, is
+    kept while it holds every working row and they are more than SUBSET_SHARE of it: gathering the
+    cache again each time one more row finishes (reference rows finish at their EOS, one by one) would
+    cost more than the finished rows it leaves out."""
     rows = [r for r, w in enumerate(working) if w]
     for_rows = getattr(forward, "for_rows", None)
     if for_rows is None or len(rows) == len(working) or len(rows) > SUBSET_SHARE * len(working):
         return None
-    if subset is not None and subset[0] == rows:
+    if subset is not None and set(rows) <= set(subset[0]) and len(rows) > SUBSET_SHARE * len(subset[0]):
         return subset
     return rows, for_rows(torch.tensor(rows, device=device))
