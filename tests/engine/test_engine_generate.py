@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 from torch import nn
 
-from worker.engine.caches.exact import ExactRound, ExactRowsForward
+from worker.engine.caches.exact import ExactRound
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, Healing, SamplingParams
@@ -48,9 +48,11 @@ def test_steps_over_the_working_rows_alone_change_no_token(engine, monkeypatch):
     calls = []
     monkeypatch.setattr(blocks, "SUBSET_SHARE", 1.0)  # as soon as one row has finished its block
 
+    gather = ExactRound.for_rows
+
     def for_rows(exact, index):
         calls.append(len(index))
-        return ExactRowsForward(exact, index)
+        return gather(exact, index)
 
     monkeypatch.setattr(ExactRound, "for_rows", for_rows)
     subsets = engine.generate(requests)

@@ -7,6 +7,7 @@ left-padded to the longest history; a round writes its block into the next colum
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -123,11 +124,17 @@ class ExactRound:
         # a block's first position is never masked, so a slot 0 is a row's filler, read anywhere.
         return self.run(block, logits_at=(slots - self.logits_shift).clamp(min=0))
 
-    def for_rows(self, index: torch.Tensor) -> ExactRowsForward:
-        """A step forward over the rows ``index`` (W,) alone, for steps where the others have finished
-        their block: on a CPU a forward costs about its rows, so a batch of parallel rows would
-        otherwise pay for its slowest row's passes in every row."""
-        return ExactRowsForward(self, index)
+    def for_rows(self, index: torch.Tensor) -> ExactRound:
+        """This round's step forward over the rows ``index`` (W,) alone, for steps where the others have
+        finished their block: on a CPU a forward costs about its rows, so a batch of parallel rows would
+        otherwise pay for its slowest row's passes in every row. Their cache is gathered into a copy once;
+        the block's keys and values a step writes there are dropped, which is safe because the round's
+        commit pass writes every row's clean block into the cache itself."""
+        rows = copy.copy(self)
+        rows.key_values = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.key_values]
+        rows.keys, rows.positions = self.keys.index_select(0, index), self.positions.index_select(0, index)
+        rows.key_valid = self.key_valid.index_select(0, index)
+        return rows
 
     def commit(self, clean: torch.Tensor) -> torch.Tensor:
         """The round's last pass over the clean block (B, K): its keys and values stay; logits (B, 1, V)."""
@@ -138,20 +145,3 @@ class ExactRound:
         batch.key_valid = self.keys
         batch.next_position = batch.next_position + self.block_length
 
-
-class ExactRowsForward:
-    """ExactRound's step forward for some of its rows: their cache is gathered into a copy once, and
-    the block's keys and values a step writes there are dropped. That is safe because the round's
-    commit pass writes every row's clean block into the cache itself."""
-
-    def __init__(self, exact: ExactRound, index: torch.Tensor):
-        self.exact, self.index = exact, index
-        self.key_values = [(k.index_select(0, index), v.index_select(0, index)) for k, v in exact.key_values]
-        self.keys, self.positions = exact.keys.index_select(0, index), exact.positions.index_select(0, index)
-
-    def __call__(self, block: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Logits (W, n, V) at ``slots`` (W, n) of these rows' ``block`` (W, K)."""
-        exact = self.exact
-        return exact.model(input_ids=block, past_key_values=self.key_values, write_offset=exact.cached,
-                           attention_mask=self.keys, position_ids=self.positions,
-                           logits_at=(slots - exact.logits_shift).clamp(min=0)).logits

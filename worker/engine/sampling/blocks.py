@@ -23,7 +23,7 @@ def denoise_block(forward: StepForward, x: torch.Tensor, start: int, end: int, c
     rules, mask_token_id = context.rules, context.mask_token_id
     block_length = end - start
     passes = [0] * x.shape[0]
-    subset: tuple[list[int], StepForward] | None = None  # the working rows and their forward
+    subset: tuple[list[int], torch.Tensor, StepForward] | None = None  # rows, as an index, their forward
     editing = BlockEditing(rules, x[:, start:end] == mask_token_id) if rules.any_editing else None
     for step in range(block_length + max(rules.max_post_steps) + 1):
         block = x[:, start:end]  # (B, K)
@@ -46,8 +46,8 @@ def denoise_block(forward: StepForward, x: torch.Tensor, start: int, end: int, c
         if subset is None:
             logits_n = forward(x[:, :end], slots)  # (B, n, V)
         else:  # rows left out have finished their block: zero logits, as they have no kept mask to fill
-            rows = torch.tensor(subset[0], device=x.device)
-            some = subset[1](x[rows, :end], slots[rows])  # (W, n, V)
+            _, rows, forward_rows = subset
+            some = forward_rows(x[rows, :end], slots[rows])  # (W, n, V)
             logits_n = some.new_zeros((x.shape[0], *some.shape[1:]))
             logits_n[rows] = some
         noisy_rows = [r for r, w in enumerate(working) if w and rules.temperature[r] > 0]
@@ -62,8 +62,9 @@ def denoise_block(forward: StepForward, x: torch.Tensor, start: int, end: int, c
     return passes
 
 
-def _working_rows(forward: StepForward, working: list[int], subset: tuple[list[int], StepForward] | None,
-                  device: torch.device) -> tuple[list[int], StepForward] | None:
+def _working_rows(forward: StepForward, working: list[int],
+                  subset: tuple[list[int], torch.Tensor, StepForward] | None,
+                  device: torch.device) -> tuple[list[int], torch.Tensor, StepForward] | None:
     """Rows to run the step's forward over and their forward, when ``forward`` offers one (``for_rows``)
     and few enough rows work (SUBSET_SHARE); None: the whole batch. ``subset``, the last step's, is
     kept while it holds every working row and they are more than SUBSET_SHARE of it: gathering the
@@ -75,4 +76,5 @@ def _working_rows(forward: StepForward, working: list[int], subset: tuple[list[i
         return None
     if subset is not None and set(rows) <= set(subset[0]) and len(rows) > SUBSET_SHARE * len(subset[0]):
         return subset
-    return rows, for_rows(torch.tensor(rows, device=device))
+    index = torch.tensor(rows, device=device)
+    return rows, index, for_rows(index)
