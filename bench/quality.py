@@ -7,7 +7,9 @@ For held-out functions of the standard library (signature + docstring + first li
 see training/completions.py), each sampler writes --new-tokens tokens (temperature 0 by default). Printed per
 sampler: the share of completions that parse with at least one complete generated line, the mean
 distinct-token ratio, tokens per completion (fewer than --new-tokens where the model wrote EOS),
-tokens/s and forward passes per token, all measured in this one run.
+``covers`` (the mean share of the real function body's length, up to --new-tokens, that a completion
+spans: a model that ends functions early parses more and repeats less, and shows here), tokens/s and
+forward passes per token, all measured in this one run.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 import torch
 
 from common.settings import Settings
-from training.completions import distinct_ratio, function_prompts, parses
+from training.completions import coverage, distinct_ratio, function_prompts, parses
 from training.corpus import list_sources, split
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
@@ -77,9 +79,12 @@ def measure(engine: Engine, prompts, new_tokens: int, options: dict | None, samp
     results = engine.generate(requests)
     seconds = time.perf_counter() - started
     tokens = sum(len(r.token_ids) for r in results)
+    covers = [coverage(len(r.token_ids), len(engine.tokenizer.encode(p.body, add_special_tokens=False)), new_tokens)
+              for p, r in zip(prompts, results, strict=True)]
     return {
         "parse_share": sum(parses(p.prompt, r.text) for p, r in zip(prompts, results, strict=False)) / len(prompts),
         "distinct_ratio": sum(distinct_ratio(r.token_ids) for r in results) / len(results),
+        "coverage": sum(covers) / len(covers),
         "tokens": tokens,
         "tokens_per_s": tokens / seconds,
         "passes_per_token": sum(r.forward_passes for r in results) / max(1, tokens),
@@ -128,7 +133,8 @@ def main(argv: list[str]) -> int:
           f"frequency/presence penalty {args.frequency_penalty}/{args.presence_penalty}, stop {stops}, "
           f"token healing {not args.no_healing}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)\n")
-    print(f"{'sampler':<24} {'parses':>7} {'distinct':>9} {'tok/req':>8} {'tok/s':>8} {'vs ref':>7} {'passes/tok':>10}")
+    print(f"{'sampler':<24} {'parses':>7} {'distinct':>9} {'tok/req':>8} {'covers':>7} "
+          f"{'tok/s':>8} {'vs ref':>7} {'passes/tok':>10}")
     figures, baseline = {}, None
     for label, cache, step_rows in [(label, cache, rows) for label in args.samplers.split(",") for cache in engines
                                     for rows in args.step_rows.split(",")]:
@@ -144,7 +150,7 @@ def main(argv: list[str]) -> int:
         label = label if step_rows == "working" else f"{label}, all rows"
         figures[label] = {k: v for k, v in row.items() if k != "samples"}
         print(f"{label:<24} {100 * row['parse_share']:>6.1f}% {row['distinct_ratio']:>9.3f} "
-              f"{row['tokens'] / len(prompts):>8.1f} "
+              f"{row['tokens'] / len(prompts):>8.1f} {row['coverage']:>7.2f} "
               f"{row['tokens_per_s']:>8.1f} {row['tokens_per_s'] / baseline:>6.2f}x {row['passes_per_token']:>10.3f}")
         if args.samples:
             for source, prompt, text in row["samples"]:

@@ -130,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
                    "loops under greedy decoding (default 0: off; docs/benchmarks.md)")
     p.add_argument("--min-distinct", type=float, default=0.4,
                    help="leave out teacher completions below this distinct-token ratio, loops (default 0.4)")
+    p.add_argument("--min-completion-tokens", type=int, default=0,
+                   help="leave out teacher completions shorter than this once cut where the function ends, so "
+                   "a later round does not learn to end functions ever earlier (default 0)")
     p.add_argument("--whole-completions", action="store_true",
                    help="train on the teacher's completions as written, not cut where the prompt's function "
                    "ends (the cut, followed by EOS, teaches the model to stop there)")
@@ -444,6 +447,7 @@ def _distill_builtin(settings: Settings, args: argparse.Namespace) -> int:
                                    completion_tokens=args.teacher_tokens, max_minutes=args.max_minutes,
                                    certainty_weight=args.certainty_weight, data_weight=args.data_weight,
                                    end_functions=not args.whole_completions, min_distinct=args.min_distinct,
+                                   min_completion_tokens=args.min_completion_tokens,
                                    batch_size=args.batch_size, unlikelihood_weight=args.unlikelihood_weight,
                                    **({"learning_rate": args.lr} if args.lr else {})))
     print(json.dumps(result))

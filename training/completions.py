@@ -21,6 +21,7 @@ PROMPT_BODY_LINES = 2  # body lines after the docstring that go into the prompt
 class CompletionPrompt:
     source: str  # "file.py:line"
     prompt: str
+    body: str = ""  # the rest of the function after the prompt, as the file has it (same margin)
 
 
 def function_prompts(files: list[SourceFile], *, limit: int) -> list[CompletionPrompt]:
@@ -52,7 +53,9 @@ def _prompts_in(source: SourceFile) -> list[CompletionPrompt]:
         if end >= function_end:
             continue  # the prompt would hold the whole function
         text = textwrap.dedent("".join(lines[node.lineno - 1 : end]))
-        prompts.append(CompletionPrompt(f"{source.name}:{node.lineno}", text))
+        whole = textwrap.dedent("".join(lines[node.lineno - 1 : function_end]))
+        body = whole[len(text):] if whole.startswith(text) else ""  # "" where a string is less indented
+        prompts.append(CompletionPrompt(f"{source.name}:{node.lineno}", text, body))
     return sorted(prompts, key=lambda p: p.source)
 
 
@@ -69,6 +72,14 @@ def parses(prompt: str, completion: str) -> bool:
     except (SyntaxError, ValueError):  # ValueError: source with NUL bytes
         return False
     return True
+
+
+def coverage(written_tokens: int, body_tokens: int, budget: int) -> float:
+    """How much of the real function's length a completion spans: written / min(body, budget), at most
+    1. Parse share and distinct ratio both reward ending early (a two-line body parses and does not
+    repeat), so a model that learnt to end functions too soon shows here."""
+    expected = min(body_tokens, budget)
+    return 1.0 if expected <= 0 else min(1.0, written_tokens / expected)
 
 
 def distinct_ratio(token_ids: list[int]) -> float:

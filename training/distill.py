@@ -157,6 +157,11 @@ class DistillConfig(TrainConfig):
     # teaches the model to stop there (a plain request has no stop sequence, and what a small model
     # writes after the function soon loops: bench/quality.py's distinct ratio).
     end_functions: bool = True
+    # Teacher completions shorter than this (after the cut) are left out. A model's own completions
+    # end its function early now and then, and each round that trains on them ends earlier still
+    # (docs/benchmarks.md: a second round wrote 32 tokens a completion where held-out bodies have a
+    # median of 105), so later rounds keep only the bodies that go on.
+    min_completion_tokens: int = 0
     # With ``data_weight`` > 0 each step also takes the usual diffusion loss on ``data_batch_size``
     # windows of the training corpus (8 windows of 256 tokens cost about what the 32 teacher rows
     # do). Measured (README): at weight 1 it keeps the held-out ELBO (1.67 -> 1.77 bits/byte, against
@@ -191,10 +196,12 @@ def distill(config: DistillConfig) -> dict:
     # A completion without one complete non-blank line (a function the teacher ended at once) would
     # teach the model to answer with EOS alone: one round trained on them did so on 71 of 512 prompts.
     records = [r for r in records if distinct_ratio(r["completion_ids"]) >= config.min_distinct
+               and len(r["completion_ids"]) >= config.min_completion_tokens
                and complete_lines(tokenizer.decode(r["completion_ids"])).strip()]
     if not records:
         raise ValueError(f"no teacher completion in {config.teacher} has a distinct-token ratio "
-                         f">= {config.min_distinct} and a complete non-blank line")
+                         f">= {config.min_distinct}, {config.min_completion_tokens} or more tokens and a "
+                         "complete non-blank line")
     # The starting model's own shape, whatever the config's shape fields say; state.pt, when there
     # is one, then replaces its weights.
     model = DiffbatchMDMForMaskedDiffusion.from_pretrained(config.init_from, dtype=torch.float32).train()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from training.completions import cut_at_function_end, function_end
+from training.completions import coverage, cut_at_function_end, function_end, function_prompts
+from training.corpus import SourceFile
 
 PROMPT = 'def f(x):\n    """Doc."""\n    y = x\n'
 
@@ -36,3 +37,15 @@ def test_the_cut_falls_on_a_token_boundary_and_keeps_the_last_newline():
         return "".join(vocabulary.get(i, chr(i)) for i in ids)
 
     assert cut_at_function_end(decode_words, prompt, [1000, 1001, 1002]) == [1000]
+
+
+def test_a_prompt_carries_the_rest_of_its_function_and_coverage_shows_an_early_end():
+    source = SourceFile("mod.py", "class A:\n    def f(self, x):\n        \"\"\"Doc.\"\"\"\n        y = x\n"
+                        "        z = y\n        return z\n\n    def g(self):\n        pass\n")
+    (prompt,) = function_prompts([source], limit=10)
+    assert prompt.prompt == 'def f(self, x):\n    """Doc."""\n    y = x\n    z = y\n'
+    assert prompt.body == "    return z\n"  # at the prompt's margin, so prompt + body is the function
+    # Written tokens against the body's, capped by the budget: ending at a quarter of the body shows.
+    assert coverage(10, body_tokens=40, budget=128) == 0.25
+    assert coverage(128, body_tokens=400, budget=128) == 1.0
+    assert coverage(50, body_tokens=20, budget=128) == 1.0  # writing on past the end is not counted here

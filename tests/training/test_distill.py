@@ -182,6 +182,10 @@ def test_cut_teacher_completions_teach_the_model_to_stop_where_the_function_ends
     with pytest.raises(ValueError, match="complete non-blank line"):
         distill(DistillConfig(out_dir=tmp_path / "blank", **{**options, "teacher": blank}))
 
+    # --min-completion-tokens leaves out functions the teacher ended sooner than that (here: all).
+    with pytest.raises(ValueError, match="41 or more tokens"):
+        distill(DistillConfig(out_dir=tmp_path / "short", min_completion_tokens=41, **options))
+
 
 def test_the_autoregressive_twin_writes_sampled_teacher_records_the_student_trains_on(teacher_model, tmp_path):
     """--teacher-twin: the twin (same tokenizer) writes the records, healed as the student's service would
