@@ -43,8 +43,7 @@ def _prompts_in(source: SourceFile) -> list[CompletionPrompt]:
     for node in ast.walk(tree):
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or ast.get_docstring(node) is None:
             continue
-        body = node.body[1:]  # after the docstring
-        if len(body) < 2:
+        if len(node.body) < 3:  # a docstring and at least two statements
             continue
         docstring_end, function_end = node.body[0].end_lineno, node.end_lineno
         if docstring_end is None or function_end is None:  # ast.parse always sets them
@@ -54,8 +53,8 @@ def _prompts_in(source: SourceFile) -> list[CompletionPrompt]:
             continue  # the prompt would hold the whole function
         text = textwrap.dedent("".join(lines[node.lineno - 1 : end]))
         whole = textwrap.dedent("".join(lines[node.lineno - 1 : function_end]))
-        body = whole[len(text):] if whole.startswith(text) else ""  # "" where a string is less indented
-        prompts.append(CompletionPrompt(f"{source.name}:{node.lineno}", text, body))
+        rest = whole[len(text):] if whole.startswith(text) else ""  # "" where a string is less indented
+        prompts.append(CompletionPrompt(f"{source.name}:{node.lineno}", text, rest))
     return sorted(prompts, key=lambda p: p.source)
 
 
