@@ -133,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-completion-tokens", type=int, default=0,
                    help="leave out teacher completions shorter than this once cut where the function ends, so "
                    "a later round does not learn to end functions ever earlier (default 0)")
+    p.add_argument("--min-coverage", type=float, default=0.0,
+                   help="leave out teacher completions that, cut where the function ends, span less than this "
+                   "share of the real function's rest (bench/quality.py's covers; default 0)")
     p.add_argument("--whole-completions", action="store_true",
                    help="train on the teacher's completions as written, not cut where the prompt's function "
                    "ends (the cut, followed by EOS, teaches the model to stop there)")
@@ -448,6 +451,7 @@ def _distill_builtin(settings: Settings, args: argparse.Namespace) -> int:
                                    certainty_weight=args.certainty_weight, data_weight=args.data_weight,
                                    end_functions=not args.whole_completions, min_distinct=args.min_distinct,
                                    min_completion_tokens=args.min_completion_tokens,
+                                   min_coverage=args.min_coverage,
                                    batch_size=args.batch_size, unlikelihood_weight=args.unlikelihood_weight,
                                    **({"learning_rate": args.lr} if args.lr else {})))
     print(json.dumps(result))

@@ -33,7 +33,7 @@ from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
 
-from .completions import complete_lines, cut_at_function_end, distinct_ratio, function_prompts
+from .completions import complete_lines, coverage, cut_at_function_end, distinct_ratio, function_prompts
 from .corpus import list_sources, split
 from .data import TokenStream, encode_files, step_generator
 from .loop import TrainConfig, data_loss, run, update
@@ -162,6 +162,12 @@ class DistillConfig(TrainConfig):
     # (docs/benchmarks.md: a second round wrote 32 tokens a completion where held-out bodies have a
     # median of 105), so later rounds keep only the bodies that go on.
     min_completion_tokens: int = 0
+    # Teacher completions that span less than this share of the rest of the real function (after the
+    # cut; bodies longer than ``completion_tokens`` count as that long) are left out. Unlike a token
+    # floor it follows each function's own length: a round's early ends on long functions go, short
+    # functions that really end stay (training/completions.py: coverage, the figure bench/quality.py
+    # prints as covers).
+    min_coverage: float = 0.0
     # With ``data_weight`` > 0 each step also takes the usual diffusion loss on ``data_batch_size``
     # windows of the training corpus (8 windows of 256 tokens cost about what the 32 teacher rows
     # do). Measured (README): at weight 1 it keeps the held-out ELBO (1.67 -> 1.77 bits/byte, against
@@ -195,13 +201,15 @@ def distill(config: DistillConfig) -> dict:
                                                            record["completion_ids"])
     # A completion without one complete non-blank line (a function the teacher ended at once) would
     # teach the model to answer with EOS alone: one round trained on them did so on 71 of 512 prompts.
+    covers = _coverage_of(config, tokenizer, train_files) if config.min_coverage > 0 else lambda record: 1.0
     records = [r for r in records if distinct_ratio(r["completion_ids"]) >= config.min_distinct
                and len(r["completion_ids"]) >= config.min_completion_tokens
+               and covers(r) >= config.min_coverage
                and complete_lines(tokenizer.decode(r["completion_ids"])).strip()]
     if not records:
         raise ValueError(f"no teacher completion in {config.teacher} has a distinct-token ratio "
-                         f">= {config.min_distinct}, {config.min_completion_tokens} or more tokens and a "
-                         "complete non-blank line")
+                         f">= {config.min_distinct}, {config.min_completion_tokens} or more tokens, a "
+                         f"coverage >= {config.min_coverage} and a complete non-blank line")
     # The starting model's own shape, whatever the config's shape fields say; state.pt, when there
     # is one, then replaces its weights.
     model = DiffbatchMDMForMaskedDiffusion.from_pretrained(config.init_from, dtype=torch.float32).train()
@@ -212,6 +220,21 @@ def distill(config: DistillConfig) -> dict:
                lambda optimizer, step: _distill_step(model, optimizer, config, records, corpus, step, mask_id,
                                                      eos_id),
                records=len(records))
+
+
+def _coverage_of(config: DistillConfig, tokenizer, train_files):
+    """record -> the share of the rest of its prompt's real function that its completion spans. A
+    record's index is its prompt's place in the training split's prompts, as the teacher wrote it."""
+    prompts = function_prompts(train_files, limit=10**9)
+
+    def covers(record: dict) -> float:
+        if not 0 <= record["index"] < len(prompts):
+            raise ValueError(f"teacher record {record['index']} ({record['source']}) is not one of the "
+                             f"{len(prompts)} training prompts: was {config.teacher} written on another corpus?")
+        body = tokenizer.encode(prompts[record["index"]].body, add_special_tokens=False)
+        return coverage(len(record["completion_ids"]), len(body), config.completion_tokens)
+
+    return covers
 
 
 def teacher_batch(records: list[dict], picks: list[int], completion_tokens: int, max_length: int,

@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from training.completions import function_prompts
+from training.corpus import list_sources, split
 from training.distill import (
     DistillConfig,
     distill,
@@ -237,3 +239,37 @@ def test_the_twin_teachers_presence_penalty_lowers_generated_tokens_only():
     assert torch.equal(penalised, expected)
     # Before any token is generated nothing changes, the prompt's tokens included.
     assert torch.equal(PresencePenalty(6, 0.75)(input_ids, scores.clone()), scores)
+
+
+def test_min_coverage_leaves_out_completions_that_end_the_function_early(teacher_model, tmp_path):
+    """--min-coverage compares each completion with the rest of its own prompt's real function, so a
+    teacher's early ends go and its whole bodies stay, whatever their length in tokens."""
+    root, model = teacher_model
+    engine = Engine(load_model(str(model)))
+    train_files, _ = split(list_sources(root))
+    prompts = function_prompts(train_files, limit=10**9)[:8]
+    records = []
+    for index, prompt in enumerate(prompts):
+        prompt_ids, _ = engine.heal(engine.encode_completion(prompt.prompt))
+        rest = (prompt.prompt + prompt.body)[len(engine.tokenizer.decode(prompt_ids, skip_special_tokens=True)):]
+        if index % 2:  # an early end: the first body line only, then the function's margin
+            rest = rest[: rest.index("\n", 1) + 1] + "\n\ndef other():\n    pass\n"
+        records.append({"index": index, "source": prompt.source, "prompt_ids": prompt_ids,
+                        "completion_ids": engine.tokenizer.encode(rest + "\n\ndef next_one():\n",
+                                                                  add_special_tokens=False)})
+    teacher = tmp_path / "teacher.jsonl"
+    teacher.write_text("".join(json.dumps(r) + "\n" for r in records))
+    options = dict(teacher=teacher, init_from=model, steps=2, completion_tokens=40, corpus_root=root,
+                   min_distinct=0.0, **TINY)
+
+    def kept(out: str, min_coverage: float) -> int:
+        distill(DistillConfig(out_dir=tmp_path / out, min_coverage=min_coverage, **options))
+        return json.loads((tmp_path / out / "log.jsonl").read_text().splitlines()[0])["records"]
+
+    assert kept("all", 0.0) == 8
+    assert kept("whole-bodies", 0.9) == 4
+
+    stranger = tmp_path / "stranger.jsonl"  # a file written on another corpus names prompts this one lacks
+    stranger.write_text(json.dumps({**records[0], "index": 10**6}) + "\n")
+    with pytest.raises(ValueError, match="is not one of the .* training prompts"):
+        distill(DistillConfig(out_dir=tmp_path / "stranger", min_coverage=0.5, **{**options, "teacher": stranger}))
