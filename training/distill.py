@@ -33,8 +33,15 @@ from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 from worker.engine.params import GenerationRequest, SamplingParams
 
-from .completions import complete_lines, coverage, cut_at_function_end, distinct_ratio, function_prompts
-from .corpus import list_sources, split
+from .completions import (
+    CompletionPrompt,
+    complete_lines,
+    coverage,
+    cut_at_function_end,
+    distinct_ratio,
+    function_prompts,
+)
+from .corpus import SourceFile, list_sources, split
 from .data import TokenStream, encode_files, step_generator
 from .loop import TrainConfig, data_loss, run, update
 from .objective import diffusion_loss
@@ -42,12 +49,17 @@ from .objective import diffusion_loss
 TEACHER_SHUFFLE_SEED = 20251130  # a time-limited run covers the corpus evenly
 
 
+def training_prompts(train_files: list[SourceFile]) -> list[CompletionPrompt]:
+    """Every function prompt of the training split, in the order a teacher record's ``index`` counts."""
+    return function_prompts(train_files, limit=10**9)
+
+
 def _teacher_prompts(out_path: Path, limit: int | None, corpus_root: Path | None) -> tuple[list, list[int], set[int]]:
     """The training split's function prompts, the indices of the first ``limit`` of them in a fixed
     shuffled order (a time-limited run covers the corpus evenly) and those ``out_path`` already holds."""
     done = {record["index"] for record in read_records(out_path)} if out_path.is_file() else set()
     train_files, _ = split(list_sources(corpus_root))
-    prompts = function_prompts(train_files, limit=10**9)
+    prompts = training_prompts(train_files)
     order = list(range(len(prompts)))
     random.Random(TEACHER_SHUFFLE_SEED).shuffle(order)
     return prompts, [i for i in order[:limit] if i not in done], done
@@ -224,8 +236,8 @@ def distill(config: DistillConfig) -> dict:
 
 def _coverage_of(config: DistillConfig, tokenizer, train_files):
     """record -> the share of the rest of its prompt's real function that its completion spans. A
-    record's index is its prompt's place in the training split's prompts, as the teacher wrote it."""
-    prompts = function_prompts(train_files, limit=10**9)
+    record's index is its prompt's place in training_prompts, as the teacher wrote it."""
+    prompts = training_prompts(train_files)
 
     def covers(record: dict) -> float:
         if not 0 <= record["index"] < len(prompts):

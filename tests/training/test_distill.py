@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
-from training.completions import function_prompts
 from training.corpus import list_sources, split
 from training.distill import (
     DistillConfig,
     distill,
     read_records,
     teacher_batch,
+    training_prompts,
     write_teacher_completions,
     write_twin_teacher_completions,
 )
@@ -209,10 +209,7 @@ def test_the_autoregressive_twin_writes_sampled_teacher_records_the_student_trai
         assert len(record["completion_ids"]) <= 16
         assert engine.tokenizer.eos_token_id not in record["completion_ids"]
     # The prompts are the student's healed ones: what the engine runs for the same text.
-    from training.completions import function_prompts
-    from training.corpus import list_sources, split
-
-    prompts = function_prompts(split(list_sources(root))[0], limit=10**9)
+    prompts = training_prompts(split(list_sources(root))[0])
     for record in records[:4]:
         assert record["prompt_ids"] == engine.heal(engine.encode_completion(prompts[record["index"]].prompt))[0]
     assert write_twin_teacher_completions(twin_dir / "model", model, sampled, temperature=1.0, **options) == 16
@@ -247,7 +244,7 @@ def test_min_coverage_leaves_out_completions_that_end_the_function_early(teacher
     root, model = teacher_model
     engine = Engine(load_model(str(model)))
     train_files, _ = split(list_sources(root))
-    prompts = function_prompts(train_files, limit=10**9)[:8]
+    prompts = training_prompts(train_files)[:8]
     records = []
     for index, prompt in enumerate(prompts):
         prompt_ids, _ = engine.heal(engine.encode_completion(prompt.prompt))
