@@ -136,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-coverage", type=float, default=0.0,
                    help="leave out teacher completions that, cut where the function ends, span less than this "
                    "share of the real function's rest (bench/quality.py's covers; default 0)")
+    p.add_argument("--must-parse", action="store_true",
+                   help="keep only teacher completions that, cut where the function ends, parse with their prompt")
     p.add_argument("--whole-completions", action="store_true",
                    help="train on the teacher's completions as written, not cut where the prompt's function "
                    "ends (the cut, followed by EOS, teaches the model to stop there)")
@@ -451,7 +453,7 @@ def _distill_builtin(settings: Settings, args: argparse.Namespace) -> int:
                                    certainty_weight=args.certainty_weight, data_weight=args.data_weight,
                                    end_functions=not args.whole_completions, min_distinct=args.min_distinct,
                                    min_completion_tokens=args.min_completion_tokens,
-                                   min_coverage=args.min_coverage,
+                                   min_coverage=args.min_coverage, must_parse=args.must_parse,
                                    batch_size=args.batch_size, unlikelihood_weight=args.unlikelihood_weight,
                                    **({"learning_rate": args.lr} if args.lr else {})))
     print(json.dumps(result))

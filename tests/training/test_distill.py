@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,35 +239,54 @@ def test_the_twin_teachers_presence_penalty_lowers_generated_tokens_only():
     assert torch.equal(PresencePenalty(6, 0.75)(input_ids, scores.clone()), scores)
 
 
-def test_min_coverage_leaves_out_completions_that_end_the_function_early(teacher_model, tmp_path):
-    """--min-coverage compares each completion with the rest of its own prompt's real function, so a
-    teacher's early ends go and its whole bodies stay, whatever their length in tokens."""
-    root, model = teacher_model
+def _real_bodies_with_every_other_spoilt(model, root, tmp_path, spoil) -> Path:
+    """A teacher file of 8 records: each prompt's real rest of the function, the odd ones passed through
+    ``spoil``, every one followed by the next function (which the cut leaves out)."""
     engine = Engine(load_model(str(model)))
-    train_files, _ = split(list_sources(root))
-    prompts = training_prompts(train_files)[:8]
+    prompts = training_prompts(split(list_sources(root))[0])[:8]
     records = []
     for index, prompt in enumerate(prompts):
         prompt_ids, _ = engine.heal(engine.encode_completion(prompt.prompt))
         rest = (prompt.prompt + prompt.body)[len(engine.tokenizer.decode(prompt_ids, skip_special_tokens=True)):]
-        if index % 2:  # an early end: the first body line only, then the function's margin
-            rest = rest[: rest.index("\n", 1) + 1] + "\n\ndef other():\n    pass\n"
+        if index % 2:
+            rest = spoil(rest)
         records.append({"index": index, "source": prompt.source, "prompt_ids": prompt_ids,
                         "completion_ids": engine.tokenizer.encode(rest + "\n\ndef next_one():\n",
                                                                   add_special_tokens=False)})
     teacher = tmp_path / "teacher.jsonl"
     teacher.write_text("".join(json.dumps(r) + "\n" for r in records))
-    options = dict(teacher=teacher, init_from=model, steps=2, completion_tokens=40, corpus_root=root,
-                   min_distinct=0.0, **TINY)
+    return teacher
 
-    def kept(out: str, min_coverage: float) -> int:
-        distill(DistillConfig(out_dir=tmp_path / out, min_coverage=min_coverage, **options))
-        return json.loads((tmp_path / out / "log.jsonl").read_text().splitlines()[0])["records"]
 
-    assert kept("all", 0.0) == 8
-    assert kept("whole-bodies", 0.9) == 4
+def _kept(tmp_path, out: str, **options) -> int:
+    """How many teacher records a distillation run with ``options`` trained on."""
+    distill(DistillConfig(out_dir=tmp_path / out, steps=2, completion_tokens=40, min_distinct=0.0, **options, **TINY))
+    return json.loads((tmp_path / out / "log.jsonl").read_text().splitlines()[0])["records"]
+
+
+def test_min_coverage_leaves_out_completions_that_end_the_function_early(teacher_model, tmp_path):
+    """--min-coverage compares each completion with the rest of its own prompt's real function, so a
+    teacher's early ends go and its whole bodies stay, whatever their length in tokens."""
+    root, model = teacher_model
+    # An early end: the first body line only, then the function's margin.
+    teacher = _real_bodies_with_every_other_spoilt(
+        model, root, tmp_path, lambda rest: rest[: rest.index("\n", 1) + 1] + "\n\ndef other():\n    pass\n")
+    options = dict(teacher=teacher, init_from=model, corpus_root=root)
+    assert _kept(tmp_path, "all", min_coverage=0.0, **options) == 8
+    assert _kept(tmp_path, "whole-bodies", min_coverage=0.9, **options) == 4
 
     stranger = tmp_path / "stranger.jsonl"  # a file written on another corpus names prompts this one lacks
-    stranger.write_text(json.dumps({**records[0], "index": 10**6}) + "\n")
+    stranger.write_text(json.dumps({**read_records(teacher)[0], "index": 10**6}) + "\n")
     with pytest.raises(ValueError, match="is not one of the .* training prompts"):
-        distill(DistillConfig(out_dir=tmp_path / "stranger", min_coverage=0.5, **{**options, "teacher": stranger}))
+        _kept(tmp_path, "stranger", min_coverage=0.5, **{**options, "teacher": stranger})
+
+
+def test_must_parse_leaves_out_completions_that_do_not_parse_with_their_prompt(teacher_model, tmp_path):
+    """--must-parse: a sampled teacher's broken bodies (here an unclosed bracket) are not learnt; whole
+    real bodies, cut where the function ends, parse after their healed prompt and stay."""
+    root, model = teacher_model
+    teacher = _real_bodies_with_every_other_spoilt(
+        model, root, tmp_path, lambda rest: rest[: rest.index("\n", 1) + 1] + "    return (\n")
+    options = dict(teacher=teacher, init_from=model, corpus_root=root)
+    assert _kept(tmp_path, "all", **options) == 8
+    assert _kept(tmp_path, "parsing", must_parse=True, **options) == 4
