@@ -119,13 +119,9 @@ def main(argv: list[str]) -> int:
                         "(the service heals a completion prompt's last token by default)")
     parser.add_argument("--samples", action="store_true", help="print three completions per sampler")
     parser.add_argument("--json", help="also write the figures to this file")
-    parser.add_argument("--eos-in-order", action="store_true", help="commit an EOS only at its row's first "
-                        "mask, as config.json's diffbatch_eos_in_order does")
     args = parser.parse_args(argv[1:])
     path = args.model or str(Settings().model_path)
     loaded = load_model(path, dtype=args.dtype)
-    if args.eos_in_order:
-        loaded.config.diffbatch_eos_in_order = True
     engines = {cache: Engine(loaded, max_batch_size=args.batch, cache=cache) for cache in args.caches.split(",")}
     args.block_length = args.block_length or next(iter(engines.values())).default_block_length
     _, held_out = split(list_sources())
@@ -135,7 +131,7 @@ def main(argv: list[str]) -> int:
     print(f"model {path}; {len(prompts)} held-out prompts, {args.new_tokens} new tokens, batch {args.batch}, "
           f"block {args.block_length}, temperature {args.temperature}, top_p {args.top_p}, "
           f"frequency/presence penalty {args.frequency_penalty}/{args.presence_penalty}, stop {stops}, "
-          f"token healing {not args.no_healing}, EOS in order {args.eos_in_order}, torch {torch.__version__} "
+          f"token healing {not args.no_healing}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)\n")
     print(f"{'sampler':<24} {'parses':>7} {'distinct':>9} {'tok/req':>8} {'covers':>7} "
           f"{'tok/s':>8} {'vs ref':>7} {'passes/tok':>10}")

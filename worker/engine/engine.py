@@ -78,10 +78,6 @@ class Engine:
         # pass, and a request that names neither sampler nor steps gets that floor.
         steps = getattr(loaded.config, "diffbatch_default_steps", None)
         self.default_steps = None if steps is None else _config_integer("diffbatch_default_steps", steps, block)
-        # A checkpoint trained on completions padded with EOS may ask that its EOS be committed in order.
-        eos_in_order = getattr(loaded.config, "diffbatch_eos_in_order", False)
-        if not isinstance(eos_in_order, bool):
-            raise ValueError(f"config.json's diffbatch_eos_in_order {eos_in_order!r} is not true or false")
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
@@ -105,7 +101,7 @@ class Engine:
                       pad_token_id=loaded.pad_token_id, eos_token_ids=loaded.eos_token_ids,
                       max_batch_size=max_batch_size, device=self.device, vocab_size=self.vocab_size,
                       max_batch_tokens=max_batch_tokens or max_batch_size * self.max_positions,
-                      aligned=self.aligned, eos_in_order=eos_in_order)
+                      aligned=self.aligned)
         self.scheduler: ContinuousScheduler
         if self.cache_mode in ("exact", "delayed"):  # the block-causal KV cache carries the batch
             self.scheduler = BlockScheduler(self.model, delayed=self.cache_mode == "delayed",

@@ -59,9 +59,6 @@ def commit_step(context: BlockContext, block: torch.Tensor, logits_n: torch.Tens
         edit = editable & ~mask_index & (confidence >= rules.editing_t[:, None]) & (x0 != block)  # (B, K)
     if rules.sub_block:
         mask_index = mask_index & in_first_open_sub_block(mask_index, rules.sub_block)
-    held = None if context.kept is None or not rules.any_parallel else context.kept.held_back(x0, mask_index)
-    if held is not None:  # a reference row takes exactly its schedule's steps, so it holds nothing back
-        mask_index = mask_index & ~(held & ~rules.is_reference[:, None])
     if rules.any_parallel:
         parallel = parallel_transfer_count(confidence, mask_index, rules.by_threshold, rules.threshold_t,
                                            rules.factor_t)

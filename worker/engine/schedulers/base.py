@@ -74,12 +74,11 @@ class ContinuousScheduler:
 
     def __init__(self, model, *, tokenizer, mask_token_id: int, pad_token_id: int, eos_token_ids: tuple[int, ...],
                  max_batch_size: int, max_batch_tokens: int, device: torch.device, vocab_size: int,
-                 aligned: bool = False, eos_in_order: bool = False):
+                 aligned: bool = False):
         """``aligned``: the model's blocks are aligned from position 0, the prompt's included
-        (SDAR; layout.lead_length), instead of the prompt being one block. ``eos_in_order``: a parallel
-        row commits an EOS only at its first mask (sampling.kept.Kept.held_back)."""
+        (SDAR; layout.lead_length), instead of the prompt being one block."""
         self.model, self.tokenizer, self.device, self.vocab_size = model, tokenizer, device, vocab_size
-        self.aligned, self.eos_in_order = aligned, eos_in_order
+        self.aligned = aligned
         self.mask_token_id, self.pad_token_id, self.eos_token_ids = mask_token_id, pad_token_id, eos_token_ids
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         # A family whose own generation samples from the top-k logits says so (Dream); None: all of them.
@@ -251,7 +250,7 @@ class ContinuousScheduler:
         if not self.eos_token_ids or min(eos_from) >= block_length:
             return None if upto is None else Kept(upto)
         eos_ids = torch.tensor(self.eos_token_ids, device=self.device)
-        return Kept(upto, eos_ids, torch.tensor(eos_from, device=self.device)[:, None], eos_in_order=self.eos_in_order)
+        return Kept(upto, eos_ids, torch.tensor(eos_from, device=self.device)[:, None])
 
     def _first_token(self, rows: list[Row]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Token healing binds a row's first generated token, in its first block after its lead: the
