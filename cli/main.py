@@ -136,8 +136,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-coverage", type=float, default=0.0,
                    help="leave out teacher completions that, cut where the function ends, span less than this "
                    "share of the real function's rest (bench/quality.py's covers; default 0)")
-    p.add_argument("--ordered-masking", action="store_true",
-                   help="mask the end of each block, not random tokens: the states a left-to-right decoder meets")
     p.add_argument("--must-parse", action="store_true",
                    help="keep only teacher completions that, cut where the function ends, parse with their prompt")
     p.add_argument("--whole-completions", action="store_true",
@@ -457,7 +455,6 @@ def _distill_builtin(settings: Settings, args: argparse.Namespace) -> int:
                                    min_completion_tokens=args.min_completion_tokens,
                                    min_coverage=args.min_coverage, must_parse=args.must_parse,
                                    batch_size=args.batch_size, unlikelihood_weight=args.unlikelihood_weight,
-                                   ordered_masking=args.ordered_masking,
                                    **({"learning_rate": args.lr} if args.lr else {})))
     print(json.dumps(result))
     print(f"model written to {args.out / 'model'}; serve it with DIFFBATCH_MODEL={args.out / 'model'}")

@@ -194,8 +194,6 @@ class DistillConfig(TrainConfig):
     data_batch_size: int = 8
     # Weight of token-level unlikelihood on earlier tokens (objective.py): 0, off, by default.
     unlikelihood_weight: float = 0.0
-    # Mask a suffix of each block rather than random tokens (objective.py, ``ordered``): off by default.
-    ordered_masking: bool = False
     steps: int = 600
     learning_rate: float = 5e-4
     warmup_steps: int = 30
@@ -291,7 +289,7 @@ def _distill_step(model, optimizer, config: DistillConfig, records, corpus: Toke
         parts = diffusion_loss(model, x0, mask_token_id=mask_id, block_length=config.block_length,
                                prompt_length=prompt_length, generator=generator,
                                certainty_temperature=config.certainty_temperature,
-                               unlikelihood=config.unlikelihood_weight > 0, ordered=config.ordered_masking)
+                               unlikelihood=config.unlikelihood_weight > 0)
     certainty = parts.certainty
     assert certainty is not None  # asked for: config.certainty_temperature is a float
     loss = parts.loss + config.certainty_weight * certainty

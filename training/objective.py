@@ -60,23 +60,15 @@ def two_stream_mask(blocks: torch.Tensor) -> torch.Tensor:
 def diffusion_loss(
     model, x0: torch.Tensor, *, mask_token_id: int, block_length: int, prompt_length: int,
     generator: torch.Generator, certainty_temperature: float | None = None, unlikelihood: bool = False,
-    ordered: bool = False,
 ) -> LossParts:
-    """x0 (B, L) clean token ids. One noise level per (row, block), drawn from ``generator``.
-    ``ordered``: mask the last t share of each block instead of each token with probability t."""
+    """x0 (B, L) clean token ids. One noise level per (row, block), drawn from ``generator``."""
     batch, length = x0.shape
     blocks = block_ids(length, prompt_length, block_length)  # (L,)
     num_blocks = int(blocks.max()) + 1
     t = torch.rand((batch, num_blocks), generator=generator).clamp(min=MIN_NOISE)  # (B, nb)
     t_per_token = t[:, blocks]  # (B, L)
     noisy_region = (blocks > 0)[None, :].expand(batch, length)
-    if ordered:
-        # The states a decoder that commits about left to right meets (threshold 0.9 on the built-in
-        # model does): a clean start of the block and masks after it, never a clean token after a mask.
-        offset = (torch.arange(length) - prompt_length).clamp(min=0) % block_length  # (L,)
-        masked = (offset[None, :] >= (1 - t_per_token) * block_length) & noisy_region
-    else:
-        masked = (torch.rand((batch, length), generator=generator) < t_per_token) & noisy_region
+    masked = (torch.rand((batch, length), generator=generator) < t_per_token) & noisy_region
     xt = torch.where(masked, mask_token_id, x0)
 
     positions = torch.arange(length).repeat(2)[None, :].expand(batch, 2 * length)

@@ -9,7 +9,7 @@ import torch
 
 from training.corpus import is_held_out, list_sources, split
 from training.loop import TrainConfig, train
-from training.objective import block_ids, diffusion_loss, two_stream_mask
+from training.objective import block_ids, two_stream_mask
 from training.tokenizer import train_bpe_tokenizer
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
@@ -76,34 +76,6 @@ def test_two_stream_mask_lets_noisy_blocks_see_only_their_block_and_clean_histor
     clean_block1 = 6 + 2
     assert not mask[clean_block1, :6].any()
     assert mask[clean_block1, clean].tolist() == [True, True, True, True, False, False]
-
-
-class _Recorder(torch.nn.Module):
-    """A stand-in network that records the noisy stream diffusion_loss feeds it."""
-
-    def __init__(self, vocab: int):
-        super().__init__()
-        self.lm_head = torch.nn.Linear(4, vocab)
-        self.seen: list[torch.Tensor] = []
-
-    def model(self, ids, attention_mask, position_ids):
-        self.seen.append(ids[:, : ids.shape[1] // 2].clone())
-        return torch.zeros((*ids.shape, 4)), None
-
-
-@pytest.mark.parametrize("ordered", [False, True])
-def test_ordered_masking_masks_the_end_of_every_block_and_never_the_prompt(ordered):
-    mask_id, prompt, block = 3, 5, 8
-    x0 = torch.randint(4, 50, (64, prompt + 4 * block))
-    recorder = _Recorder(vocab=50)
-    parts = diffusion_loss(recorder, x0, mask_token_id=mask_id, block_length=block, prompt_length=prompt,
-                           generator=torch.Generator().manual_seed(0), ordered=ordered)
-    masked = recorder.seen[0] == mask_id
-    assert not masked[:, :prompt].any() and parts.masked_count == int(masked.sum())
-    blocks = masked[:, prompt:].reshape(64, 4, block)
-    clean_after_a_mask = (blocks.int().cummax(dim=-1).values.bool() & ~blocks).any()
-    assert bool(clean_after_a_mask) is not ordered  # ordered: a clean start, then masks to the end
-    assert 0.3 < blocks.float().mean() < 0.7  # about half masked either way: t is uniform
 
 
 def _evals(out_dir):
