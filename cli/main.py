@@ -149,6 +149,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-weight", type=float, default=0.0,
                    help="weight of a diffusion loss on the training corpus next to the teacher's; keeps the held-out "
                    "loss but also fewer tokens a pass (default 0: teacher completions only; docs/benchmarks.md)")
+    p.add_argument("--trajectory-masking", type=float, default=0.0, metavar="SHARE",
+                   help="share of training blocks masked in the order the starting model would unmask the "
+                   "teacher's text, not at random (d3LLM's pseudo-trajectories; default 0: off)")
+    p.add_argument("--block-length", type=int,
+                   help="training block length (default 32, the shipped model's; the engine decodes it in 16)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     return parser
 
@@ -455,7 +460,9 @@ def _distill_builtin(settings: Settings, args: argparse.Namespace) -> int:
                                    min_completion_tokens=args.min_completion_tokens,
                                    min_coverage=args.min_coverage, must_parse=args.must_parse,
                                    batch_size=args.batch_size, unlikelihood_weight=args.unlikelihood_weight,
-                                   **({"learning_rate": args.lr} if args.lr else {})))
+                                   trajectory_share=args.trajectory_masking,
+                                   **({"learning_rate": args.lr} if args.lr else {}),
+                                   **({"block_length": args.block_length} if args.block_length else {})))
     print(json.dumps(result))
     print(f"model written to {args.out / 'model'}; serve it with DIFFBATCH_MODEL={args.out / 'model'}")
     return 0

@@ -46,6 +46,7 @@ from .corpus import SourceFile, list_sources, split
 from .data import TokenStream, encode_files, step_generator
 from .loop import TrainConfig, data_loss, run, update
 from .objective import diffusion_loss
+from .trajectory import decode_order
 
 TEACHER_SHUFFLE_SEED = 20251130  # a time-limited run covers the corpus evenly
 
@@ -194,6 +195,9 @@ class DistillConfig(TrainConfig):
     data_batch_size: int = 8
     # Weight of token-level unlikelihood on earlier tokens (objective.py): 0, off, by default.
     unlikelihood_weight: float = 0.0
+    # Share of (row, block)s masked along the starting model's own decode order of the teacher's text
+    # (training/trajectory.py) instead of at random: 0, off, by default.
+    trajectory_share: float = 0.0
     steps: int = 600
     learning_rate: float = 5e-4
     warmup_steps: int = 30
@@ -204,6 +208,10 @@ def distill(config: DistillConfig) -> dict:
     held-out evaluation and the step."""
     if config.init_from is None or config.teacher is None:
         raise ValueError("distillation needs init_from (the model) and teacher (its completions)")
+    if not 0 <= config.trajectory_share <= 1:
+        raise ValueError(f"--trajectory-masking is a share of blocks, from 0 to 1, not {config.trajectory_share}")
+    if config.block_length < 1:
+        raise ValueError(f"--block-length must be at least 1, not {config.block_length}")
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -234,11 +242,32 @@ def distill(config: DistillConfig) -> dict:
     model = DiffbatchMDMForMaskedDiffusion.from_pretrained(config.init_from, dtype=torch.float32).train()
     # The export is made for the threshold sampler: requests that name none get it (engine.py).
     model.config.diffbatch_default_sampler = "threshold"
+    model.config.block_length = config.block_length  # the export says what it was trained on
     mask_id, eos_id = tokenizer.mask_token_id, tokenizer.eos_token_id
+    if config.trajectory_share > 0:  # the starting model's order, before any state.pt replaces it
+        for record, order in zip(records, _decode_orders(model, config, records, mask_id, eos_id), strict=True):
+            record["order"] = order
     return run(config, "distill", model, tokenizer, held_out,
                lambda optimizer, step: _distill_step(model, optimizer, config, records, corpus, step, mask_id,
                                                      eos_id),
                records=len(records))
+
+
+def _decode_orders(model, config: DistillConfig, records: list[dict], mask_id: int, eos_id: int,
+                   batch: int = 32) -> list[list[int]]:
+    """Each record's completion positions' decode order (training/trajectory.py), in batches of
+    records of about one prompt length (a batch shares the shortest one)."""
+    orders: list[list[int]] = [[] for _ in records]
+    by_length = sorted(range(len(records)), key=lambda i: len(records[i]["prompt_ids"]))
+    for first in range(0, len(by_length), batch):
+        picks = by_length[first:first + batch]
+        x0, prompt_length = teacher_batch(records, picks, config.completion_tokens, config.seq_length, eos_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            order = decode_order(model, x0, prompt_length=prompt_length, block_length=config.block_length,
+                                 mask_token_id=mask_id)
+        for pick, row in zip(picks, order[:, prompt_length:].tolist(), strict=True):
+            orders[pick] = row
+    return orders
 
 
 def _parses(tokenizer, record: dict) -> bool:
@@ -285,11 +314,16 @@ def _distill_step(model, optimizer, config: DistillConfig, records, corpus: Toke
     generator = step_generator(config.seed, step)
     picks = torch.randint(0, len(records), (config.batch_size,), generator=generator).tolist()
     x0, prompt_length = teacher_batch(records, picks, config.completion_tokens, config.seq_length, eos_id)
+    order = None
+    if config.trajectory_share > 0:
+        completion_order = torch.tensor([records[i]["order"] for i in picks])
+        order = torch.cat([torch.full((len(picks), prompt_length), -1), completion_order], dim=1)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
         parts = diffusion_loss(model, x0, mask_token_id=mask_id, block_length=config.block_length,
                                prompt_length=prompt_length, generator=generator,
                                certainty_temperature=config.certainty_temperature,
-                               unlikelihood=config.unlikelihood_weight > 0)
+                               unlikelihood=config.unlikelihood_weight > 0,
+                               order=order, order_share=config.trajectory_share)
     certainty = parts.certainty
     assert certainty is not None  # asked for: config.certainty_temperature is a float
     loss = parts.loss + config.certainty_weight * certainty

@@ -57,18 +57,38 @@ def two_stream_mask(blocks: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, bottom], dim=0)[None, None]
 
 
-def diffusion_loss(
-    model, x0: torch.Tensor, *, mask_token_id: int, block_length: int, prompt_length: int,
-    generator: torch.Generator, certainty_temperature: float | None = None, unlikelihood: bool = False,
-) -> LossParts:
-    """x0 (B, L) clean token ids. One noise level per (row, block), drawn from ``generator``."""
-    batch, length = x0.shape
-    blocks = block_ids(length, prompt_length, block_length)  # (L,)
+def draw_masks(batch: int, blocks: torch.Tensor, generator: torch.Generator, *, order: torch.Tensor | None = None,
+               order_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked (B, L) bool, t_per_token (B, L)) for the block ids (L,): one noise level t per (row,
+    block), each noisy token masked with probability t. With ``order`` (B, L), the step at which a
+    decoder unmasks each position of its block (training/trajectory.py), an ``order_share`` of the
+    (row, block)s instead mask the last round(t n) of their n positions in that order, at least one."""
+    length = blocks.shape[0]
     num_blocks = int(blocks.max()) + 1
     t = torch.rand((batch, num_blocks), generator=generator).clamp(min=MIN_NOISE)  # (B, nb)
     t_per_token = t[:, blocks]  # (B, L)
     noisy_region = (blocks > 0)[None, :].expand(batch, length)
     masked = (torch.rand((batch, length), generator=generator) < t_per_token) & noisy_region
+    if order is not None and order_share > 0:
+        by_order = torch.rand((batch, num_blocks), generator=generator) < order_share  # (B, nb)
+        size = torch.bincount(blocks, minlength=num_blocks)  # (nb,): positions a block holds
+        count = torch.minimum((t * size).round().clamp(min=1), size.expand_as(t))  # (B, nb) to mask
+        latest = order >= (size - count)[:, blocks]  # the last `count` a decoder would unmask
+        masked = torch.where(by_order[:, blocks], latest & noisy_region, masked)
+    return masked, t_per_token
+
+
+def diffusion_loss(
+    model, x0: torch.Tensor, *, mask_token_id: int, block_length: int, prompt_length: int,
+    generator: torch.Generator, certainty_temperature: float | None = None, unlikelihood: bool = False,
+    order: torch.Tensor | None = None, order_share: float = 0.0,
+) -> LossParts:
+    """x0 (B, L) clean token ids. One noise level per (row, block), drawn from ``generator``; ``order``
+    and ``order_share`` as draw_masks takes them."""
+    batch, length = x0.shape
+    blocks = block_ids(length, prompt_length, block_length)  # (L,)
+    noisy_region = (blocks > 0)[None, :].expand(batch, length)
+    masked, t_per_token = draw_masks(batch, blocks, generator, order=order, order_share=order_share)
     xt = torch.where(masked, mask_token_id, x0)
 
     positions = torch.arange(length).repeat(2)[None, :].expand(batch, 2 * length)

@@ -290,3 +290,21 @@ def test_must_parse_leaves_out_completions_that_do_not_parse_with_their_prompt(t
     options = dict(teacher=teacher, init_from=model, corpus_root=root)
     assert _kept(tmp_path, "all", **options) == 8
     assert _kept(tmp_path, "parsing", must_parse=True, **options) == 4
+
+
+def test_trajectory_masking_distils_a_model_that_commits_more_tokens_per_pass(teacher_model, tmp_path):
+    """--trajectory-masking: trained only on the states its own confidence order meets, the model too
+    commits more tokens a pass under the threshold sampler afterwards."""
+    root, model = teacher_model
+    teacher = tmp_path / "teacher.jsonl"
+    write_teacher_completions(model, teacher, new_tokens=16, batch=16, block_length=8, presence_penalty=0.0,
+                              limit=16, corpus_root=root)
+    records = read_records(teacher)
+    options = dict(teacher=teacher, init_from=model, steps=40, completion_tokens=16, corpus_root=root,
+                   learning_rate=2e-3, min_distinct=0.0, **TINY)
+    with pytest.raises(ValueError, match="from 0 to 1"):
+        distill(DistillConfig(out_dir=tmp_path / "bad", trajectory_share=1.5, **options))
+    before, _ = _decode(model, records, "threshold")
+    distill(DistillConfig(out_dir=tmp_path / "ordered", trajectory_share=1.0, **options))
+    after, _ = _decode(tmp_path / "ordered" / "model", records, "threshold")
+    assert after < 0.75 * before, (before, after)
