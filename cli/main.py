@@ -137,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="leave out teacher completions that, cut where the function ends, span less than this "
                    "share of the real function's rest (bench/quality.py's covers; default 0)")
     p.add_argument("--must-parse", action="store_true",
-                   help="keep only teacher completions that, cut where the function ends, parse with their prompt")
+                   help="keep only teacher completions that, cut where the function ends, parse with their prompt "
+                   "(those the token budget cut inside the function: that are a valid start)")
     p.add_argument("--whole-completions", action="store_true",
                    help="train on the teacher's completions as written, not cut where the prompt's function "
                    "ends (the cut, followed by EOS, teaches the model to stop there)")

@@ -9,7 +9,9 @@ single-fragment answer does not count, and a body that goes on into a new functi
 from __future__ import annotations
 
 import ast
+import codeop
 import textwrap
+import warnings
 from dataclasses import dataclass
 
 from .corpus import SourceFile
@@ -70,6 +72,23 @@ def parses(prompt: str, completion: str) -> bool:
         ast.parse(prompt + kept)
     except (SyntaxError, ValueError):  # ValueError: source with NUL bytes
         return False
+    return True
+
+
+def starts_validly(prompt: str, completion: str) -> bool:
+    """Whether the prompt plus the completion's complete lines is valid Python so far: it parses, or
+    it is a valid start that more lines could finish (an open bracket, a block with no body yet).
+    The test for a completion its token budget cut inside the function, which ``parses`` fails
+    whenever the cut falls inside a bracket or before a block's body."""
+    kept = complete_lines(completion)
+    if not kept.strip():
+        return False
+    with warnings.catch_warnings():  # invalid escapes and the like warn, as the source would
+        warnings.simplefilter("ignore")
+        try:
+            codeop.compile_command(prompt + kept, "<completion>", "exec")  # None: incomplete but valid so far
+        except (SyntaxError, ValueError, OverflowError):
+            return False
     return True
 
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from training.completions import coverage, cut_at_function_end, function_end, function_prompts
+from training.completions import (
+    coverage,
+    cut_at_function_end,
+    function_end,
+    function_prompts,
+    parses,
+    starts_validly,
+)
 from training.corpus import SourceFile
 
 PROMPT = 'def f(x):\n    """Doc."""\n    y = x\n'
@@ -49,3 +56,13 @@ def test_a_prompt_carries_the_rest_of_its_function_and_coverage_shows_an_early_e
     assert coverage(10, body_tokens=40, budget=128) == 0.25
     assert coverage(128, body_tokens=400, budget=128) == 1.0
     assert coverage(50, body_tokens=20, budget=128) == 1.0  # writing on past the end is not counted here
+
+
+def test_a_body_cut_inside_a_bracket_or_before_a_blocks_body_starts_validly_but_does_not_parse():
+    prompt = 'def area(w, h):\n    """Width times height."""\n'
+    for cut in ("    return (w *\n", "    if w < 0:\n", "    total = [w,\n             h,\n"):
+        assert starts_validly(prompt, cut) and not parses(prompt, cut), cut
+    for broken in ("    return )\n", "    x = = 1\n", "    return w\n  h\n"):
+        assert not starts_validly(prompt, broken), broken
+    assert starts_validly(prompt, "    return w * h\n") and parses(prompt, "    return w * h\n")
+    assert not starts_validly(prompt, "    return w") and not starts_validly(prompt, "\n\n")  # no complete line

@@ -291,6 +291,17 @@ def test_must_parse_leaves_out_completions_that_do_not_parse_with_their_prompt(t
     assert _kept(tmp_path, "all", **options) == 8
     assert _kept(tmp_path, "parsing", must_parse=True, **options) == 4
 
+    # A completion the token budget (here 40) cut inside its function need only be a valid start:
+    # kept with an open bracket at the cut, left out with a syntax error before it. Whole parsing
+    # would leave both out, and so keep mostly the short functions a teacher happened to end.
+    tokenizer = Engine(load_model(str(model))).tokenizer
+    record = read_records(teacher)[0]
+    valid = tokenizer.encode("    values = [\n" + "        1,\n" * 20, add_special_tokens=False)[:40]
+    spoilt = tokenizer.encode("    return )\n" + "        1,\n" * 20, add_special_tokens=False)[:40]
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("".join(json.dumps({**record, "completion_ids": ids}) + "\n" for ids in (valid, spoilt)))
+    assert _kept(tmp_path, "valid-starts", must_parse=True, **{**options, "teacher": cut}) == 1
+
 
 def test_trajectory_masking_distils_a_model_that_commits_more_tokens_per_pass(teacher_model, tmp_path):
     """--trajectory-masking: trained only on the states its own confidence order meets, the model too
