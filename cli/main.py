@@ -153,8 +153,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectory-masking", type=float, default=0.0, metavar="SHARE",
                    help="share of training blocks masked in the order the starting model would unmask the "
                    "teacher's text, not at random (d3LLM's pseudo-trajectories; default 0: off)")
-    p.add_argument("--block-length", type=int,
-                   help="training block length (default 32, the shipped model's; the engine decodes it in 16)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     return parser
 
@@ -462,8 +460,7 @@ def _distill_builtin(settings: Settings, args: argparse.Namespace) -> int:
                                    min_coverage=args.min_coverage, must_parse=args.must_parse,
                                    batch_size=args.batch_size, unlikelihood_weight=args.unlikelihood_weight,
                                    trajectory_share=args.trajectory_masking,
-                                   **({"learning_rate": args.lr} if args.lr else {}),
-                                   **({"block_length": args.block_length} if args.block_length else {})))
+                                   **({"learning_rate": args.lr} if args.lr else {})))
     print(json.dumps(result))
     print(f"model written to {args.out / 'model'}; serve it with DIFFBATCH_MODEL={args.out / 'model'}")
     return 0

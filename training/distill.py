@@ -214,8 +214,6 @@ def distill(config: DistillConfig) -> dict:
         raise ValueError("distillation needs init_from (the model) and teacher (its completions)")
     if not 0 <= config.trajectory_share <= 1:
         raise ValueError(f"--trajectory-masking is a share of blocks, from 0 to 1, not {config.trajectory_share}")
-    if config.block_length < 1:
-        raise ValueError(f"--block-length must be at least 1, not {config.block_length}")
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -246,7 +244,6 @@ def distill(config: DistillConfig) -> dict:
     model = DiffbatchMDMForMaskedDiffusion.from_pretrained(config.init_from, dtype=torch.float32).train()
     # The export is made for the threshold sampler: requests that name none get it (engine.py).
     model.config.diffbatch_default_sampler = "threshold"
-    model.config.block_length = config.block_length  # the export says what it was trained on
     mask_id, eos_id = tokenizer.mask_token_id, tokenizer.eos_token_id
     if config.trajectory_share > 0:  # the starting model's order, before any state.pt replaces it
         for record, order in zip(records, _decode_orders(model, config, records, mask_id, eos_id), strict=True):
