@@ -152,7 +152,8 @@ def _parser() -> argparse.ArgumentParser:
                    "loss but also fewer tokens a pass (default 0: teacher completions only; docs/benchmarks.md)")
     p.add_argument("--trajectory-masking", type=float, default=0.0, metavar="SHARE",
                    help="share of training blocks masked in the order the starting model would unmask the "
-                   "teacher's text, not at random (d3LLM's pseudo-trajectories; default 0: off)")
+                   "teacher's text, not at random (d3LLM's pseudo-trajectories; default 0: off; 0.25-0.5 helped, 1 did "
+                   "not: docs/benchmarks.md)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     return parser
 
